@@ -1,0 +1,57 @@
+"""Shared test settings: one tolerance table, fresh seeds, the gpu marker.
+
+Without CUDA, Triton kernels run on CPU tensors through the interpreter, so
+TRITON_INTERPRET=1 is set here before anything imports triton.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (atol, rtol) against a float64 reference, by the dtype of the tensors under test.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tol(dtype):
+    atol, rtol = TOLERANCES[dtype]
+    return dict(atol=atol, rtol=rtol)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (printed on failure through the test id's report)."""
+    s = random.SystemRandom().randrange(2 ** 31)
+    torch.manual_seed(s)
+    request.node.user_properties.append(("seed", s))
+    return s
+
+
+@pytest.fixture
+def device():
+    return DEVICE

@@ -1,0 +1,460 @@
+"""Wan 2.2 DiT (`WanModel`), one expert of T2V-A14B, in pure PyTorch.
+
+Computes what the official `wan/modules/model.py` computes, op by op in the same precision
+(see shared spec section 2), with two waste cuts that cannot change the result beyond the
+last ulp of an fp32 GEMM row: one time embedding per sample instead of one per token, and
+no Python loop over the batch (RoPE positions are built for the whole batch at once).
+
+The hot element-wise ops are module-level functions looked up at call time, so
+`wan_triton.patch()` can swap them and `unpatch()` can put them back:
+
+    rms_norm, rope_apply, rms_norm_rope, modulate, gated_residual
+
+(`attention` lives in `wan.attention`, `cfg_combine` in `wan.pipeline`.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import attention as _attention
+from .configs import DiTConfig
+
+__all__ = [
+    "WanModel", "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual",
+    "rope_params", "rope_table", "sinusoidal_embedding_1d",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Hot ops (reference versions). Every one of them is swappable by wan_triton.patch().
+# --------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, official rounding order.
+
+    y = cast_to(x.dtype)( x32 * rsqrt(mean(x32^2) + eps) ) * weight, x32 = x.float().
+    The product with `weight` follows type promotion (bf16 x, fp32 weight -> fp32).
+    """
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight
+
+
+def rope_params(max_seq_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """complex128 table [max_seq_len, dim/2]: exp(i * pos * theta^(-2j/dim)), float64 math."""
+    assert dim % 2 == 0
+    omega = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), omega)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Number of complex pairs for the (frame, height, width) axes: c-2(c//3), c//3, c//3."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor) -> torch.Tensor:
+    """Per-token rotation multipliers for a batch: complex [B, seq_len, head_dim/2].
+
+    Token n of sample b sits at (f, h, w) with n = f*H*W + h*W + w for its grid (F, H, W);
+    its multiplier is concat(freqs_f[f], freqs_h[h], freqs_w[w]). Tokens past F*H*W
+    (padding) get 1+0i, i.e. pass through unrotated. No loop over the batch.
+    """
+    device = freqs.device
+    g = grid_sizes.to(device=device, dtype=torch.long).reshape(-1, 3)
+    cf, ch, cw = rope_split(2 * freqs.shape[1])
+    fr_f, fr_h, fr_w = freqs.split([cf, ch, cw], dim=1)
+    n = torch.arange(seq_len, device=device)[None, :]
+    gf, gh, gw = g[:, 0:1], g[:, 1:2], g[:, 2:3]
+    hw = gh * gw
+    valid = n < gf * hw
+    fi = torch.where(valid, n // hw, 0)
+    hi = torch.where(valid, (n % hw) // gw, 0)
+    wi = torch.where(valid, n % gw, 0)
+    table = torch.cat([fr_f[fi], fr_h[hi], fr_w[wi]], dim=-1)
+    return torch.where(valid[..., None], table, torch.ones((), dtype=table.dtype, device=device))
+
+
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Wan 3-D RoPE on x [B, L, heads, head_dim]; adjacent pairs (x[2j], x[2j+1]) = re, im.
+
+    out = x * exp(i*theta(token, j)) computed in float64/complex128, returned as float32,
+    same for every head; padding tokens unchanged (spec 2.6).
+    """
+    B, L, H, D = x.shape
+    table = rope_table(grid_sizes, L, freqs.to(x.device))
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(B, L, H, D // 2, 2))
+    return torch.view_as_real(xc * table[:, :, None, :]).flatten(3).float()
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, num_heads: int,
+                  grid_sizes: torch.Tensor, freqs: torch.Tensor,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q/k path of self-attention: RMSNorm over the full width, split heads, RoPE.
+
+    x [B, L, C] -> [B, L, num_heads, C/num_heads] in float32, or in `out_dtype` (the
+    dtype attention casts to anyway). `weight=None` skips the norm.
+    """
+    if weight is not None:
+        x = rms_norm(x, weight, eps)
+    out = rope_apply(x.unflatten(-1, (num_heads, -1)), grid_sizes, freqs)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """adaLN: LayerNorm without affine (fp32 stats, output cast back to x's dtype, as the
+    official WanLayerNorm does), then float32 `n * (1 + scale) + shift`.
+
+    shift/scale broadcast against x: [B, 1, C] per sample or [B, L, C] per token.
+    Returns float32, or `out_dtype` (the dtype the next matrix product casts to anyway).
+    """
+    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype).float()
+    out = n * (1 + scale) + shift
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate with type promotion (bf16 y, fp32 gate -> fp32 result)."""
+    return x + y * gate
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """[N] -> float64 [N, dim]: concat(cos(t*w), sin(t*w)), w_k = 10000^(-k/(dim/2))."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    s = torch.outer(position, omega)
+    return torch.cat([torch.cos(s), torch.sin(s)], dim=1)
+
+
+# --------------------------------------------------------------------------------------
+# Precision helpers
+# --------------------------------------------------------------------------------------
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an enclosing autocast casts matmul inputs to, or None when it is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except TypeError:  # torch < 2.4 style API
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """An fp32 GEMM whatever the weight dtype (the official autocast(float32) regions)."""
+    b = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), b)
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in fp32, output cast back to the input dtype (official WanLayerNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def _w(self, norm):
+        return getattr(norm, "weight", None)
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, out_dtype):
+        q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
+        k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
+        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
+        o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
+        return self.o(o.flatten(2))
+
+
+class CrossAttention(SelfAttention):
+    def forward(self, x, context, out_dtype):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.v(context).unflatten(-1, (self.num_heads, self.head_dim))
+        o = _attention.attention(q, k, v, out_dtype=out_dtype)
+        return self.o(o.flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, dim, ffn_dim, num_heads, qk_norm=True, cross_attn_norm=True, eps=1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.norm1 = LayerNorm(dim, eps)
+        self.self_attn = SelfAttention(dim, num_heads, qk_norm, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps)
+        self.norm2 = LayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e0, seq_lens, grid_sizes, freqs, context, mm_dtype=None):
+        """x [B, L, C] (bf16 into block 0, fp32 after); e0 [B, 6, C] fp32."""
+        m = self.modulation + e0  # [B, 6, C] fp32: shift, scale, gate (attn); shift, scale, gate (ffn)
+        shift_msa, scale_msa, gate_msa = m[:, 0:1], m[:, 1:2], m[:, 2:3]
+        shift_ffn, scale_ffn, gate_ffn = m[:, 3:4], m[:, 4:5], m[:, 5:6]
+        # attention casts q/k to the matmul dtype and its output is re-cast by the `o` Linear:
+        # hand tensors over in that dtype directly (identical values, fewer bytes)
+        attn_out = mm_dtype
+        y = self.self_attn(modulate(x, shift_msa, scale_msa, self.eps, mm_dtype), seq_lens, grid_sizes, freqs,
+                           attn_out)
+        x = gated_residual(x, y, gate_msa)
+        x = x + self.cross_attn(self.norm3(x), context, attn_out)
+        y = self.ffn(modulate(x, shift_ffn, scale_ffn, self.eps, mm_dtype))
+        return gated_residual(x, y, gate_ffn)
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_dim, patch_size, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.norm = LayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x, e):
+        """x [B, L, C] fp32; e [B, C] fp32 (time_embedding output). fp32 GEMM out."""
+        hm = self.modulation + e[:, None, :]  # [B, 2, C]: shift, scale (same e for both)
+        u = modulate(x, hm[:, 0:1], hm[:, 1:2], self.eps)
+        return _linear_fp32(self.head, u)
+
+
+class WanModel(nn.Module):
+    """One Wan 2.2 DiT expert. Keyword arguments are the official config.json fields."""
+
+    def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120,
+                 ffn_dim=13824, freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40,
+                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6):
+        super().__init__()
+        if model_type != "t2v":
+            raise ValueError(f"only model_type='t2v' is supported, got {model_type!r}")
+        if tuple(window_size) != (-1, -1):
+            raise ValueError("only global attention (window_size=(-1, -1)) is supported")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
+        self.config = DiTConfig(model_type=model_type, patch_size=tuple(patch_size), text_len=text_len,
+                                in_dim=in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim,
+                                out_dim=out_dim, num_heads=num_heads, num_layers=num_layers,
+                                window_size=tuple(window_size), qk_norm=qk_norm,
+                                cross_attn_norm=cross_attn_norm, eps=eps)
+        self.patch_size, self.text_len, self.dim, self.freq_dim = tuple(patch_size), text_len, dim, freq_dim
+        self.out_dim, self.num_heads, self.eps = out_dim, num_heads, eps
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([
+            WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)
+        ])
+        self.head = Head(dim, out_dim, self.patch_size, eps)
+
+        # RoPE table: plain attribute (not a buffer) so .to(dtype) never touches it; complex128, CPU.
+        d = dim // num_heads
+        with torch.device("cpu"):
+            self.freqs = torch.cat([rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)),
+                                    rope_params(1024, 2 * (d // 6))], dim=1)
+        self._freqs_on: dict = {}
+
+    # ----- construction helpers -----
+    @classmethod
+    def from_config(cls, config: DiTConfig, device="cpu", dtype=torch.float32, seed: int | None = 0,
+                    zero_head: bool = True) -> "WanModel":
+        """Random weights with the official init, materialised directly on `device` in `dtype`."""
+        with torch.device("meta"):
+            model = cls(**config.to_dict())
+        model.to_empty(device=device)
+        model.init_weights(seed=seed, zero_head=zero_head)
+        return model.to(dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device="cpu") -> "WanModel":
+        from .checkpoint import load_dit
+        return load_dit(folder, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2 ** 30):
+        from .checkpoint import save_dit
+        save_dit(self, folder, max_shard_bytes=max_shard_bytes)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = 0, zero_head: bool = True):
+        """Official init (spec 2.3). `zero_head=False` randomises the head so outputs are non-zero."""
+        dev = next(self.parameters()).device
+        gen = torch.Generator(device=dev)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+
+        def xavier_(w, fan_in, fan_out):
+            a = math.sqrt(6.0 / (fan_in + fan_out))
+            w.uniform_(-a, a, generator=gen)
+
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                xavier_(mod.weight, mod.in_features, mod.out_features)
+                mod.bias.zero_()
+            elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+        pe = self.patch_embedding
+        xavier_(pe.weight, math.prod(pe.weight.shape[1:]), pe.weight.shape[0])
+        bound = 1.0 / math.sqrt(math.prod(pe.weight.shape[1:]))
+        pe.bias.uniform_(-bound, bound, generator=gen)
+        for seq in (self.text_embedding, self.time_embedding):
+            for mod in seq:
+                if isinstance(mod, nn.Linear):
+                    mod.weight.normal_(0.0, 0.02, generator=gen)
+        for blk in self.blocks:
+            blk.modulation.normal_(generator=gen).div_(self.dim ** 0.5)
+        self.head.modulation.normal_(generator=gen).div_(self.dim ** 0.5)
+        if zero_head:
+            self.head.head.weight.zero_()
+        else:
+            xavier_(self.head.head.weight, self.head.head.in_features, self.head.head.out_features)
+            self.head.head.bias.uniform_(-0.02, 0.02, generator=gen)
+
+    # ----- forward -----
+    def _freqs(self, device) -> torch.Tensor:
+        key = str(device)
+        f = self._freqs_on.get(key)
+        if f is None:
+            f = self._freqs_on[key] = self.freqs.to(device)
+        return f
+
+    def _embed_text(self, context, batch: int, device) -> torch.Tensor:
+        if isinstance(context, torch.Tensor):
+            if context.dim() != 3:
+                raise ValueError(f"context tensor must be [B, L, {self.config.text_dim}], got {tuple(context.shape)}")
+            ctx = context
+        else:
+            ctx = torch.nn.utils.rnn.pad_sequence([c.reshape(-1, c.shape[-1]) for c in context], batch_first=True)
+        if ctx.shape[0] != batch:
+            raise ValueError(f"got {ctx.shape[0]} contexts for a batch of {batch}")
+        if ctx.shape[1] > self.text_len:
+            raise ValueError(f"context has {ctx.shape[1]} tokens, more than text_len={self.text_len}")
+        ctx = F.pad(ctx.to(device), (0, 0, 0, self.text_len - ctx.shape[1]))  # exact zero rows
+        return self.text_embedding(ctx)
+
+    def _embed_video(self, x):
+        """-> tokens [B, seq, C], grid_sizes LongTensor [B, 3], seq_lens LongTensor [B]."""
+        if isinstance(x, torch.Tensor):
+            if x.dim() != 5:
+                raise ValueError(f"x must be [B, {self.config.in_dim}, F, H, W], got {tuple(x.shape)}")
+            u = self.patch_embedding(x)
+            B = u.shape[0]
+            grid = torch.tensor(u.shape[2:], dtype=torch.long).expand(B, 3)
+            toks = u.flatten(2).transpose(1, 2)
+            lens = torch.full((B,), toks.shape[1], dtype=torch.long)
+            return toks, grid, lens
+        shapes = {tuple(u.shape) for u in x}
+        if len(shapes) == 1:  # one batched conv
+            return self._embed_video(torch.stack(list(x)))
+        embs = [self.patch_embedding(u.unsqueeze(0)) for u in x]  # mixed sizes: list boundary
+        grid = torch.tensor([list(u.shape[2:]) for u in embs], dtype=torch.long)
+        toks = [u.flatten(2).transpose(1, 2)[0] for u in embs]
+        lens = torch.tensor([t.shape[0] for t in toks], dtype=torch.long)
+        return torch.nn.utils.rnn.pad_sequence(toks, batch_first=True), grid, lens
+
+    def _unpatchify(self, x, grid_sizes):
+        """x [B, seq, prod(patch)*out] -> list of [out, F*pt, H*ph, W*pw] (per-sample grid)."""
+        pt, ph, pw = self.patch_size
+        c = self.out_dim
+        outs = []
+        uniq = {tuple(g) for g in grid_sizes.tolist()}
+        if len(uniq) == 1:
+            f, h, w = next(iter(uniq))
+            u = x[:, : f * h * w].reshape(x.shape[0], f, h, w, pt, ph, pw, c)
+            u = u.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], c, f * pt, h * ph, w * pw)
+            return list(u.unbind(0))
+        for b, (f, h, w) in enumerate(grid_sizes.tolist()):
+            u = x[b, : f * h * w].reshape(f, h, w, pt, ph, pw, c)
+            outs.append(u.permute(6, 0, 3, 1, 4, 2, 5).reshape(c, f * pt, h * ph, w * pw))
+        return outs
+
+    def time_embed(self, t: torch.Tensor):
+        """t [B] -> (e [B, C], e0 [B, 6, C]), fp32 GEMMs, sinusoid in float64."""
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            s = sinusoidal_embedding_1d(self.freq_dim, t.reshape(-1)).float()
+            lin1, act, lin2 = self.time_embedding
+            e = _linear_fp32(lin2, act(_linear_fp32(lin1, s)))
+            e0 = _linear_fp32(self.time_projection[1], self.time_projection[0](e)).unflatten(1, (6, self.dim))
+        return e, e0
+
+    def forward(self, x, t, context, seq_len: int | None = None):
+        """x: Tensor [B, in_dim, F, H, W] or list of [in_dim, F, H, W]; t: [B] timesteps;
+        context: list of [L_i, text_dim] or Tensor [B, L, text_dim]. Returns float32 in x's container type."""
+        is_list = not isinstance(x, torch.Tensor)
+        device = self.patch_embedding.weight.device
+        if is_list:
+            x = [u.to(device) for u in x]
+        else:
+            x = x.to(device)
+        mm_dtype = _autocast_dtype(device.type)
+
+        tokens, grid_sizes, seq_lens = self._embed_video(x)
+        B, L = tokens.shape[:2]
+        if seq_len is not None:
+            if seq_len < L:
+                raise ValueError(f"seq_len={seq_len} is shorter than the {L} video tokens")
+            tokens = F.pad(tokens, (0, 0, 0, seq_len - L))
+        seq_lens = seq_lens.to(device)
+
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must hold one timestep per sample, shape [{B}], got {tuple(t.shape)}")
+        e, e0 = self.time_embed(t)
+        ctx = self._embed_text(context, B, device)
+        freqs = self._freqs(device)
+
+        # mask padded keys only when a sample actually has padding
+        k_lens = seq_lens if bool((seq_lens < tokens.shape[1]).any()) else None
+        h = tokens
+        for block in self.blocks:
+            h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
+        out = self.head(h, e)
+        outs = [u.float() for u in self._unpatchify(out, grid_sizes)]
+        return outs if is_list else torch.stack(outs)
