@@ -34,13 +34,19 @@ __all__ = [
 # Hot ops (reference versions). Every one of them is swappable by wan_triton.patch().
 # --------------------------------------------------------------------------------------
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to float32 for the math, but keep float64 (so float64 inputs give a float64 reference)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, official rounding order.
 
     y = cast_to(x.dtype)( x32 * rsqrt(mean(x32^2) + eps) ) * weight, x32 = x.float().
     The product with `weight` follows type promotion (bf16 x, fp32 weight -> fp32).
+    (float64 inputs stay float64 throughout: that is the parity tests' reference.)
     """
-    xf = x.float()
+    xf = _f32(x)
     y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return y * weight
 
@@ -115,7 +121,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     shift/scale broadcast against x: [B, 1, C] per sample or [B, L, C] per token.
     Returns float32, or `out_dtype` (the dtype the next matrix product casts to anyway).
     """
-    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype).float()
+    n = _f32(F.layer_norm(_f32(x), (x.shape[-1],), eps=eps).to(x.dtype))
     out = n * (1 + scale) + shift
     return out if out_dtype is None else out.to(out_dtype)
 

@@ -1,0 +1,41 @@
+"""wan-triton: Wan 2.2 text-to-video with fused Triton kernels, faithful to the official model."""
+import sys
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "torch>=2.4",
+    "einops",
+    "transformers",
+    "tokenizers",
+    "sentencepiece",
+    "ftfy",
+    "regex",
+    "safetensors",
+    "imageio",
+    "imageio-ffmpeg",
+    "tqdm",
+    "numpy",
+]
+# Triton ships wheels for Linux only; elsewhere the kernels fall back to PyTorch.
+if sys.platform.startswith("linux"):
+    install_requires.append("triton")
+
+setup(
+    name="wan-triton",
+    version="0.1.0",
+    description="Fast, faithful Wan 2.2 T2V-A14B inference: fused Triton kernels over a reference PyTorch stack",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["wan", "wan.*", "kernels", "kernels.*", "wan_triton", "wan_triton.*",
+                                    "bench", "bench.*"]),
+    install_requires=install_requires,
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
+                                      "wan-benchmark = bench.benchmark_t2v:main"]},
+)

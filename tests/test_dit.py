@@ -1,0 +1,304 @@
+"""Reference DiT: official state-dict layout, API contracts, formulas from the spec in float64."""
+import json
+import math
+
+import pytest
+import torch
+
+from wan import dit
+from wan.checkpoint import CheckpointError, load_dit
+from wan.configs import T2V_A14B, TINY, DiTConfig
+from wan.dit import WanModel
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def tiny_model(seed):
+    return WanModel.from_config(TINY.dit, seed=seed, zero_head=False)
+
+
+def tiny_inputs(B=2, F=3, H=8, W=12, text=(5, 7)):
+    x = torch.randn(B, 16, F, H, W)
+    t = torch.randint(0, 1000, (B,))
+    ctx = [torch.randn(n, TINY.dit.text_dim) for n in text[:B]]
+    return x, t, ctx
+
+
+# ---------------------------------------------------------------- layout
+
+def test_a14b_state_dict_matches_official_layout():
+    with torch.device("meta"):
+        m = WanModel(**T2V_A14B.dit.to_dict())
+    sd = m.state_dict()
+    assert len(sd) == 1095
+    assert sum(v.numel() for v in sd.values()) == 14_288_491_584
+    shapes = {
+        "patch_embedding.weight": (5120, 16, 1, 2, 2), "patch_embedding.bias": (5120,),
+        "text_embedding.0.weight": (5120, 4096), "text_embedding.2.weight": (5120, 5120),
+        "time_embedding.0.weight": (5120, 256), "time_embedding.2.weight": (5120, 5120),
+        "time_projection.1.weight": (30720, 5120), "time_projection.1.bias": (30720,),
+        "blocks.0.modulation": (1, 6, 5120), "blocks.39.self_attn.q.weight": (5120, 5120),
+        "blocks.7.self_attn.norm_q.weight": (5120,), "blocks.7.cross_attn.norm_k.weight": (5120,),
+        "blocks.3.norm3.weight": (5120,), "blocks.3.norm3.bias": (5120,),
+        "blocks.5.ffn.0.weight": (13824, 5120), "blocks.5.ffn.2.weight": (5120, 13824),
+        "head.modulation": (1, 2, 5120), "head.head.weight": (64, 5120), "head.head.bias": (64,),
+    }
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    assert not any(k.startswith(("blocks.0.norm1", "blocks.0.norm2", "head.norm")) for k in sd)
+    assert sum(k.startswith("blocks.0.") for k in sd) == 27
+
+
+def test_freqs_is_complex128_attribute_not_state():
+    m = WanModel.from_config(TINY.dit).to(torch.bfloat16)
+    assert m.freqs.dtype == torch.complex128
+    assert "freqs" not in m.state_dict()
+    assert m.freqs.shape == (1024, TINY.dit.head_dim // 2)
+
+
+def test_config_from_official_json_ignores_bookkeeping():
+    official = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", "dim": 5120, "eps": 1e-06,
+                "ffn_dim": 13824, "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 40,
+                "num_layers": 40, "out_dim": 16, "text_len": 512}
+    assert DiTConfig.from_dict(official) == T2V_A14B.dit
+
+
+def test_official_init_zero_head_gives_zero_output():
+    m = WanModel.from_config(TINY.dit, seed=0)
+    x, t, ctx = tiny_inputs()
+    assert torch.count_nonzero(m(x, t, ctx)) == 0
+
+
+# ---------------------------------------------------------------- forward contracts
+
+def test_forward_shape_dtype_and_determinism(tiny_model):
+    x, t, ctx = tiny_inputs()
+    a = tiny_model(x, t, ctx)
+    b = tiny_model(x, t, ctx)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all() and a.abs().mean() > 0
+
+
+def test_list_and_tensor_api_agree(tiny_model):
+    x, t, ctx = tiny_inputs()
+    a = tiny_model(x, t, ctx)
+    b = tiny_model(list(x), t, ctx)
+    assert isinstance(b, list) and len(b) == 2
+    torch.testing.assert_close(torch.stack(b), a)
+    padded = torch.nn.utils.rnn.pad_sequence(ctx, batch_first=True)  # zero-padded tensor context
+    torch.testing.assert_close(tiny_model(x, t, padded), a)
+
+
+def test_batch_equals_single_calls(tiny_model):
+    x, t, ctx = tiny_inputs()
+    both = tiny_model(x, t, ctx)
+    for i in range(2):
+        one = tiny_model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1])
+        assert rel_err(one[0], both[i]) < 2e-3
+
+
+def test_padded_seq_len_keeps_valid_outputs(tiny_model):
+    x, t, ctx = tiny_inputs()
+    L = 3 * 4 * 6
+    a = tiny_model(x, t, ctx)
+    b = tiny_model(x, t, ctx, seq_len=L + 13)
+    assert rel_err(b, a) < 2e-3
+    with pytest.raises(ValueError, match="seq_len"):
+        tiny_model(x, t, ctx, seq_len=L - 1)
+
+
+def test_mixed_sizes_in_one_batch(tiny_model):
+    xa, xb = torch.randn(16, 3, 8, 12), torch.randn(16, 2, 6, 4)
+    ctx = [torch.randn(5, 32), torch.randn(3, 32)]
+    t = torch.tensor([900, 100])
+    out = tiny_model([xa, xb], t, ctx)
+    assert [o.shape for o in out] == [xa.shape, xb.shape]
+    alone = tiny_model([xb], t[1:], ctx[1:])[0]
+    assert rel_err(out[1], alone) < 2e-3
+
+
+def test_bad_inputs_raise(tiny_model):
+    x, t, ctx = tiny_inputs()
+    with pytest.raises(ValueError, match="timestep"):
+        tiny_model(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match="contexts"):
+        tiny_model(x, t, ctx[:1])
+    with pytest.raises(ValueError, match="text_len"):
+        tiny_model(x, t, [torch.randn(TINY.dit.text_len + 1, 32)] * 2)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_model):
+    x, t, ctx = tiny_inputs()
+    ref = tiny_model(x, t, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model(x, t, ctx)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 5e-2
+
+
+# ---------------------------------------------------------------- formulas from the spec (float64)
+
+def _rope_by_formula(x, grid, head_dim):
+    """Spec 2.6 written directly: per token (f,h,w), per pair j, angle = pos * 10000^(-2j'/D_axis)."""
+    B, L, H, D = x.shape
+    c = D // 2
+    cf, ch = c - 2 * (c // 3), c // 3
+    out = x.double().clone()
+    for b in range(B):
+        Fg, Hg, Wg = grid[b]
+        for n in range(min(L, Fg * Hg * Wg)):
+            pos = (n // (Hg * Wg), (n % (Hg * Wg)) // Wg, n % Wg)
+            for j in range(c):
+                if j < cf:
+                    axis, jj, Dax = 0, j, 2 * cf
+                elif j < cf + ch:
+                    axis, jj, Dax = 1, j - cf, 2 * ch
+                else:
+                    axis, jj, Dax = 2, j - cf - ch, 2 * ch
+                ang = pos[axis] * 10000.0 ** (-2.0 * jj / Dax)
+                re, im = x[b, n, :, 2 * j].double(), x[b, n, :, 2 * j + 1].double()
+                out[b, n, :, 2 * j] = re * math.cos(ang) - im * math.sin(ang)
+                out[b, n, :, 2 * j + 1] = re * math.sin(ang) + im * math.cos(ang)
+    return out
+
+
+def test_rope_matches_spec_formula(seed):
+    head_dim = 32
+    m = WanModel.from_config(DiTConfig(dim=64, num_heads=2, num_layers=1, ffn_dim=64, freq_dim=32, text_dim=32,
+                                       text_len=8))
+    grid = torch.tensor([[2, 3, 4], [1, 2, 5]])
+    L = 2 * 3 * 4 + 3  # sample 0 has 3 padding tokens, sample 1 has 17
+    x = torch.randn(2, L, 2, head_dim, dtype=torch.float64)
+    got = dit.rope_apply(x, grid, m.freqs)
+    want = _rope_by_formula(x, grid.tolist(), head_dim)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1, 10:], x[1, 10:].float())  # padding untouched
+
+
+def test_rope_a14b_split():
+    assert dit.rope_split(128) == (22, 21, 21)
+
+
+def test_modulate_and_residual_match_spec_formula(seed):
+    x = torch.randn(2, 7, 96, dtype=torch.float64) * 3 + 1
+    shift, scale = torch.randn(2, 1, 96, dtype=torch.float64), torch.randn(2, 1, 96, dtype=torch.float64)
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    want = (x - mu) / torch.sqrt(var + 1e-6) * (1 + scale) + shift
+    got = dit.modulate(x, shift, scale, 1e-6)
+    assert got.dtype == torch.float64  # float64 in, float64 math: the kernels' parity reference
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    got32 = dit.modulate(x.float(), shift.float(), scale.float(), 1e-6)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, want.float(), atol=1e-5, rtol=1e-5)
+    y, gate = torch.randn_like(x), torch.randn_like(shift)
+    torch.testing.assert_close(dit.gated_residual(x, y, gate), x + y * gate)
+
+
+def test_rms_norm_rounds_before_weight(seed):
+    x = torch.randn(4, 96).bfloat16()
+    w = torch.rand(96) + 0.5
+    xf = x.double()
+    normed = (xf / torch.sqrt((xf ** 2).mean(-1, keepdim=True) + 1e-6)).bfloat16()  # rounded to bf16 first
+    out = dit.rms_norm(x, w, 1e-6)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, normed.float() * w, atol=1e-6, rtol=1e-6)
+
+
+def test_sinusoid_is_cos_first_float64():
+    e = dit.sinusoidal_embedding_1d(256, torch.tensor([999, 0]))
+    assert e.dtype == torch.float64 and e.shape == (2, 256)
+    assert e[1, :128].eq(1).all() and e[1, 128:].eq(0).all()
+    assert math.isclose(e[0, 1].item(), math.cos(999 * 10000 ** (-1 / 128)), rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_sharded_checkpoint_round_trip(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "m", max_shard_bytes=64 * 1024)
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    m2 = WanModel.from_pretrained(tmp_path / "m")
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x, t, ctx = tiny_inputs()
+    torch.testing.assert_close(m2(x, t, ctx), tiny_model(x, t, ctx))
+    m3 = WanModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert m3.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+
+
+def test_single_file_checkpoint(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["dim"] == TINY.dit.dim and cfg["_class_name"] == "WanModel"
+    load_dit(tmp_path / "m")
+
+
+def _sharded(tmp_path, model):
+    d = tmp_path / "m"
+    model.save_pretrained(d, max_shard_bytes=64 * 1024)
+    index = json.loads((d / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    return d, index
+
+
+def test_missing_shard_error(tmp_path, tiny_model):
+    d, index = _sharded(tmp_path, tiny_model)
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (d / victim).unlink()
+    with pytest.raises(CheckpointError, match=f"missing shard .*{victim}"):
+        load_dit(d)
+
+
+def test_truncated_shard_error(tmp_path, tiny_model):
+    d, index = _sharded(tmp_path, tiny_model)
+    victim = d / sorted(set(index["weight_map"].values()))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_dit(d)
+
+
+def test_missing_config_and_weights_errors(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="missing model folder"):
+        load_dit(tmp_path / "nope")
+    d = tmp_path / "m"
+    tiny_model.save_pretrained(d)
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_dit(d)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_dit(d)
+
+
+def test_key_and_shape_errors(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "m"
+    tiny_model.save_pretrained(d)
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    path = d / "diffusion_pytorch_model.safetensors"
+
+    bad = dict(sd)
+    del bad["blocks.1.ffn.2.bias"]
+    save_file(bad, str(path))
+    with pytest.raises(CheckpointError, match="missing key.*blocks.1.ffn.2.bias"):
+        load_dit(d)
+
+    bad = dict(sd, **{"blocks.0.extra": torch.zeros(1)})
+    save_file(bad, str(path))
+    with pytest.raises(CheckpointError, match="unexpected key blocks.0.extra"):
+        load_dit(d)
+
+    bad = dict(sd, **{"head.head.weight": torch.randn(3, 3)})
+    save_file(bad, str(path))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for head.head.weight.*\(3, 3\)"):
+        load_dit(d)
