@@ -1,0 +1,151 @@
+"""One DiT expert at full A14B size with random bf16 weights: seconds per forward, peak
+memory and output parity, for the reference, patched (Triton kernels), patched + compiled,
+and CFG as two calls vs one batch-2 call. All modes run in one process on the same weights
+and inputs; each figure is the median of --runs timed forwards after --warmup.
+
+    python -m bench.bench_dit --sizes 1280*720,832*480 --runs 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def _timed(fn, runs: int, warmup: int):
+    for _ in range(warmup):
+        out = fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), times, torch.cuda.max_memory_allocated() / 1e9
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1280*720,832*480")
+    ap.add_argument("--frame_num", type=int, default=81)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--modes", default="reference,patched,compiled,cfg")
+    ap.add_argument("--compile_mode", default="default")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick smoke run")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import wan_triton
+    from wan import attention as att
+    from wan.configs import T2V_A14B
+    from wan.dit import WanModel
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_dit needs a CUDA GPU")
+    dev = torch.device("cuda")
+    cfg = T2V_A14B.dit if args.layers is None else T2V_A14B.dit.__class__(**{**T2V_A14B.dit.__dict__,
+                                                                            "num_layers": args.layers})
+    t0 = time.perf_counter()
+    model = WanModel.from_config(cfg, device=dev, dtype=torch.bfloat16, seed=0, zero_head=False)
+    print(f"built expert ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, bf16) "
+          f"in {time.perf_counter() - t0:.1f}s on {torch.cuda.get_device_name()}", flush=True)
+    att.set_backend(args.attention)
+    modes = args.modes.split(",")
+    results = []
+    g = torch.Generator(device=dev).manual_seed(1)
+    for size in args.sizes.split(","):
+        w, h = (int(v) for v in size.split("*"))
+        lat = (16, (args.frame_num - 1) // 4 + 1, h // 8, w // 8)
+        L = lat[1] * lat[2] * lat[3] // 4
+        x = torch.randn(1, *lat, device=dev, generator=g)
+        ctx_c = torch.randn(1, 60, 4096, device=dev, generator=g).bfloat16()
+        ctx_u = torch.randn(1, 120, 4096, device=dev, generator=g).bfloat16()
+        t = torch.tensor([900], device=dev)
+
+        def fwd(x=x, ctx=ctx_c, t=t):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x, t, ctx, seq_len=L)
+
+        def cfg_two():
+            return fwd(ctx=ctx_c), fwd(ctx=ctx_u)
+
+        x2 = x.expand(2, *lat)
+        t2 = t.expand(2)
+
+        def cfg_batched():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x2, t2, [ctx_c[0], ctx_u[0]], seq_len=L)
+
+        row = dict(size=size, tokens=L, backend=att.resolve_backend(dev))
+        ref = None
+        wan_triton.unpatch()
+        if "reference" in modes:
+            ref, row["reference_s"], row["reference_runs"], row["reference_peak_gb"] = _timed(fwd, args.runs,
+                                                                                              args.warmup)
+            print(f"[{size}] reference {row['reference_s']:.3f}s peak {row['reference_peak_gb']:.1f} GB", flush=True)
+        if set(modes) & {"patched", "cfg", "compiled"}:
+            wan_triton.patch(attention=args.attention, strict=True)
+        if "patched" in modes:
+            out, row["patched_s"], row["patched_runs"], row["patched_peak_gb"] = _timed(fwd, args.runs, args.warmup)
+            if ref is not None:
+                row["patched_rel_err"] = rel_err(out, ref)
+            print(f"[{size}] patched {row['patched_s']:.3f}s peak {row['patched_peak_gb']:.1f} GB "
+                  f"rel_err {row.get('patched_rel_err', float('nan')):.2e}", flush=True)
+        if "cfg" in modes:
+            _, row["cfg_two_calls_s"], _, row["cfg_two_calls_peak_gb"] = _timed(cfg_two, args.runs, args.warmup)
+            outb, row["cfg_batched_s"], _, row["cfg_batched_peak_gb"] = _timed(cfg_batched, args.runs, args.warmup)
+            if ref is not None:
+                row["cfg_batched_rel_err"] = rel_err(outb[0:1], ref)
+            print(f"[{size}] CFG step: two calls {row['cfg_two_calls_s']:.3f}s, batched {row['cfg_batched_s']:.3f}s "
+                  f"(peak {row['cfg_batched_peak_gb']:.1f} GB)", flush=True)
+        if "compiled" in modes:
+            if not getattr(model, "_wb_compiled", False):
+                wan_triton.compile_blocks(model, args.compile_mode)
+                model._wb_compiled = True
+            t0 = time.perf_counter()
+            fwd()
+            torch.cuda.synchronize()
+            row["compile_first_call_s"] = time.perf_counter() - t0
+            out, row["compiled_s"], row["compiled_runs"], row["compiled_peak_gb"] = _timed(fwd, args.runs,
+                                                                                           args.warmup)
+            if ref is not None:
+                row["compiled_rel_err"] = rel_err(out, ref)
+            print(f"[{size}] patched+compiled {row['compiled_s']:.3f}s peak {row['compiled_peak_gb']:.1f} GB "
+                  f"rel_err {row.get('compiled_rel_err', float('nan')):.2e} "
+                  f"(first call {row['compile_first_call_s']:.0f}s)", flush=True)
+        results.append(row)
+        del x, x2
+        torch.cuda.empty_cache()
+
+    print("\n| size | tokens | mode | s/forward | peak GB | rel. err vs reference |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for m in ("reference", "patched", "compiled"):
+            if f"{m}_s" in r:
+                print(f"| {r['size']} | {r['tokens']} | {m} | {r[m + '_s']:.3f} | {r[m + '_peak_gb']:.1f} | "
+                      f"{r.get(m + '_rel_err', 0.0):.2e} |")
+        if "cfg_batched_s" in r:
+            print(f"| {r['size']} | {r['tokens']} | CFG step, two calls | {r['cfg_two_calls_s']:.3f} | "
+                  f"{r['cfg_two_calls_peak_gb']:.1f} | |")
+            print(f"| {r['size']} | {r['tokens']} | CFG step, batched | {r['cfg_batched_s']:.3f} | "
+                  f"{r['cfg_batched_peak_gb']:.1f} | {r.get('cfg_batched_rel_err', 0.0):.2e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
