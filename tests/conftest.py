@@ -55,3 +55,14 @@ def seed(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _restore_reference_ops():
+    """A test that patches (directly or through the CLI) must not leak kernels into the next."""
+    yield
+    import sys
+
+    mod = sys.modules.get("wan_triton.patch")
+    if mod is not None and mod.is_patched():
+        mod.unpatch()

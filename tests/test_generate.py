@@ -1,0 +1,85 @@
+"""The generate CLI: the demo writes an MP4; bad input gives one line, exit 2, and no file."""
+import subprocess
+import sys
+
+import imageio
+import pytest
+
+from wan_triton.generate import main
+
+
+def frames_of(path):
+    with imageio.get_reader(str(path), format="FFMPEG") as r:
+        meta = r.get_meta_data()
+        n = sum(1 for _ in r)
+    return n, meta
+
+
+def test_demo_writes_mp4(tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "demo.mp4"
+    rc = main(["--save_file", str(out), "--frame_num", "9", "--sample_steps", "3", "--quiet", "--no-triton"])
+    assert rc == 0
+    n, meta = frames_of(out)
+    assert n == 9 and tuple(meta["size"]) == (128, 128) and meta["fps"] == 16
+    log = caplog.text
+    assert "tiny demo" in log and "denoise" in log and "saved" in log
+
+
+def test_tiny_checkpoint_through_ckpt_dir(tmp_path):
+    from wan.pipeline import WanT2V
+
+    WanT2V.from_preset("tiny").save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "v.mp4"
+    rc = main(["--task", "tiny", "--ckpt_dir", str(tmp_path / "ckpt"), "--save_file", str(out),
+               "--frame_num", "5", "--sample_steps", "2", "--base_seed", "3", "--quiet"])
+    assert rc == 0 and frames_of(out)[0] == 5
+
+
+def _ckpt_missing_vae(tmp_path):
+    from wan.pipeline import WanT2V
+
+    d = tmp_path / "ckpt"
+    WanT2V.from_preset("tiny").save_pretrained(d)
+    (d / "Wan2.1_VAE.pth").unlink()
+    return d
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--size", "100*100"], "multiples of 16"),
+    (["--size", "1280*720"], "not supported"),
+    (["--frame_num", "8"], "4n+1"),
+    (["--sample_solver", "euler"], "unknown solver"),
+    (["--ckpt_dir", "/nonexistent/ckpt", "--task", "tiny"], "not found"),
+    (["--tf32"], "needs a CUDA GPU"),
+    (["--compile"], "needs a CUDA GPU"),
+    (["--offload_model", "True"], "needs a CUDA GPU"),
+    (["--preset", "h200"], "needs a CUDA GPU"),
+    (["--task", "t2v-XXL"], "unknown preset"),
+    (["--save_file", "out.avi"], ".mp4"),
+    (["--sample_steps", "0"], "sample_steps"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, args, msg):
+    monkeypatch.chdir(tmp_path)
+    if "--save_file" not in args:
+        args = args + ["--save_file", str(tmp_path / "x.mp4")]
+    rc = main(args + ["--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+
+
+def test_missing_checkpoint_part(tmp_path, capsys):
+    d = _ckpt_missing_vae(tmp_path)
+    out = tmp_path / "x.mp4"
+    rc = main(["--task", "tiny", "--ckpt_dir", str(d), "--save_file", str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "Wan2.1_VAE.pth" in err[-1] and not out.exists()
+
+
+def test_module_entry_point_bad_flag():
+    r = subprocess.run([sys.executable, "-m", "wan_triton.generate", "--frame_num", "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

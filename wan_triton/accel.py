@@ -1,0 +1,145 @@
+"""Acceleration layers on top of the reference pipeline: TF32, regional torch.compile,
+batched CFG, attention choice, hardware presets, and `optimize()` that applies them.
+
+None of these re-implement the model: they flip switches on the `wan` objects.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+log = logging.getLogger("wan_triton")
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class AccelError(ValueError):
+    """An option that cannot work on this machine (e.g. a CUDA-only option without CUDA)."""
+
+
+# ------------------------------------------------------------------ TF32
+
+def enable_tf32(enabled: bool = True) -> dict:
+    """Allow TF32 in fp32 matmuls and convolutions; returns the previous settings for restore_tf32."""
+    prev = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return prev
+
+
+def restore_tf32(prev: dict) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = prev["matmul"]
+    torch.backends.cudnn.allow_tf32 = prev["cudnn"]
+
+
+# ------------------------------------------------------------------ torch.compile
+
+def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
+    """Regional compile: each DiT block is compiled in place (the 40 blocks share one graph,
+    so it compiles once). The patched Triton kernels are custom ops, traced without breaks."""
+    if mode not in COMPILE_MODES:
+        raise AccelError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
+    for blk in model.blocks:
+        blk.compile(mode=mode, dynamic=dynamic)
+    return model
+
+
+# ------------------------------------------------------------------ presets
+
+@dataclass(frozen=True)
+class Preset:
+    """What to turn on for a class of GPU (memory decides offloading and T5 placement)."""
+    name: str
+    offload_model: bool
+    t5_cpu: bool
+    use_batched_cfg: bool
+    compile: bool
+    tf32: bool = True
+    triton: bool = True
+    min_mem_gb: float = 0.0
+    note: str = ""
+
+
+PRESETS = {p.name: p for p in (
+    Preset("h200", offload_model=False, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=120,
+           note="both bf16 experts (57 GB) and the T5 stay resident"),
+    Preset("h100", offload_model=True, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=75,
+           note="one expert resident; the idle one waits in CPU memory"),
+    Preset("a100-80g", offload_model=True, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=75),
+    Preset("a100-40g", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=38,
+           note="T5 on CPU; CFG as two calls to keep activations small"),
+    Preset("l40s", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=44),
+    Preset("rtx4090", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=22,
+           note="an A14B expert needs 28.6 GB in bf16: only smaller models fit in 24 GB"),
+    Preset("cpu", offload_model=False, t5_cpu=False, use_batched_cfg=True, compile=False, tf32=False,
+           triton=False, note="no GPU: reference ops, no compile"),
+)}
+
+
+def detect_preset(device=None) -> Preset:
+    """Pick a preset from the GPU's name and memory ('cpu' without CUDA)."""
+    if not torch.cuda.is_available():
+        return PRESETS["cpu"]
+    dev = torch.device(device or "cuda")
+    props = torch.cuda.get_device_properties(dev)
+    mem = props.total_memory / 1e9
+    name = props.name.lower()
+    for key in ("h200", "h100", "l40s", "4090"):
+        if key in name:
+            return PRESETS["rtx4090" if key == "4090" else key]
+    for p in sorted((p for p in PRESETS.values() if p.name != "cpu"), key=lambda p: -p.min_mem_gb):
+        if mem >= p.min_mem_gb:
+            return p
+    return PRESETS["rtx4090"]
+
+
+def get_preset(name: str = "auto", device=None) -> Preset:
+    if name == "auto":
+        return detect_preset(device)
+    if name not in PRESETS:
+        raise AccelError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    if p.name != "cpu" and not torch.cuda.is_available():
+        raise AccelError(f"preset {name!r} needs a CUDA GPU, and none is available")
+    return p
+
+
+# ------------------------------------------------------------------ optimize
+
+def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
+             compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
+             attention: str = "auto", **patch_kw) -> dict:
+    """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns what was applied.
+
+    The returned dict also carries `offload_model`, which the caller passes to generate().
+    """
+    from .patch import patch
+
+    p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
+    on_cuda = pipeline.device.type == "cuda"
+    applied = dict(preset=p.name,
+                   triton=p.triton if triton is None else triton,
+                   compile=p.compile if compile is None else compile,
+                   tf32=p.tf32 if tf32 is None else tf32,
+                   use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
+                   offload_model=p.offload_model and on_cuda,
+                   compile_mode=compile_mode, attention=attention)
+    if not on_cuda:  # explicit CUDA-only requests are errors; preset defaults just turn off
+        for opt, asked in (("compile", compile), ("tf32", tf32)):
+            if asked:
+                raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
+            applied[opt] = False
+    if applied["tf32"]:
+        applied["tf32_prev"] = enable_tf32(True)
+    applied["patched"] = patch(attention=attention, **patch_kw) if applied["triton"] else []
+    if not applied["triton"]:
+        from wan import attention as att
+        att.set_backend(attention)
+    pipeline.use_batched_cfg = applied["use_batched_cfg"]
+    if applied["compile"]:
+        for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+            compile_blocks(m, compile_mode)
+    log.info("wan_triton.optimize: %s", {k: v for k, v in applied.items() if k != "tf32_prev"})
+    return applied

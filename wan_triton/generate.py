@@ -1,0 +1,167 @@
+"""Generate a video: `python -m wan_triton.generate` / `wan-generate`.
+
+With no --ckpt_dir it runs the built-in tiny demo model (random weights, fixed seed, CPU or
+GPU) and writes a short MP4. With --ckpt_dir it loads the official Wan2.2-T2V-A14B layout.
+Official flags keep their names and defaults; the acceleration flags come from wan_triton.
+Bad input is reported as one line on stderr with exit code 2, and no file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
+
+
+class CLIError(Exception):
+    pass
+
+
+def _bool(v: str) -> bool:
+    s = str(v).lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wan-generate", description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--task", default=None, help="preset: t2v-A14B (default with --ckpt_dir) or tiny (default without)")
+    a("--ckpt_dir", default=None, help="official Wan2.2-T2V-A14B folder; omit for the built-in tiny demo")
+    a("--prompt", default=None, help="text prompt")
+    a("--n_prompt", default="", help="negative prompt (default: the official one)")
+    a("--size", default=None, help="WIDTH*HEIGHT, e.g. 1280*720 (default: the preset's)")
+    a("--frame_num", type=int, default=None, help="number of frames, 4n+1 (default: the preset's)")
+    a("--sample_steps", type=int, default=None)
+    a("--sample_shift", type=float, default=None)
+    a("--sample_guide_scale", type=float, default=None, help="one value for both experts")
+    a("--sample_solver", default="unipc", help="unipc or dpm++")
+    a("--base_seed", type=int, default=-1, help="-1: random (the demo uses its fixed seed)")
+    a("--offload_model", type=_bool, default=None, help="move the idle expert to CPU (CUDA only)")
+    a("--t5_cpu", action="store_true", help="run the text encoder on CPU")
+    a("--convert_model_dtype", action="store_true", help="convert DiT weights to bf16 (official flag)")
+    a("--save_file", default=None, help="output .mp4 path")
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    # acceleration (wan_triton)
+    a("--preset", default=None, choices=["auto", "h200", "h100", "a100-80g", "a100-40g", "l40s", "rtx4090", "cpu"],
+      help="apply a hardware preset (batched CFG, TF32, compile, offload, T5 placement)")
+    a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward")
+    a("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs (CUDA)")
+    a("--compile", dest="compile", action="store_true", default=None, help="torch.compile each DiT block (CUDA)")
+    a("--no-compile", dest="compile", action="store_false")
+    a("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    a("--attention", default="auto", choices=["auto", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa", "math"])
+    a("--no-triton", dest="no_triton", action="store_true", help="keep the reference ops (no kernels)")
+    a("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _default_name(task, size, prompt):
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    text = prompt[:50].replace(" ", "_").replace("/", "_")
+    return f"{task}_{size}_1_{text}_{stamp}.mp4"
+
+
+def run(args) -> Path:
+    import torch
+
+    from wan.checkpoint import CheckpointError
+    from wan.configs import get_config
+    from wan.pipeline import InputError, WanT2V, check_request, save_video
+    from wan_triton import accel
+
+    demo = args.ckpt_dir is None
+    task = args.task or ("tiny" if demo else "t2v-A14B")
+    try:
+        config = get_config(task)
+    except KeyError as err:
+        raise CLIError(str(err.args[0])) from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    size = args.size or config.default_size
+    frame_num = args.frame_num or config.frame_num
+    check_request(config, size, frame_num, args.sample_solver)  # before any heavy work
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise CLIError("--sample_steps must be >= 1")
+    cuda_only = [f for f, on in (("--offload_model True", args.offload_model), ("--tf32", args.tf32),
+                                 ("--compile", args.compile), ("--no-offload", args.no_offload)) if on]
+    if device.type != "cuda" and cuda_only:
+        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
+    if args.preset not in (None, "auto", "cpu") and device.type != "cuda":
+        raise CLIError(f"--preset {args.preset} needs a CUDA GPU, and none is in use (device {device})")
+    save = Path(args.save_file) if args.save_file else Path(_default_name(task, size, args.prompt or DEMO_PROMPT))
+    if save.suffix.lower() != ".mp4":
+        raise CLIError(f"--save_file must end in .mp4, got {save}")
+
+    prompt = args.prompt or DEMO_PROMPT
+    seed = args.base_seed if args.base_seed >= 0 or not demo else config.seed
+    if args.preset is not None:
+        preset = accel.get_preset(args.preset, device)
+    else:  # no preset: exactly what the flags say; kernels on when they can run here
+        import os
+        kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        preset = accel.Preset("flags", offload_model=device.type == "cuda", t5_cpu=False, use_batched_cfg=False,
+                              compile=False, tf32=False, triton=kernels_here)
+    t5_cpu = args.t5_cpu or preset.t5_cpu
+    t0 = time.perf_counter()
+    if demo:
+        logging.info("no --ckpt_dir: running the built-in tiny demo model (random weights, seed %d)", seed)
+        pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)
+    else:
+        pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
+                                      convert_model_dtype=args.convert_model_dtype)
+    logging.info("loaded %s in %.1fs on %s", task, time.perf_counter() - t0, device)
+    applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
+                             compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
+                             use_batched_cfg=True if args.use_batched_cfg else None, attention=args.attention)
+    offload = applied["offload_model"] if args.offload_model is None else args.offload_model
+    if args.no_offload:
+        offload = False
+
+    video = pipe.generate(prompt, size=size, frame_num=frame_num, shift=args.sample_shift,
+                          sample_solver=args.sample_solver, sampling_steps=args.sample_steps,
+                          guide_scale=args.sample_guide_scale, n_prompt=args.n_prompt, seed=seed,
+                          offload_model=offload, progress=not args.quiet)
+    save_video(video, save, fps=config.sample_fps)
+    tm = pipe.last_timings
+    logging.info("seed %d | %s", pipe.last_seed, tm.summary())
+    logging.info("saved %s (%d frames, %s)", save, video.shape[1], size)
+    return save
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    from wan.checkpoint import CheckpointError
+    from wan.pipeline import InputError
+    from wan_triton.accel import AccelError
+
+    try:
+        run(args)
+    except (CLIError, InputError, CheckpointError, AccelError) as err:
+        print(f"wan-generate: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wan-generate: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
