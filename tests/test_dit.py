@@ -302,3 +302,17 @@ def test_key_and_shape_errors(tmp_path, tiny_model):
     save_file(bad, str(path))
     with pytest.raises(CheckpointError, match=r"shape mismatch for head.head.weight.*\(3, 3\)"):
         load_dit(d)
+
+
+def test_load_pth_reads_legacy_pickle_format(tmp_path):
+    from wan.checkpoint import load_pth
+
+    sd = {"w": torch.randn(3, 4)}
+    torch.save(sd, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # not mmappable
+    torch.save(sd, tmp_path / "new.pth")
+    for name in ("old.pth", "new.pth"):
+        got = load_pth(tmp_path / name)
+        assert torch.equal(got["w"], sd["w"])
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        load_pth(tmp_path / "bad.pth")

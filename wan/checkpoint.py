@@ -9,12 +9,15 @@ second copy of the weights is ever materialised.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 CONFIG_NAME = "config.json"
+log = logging.getLogger("wan.checkpoint")
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -50,14 +53,23 @@ def load_pth(path, device="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
-    try:
+    sd, err = None, None
+    # zip format: memory-mapped; legacy pickle format: cannot be mmapped, read it whole.
+    for kw in (dict(weights_only=True, mmap=True), dict(weights_only=True)):
         try:
-            sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
-        except RuntimeError as err:  # old zip-less format cannot be mmapped
-            if "mmap" not in str(err):
-                raise
-            sd = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            sd = torch.load(path, map_location=device, **kw)
+            break
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is reported below
+            err = e
+    if sd is None and "legacy .tar format" in str(err):
+        # The official loader notes Wan's first-party .pth files may be in torch's legacy .tar
+        # format, which weights_only=True refuses; that format needs full unpickling.
+        log.warning("%s is in torch's legacy .tar format; loading it with weights_only=False", path)
+        try:
+            sd = torch.load(path, map_location=device, weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            err = e
+    if sd is None:
         raise CheckpointError(f"cannot read {path} (corrupt or truncated?): {type(err).__name__}: {err}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a plain state dict of tensors")
