@@ -1,0 +1,109 @@
+"""The end-to-end benchmark CLI on the tiny preset (CPU): outputs, one-mode runs, bad input."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.benchmark_t2v import main, psnr_uint8, rel_err
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--size", "128*128", "--frame_num", "5", "--sample_steps", "2", "--num_runs", "1", "--warmup", "0",
+        "--device", "cpu", "--quiet", "--no-triton"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_modes_write_json_md_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(FAST + ["--mode", "both", "--out_dir", str(out), "--name", "b"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["b.json", "b.md", "b.png"]  # no partial files left
+
+    rep = json.loads((out / "b.json").read_text())
+    assert {"schema", "config", "modes", "comparison", "environment"} <= rep.keys()
+    assert set(rep["modes"]) == {"reference", "optimized"}
+    for m in rep["modes"].values():
+        assert len(m["runs"]) == 1 and len(m["steps"]) == 2 and len(m["experts"]) == 2
+        assert m["total"] > 0 and m["step_mean"] > 0 and m["decode"] > 0
+        assert m["extrapolated"] and m["full_steps"] == 8
+        assert m["extrapolated_s"] == pytest.approx(m["text_encode"] + 8 * m["step_mean"] + m["decode"])
+    assert rep["modes"]["reference"]["settings"]["use_batched_cfg"] is False
+    assert rep["modes"]["optimized"]["settings"]["triton"] is False  # --no-triton
+    c = rep["comparison"]
+    assert c["speedup_total"] > 0 and c["speedup_per_step"] > 0 and c["speedup_extrapolated"] > 0
+    assert c["psnr_db"] == "inf" or math.isfinite(c["psnr_db"])
+    assert 0 <= c["latents_rel_err"] < 0.05
+    env = rep["environment"]
+    assert env["torch"] == torch.__version__ and env["command"].startswith("wan-benchmark ") and env["date"]
+
+    md = (out / "b.md").read_text()
+    header = "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |"
+    assert header in md and "| reference |" in md and "| optimized |" in md and "speedup" in md
+    png = (out / "b.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+    assert header in capsys.readouterr().out  # the table is printed at the end
+
+
+def test_reference_only_default_name(tmp_path, caplog):
+    caplog.set_level("INFO")
+    rc = main(FAST + ["--mode", "reference", "--no-decode", "--out_dir", str(tmp_path)])
+    assert rc == 0
+    files = sorted(tmp_path.iterdir())
+    assert [p.suffix for p in files] == [".json", ".md", ".png"]
+    assert files[0].name.startswith("benchmark_tiny_128x128_")
+    rep = json.loads(files[0].read_text())
+    assert list(rep["modes"]) == ["reference"]
+    assert rep["modes"]["reference"]["decode"] == 0 and rep["config"]["decode"] is False
+    assert rep["comparison"]["speedup_total"] is None and rep["comparison"]["psnr_db"] is None
+    assert "[reference] run 1/1: total" in caplog.text
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--size", "100*100"], "multiples of 16"),
+    (["--size", "1280*720"], "not supported"),
+    (["--size", "big"], "WIDTH*HEIGHT"),
+    (["--frame_num", "8"], "4n+1"),
+    (["--sample_solver", "euler"], "unknown solver"),
+    (["--tf32"], "needs a CUDA GPU"),
+    (["--compile"], "needs a CUDA GPU"),
+    (["--preset", "h200"], "needs a CUDA GPU"),
+    (["--attention", "fa3"], "not available"),
+    (["--ckpt_dir", "/nonexistent", "--random-weights"], "exclude each other"),
+    (["--num_runs", "0"], "--num_runs"),
+    (["--sample_steps", "0"], "--sample_steps"),
+    (["--task", "t2v-XXL"], "unknown preset"),
+    (["--mode", "fast"], "invalid choice"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, args, msg):
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--quiet", "--out_dir", str(out)] + args
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors (bad choice) exit from the parser
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("wan-benchmark: error:") and msg in err[0]
+    assert not out.exists()
+
+
+def test_module_entry_point_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.benchmark_t2v", "--num_runs", "0", "--device", "cpu",
+                        "--out_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["wan-benchmark: error: --num_runs must be >= 1, got 0"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_metrics():
+    a = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    assert psnr_uint8(a, a) == math.inf
+    b = a.clone()
+    b.view(-1)[0] = 255 if a.view(-1)[0] < 128 else 0
+    d = abs(int(b.view(-1)[0]) - int(a.view(-1)[0]))
+    assert psnr_uint8(a, b) == pytest.approx(10 * math.log10(255 ** 2 / (d ** 2 / a.numel())))
+    x = torch.randn(100, dtype=torch.float64)
+    assert rel_err(x, x) == 0 and rel_err(2 * x, x) == pytest.approx(1.0)
