@@ -46,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick smoke run")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cfg_warmup", type=int, default=0, help="warm-up calls for the CFG pair (the patched "
+                    "forwards before it have already warmed the kernels)")
     args = ap.parse_args(argv)
 
     import wan_triton
@@ -105,30 +107,26 @@ def main(argv=None):
             print(f"[{size}] patched {row['patched_s']:.3f}s peak {row['patched_peak_gb']:.1f} GB "
                   f"rel_err {row.get('patched_rel_err', float('nan')):.2e}", flush=True)
         if "cfg" in modes:
-            _, row["cfg_two_calls_s"], _, row["cfg_two_calls_peak_gb"] = _timed(cfg_two, args.runs, args.warmup)
-            outb, row["cfg_batched_s"], _, row["cfg_batched_peak_gb"] = _timed(cfg_batched, args.runs, args.warmup)
+            _, row["cfg_two_calls_s"], _, row["cfg_two_calls_peak_gb"] = _timed(cfg_two, args.runs, args.cfg_warmup)
+            outb, row["cfg_batched_s"], _, row["cfg_batched_peak_gb"] = _timed(cfg_batched, args.runs,
+                                                                               args.cfg_warmup)
             if ref is not None:
                 row["cfg_batched_rel_err"] = rel_err(outb[0:1], ref)
             print(f"[{size}] CFG step: two calls {row['cfg_two_calls_s']:.3f}s, batched {row['cfg_batched_s']:.3f}s "
                   f"(peak {row['cfg_batched_peak_gb']:.1f} GB)", flush=True)
         if "compiled" in modes:
-            if not getattr(model, "_wb_compiled", False):
-                wan_triton.compile_blocks(model, args.compile_mode)
-                model._wb_compiled = True
-            t0 = time.perf_counter()
-            fwd()
-            torch.cuda.synchronize()
-            row["compile_first_call_s"] = time.perf_counter() - t0
-            out, row["compiled_s"], row["compiled_runs"], row["compiled_peak_gb"] = _timed(fwd, args.runs,
-                                                                                           args.warmup)
-            if ref is not None:
-                row["compiled_rel_err"] = rel_err(out, ref)
-            print(f"[{size}] patched+compiled {row['compiled_s']:.3f}s peak {row['compiled_peak_gb']:.1f} GB "
-                  f"rel_err {row.get('compiled_rel_err', float('nan')):.2e} "
-                  f"(first call {row['compile_first_call_s']:.0f}s)", flush=True)
+            try:
+                _compiled(model, fwd, row, ref, args, size)
+            except Exception as err:  # record and go on: the other figures still count
+                row["compiled_error"] = f"{type(err).__name__}: {err}"[:2000]
+                print(f"[{size}] compiled FAILED: {row['compiled_error'][:500]}", flush=True)
         results.append(row)
         del x, x2
         torch.cuda.empty_cache()
+        if args.json:  # after every size, so a run cut short still leaves its figures
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f,
+                          indent=2)
 
     print("\n| size | tokens | mode | s/forward | peak GB | rel. err vs reference |")
     print("|---|---|---|---|---|---|")
@@ -142,9 +140,27 @@ def main(argv=None):
                   f"{r['cfg_two_calls_peak_gb']:.1f} | |")
             print(f"| {r['size']} | {r['tokens']} | CFG step, batched | {r['cfg_batched_s']:.3f} | "
                   f"{r['cfg_batched_peak_gb']:.1f} | {r.get('cfg_batched_rel_err', 0.0):.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=2)
+
+
+def _compiled(model, fwd, row, ref, args, size):
+    import wan_triton
+
+    if not getattr(model, "_wb_compiled", False):
+        wan_triton.compile_blocks(model, args.compile_mode)
+        model._wb_compiled = True
+    t0 = time.perf_counter()
+    fwd()
+    torch.cuda.synchronize()
+    row["compile_first_call_s"] = time.perf_counter() - t0
+    out, row["compiled_s"], row["compiled_runs"], row["compiled_peak_gb"] = _timed(fwd, args.runs, args.warmup)
+    if ref is not None:
+        row["compiled_rel_err"] = rel_err(out, ref)
+    print(f"[{size}] patched+compiled {row['compiled_s']:.3f}s peak {row['compiled_peak_gb']:.1f} GB "
+          f"rel_err {row.get('compiled_rel_err', float('nan')):.2e} "
+          f"(first call {row['compile_first_call_s']:.0f}s)", flush=True)
+    for blk in model.blocks:  # back to eager, so the next size's reference is the reference
+        blk._compiled_call_impl = None
+    model._wb_compiled = False
 
 
 if __name__ == "__main__":

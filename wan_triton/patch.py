@@ -118,7 +118,8 @@ def _patch_instance(model, flags):
             return orig_forward(*args, **kw)
 
     model._wan_triton_flags = flags
-    model._wan_triton_orig_forward = orig_forward
+    # an instance-level forward someone set before us, or None for the class's own
+    model._wan_triton_orig_forward = vars(model).get("forward")
     model.forward = forward
     log.info("wan_triton: patched %s on one %s instance", ", ".join(flags), type(model).__name__)
     return flags
@@ -147,9 +148,12 @@ def _swapped(flags):
 def unpatch(model=None) -> None:
     """Restore exactly the original function objects (and the attention choice)."""
     if model is not None:
-        orig = getattr(model, "_wan_triton_orig_forward", None)
-        if orig is not None:
-            model.forward = orig
+        if getattr(model, "_wan_triton_flags", None) is not None:
+            orig = model._wan_triton_orig_forward
+            if orig is None:
+                del model.forward  # back to the class's forward
+            else:
+                model.forward = orig
             del model._wan_triton_orig_forward
         model._wan_triton_flags = None
         return

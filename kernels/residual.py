@@ -1,0 +1,89 @@
+"""Gated residual (wan.dit.gated_residual), out of place:
+
+    out = x + y * gate
+
+fp32 math. The product is rounded to promote(y, gate) when that is a 16-bit type (all-bf16 or
+all-fp16 operands), and the result is stored in promote(x, promote(y, gate)) (fp32 in the model:
+fp32 or bf16 x, bf16 y, fp32 gate). x and y are [B, L, C]; gate is [B, 1, C] (a strided view
+m[:, i:i+1] of the [B, 6, C] modulation: any batch stride, token stride 0) or [B, L, C].
+Grid: (row, column block), int64 row offsets, so tensors past 2^31 elements index correctly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import ELEMWISE_BLOCK, cast_to, cdiv, jit, round_to, launchable, next_pow2, register_op, tl, use_triton
+
+__all__ = ["gated_residual", "torch_gated_residual"]
+
+
+@jit
+def _gated_residual_kernel(X, Y, G, OUT, seq_len, stride_xb, stride_xl, stride_yb, stride_yl,
+                           stride_gb, stride_gl, n_cols, ROUND_PROD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    bi = row // seq_len
+    li = row - bi * seq_len
+    c = cb * BLOCK + tl.arange(0, BLOCK)
+    mask = c < n_cols
+    x = tl.load(X + bi * stride_xb + li * stride_xl + c, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + bi * stride_yb + li * stride_yl + c, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + bi * stride_gb + li * stride_gl + c, mask=mask, other=0.0).to(tl.float32)
+    p = y * g
+    if ROUND_PROD:
+        p = round_to(p, Y.dtype.element_ty)
+    tl.store(OUT + row * n_cols + c, cast_to(x + p, OUT.dtype.element_ty), mask=mask)
+
+
+def _launch_gated_residual(x3, y3, g3, out3) -> None:
+    """x3/y3/g3 [B, L, C] views with last stride 1 (g3 may have zero strides), out3 contiguous."""
+    B, L, C = x3.shape
+    if B * L == 0 or C == 0:
+        return
+    block = min(ELEMWISE_BLOCK, max(16, next_pow2(C)))
+    round_prod = torch.promote_types(y3.dtype, g3.dtype) != torch.float32
+    grid = (B * L, cdiv(C, block))
+    launchable(_gated_residual_kernel)[grid](
+        x3, y3, g3, out3, L, x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1),
+        g3.stride(0), g3.stride(1), C, ROUND_PROD=round_prod, BLOCK=block, num_warps=4)
+
+
+def _out_dtype(x, y, gate):
+    return torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
+
+
+def _gated_residual_fake(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=_out_dtype(x, y, gate))
+
+
+def _lastdim_unit(t: torch.Tensor, shape) -> torch.Tensor:
+    t = t.expand(shape)
+    if shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+@register_op("gated_residual", _gated_residual_kernel, _gated_residual_fake)
+def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    out = torch.empty(shape, dtype=_out_dtype(x, y, gate), device=x.device)
+    _launch_gated_residual(_lastdim_unit(x, shape), _lastdim_unit(y, shape), _lastdim_unit(gate, shape), out)
+    return out
+
+
+def torch_gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Pure-torch fallback, the reference math."""
+    return x + y * gate
+
+
+def _broadcasts_to(t: torch.Tensor, shape) -> bool:
+    if t.dim() > len(shape):
+        return False
+    return all(s == 1 or s == d for s, d in zip(reversed(t.shape), reversed(shape)))
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate (fp32 math, promoted output dtype); same as wan.dit.gated_residual."""
+    if (x.dim() == 3 and y.shape == x.shape and use_triton(x, y, gate) and _broadcasts_to(gate, x.shape)):
+        return _gated_residual_op(x, y, gate)
+    return torch_gated_residual(x, y, gate)
