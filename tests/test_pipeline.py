@@ -113,3 +113,13 @@ def _read_ffmpeg(path):
 
     with imageio.get_reader(str(path), format="FFMPEG") as r:
         return np.stack([f for f in r])  # list(r) asks len(), which is inf for ffmpeg
+
+
+def test_random_weights_with_the_real_umt5_vocab_build():
+    """`from_preset` at the real vocab (as --random-weights does at full size) needs no tokenizer files."""
+    from dataclasses import replace
+
+    cfg = TINY.replace(name="tiny-bigvocab", t5=replace(TINY.t5, vocab_size=256384))
+    p = WanT2V.from_preset(cfg, device="cpu")
+    ctx = p.encode_text(["hello"])
+    assert ctx[0].shape == (len("hello") + 1, TINY.t5.dim)

@@ -126,7 +126,13 @@ class WanT2V:
         config = get_config(config) if isinstance(config, str) else config
         device = torch.device(device)
         dtype = dtype or config.param_dtype
-        t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed)
+        tok = None
+        if config.t5.vocab_size > 256 + 3:  # real umT5 vocab: no tokenizer files without a checkpoint
+            from .t5 import byte_tokenizer
+            log.info("random weights: the built-in byte tokenizer stands in for umT5's (no tokenizer files)")
+            tok = byte_tokenizer(config.t5.text_len)
+        t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed,
+                                       tokenizer=tok)
         vae = WanVAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
         low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
         high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)

@@ -189,17 +189,21 @@ class T5Encoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "T5Encoder":
-        """Official init (spec 3.4), drawn in fp32 on CPU from `seed` then copied in, so the
-        values do not depend on the device or dtype:
+        """Official init (spec 3.4), drawn in fp32 from `seed` then copied in (so the values do
+        not depend on the dtype):
         RMS weights 1; token embedding N(0,1); gate/fc1 N(0, dim^-1/2), fc2 N(0, dim_ffn^-1/2);
         q N(0, (dim*dim_attn)^-1/2), k,v N(0, dim^-1/2), o N(0, (heads*dim_attn)^-1/2);
         relative bias N(0, (2*num_buckets*heads)^-1/2).
         """
         c = self.config
-        g = torch.Generator().manual_seed(seed)
+        dev = self.token_embedding.weight.device
+        # drawn on the parameters' device: a full-size model on a GPU initialises in seconds
+        # (CPU draws are the same on every CPU; CUDA draws differ from them, which is fine for random weights)
+        gdev = dev if dev.type == "cuda" else torch.device("cpu")
+        g = torch.Generator(device=gdev).manual_seed(seed)
 
         def normal_(p, std):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device=gdev).mul_(std))
 
         normal_(self.token_embedding.weight, 1.0)
         for blk in self.blocks:
