@@ -229,15 +229,18 @@ def run_mode(pipe, mode: str, settings: dict, req: dict, num_runs: int, warmup: 
 
 
 def to_reference(pipe) -> dict:
-    """The state after `wan_triton.unpatch()`: reference ops, TF32 off, two-call CFG.
-    Returns the previous TF32 settings."""
+    """The official state: reference ops, two-call CFG, PyTorch's default TF32 settings (fp32
+    matmuls exact, cuDNN convolutions with TF32, as the official code runs). Returns the
+    previous TF32 settings."""
     import wan_triton
 
     wan_triton.unpatch()
     for m in (pipe.high_noise_model, pipe.low_noise_model):
         wan_triton.unpatch(m)
     pipe.use_batched_cfg = False
-    return wan_triton.enable_tf32(False)
+    from wan_triton.accel import official_tf32
+
+    return official_tf32()
 
 
 def _attention_in_use(device) -> str:
@@ -487,8 +490,9 @@ def run(args, argv) -> tuple[dict, dict]:
         tf32_saved.append(to_reference(pipe))  # the reference state, also the start of a lone optimized run
         if "reference" in modes:
             offload = (args.offload_model if args.offload_model is not None else on_cuda) and on_cuda
-            settings = dict(triton=False, compile=False, tf32=False, use_batched_cfg=False, offload_model=offload,
-                            t5_cpu=t5_cpu, attention=_attention_in_use(device))
+            settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
+                            use_batched_cfg=False, offload_model=offload, t5_cpu=t5_cpu,
+                            attention=_attention_in_use(device))
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, config.sample_steps, decode)

@@ -21,12 +21,23 @@ class AccelError(ValueError):
 
 # ------------------------------------------------------------------ TF32
 
+def set_tf32(matmul: bool, cudnn: bool) -> dict:
+    """Set TF32 for fp32 matmuls and for cuDNN convolutions; returns the previous settings."""
+    prev = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+    return prev
+
+
 def enable_tf32(enabled: bool = True) -> dict:
     """Allow TF32 in fp32 matmuls and convolutions; returns the previous settings for restore_tf32."""
-    prev = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    return prev
+    return set_tf32(enabled, enabled)
+
+
+def official_tf32() -> dict:
+    """PyTorch's defaults, which the official code runs under: fp32 matmuls exact (no TF32),
+    cuDNN convolutions (the VAE) with TF32. Returns the previous settings."""
+    return set_tf32(matmul=False, cudnn=True)
 
 
 def restore_tf32(prev: dict) -> None:
