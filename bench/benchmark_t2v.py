@@ -450,9 +450,7 @@ def _optimized_preset(args, device):
         return accel.PRESETS["cpu"]  # detect_preset looks at the machine, not at --device
     if args.preset != "none":
         return accel.get_preset(args.preset, device)
-    kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return accel.Preset("none", offload_model=device.type == "cuda", t5_cpu=False, use_batched_cfg=False,
-                        compile=False, tf32=False, triton=kernels_here)
+    return accel.flags_preset(device)
 
 
 def run(args, argv) -> tuple[dict, dict]:

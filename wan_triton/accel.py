@@ -65,27 +65,35 @@ class Preset:
     name: str
     offload_model: bool
     t5_cpu: bool
-    use_batched_cfg: bool
-    compile: bool
-    tf32: bool = True
+    use_batched_cfg: bool = False
+    compile: bool = False
+    tf32: bool = False
     triton: bool = True
     min_mem_gb: float = 0.0
     note: str = ""
 
 
+# Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
+# - Triton kernels: 1.15x per A14B forward at 720p, 1.26x at 480p -> on wherever they run.
+# - batched CFG: no faster than two calls (22.45 s vs 22.11 s per 720p step; the forward is
+#   compute-bound) and 9.6 GB more memory -> off; --use_batched_cfg turns it on.
+# - regional compile: ~1% per forward after an 11-28 s first call -> off for one video;
+#   --compile pays off in a process that makes several.
+# - TF32: only the tiny fp32 GEMMs (time embedding, head) would change -> off (exactness).
+# So a preset decides what memory decides: whether the idle expert and the T5 leave the GPU.
 PRESETS = {p.name: p for p in (
-    Preset("h200", offload_model=False, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=120,
-           note="both bf16 experts (57 GB) and the T5 stay resident"),
-    Preset("h100", offload_model=True, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=75,
+    Preset("h200", offload_model=False, t5_cpu=False, min_mem_gb=120,
+           note="both bf16 experts (57 GB) and the T5 (11 GB) stay resident"),
+    Preset("h100", offload_model=True, t5_cpu=False, min_mem_gb=75,
            note="one expert resident; the idle one waits in CPU memory"),
-    Preset("a100-80g", offload_model=True, t5_cpu=False, use_batched_cfg=True, compile=True, min_mem_gb=75),
-    Preset("a100-40g", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=38,
-           note="T5 on CPU; CFG as two calls to keep activations small"),
-    Preset("l40s", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=44),
-    Preset("rtx4090", offload_model=True, t5_cpu=True, use_batched_cfg=False, compile=True, min_mem_gb=22,
+    Preset("a100-80g", offload_model=True, t5_cpu=False, min_mem_gb=75,
+           note="one expert resident; the idle one waits in CPU memory"),
+    Preset("a100-40g", offload_model=True, t5_cpu=True, min_mem_gb=38,
+           note="one expert resident, T5 on CPU"),
+    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44, note="one expert resident, T5 on CPU"),
+    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22,
            note="an A14B expert needs 28.6 GB in bf16: only smaller models fit in 24 GB"),
-    Preset("cpu", offload_model=False, t5_cpu=False, use_batched_cfg=True, compile=False, tf32=False,
-           triton=False, note="no GPU: reference ops, no compile"),
+    Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
 )}
 
 
@@ -104,6 +112,16 @@ def detect_preset(device=None) -> Preset:
         if mem >= p.min_mem_gb:
             return p
     return PRESETS["rtx4090"]
+
+
+def flags_preset(device) -> Preset:
+    """No preset: only what the flags say, the official offloading default (on with CUDA), and
+    the kernels wherever they can run (CUDA, or the Triton interpreter on CPU)."""
+    import os
+
+    device = torch.device(device)
+    kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return Preset("flags", offload_model=device.type == "cuda", t5_cpu=False, triton=kernels_here)
 
 
 def get_preset(name: str = "auto", device=None) -> Preset:

@@ -112,11 +112,8 @@ def run(args) -> Path:
     seed = args.base_seed if args.base_seed >= 0 or not demo else config.seed
     if args.preset is not None:
         preset = accel.get_preset(args.preset, device)
-    else:  # no preset: exactly what the flags say; kernels on when they can run here
-        import os
-        kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        preset = accel.Preset("flags", offload_model=device.type == "cuda", t5_cpu=False, use_batched_cfg=False,
-                              compile=False, tf32=False, triton=kernels_here)
+    else:
+        preset = accel.flags_preset(device)
     t5_cpu = args.t5_cpu or preset.t5_cpu
     t0 = time.perf_counter()
     if demo:
