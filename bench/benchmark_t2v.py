@@ -53,23 +53,10 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------ command line
 
-def _bool(v: str) -> bool:
-    s = str(v).lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    from wan_triton.generate import OneLineParser, parse_bool
+
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--mode", default="both", choices=["reference", "optimized", "both"])
     a("--num_runs", type=int, default=3, help="timed generations per mode (median reported)")
@@ -99,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     a("--attention", default="auto", choices=["auto", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa", "math"])
     a("--no-triton", dest="no_triton", action="store_true", help="optimized mode keeps the reference ops")
-    a("--offload_model", type=_bool, default=None,
+    a("--offload_model", type=parse_bool, default=None,
       help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")

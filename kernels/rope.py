@@ -192,30 +192,13 @@ def _grid_on(grid_sizes: torch.Tensor, device) -> torch.Tensor:
 # pure-torch fallbacks (the reference math, self-contained so a patched wan.dit cannot recurse)
 # ---------------------------------------------------------------------------------------------
 
-def _rope_split(head_dim: int) -> tuple[int, int, int]:
-    c = head_dim // 2
-    return c - 2 * (c // 3), c // 3, c // 3
-
-
-def _torch_rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor) -> torch.Tensor:
-    device = freqs.device
-    g = grid_sizes.to(device=device, dtype=torch.long).reshape(-1, 3)
-    cf, ch, cw = _rope_split(2 * freqs.shape[1])
-    fr_f, fr_h, fr_w = freqs.split([cf, ch, cw], dim=1)
-    n = torch.arange(seq_len, device=device)[None, :]
-    gf, gh, gw = g[:, 0:1], g[:, 1:2], g[:, 2:3]
-    hw = gh * gw
-    valid = n < gf * hw
-    fi = torch.where(valid, n // hw.clamp_min(1), 0)
-    hi = torch.where(valid, (n % hw.clamp_min(1)) // gw.clamp_min(1), 0)
-    wi = torch.where(valid, n % gw.clamp_min(1), 0)
-    table = torch.cat([fr_f[fi], fr_h[hi], fr_w[wi]], dim=-1)
-    return torch.where(valid[..., None], table, torch.ones((), dtype=table.dtype, device=device))
-
-
 def torch_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Torch fallback: the reference math. Uses `wan.dit.rope_table`, which patch() never swaps,
+    so a patched `wan.dit.rope_apply` cannot recurse into itself."""
+    from wan.dit import rope_table
+
     B, L, H, D = x.shape
-    table = _torch_rope_table(grid_sizes, L, freqs.to(x.device))
+    table = rope_table(grid_sizes, L, freqs.to(x.device))
     xc = torch.view_as_complex(x.to(torch.float64).reshape(B, L, H, D // 2, 2))
     return torch.view_as_real(xc * table[:, :, None, :]).flatten(3).float()
 

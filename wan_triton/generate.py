@@ -21,7 +21,8 @@ class CLIError(Exception):
     pass
 
 
-def _bool(v: str) -> bool:
+def parse_bool(v: str) -> bool:
+    """argparse type for True/False flags (the official CLI's `--offload_model True`)."""
     s = str(v).lower()
     if s in ("1", "true", "yes", "on"):
         return True
@@ -30,14 +31,16 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line on stderr, exit code 2."""
+
+    def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="wan-generate", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="wan-generate", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--task", default=None, help="preset: t2v-A14B (default with --ckpt_dir) or tiny (default without)")
     a("--ckpt_dir", default=None, help="official Wan2.2-T2V-A14B folder; omit for the built-in tiny demo")
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample_guide_scale", type=float, default=None, help="one value for both experts")
     a("--sample_solver", default="unipc", help="unipc or dpm++")
     a("--base_seed", type=int, default=-1, help="-1: random (the demo uses its fixed seed)")
-    a("--offload_model", type=_bool, default=None, help="move the idle expert to CPU (CUDA only)")
+    a("--offload_model", type=parse_bool, default=None, help="move the idle expert to CPU (CUDA only)")
     a("--t5_cpu", action="store_true", help="run the text encoder on CPU")
     a("--convert_model_dtype", action="store_true", help="convert DiT weights to bf16 (official flag)")
     a("--save_file", default=None, help="output .mp4 path")
