@@ -140,7 +140,7 @@ def test_fallback_matches_reference(monkeypatch, seed):
     x3 = _randn(2, 110, 64, device="cpu")
     torch.testing.assert_close(kernels.rms_norm_rope(x3, w, EPS, 2, g, fr, BF16),
                                wd.rms_norm_rope(x3, w, EPS, 2, g, fr, BF16), rtol=0, atol=0)
-    xd = x.double()  # float64 is not a kernel dtype: fallback (the reference itself normalises in fp32)
+    xd = x.double()  # float64 is not a kernel dtype: it takes the torch fallback
     assert not kernels.use_triton(xd)
     torch.testing.assert_close(kernels.rms_norm(xd, w.double(), EPS), wd.rms_norm(xd, w.double(), EPS), **tol(F32))
 
@@ -269,7 +269,9 @@ def test_rms_norm_rope_is_composition(seed, xdt):
     fr = _freqs(hd)
     fused = kernels.rms_norm_rope(x, w, EPS, heads, GRID_2, fr)
     comp = kernels.rope_apply(kernels.rms_norm(x, w, EPS).unflatten(-1, (heads, hd)), GRID_2, fr)
-    torch.testing.assert_close(fused, comp, **tol(F32))
+    # Both round the normalised value to x's dtype; with bf16 x, a different fp32 reduction order
+    # can put a value on the other side of a bf16 rounding boundary (one bf16 ulp, ~0.4 %).
+    torch.testing.assert_close(fused, comp, **tol(xdt))
     ref = wd.rope_apply(wd.rms_norm(x.double(), w.double(), EPS).unflatten(-1, (heads, hd)), GRID_2, fr)
     _check_pairs(fused, ref, xdt)
 

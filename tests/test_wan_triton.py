@@ -165,3 +165,24 @@ def test_reference_never_imports_triton():
             "wan.checkpoint; bad = [m for m in sys.modules if m == 'triton' or m.startswith(('kernels', "
             "'wan_triton'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_patched_block_traces_without_graph_breaks(tiny):
+    """Regional compile keeps the kernels: a patched DiT block is one dynamo graph."""
+    x, t, ctx = _inputs()
+    seen = {}
+    blk = tiny.blocks[0]
+    real_forward = blk.forward
+
+    def grab(*a, **k):
+        seen["args"] = a
+        return real_forward(*a, **k)
+
+    blk.forward = grab
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny(x, t, ctx, seq_len=3 * 3 * 5 + 4)  # padded: the masked-attention path too
+    del blk.forward
+    with wan_triton.patched(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ex = torch._dynamo.explain(tiny.blocks[1])(*seen["args"])
+    assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
+    assert ex.graph_count == 1

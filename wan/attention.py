@@ -72,8 +72,16 @@ def resolve_backend(device: torch.device) -> str:
         else:
             raise RuntimeError(f"attention backend {name!r} is not available on {device} (available: {avail})")
         _state["resolved"][key] = got
-        log.info("attention backend on %s: %s", device, got)
+        if not _compiling():  # a log call inside a traced region would break the graph
+            log.info("attention backend on %s: %s", device, got)
     return got
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch without torch.compiler.is_compiling
+        return False
 
 
 def _sdpa(q, k, v, mask, backend):

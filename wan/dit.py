@@ -455,6 +455,7 @@ class WanModel(nn.Module):
         e, e0 = self.time_embed(t)
         ctx = self._embed_text(context, B, device)
         freqs = self._freqs(device)
+        _attention.resolve_backend(device)  # choose (and log) outside any compiled block
 
         # mask padded keys only when a sample actually has padding
         k_lens = seq_lens if bool((seq_lens < tokens.shape[1]).any()) else None
