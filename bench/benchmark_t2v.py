@@ -42,13 +42,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from wan_triton.generate import CLIError, check_common
+
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
 log = logging.getLogger("wan.benchmark")
-
-
-class CLIError(Exception):
-    """Bad command line; reported as one line with exit code 2."""
 
 
 # ------------------------------------------------------------------ command line
@@ -386,11 +384,7 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
 
 def _validate(args):
     """Everything that can be checked before building the pipeline. Returns the resolved request."""
-    import torch
-
     from wan import attention as att
-    from wan.configs import get_config
-    from wan.pipeline import check_request
 
     if args.ckpt_dir and args.random_weights:
         raise CLIError("--ckpt_dir and --random-weights exclude each other")
@@ -398,36 +392,15 @@ def _validate(args):
         raise CLIError(f"--num_runs must be >= 1, got {args.num_runs}")
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
-    task = args.task or ("t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny")
-    try:
-        config = get_config(task)
-    except KeyError as err:
-        raise CLIError(str(err.args[0])) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
-    size = args.size or config.default_size
-    frame_num = config.frame_num if args.frame_num is None else args.frame_num
-    try:
-        w, h = check_request(config, size, frame_num, args.sample_solver)
-    except ValueError as err:  # InputError, or parse_size's ValueError
-        raise CLIError(str(err)) from None
-    steps = config.sample_steps if args.sample_steps is None else args.sample_steps
-    if steps < 1:
-        raise CLIError(f"--sample_steps must be >= 1, got {steps}")
-    cuda_only = [f for f, on in (("--offload_model True", args.offload_model), ("--tf32", args.tf32),
-                                 ("--compile", args.compile)) if on]
-    if args.preset not in ("auto", "none", "cpu"):
-        cuda_only.append(f"--preset {args.preset}")
-    if device.type != "cuda" and cuda_only:
-        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
+    default = "t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny"
+    task, config, device, size, frame_num, steps = check_common(args, default)
     if args.attention != "auto" and args.attention not in att.available_backends(device):
         raise CLIError(f"--attention {args.attention} is not available on {device} "
                        f"(available: {', '.join(att.available_backends(device))})")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
-    return task, config, device, f"{w}*{h}", frame_num, steps
+    return task, config, device, size, frame_num, steps
 
 
 def _optimized_preset(args, device):

@@ -18,7 +18,7 @@ DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves f
 
 
 class CLIError(Exception):
-    pass
+    """Bad command line or request: reported as one line with exit code 2."""
 
 
 def parse_bool(v: str) -> bool:
@@ -79,6 +79,41 @@ def _default_name(task, size, prompt):
     return f"{task}_{size}_1_{text}_{stamp}.mp4"
 
 
+def check_common(args, default_task: str):
+    """The checks wan-generate and wan-benchmark share, made before anything is built:
+    preset name, device, size, frame count, solver, steps, CUDA-only flags.
+    Returns (task, config, device, size 'W*H', frame_num, steps); raises CLIError."""
+    import torch
+
+    from wan.configs import get_config
+    from wan.pipeline import check_request
+
+    try:
+        config = get_config(args.task or default_task)
+    except KeyError as err:
+        raise CLIError(str(err.args[0])) from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    size = args.size or config.default_size
+    frame_num = config.frame_num if args.frame_num is None else args.frame_num
+    try:
+        w, h = check_request(config, size, frame_num, args.sample_solver)
+    except ValueError as err:  # InputError, or parse_size's ValueError
+        raise CLIError(str(err)) from None
+    steps = config.sample_steps if args.sample_steps is None else args.sample_steps
+    if steps < 1:
+        raise CLIError(f"--sample_steps must be >= 1, got {steps}")
+    cuda_only = [f for f, on in (("--offload_model True", args.offload_model), ("--tf32", args.tf32),
+                                 ("--compile", args.compile), ("--no-offload", getattr(args, "no_offload", False)))
+                 if on]
+    if args.preset not in (None, "auto", "none", "cpu"):
+        cuda_only.append(f"--preset {args.preset}")
+    if device.type != "cuda" and cuda_only:
+        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
+    return config.name, config, device, f"{w}*{h}", frame_num, steps
+
+
 def run(args) -> Path:
     import torch
 
@@ -88,25 +123,7 @@ def run(args) -> Path:
     from wan_triton import accel
 
     demo = args.ckpt_dir is None
-    task = args.task or ("tiny" if demo else "t2v-A14B")
-    try:
-        config = get_config(task)
-    except KeyError as err:
-        raise CLIError(str(err.args[0])) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
-    size = args.size or config.default_size
-    frame_num = args.frame_num or config.frame_num
-    check_request(config, size, frame_num, args.sample_solver)  # before any heavy work
-    if args.sample_steps is not None and args.sample_steps < 1:
-        raise CLIError("--sample_steps must be >= 1")
-    cuda_only = [f for f, on in (("--offload_model True", args.offload_model), ("--tf32", args.tf32),
-                                 ("--compile", args.compile), ("--no-offload", args.no_offload)) if on]
-    if device.type != "cuda" and cuda_only:
-        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
-    if args.preset not in (None, "auto", "cpu") and device.type != "cuda":
-        raise CLIError(f"--preset {args.preset} needs a CUDA GPU, and none is in use (device {device})")
+    task, config, device, size, frame_num, _ = check_common(args, "tiny" if demo else "t2v-A14B")
     save = Path(args.save_file) if args.save_file else Path(_default_name(task, size, args.prompt or DEMO_PROMPT))
     if save.suffix.lower() != ".mp4":
         raise CLIError(f"--save_file must end in .mp4, got {save}")
