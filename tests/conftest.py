@@ -48,6 +48,7 @@ def seed(request):
     """A fresh seed per test (printed on failure through the test id's report)."""
     s = random.SystemRandom().randrange(2 ** 31)
     torch.manual_seed(s)
+    print(f"seed={s}")  # pytest shows captured output of a failed test: rerun with this seed
     request.node.user_properties.append(("seed", s))
     return s
 

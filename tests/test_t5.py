@@ -142,13 +142,17 @@ def test_hf_parity_bf16(seed):
         out = ours(ids, mask)
     assert out.dtype == torch.bfloat16
     real = mask.bool()
-    err_ours = (out.float() - ref32)[real].abs().max().item()
-    err_hf = (ref.float() - ref32)[real].abs().max().item()
-    scale = ref32[real].abs().max().item()
-    # both bf16 graphs are within bf16 noise of the fp32 result, and of each other
-    assert err_ours <= 0.05 * scale, (err_ours, scale)
-    assert err_ours <= 2 * err_hf + 0.01 * scale, (err_ours, err_hf)
-    torch.testing.assert_close(out.float()[real], ref.float()[real], atol=0.05 * scale, rtol=0.05)
+
+    def rel(a, b):
+        a, b = a.float()[real].double(), b.float()[real].double()
+        return ((a - b).norm() / b.norm()).item()
+
+    err_ours, err_hf, ours_vs_hf = rel(out, ref32), rel(ref, ref32), rel(out, ref)
+    # both bf16 graphs are within bf16 noise of the fp32 result, and of each other (norm-wise:
+    # a max-abs bound on a few bf16 outliers depends on the seed)
+    assert err_ours < 3e-2, err_ours
+    assert err_ours <= 1.5 * err_hf + 5e-3, (err_ours, err_hf)
+    assert ours_vs_hf < 3e-2, ours_vs_hf
 
 
 # ------------------------------------------------------------------ masking / batching
