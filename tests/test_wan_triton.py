@@ -186,3 +186,16 @@ def test_patched_block_traces_without_graph_breaks(tiny):
         ex = torch._dynamo.explain(tiny.blocks[1])(*seen["args"])
     assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
     assert ex.graph_count == 1
+
+
+def test_patched_restores_attention_choice(tiny):
+    att.set_backend("math")
+    try:
+        with wan_triton.patched(tiny, attention="sdpa"):
+            assert att.get_backend() == "sdpa"
+        assert att.get_backend() == "math"
+        with wan_triton.patched(attention="sdpa"):
+            assert att.get_backend() == "sdpa"
+        assert att.get_backend() == "math" and not wan_triton.is_patched()
+    finally:
+        att.set_backend("auto")

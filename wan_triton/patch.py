@@ -172,13 +172,17 @@ def is_patched() -> bool:
 
 @contextlib.contextmanager
 def patched(model=None, **kw):
-    """Context manager form of patch()/unpatch()."""
-    was = dict(_originals)
+    """Context manager form of patch()/unpatch(); the attention choice is restored too."""
+    from wan import attention as att
+
+    was_patched = bool(_originals)
+    backend = att.get_backend()
     patch(model, **kw)
     try:
         yield
     finally:
         if model is not None:
             unpatch(model)
-        elif not was:
+        elif not was_patched:
             unpatch()
+        att.set_backend(backend)
