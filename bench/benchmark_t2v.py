@@ -406,8 +406,6 @@ def _validate(args):
 def _optimized_preset(args, device):
     from wan_triton import accel
 
-    if args.preset == "auto" and device.type != "cuda":
-        return accel.PRESETS["cpu"]  # detect_preset looks at the machine, not at --device
     if args.preset != "none":
         return accel.get_preset(args.preset, device)
     return accel.flags_preset(device)

@@ -99,7 +99,7 @@ PRESETS = {p.name: p for p in (
 
 def detect_preset(device=None) -> Preset:
     """Pick a preset from the GPU's name and memory ('cpu' without CUDA)."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return PRESETS["cpu"]
     dev = torch.device(device or "cuda")
     props = torch.cuda.get_device_properties(dev)

@@ -115,11 +115,7 @@ def check_common(args, default_task: str):
 
 
 def run(args) -> Path:
-    import torch
-
-    from wan.checkpoint import CheckpointError
-    from wan.configs import get_config
-    from wan.pipeline import InputError, WanT2V, check_request, save_video
+    from wan.pipeline import WanT2V, save_video
     from wan_triton import accel
 
     demo = args.ckpt_dir is None
@@ -169,11 +165,17 @@ def main(argv=None) -> int:
     from wan.pipeline import InputError
     from wan_triton.accel import AccelError
 
+    import torch
+
     try:
         run(args)
     except (CLIError, InputError, CheckpointError, AccelError) as err:
         print(f"wan-generate: error: {err}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print("wan-generate: error: out of GPU memory; try --preset auto, --offload_model True or --t5_cpu",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("wan-generate: interrupted", file=sys.stderr)
         return 130
