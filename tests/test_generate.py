@@ -83,3 +83,33 @@ def test_module_entry_point_bad_flag():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_flags_reach_the_pipeline(tmp_path, monkeypatch):
+    """--use_batched_cfg, --attention, --no-triton, --t5_cpu, solver/steps/shift/guidance/seed arrive in generate()."""
+    import torch
+
+    import wan_triton
+    from wan import attention as att
+    from wan.pipeline import WanT2V
+
+    seen = {}
+
+    def fake_generate(self, prompt, **kw):
+        seen.update(kw, pipe=self, prompt=prompt, backend=att.get_backend(), patched=wan_triton.is_patched())
+        self.last_seed = kw["seed"]
+        self.last_timings = __import__("wan.pipeline", fromlist=["Timings"]).Timings()
+        return torch.zeros(3, kw["frame_num"], 128, 128)
+
+    monkeypatch.setattr(WanT2V, "generate", fake_generate)
+    out = tmp_path / "f.mp4"
+    rc = main(["--use_batched_cfg", "--attention", "math", "--no-triton", "--t5_cpu", "--sample_solver", "dpm++",
+               "--sample_steps", "7", "--sample_shift", "3.5", "--sample_guide_scale", "6", "--base_seed", "123",
+               "--frame_num", "5", "--prompt", "a boat", "--save_file", str(out), "--quiet", "--device", "cpu"])
+    att.set_backend("auto")
+    assert rc == 0 and out.exists()
+    p = seen["pipe"]
+    assert p.use_batched_cfg and p.t5_cpu and seen["backend"] == "math" and not seen["patched"]
+    assert (seen["sample_solver"], seen["sampling_steps"], seen["shift"], seen["guide_scale"], seen["seed"]) == \
+        ("dpm++", 7, 3.5, 6.0, 123)
+    assert seen["prompt"] == "a boat" and seen["offload_model"] is False and seen["progress"] is False
