@@ -52,7 +52,8 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.generate import OneLineParser, parse_bool
+    from wan_triton.accel import PRESETS
+    from wan_triton.generate import OneLineParser, add_accel_flags, parse_bool
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -74,16 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--t5_cpu", action="store_true", help="text encoder on CPU (both modes)")
     # optimization (wan_triton), as in wan-generate
-    a("--preset", default="auto", choices=["auto", "none", "h200", "h100", "a100-80g", "a100-40g", "l40s",
-                                          "rtx4090", "cpu"],
+    a("--preset", default="auto", choices=["auto", "none", *PRESETS],
       help="hardware preset for the optimized mode (default auto; none: only what the flags say)")
-    a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward")
-    a("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs (CUDA)")
-    a("--compile", dest="compile", action="store_true", default=None, help="torch.compile each DiT block (CUDA)")
-    a("--no-compile", dest="compile", action="store_false")
-    a("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    a("--attention", default="auto", choices=["auto", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa", "math"])
-    a("--no-triton", dest="no_triton", action="store_true", help="optimized mode keeps the reference ops")
+    add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
       help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
     # output

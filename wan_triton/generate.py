@@ -40,6 +40,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .accel import PRESETS
+
     p = OneLineParser(prog="wan-generate", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--task", default=None, help="preset: t2v-A14B (default with --ckpt_dir) or tiny (default without)")
@@ -59,18 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_file", default=None, help="output .mp4 path")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     # acceleration (wan_triton)
-    a("--preset", default=None, choices=["auto", "h200", "h100", "a100-80g", "a100-40g", "l40s", "rtx4090", "cpu"],
-      help="apply a hardware preset (batched CFG, TF32, compile, offload, T5 placement)")
+    a("--preset", default=None, choices=["auto", *PRESETS],
+      help="hardware preset: offloading and T5 placement by GPU memory")
+    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
+    a("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
+    """The opt-in switches shared by wan-generate and wan-benchmark."""
+    from wan.attention import BACKENDS
+
+    from .accel import COMPILE_MODES
+
+    a = p.add_argument
     a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward")
     a("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs (CUDA)")
     a("--compile", dest="compile", action="store_true", default=None, help="torch.compile each DiT block (CUDA)")
     a("--no-compile", dest="compile", action="store_false")
-    a("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
-    a("--attention", default="auto", choices=["auto", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa", "math"])
-    a("--no-triton", dest="no_triton", action="store_true", help="keep the reference ops (no kernels)")
-    a("--quiet", action="store_true", help="no progress bars")
-    return p
+    a("--compile_mode", default="default", choices=COMPILE_MODES)
+    a("--attention", default="auto", choices=BACKENDS)
+    a("--no-triton", dest="no_triton", action="store_true", help=triton_help)
 
 
 def _default_name(task, size, prompt):
