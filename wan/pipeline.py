@@ -56,14 +56,16 @@ class Timings:
     total: float = 0.0
     peak_mem_gb: float = 0.0
     experts: list = field(default_factory=list)
+    device: str = ""
 
     @property
     def denoise(self) -> float:
         return sum(self.steps)
 
     def summary(self) -> str:
+        mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device == "cuda" else ""
         return (f"text {self.text_encode:.2f}s | denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
-                f"decode {self.decode:.2f}s | total {self.total:.2f}s | peak GPU mem {self.peak_mem_gb:.1f} GB")
+                f"decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")
 
 
 def _sync(device: torch.device):
@@ -204,7 +206,7 @@ class WanT2V:
         if seed is None or seed < 0:
             seed = random.randint(0, sys.maxsize)
         dev = self.device
-        tm = Timings()
+        tm = Timings(device=dev.type)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t_start = time.perf_counter()
