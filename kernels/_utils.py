@@ -42,7 +42,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 __all__ = [
     "triton", "tl", "jit", "round_to", "cast_to", "triton_available", "interpret_mode", "use_triton", "use_triton_for",
     "KERNEL_DTYPES", "cdiv", "next_pow2", "row_block", "num_warps_for", "launchable", "register_op",
-    "is_compiling", "OP_NAMESPACE",
+    "is_compiling", "OP_NAMESPACE", "broadcast_rows",
 ]
 
 OP_NAMESPACE = "wan_kernels"
@@ -208,3 +208,12 @@ def register_op(name: str, kernel, fake: Callable) -> Callable[[Callable], Calla
             raise
         return fn
     return deco
+
+
+def broadcast_rows(t: torch.Tensor, shape) -> torch.Tensor:
+    """t broadcast to `shape` ([B, L, C]) as a strided view, last stride 1 (copies only if needed):
+    per-sample [B, 1, C] modulation rows stay views with a zero token stride."""
+    t = t.expand(shape)
+    if shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t

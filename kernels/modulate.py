@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import cast_to, jit, round_to, launchable, num_warps_for, register_op, row_block, tl, use_triton
+from ._utils import broadcast_rows, cast_to, jit, round_to, launchable, num_warps_for, register_op, row_block, tl, use_triton
 
 __all__ = ["modulate", "torch_modulate"]
 
@@ -86,21 +86,13 @@ def _modulate_fake(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return x.new_empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32)
 
 
-def _rows_view(t: torch.Tensor, shape) -> torch.Tensor:
-    """t broadcast to [B, L, C] as a strided view; last stride made 1 (copying only if needed)."""
-    t = t.expand(shape)
-    if shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t
-
-
 @register_op("modulate", _modulate_kernel, _modulate_fake)
 def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                  out_dtype: Optional[torch.dtype]) -> torch.Tensor:
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32, device=x.device)
-    _launch_modulate(x, _rows_view(shift, x.shape), _rows_view(scale, x.shape), y, eps)
+    _launch_modulate(x, broadcast_rows(shift, x.shape), broadcast_rows(scale, x.shape), y, eps)
     return y
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import ELEMWISE_BLOCK, cast_to, cdiv, jit, round_to, launchable, next_pow2, register_op, tl, use_triton
+from ._utils import broadcast_rows, ELEMWISE_BLOCK, cast_to, cdiv, jit, round_to, launchable, next_pow2, register_op, tl, use_triton
 
 __all__ = ["gated_residual", "torch_gated_residual"]
 
@@ -56,18 +56,11 @@ def _gated_residual_fake(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -
     return x.new_empty(x.shape, dtype=_out_dtype(x, y, gate))
 
 
-def _lastdim_unit(t: torch.Tensor, shape) -> torch.Tensor:
-    t = t.expand(shape)
-    if shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t
-
-
 @register_op("gated_residual", _gated_residual_kernel, _gated_residual_fake)
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     out = torch.empty(shape, dtype=_out_dtype(x, y, gate), device=x.device)
-    _launch_gated_residual(_lastdim_unit(x, shape), _lastdim_unit(y, shape), _lastdim_unit(gate, shape), out)
+    _launch_gated_residual(broadcast_rows(x, shape), broadcast_rows(y, shape), broadcast_rows(gate, shape), out)
     return out
 
 
