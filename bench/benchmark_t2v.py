@@ -251,12 +251,13 @@ def environment(device, argv) -> dict:
         dev_name = torch.cuda.get_device_name(device)
     else:
         dev_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    status = _git("status", "--porcelain")
+    commit = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain") if commit else None  # no commit: a copy without history
     return dict(torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                 python=platform.python_version(), platform=platform.platform(), device=str(device),
                 device_name=dev_name, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
                 date=datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
-                git_commit=_git("rev-parse", "--short", "HEAD"), git_dirty=bool(status) if status is not None else None,
+                git_commit=commit, git_dirty=bool(status) if status is not None else None,
                 command=" ".join([PROG] + [shlex.quote(a) for a in argv]))
 
 
@@ -307,7 +308,7 @@ def markdown(report: dict) -> str:
         lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in s.items()))
     lines.append(f"- experts per step: {' '.join(any_m['experts'])}")
     lines.append(f"- {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
-                 f"git {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}")
+                 f"git {env['git_commit'] or 'unknown'}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}")
     lines.append(f"- `{env['command']}`")
     return "\n".join(lines) + "\n"
 
