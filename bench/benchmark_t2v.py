@@ -387,6 +387,11 @@ def _validate(args):
         raise CLIError(f"--num_runs must be >= 1, got {args.num_runs}")
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    try:  # the PNG chart is written last: check its dependency before any model is built
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError("the chart needs matplotlib: pip install matplotlib "
+                       "(or install wan-triton with the [bench] extra)") from None
     default = "t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny"
     task, config, device, size, frame_num, steps = check_common(args, default)
     if args.attention != "auto" and args.attention not in att.available_backends(device):

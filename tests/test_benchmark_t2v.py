@@ -90,6 +90,23 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, args, msg):
     assert not out.exists()
 
 
+def test_no_matplotlib_fails_before_any_model(tmp_path, capsys, monkeypatch):
+    from wan.pipeline import WanT2V
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built although the chart cannot be written")
+
+    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    out = tmp_path / "out"
+    rc = main(["--device", "cpu", "--quiet", "--out_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["wan-benchmark: error: the chart needs matplotlib: pip install matplotlib "
+                               "(or install wan-triton with the [bench] extra)"]
+    assert not out.exists()
+
+
 def test_module_entry_point_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.benchmark_t2v", "--num_runs", "0", "--device", "cpu",
                         "--out_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)

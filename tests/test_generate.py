@@ -113,3 +113,29 @@ def test_flags_reach_the_pipeline(tmp_path, monkeypatch):
     assert (seen["sample_solver"], seen["sampling_steps"], seen["shift"], seen["guide_scale"], seen["seed"]) == \
         ("dpm++", 7, 3.5, 6.0, 123)
     assert seen["prompt"] == "a boat" and seen["offload_model"] is False and seen["progress"] is False
+
+
+@pytest.mark.parametrize("how", ["module", "binary"])
+def test_no_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, how):
+    """Without imageio-ffmpeg (or its binary) the CLI says so in one line before building anything."""
+    import imageio_ffmpeg
+
+    from wan.pipeline import WanT2V
+
+    if how == "module":
+        monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import raises ImportError
+    else:
+        def no_exe():
+            raise RuntimeError("No ffmpeg exe could be found.\nInstall ffmpeg on your system.")
+        monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_exe)
+
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built although the MP4 cannot be written")
+
+    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    out = tmp_path / "v.mp4"
+    rc = main(["--save_file", str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "imageio-ffmpeg" in err[0] and "Traceback" not in err[0]
+    assert ("is missing" in err[0]) == (how == "module") and ("No ffmpeg exe" in err[0]) == (how == "binary")
+    assert not list(tmp_path.iterdir())

@@ -292,9 +292,33 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
     return (x * 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
 
 
+class VideoWriterError(InputError):
+    """MP4 output is impossible in this environment (imageio or its ffmpeg binary missing)."""
+
+
+def check_video_writer() -> None:
+    """Raise VideoWriterError (one line) unless imageio can write MP4 here. The CLI calls this
+    before loading any model, so a long generation never ends without its file."""
+    hint = "pip install imageio imageio-ffmpeg"
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg
+    except ImportError as err:
+        raise VideoWriterError(f"writing MP4 needs imageio and imageio-ffmpeg ({err.name or err} is missing; "
+                               f"{hint})") from None
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VideoWriterError(f"writing MP4 needs an ffmpeg binary: {first} ({hint}, or set "
+                               f"IMAGEIO_FFMPEG_EXE)") from None
+
+
 def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
     """Write an MP4 (libx264, yuv420p, crf 10 via imageio quality 8) to a temporary name,
-    renamed on success so no half-written file is left behind."""
+    renamed on success so no half-written file is left behind. Raises VideoWriterError when
+    imageio-ffmpeg is missing."""
+    check_video_writer()
     import imageio
 
     path = Path(path)
