@@ -430,7 +430,7 @@ def run(args, argv) -> tuple[dict, dict]:
     if args.ckpt_dir:
         weights = "checkpoint"
         pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
-                                      convert_model_dtype=args.convert_model_dtype)
+                                      convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
     else:
         weights = "random"
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)

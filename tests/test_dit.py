@@ -234,6 +234,29 @@ def test_sharded_checkpoint_round_trip(tmp_path, tiny_model):
     assert m3.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
 
 
+def test_load_progress_bar_counts_every_byte(tmp_path, tiny_model, monkeypatch, caplog):
+    """progress=True: one bar over all shards whose count reaches the tensors' bytes; the model is unchanged."""
+    import tqdm
+
+    tiny_model.save_pretrained(tmp_path / "m", max_shard_bytes=64 * 1024)
+    bars = []
+
+    class Spy(tqdm.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Spy)
+    caplog.set_level("INFO", logger="wan.checkpoint")
+    m2 = WanModel.from_pretrained(tmp_path / "m", progress=True)
+    nbytes = sum(t.numel() * t.element_size() for t in tiny_model.state_dict().values())
+    assert len(bars) == 1 and bars[0].n == nbytes and bars[0].desc.startswith("load m")
+    assert 0 < nbytes <= bars[0].total  # total = the files' sizes (headers included)
+    assert "file(s)" in caplog.text
+    for a, b in zip(tiny_model.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_single_file_checkpoint(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()

@@ -130,10 +130,9 @@ def dit_weight_files(folder) -> dict[str, list[str]]:
     raise CheckpointError(f"no weights in {folder}: expected {INDEX_NAME} with shards, or {WEIGHTS_NAME}")
 
 
-def load_dit(folder, dtype=None, device="cpu"):
-    """`WanModel` from an official expert folder. dtype None keeps the stored dtype."""
-    from safetensors import SafetensorError, safe_open
-
+def load_dit(folder, dtype=None, device="cpu", progress: bool = False):
+    """`WanModel` from an official expert folder. dtype None keeps the stored dtype.
+    `progress` shows a byte-counting bar over the shards (an A14B expert is tens of GB)."""
     from .configs import DiTConfig
     from .dit import WanModel
 
@@ -146,6 +145,26 @@ def load_dit(folder, dtype=None, device="cpu"):
     loaded: dict = {}
     seen: set = set()
     dev = str(device) if device is not None else "cpu"
+    total = sum(Path(f).stat().st_size for f in files)
+    log.info("loading %s: %d file(s), %.1f GB", folder, len(files), total / 1e9)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=f"load {folder.name}", unit="B", unit_scale=True, leave=False,
+                   dynamic_ncols=True)
+    try:
+        _read_shards(files, dev, expected, dtype, loaded, seen, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    check_keys(expected, loaded.keys(), folder)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, seen: set, bar) -> None:
+    from safetensors import SafetensorError, safe_open
+
     for fname, keys in files.items():
         try:
             with safe_open(fname, framework="pt", device=dev) as f:
@@ -161,6 +180,8 @@ def load_dit(folder, dtype=None, device="cpu"):
                     if k not in expected:
                         raise CheckpointError(f"{fname}: unexpected key {k}")
                     t = f.get_tensor(k)
+                    if bar is not None:
+                        bar.update(t.numel() * t.element_size())
                     check_shape(k, t.shape, expected[k], fname)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
@@ -169,9 +190,6 @@ def load_dit(folder, dtype=None, device="cpu"):
             raise
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"cannot read {fname} (corrupt or truncated?): {err}") from None
-    check_keys(expected, loaded.keys(), folder)
-    model.load_state_dict(loaded, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
 
 
 def save_dit(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:

@@ -313,9 +313,9 @@ class WanModel(nn.Module):
         return model.to(dtype).eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device="cpu") -> "WanModel":
+    def from_pretrained(cls, folder, dtype=None, device="cpu", progress: bool = False) -> "WanModel":
         from .checkpoint import load_dit
-        return load_dit(folder, dtype=dtype, device=device)
+        return load_dit(folder, dtype=dtype, device=device, progress=progress)
 
     def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2 ** 30):
         from .checkpoint import save_dit

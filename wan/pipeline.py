@@ -94,7 +94,7 @@ class WanT2V:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
-                        convert_model_dtype=False, init_on_cpu=True, **kw) -> "WanT2V":
+                        convert_model_dtype=False, init_on_cpu=True, progress: bool = False, **kw) -> "WanT2V":
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
         `convert_model_dtype` (then `config.param_dtype`, as the official flag does)."""
         from .checkpoint import CheckpointError
@@ -112,8 +112,10 @@ class WanT2V:
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
-        low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev)
-        high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev)
+        low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                       progress=progress)
+        high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                        progress=progress)
         return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
 
     @classmethod

@@ -150,7 +150,7 @@ def run(args) -> Path:
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)
     else:
         pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
-                                      convert_model_dtype=args.convert_model_dtype)
+                                      convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
     logging.info("loaded %s in %.1fs on %s", task, time.perf_counter() - t0, device)
     applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
                              compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
