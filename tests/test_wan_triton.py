@@ -147,6 +147,48 @@ def test_optimize_flags_reach_the_pipeline():
             wan_triton.optimize(pipe, "cpu", tf32=True)
 
 
+def test_resident_fit_at_a14b_sizes():
+    """Both A14B experts stay resident on a 143 GB H200 in bf16, not in fp32 (the stored dtype),
+    and not on an 80 GB card."""
+    from wan.configs import T2V_A14B
+    from wan.t5 import T5Encoder
+
+    with torch.device("meta"):
+        n_dit = sum(p.numel() for p in WanModel(**T2V_A14B.dit.to_dict()).parameters())
+        n_t5 = sum(p.numel() for p in T5Encoder(T2V_A14B.t5).parameters())
+    h200, h100 = 143_771 * 2**20 / 1e9, 80.0
+    bf16 = (2 * n_dit * 2 + n_t5 * 2) / 1e9
+    fp32 = (2 * n_dit * 4 + n_t5 * 2) / 1e9
+    assert 68 < bf16 < 70 and 125 < fp32 < 127
+    assert accel.fits_resident(bf16, h200) and not accel.fits_resident(fp32, h200)
+    assert not accel.fits_resident(bf16, h100)
+
+
+def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
+    """A preset that keeps both experts resident offloads instead when the weights plus the measured
+    headroom exceed the GPU (checked with a fake CUDA device: no GPU needed)."""
+    import types
+
+    tiny_pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
+                                 low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
+                                 t5_cpu=False, use_batched_cfg=False)
+    need = accel.resident_gb(fake)
+    assert need == pytest.approx(sum(p.numel() * p.element_size() for m in (
+        tiny_pipe.high_noise_model, tiny_pipe.low_noise_model, tiny_pipe.text_encoder.model)
+        for p in m.parameters()) / 1e9)
+    resident = accel.Preset("resident", offload_model=False, t5_cpu=False, triton=False)
+    for gpu_gb, offload in ((need + accel.RESIDENT_HEADROOM_GB + 1e-3, False),
+                            (need + accel.RESIDENT_HEADROOM_GB - 1e-3, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
+        caplog.clear()
+        applied = wan_triton.optimize(fake, resident)
+        assert applied["offload_model"] is offload
+        assert ("the idle expert will wait in CPU memory" in caplog.text) is offload
+    att.set_backend("auto")
+
+
 def test_import_has_no_side_effects():
     import subprocess
     import sys

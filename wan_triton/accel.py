@@ -137,6 +137,26 @@ def get_preset(name: str = "auto", device=None) -> Preset:
 
 # ------------------------------------------------------------------ optimize
 
+# Memory a generation needs beyond the resident weights, measured at 1280x720x81 on the H200
+# (bench/RESULTS.md): an A14B forward 12.5 GB of activations (41.1 GB peak - 28.6 GB weights),
+# the fp32 VAE decode 23.1 GB. A preset that keeps both experts resident does so only when
+# the weights plus this headroom fit in the GPU.
+RESIDENT_HEADROOM_GB = 30.0
+
+
+def resident_gb(pipeline) -> float:
+    """GB of weights that stay on the GPU when nothing is offloaded: both experts, plus the T5
+    unless it runs on the CPU."""
+    mods = [pipeline.high_noise_model, pipeline.low_noise_model]
+    if not pipeline.t5_cpu:
+        mods.append(pipeline.text_encoder.model)
+    return sum(p.numel() * p.element_size() for m in mods for p in m.parameters()) / 1e9
+
+
+def fits_resident(weights_gb: float, gpu_gb: float, headroom_gb: float = RESIDENT_HEADROOM_GB) -> bool:
+    return weights_gb + headroom_gb <= gpu_gb
+
+
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str = "auto", **patch_kw) -> dict:
@@ -160,6 +180,17 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             if asked:
                 raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
             applied[opt] = False
+    if on_cuda and not applied["offload_model"]:
+        need = resident_gb(pipeline)
+        gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9
+        if not fits_resident(need, gpu):
+            applied["offload_model"] = True
+            dt = next(pipeline.high_noise_model.parameters()).dtype
+            log.warning("preset %s keeps both experts on the GPU, but the resident weights take %.1f GB "
+                        "(experts in %s) and a generation needs ~%.0f GB more, over this GPU's %.1f GB: "
+                        "the idle expert will wait in CPU memory (--convert_model_dtype stores the experts "
+                        "in bf16; --offload_model False forces them resident)",
+                        p.name, need, str(dt).replace("torch.", ""), RESIDENT_HEADROOM_GB, gpu)
     if applied["tf32"]:
         applied["tf32_prev"] = enable_tf32(True)
     applied["patched"] = patch(attention=attention, **patch_kw) if applied["triton"] else []
