@@ -359,15 +359,17 @@ def plot(report: dict, path: Path) -> None:
 
 def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
     """Write <name>.json/.md/.png under temporary names, then rename them all; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
     tmp = {ext: out_dir / f".{name}.partial.{ext}" for ext in final}
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         tmp["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         tmp["md"].write_text(markdown(report), encoding="utf-8")
         plot(report, tmp["png"])
         for ext in final:
             tmp[ext].replace(final[ext])
+    except OSError as err:  # disk full, permissions changed during the run, ...
+        raise CLIError(f"cannot write the results to {out_dir}: {err.strerror or err}") from None
     finally:
         for p in tmp.values():
             if p.exists():
@@ -400,6 +402,14 @@ def _validate(args):
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out_dir is not a directory: {out_dir}")
+    from wan.pipeline import InputError, check_output_path
+    try:
+        check_output_path(out_dir / "results.json")
+    except InputError as err:
+        raise CLIError(f"--out_dir: {err}") from None
     return task, config, device, size, frame_num, steps
 
 
@@ -496,7 +506,11 @@ def run(args, argv) -> tuple[dict, dict]:
         comparison=cmp_,
         environment=environment(device, argv),
     )
-    paths = write_outputs(report, Path(args.out_dir), name)
+    try:
+        paths = write_outputs(report, Path(args.out_dir), name)
+    except CLIError:
+        print(markdown(report))  # the measurements are not lost when the files cannot be written
+        raise
     return report, paths
 
 

@@ -107,6 +107,32 @@ def test_no_matplotlib_fails_before_any_model(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_out_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "results"
+    f.write_text("x")
+    assert main(["--device", "cpu", "--quiet", "--out_dir", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wan-benchmark: error: --out_dir is not a directory: {f}"]
+
+
+def test_unwritable_results_keep_the_table(tmp_path, capsys, monkeypatch):
+    """If the files cannot be written at the end, the table still reaches stdout and the error is one line."""
+    import bench.benchmark_t2v as bt
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bt, "plot", full_disk)
+    out = tmp_path / "out"
+    rc = main(["--device", "cpu", "--quiet", "--out_dir", str(out), "--mode", "reference", "--num_runs", "1",
+               "--warmup", "0", "--sample_steps", "2", "--frame_num", "5"])
+    cap = capsys.readouterr()
+    assert rc == 2 and "| mode |" in cap.out
+    assert cap.err.strip().splitlines()[-1] == f"wan-benchmark: error: cannot write the results to {out}: " \
+                                                "No space left on device"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 def test_module_entry_point_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.benchmark_t2v", "--num_runs", "0", "--device", "cpu",
                         "--out_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)

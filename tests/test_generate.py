@@ -139,3 +139,48 @@ def test_no_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, how):
     assert rc == 2 and len(err) == 1 and "imageio-ffmpeg" in err[0] and "Traceback" not in err[0]
     assert ("is missing" in err[0]) == (how == "module") and ("No ffmpeg exe" in err[0]) == (how == "binary")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where,msg", [("file_parent", "is not a directory"), ("is_dir", "is a directory"),
+                                       ("read_only", "no write permission")])
+def test_unwritable_output_fails_before_any_model(tmp_path, capsys, monkeypatch, where, msg):
+    """An output path that cannot be created is reported in one line before anything is built."""
+    import os
+
+    from wan.pipeline import WanT2V
+
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built although the output cannot be written")
+
+    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    if where == "file_parent":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub" / "v.mp4"
+    elif where == "is_dir":
+        out = tmp_path / "v.mp4"
+        out.mkdir()
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        out = ro / "new" / "v.mp4"
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    rc = main(["--save_file", str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "ro" / "new").exists()
+
+
+def test_write_failure_at_the_end_is_one_line(tmp_path, capsys, monkeypatch):
+    """A disk error while writing the MP4 (after generation) is one line, and no partial file is left."""
+    import imageio
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio, "get_writer", full_disk)
+    out = tmp_path / "v.mp4"
+    rc = main(["--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5", "--sample_steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == f"wan-generate: error: cannot write {out}: No space left on device"
+    assert not list(tmp_path.iterdir())

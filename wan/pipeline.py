@@ -316,6 +316,26 @@ def check_video_writer() -> None:
                                f"IMAGEIO_FFMPEG_EXE)") from None
 
 
+def check_output_path(path) -> Path:
+    """Raise InputError (one line) unless a file can be created at `path`: it is not a directory,
+    and its nearest existing ancestor is a writable directory. Creates nothing."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output path is a directory: {path}")
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create {path}: no write permission in {parent}")
+    return path
+
+
 def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
     """Write an MP4 (libx264, yuv420p, crf 10 via imageio quality 8) to a temporary name,
     renamed on success so no half-written file is left behind. Raises VideoWriterError when
@@ -323,15 +343,17 @@ def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
     check_video_writer()
     import imageio
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix or '.mp4'}")
     frames = video_to_uint8(video).numpy()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8, format="FFMPEG") as wr:
             for f in frames:
                 wr.append_data(f)
         tmp.replace(path)
+    except OSError as err:  # disk full, permissions changed meanwhile, ...
+        raise VideoWriterError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

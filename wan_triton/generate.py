@@ -127,7 +127,7 @@ def check_common(args, default_task: str):
 
 
 def run(args) -> Path:
-    from wan.pipeline import WanT2V, check_video_writer, save_video
+    from wan.pipeline import WanT2V, check_output_path, check_video_writer, save_video
     from wan_triton import accel
 
     demo = args.ckpt_dir is None
@@ -135,7 +135,8 @@ def run(args) -> Path:
     save = Path(args.save_file) if args.save_file else Path(_default_name(task, size, args.prompt or DEMO_PROMPT))
     if save.suffix.lower() != ".mp4":
         raise CLIError(f"--save_file must end in .mp4, got {save}")
-    check_video_writer()  # before any model is built: no long run that ends without its file
+    check_output_path(save)  # before any model is built: no long run that ends without its file
+    check_video_writer()
 
     prompt = args.prompt or DEMO_PROMPT
     seed = args.base_seed if args.base_seed >= 0 or not demo else config.seed
