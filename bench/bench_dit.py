@@ -52,16 +52,14 @@ def main(argv=None):
 
     import wan_triton
     from wan import attention as att
-    from wan.configs import T2V_A14B
-    from wan.dit import WanModel
+
+    from ._expert import build_expert, expert_inputs
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_dit needs a CUDA GPU")
     dev = torch.device("cuda")
-    cfg = T2V_A14B.dit if args.layers is None else T2V_A14B.dit.__class__(**{**T2V_A14B.dit.__dict__,
-                                                                            "num_layers": args.layers})
     t0 = time.perf_counter()
-    model = WanModel.from_config(cfg, device=dev, dtype=torch.bfloat16, seed=0, zero_head=False)
+    model = build_expert(dev, args.layers)
     print(f"built expert ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, bf16) "
           f"in {time.perf_counter() - t0:.1f}s on {torch.cuda.get_device_name()}", flush=True)
     att.set_backend(args.attention)
@@ -70,12 +68,8 @@ def main(argv=None):
     g = torch.Generator(device=dev).manual_seed(1)
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("*"))
-        lat = (16, (args.frame_num - 1) // 4 + 1, h // 8, w // 8)
-        L = lat[1] * lat[2] * lat[3] // 4
-        x = torch.randn(1, *lat, device=dev, generator=g)
-        ctx_c = torch.randn(1, 60, 4096, device=dev, generator=g).bfloat16()
-        ctx_u = torch.randn(1, 120, 4096, device=dev, generator=g).bfloat16()
-        t = torch.tensor([900], device=dev)
+        x, ctx_c, ctx_u, t, L = expert_inputs(w, h, args.frame_num, dev, g)
+        lat = tuple(x.shape[1:])
 
         def fwd(x=x, ctx=ctx_c, t=t):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

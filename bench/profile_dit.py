@@ -97,28 +97,21 @@ def main(argv=None) -> int:
         return 2
 
     import wan_triton
-    from wan.configs import T2V_A14B, parse_size
-    from wan.dit import WanModel
+    from wan.configs import parse_size
+
+    from ._expert import build_expert, expert_inputs
 
     w, h = parse_size(args.size)
     dev = torch.device("cuda")
-    cfg = T2V_A14B.dit
-    if args.layers is not None:
-        cfg = cfg.__class__(**{**cfg.__dict__, "num_layers": args.layers})
-    model = WanModel.from_config(cfg, device=dev, dtype=torch.bfloat16, seed=0, zero_head=False)
-    g = torch.Generator(device=dev).manual_seed(1)
-    lat = (16, (args.frame_num - 1) // 4 + 1, h // 8, w // 8)
-    L = lat[1] * lat[2] * lat[3] // 4
-    x = torch.randn(1, *lat, device=dev, generator=g)
-    ctx = torch.randn(1, 60, 4096, device=dev, generator=g).bfloat16()
-    t = torch.tensor([900], device=dev)
+    model = build_expert(dev, args.layers)
+    x, ctx, _, t, L = expert_inputs(w, h, args.frame_num, dev, torch.Generator(device=dev).manual_seed(1))
 
     def fwd():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return model(x, t, ctx, seq_len=L)
 
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=args.size,
-                  frame_num=args.frame_num, tokens=L, layers=cfg.num_layers, modes={})
+                  frame_num=args.frame_num, tokens=L, layers=len(model.blocks), modes={})
     for mode in modes:
         wan_triton.unpatch()
         if mode == "patched":
@@ -128,7 +121,7 @@ def main(argv=None) -> int:
     wan_triton.unpatch()
 
     for mode, r in report["modes"].items():
-        print(f"\n## {mode}: {args.size} x {args.frame_num}f, {L} tokens, {cfg.num_layers} layers, "
+        print(f"\n## {mode}: {args.size} x {args.frame_num}f, {L} tokens, {report['layers']} layers, "
               f"wall {r['wall_ms']:.1f} ms, kernels {r['busy_ms']:.1f} ms")
         print("| category | ms | % of wall | kernel calls |\n|---|---|---|---|")
         for c, v in r["categories"].items():

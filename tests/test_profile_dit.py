@@ -45,3 +45,23 @@ def test_no_gpu_one_line(capsys, tmp_path):
 def test_bad_mode_one_line(capsys):
     assert main(["--modes", "compiled"]) == 2
     assert "--modes takes reference and/or patched" in capsys.readouterr().err
+
+
+def test_expert_inputs_follow_the_config():
+    """The benchmarks' inputs: latent shape and token count derived from the config (720p x 81 = 75,600)."""
+    from bench._expert import build_expert, expert_inputs
+    from wan.configs import TINY
+    from wan.pipeline import WanT2V
+
+    g = torch.Generator().manual_seed(0)
+    x, c, u, t, L = expert_inputs(1280, 720, 81, "cpu", g)
+    assert tuple(x.shape) == (1, 16, 21, 90, 160) and L == 75_600
+    assert c.shape == (1, 60, 4096) and u.shape == (1, 120, 4096) and c.dtype == torch.bfloat16
+    x, c, u, t, L = expert_inputs(160, 96, 17, "cpu", g, config=TINY)
+    pipe = WanT2V.from_preset("tiny")
+    assert L == pipe.seq_len(tuple(x.shape[1:])) and c.shape[-1] == TINY.dit.text_dim
+    m = build_expert("cpu", layers=1, config=TINY)
+    assert len(m.blocks) == 1 and m.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, t, c, seq_len=L)
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
