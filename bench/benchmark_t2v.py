@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size", default=None, help="WIDTH*HEIGHT (default: the preset's)")
     a("--frame_num", type=int, default=None, help="4n+1 (default: the preset's)")
     a("--sample_steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    a("--sample_solver", default="unipc", help="unipc or dpm++")
+    a("--sample_solver", default=None, help="unipc (default), dpm++ or euler")
+    a("--sample_shift", type=float, default=None, help="(default: the preset's)")
+    a("--sample_guide_scale", type=float, default=None, help="one value for both experts (default: the preset's)")
     a("--prompt", default=None, help="text prompt (default: the demo prompt)")
     a("--base_seed", type=int, default=42, help="one seed for every run of both modes")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out_dir", default="bench/out")
     a("--name", default=None, help="file stem (default benchmark_<task>_<size>_<timestamp>)")
     a("--quiet", action="store_true", help="no progress bars")
+    from wan.lora import add_lora_flags
+    add_lora_flags(p)
     return p
 
 
@@ -430,6 +434,9 @@ def run(args, argv) -> tuple[dict, dict]:
     from wan_triton.generate import DEMO_PROMPT
 
     task, config, device, size, frame_num, steps = _validate(args)
+    from wan.lora import apply_loras, parse_lora_flags
+    loras = parse_lora_flags(args, config.dit)  # files, keys and shapes checked before any model is built
+    full_steps = steps if args.recipe else config.sample_steps  # what "full length" means for this run
     modes = MODES if args.mode == "both" else (args.mode,)
     preset = _optimized_preset(args, device) if "optimized" in modes else None
     t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
@@ -446,9 +453,13 @@ def run(args, argv) -> tuple[dict, dict]:
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)
     build_s = time.perf_counter() - t0
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
+    t0 = time.perf_counter()
+    apply_loras(pipe, loras)
+    lora_s = time.perf_counter() - t0
 
     req = dict(prompt=args.prompt or DEMO_PROMPT, size=size, frame_num=frame_num, sample_solver=args.sample_solver,
-               sampling_steps=steps, seed=args.base_seed, progress=not args.quiet)
+               sampling_steps=steps, seed=args.base_seed, progress=not args.quiet, shift=args.sample_shift,
+               guide_scale=args.sample_guide_scale)
     decode = not args.no_decode
     results, latents, frames = {}, {}, {}
     tf32_saved = []
@@ -461,7 +472,7 @@ def run(args, argv) -> tuple[dict, dict]:
                             attention=_attention_in_use(device))
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
-            results["reference"] = summarize(res, config.sample_steps, decode)
+            results["reference"] = summarize(res, full_steps, decode)
         if "optimized" in modes:
             applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
                                      compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
@@ -479,7 +490,7 @@ def run(args, argv) -> tuple[dict, dict]:
                             t5_cpu=t5_cpu, attention=_attention_in_use(device))
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
-            results["optimized"] = summarize(res, config.sample_steps, decode)
+            results["optimized"] = summarize(res, full_steps, decode)
     finally:
         unpatch()
         for prev in reversed(tf32_saved):
@@ -498,9 +509,11 @@ def run(args, argv) -> tuple[dict, dict]:
     report = dict(
         schema=1,
         config=dict(task=task, weights=weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
-                    sample_steps=steps, full_steps=config.sample_steps, sample_solver=args.sample_solver,
+                    sample_steps=steps, full_steps=full_steps, sample_solver=args.sample_solver,
                     prompt=req["prompt"], base_seed=args.base_seed, num_runs=args.num_runs, warmup=args.warmup,
-                    decode=decode, device=str(device), build_s=build_s,
+                    decode=decode, device=str(device), build_s=build_s, recipe=args.recipe,
+                    loras=[vars(sp) for sp in loras], lora_merge_s=lora_s,
+                    sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale,
                     latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num))),
         modes={k: v.to_dict() for k, v in results.items()},
         comparison=cmp_,

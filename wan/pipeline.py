@@ -42,8 +42,8 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
         raise InputError(f"size {sz} is not supported by {config.name}; choose from {', '.join(config.sizes)}")
     if frame_num < 1 or (frame_num - 1) % 4:
         raise InputError(f"frame_num must be 4n+1 (e.g. 5, 17, 81), got {frame_num}")
-    if solver not in ("unipc", "dpm++"):
-        raise InputError(f"unknown solver {solver!r}; choose 'unipc' or 'dpm++'")
+    if solver not in ("unipc", "dpm++", "euler"):
+        raise InputError(f"unknown solver {solver!r}; choose 'unipc', 'dpm++' or 'euler'")
     return w, h
 
 
@@ -151,6 +151,18 @@ class WanT2V:
         self.low_noise_model.save_pretrained(ckpt / self.config.low_noise_checkpoint, max_shard_bytes)
         self.high_noise_model.save_pretrained(ckpt / self.config.high_noise_checkpoint, max_shard_bytes)
 
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, path, strength: float = 1.0, expert: str = "both", keep: str = "cpu") -> dict:
+        """Merge a LoRA file into the high-noise, low-noise or both experts (wan.lora); the
+        originals are kept (`keep`: cpu / device / none) so unload_loras() restores them exactly."""
+        from .lora import load_lora_into_pipeline
+        return load_lora_into_pipeline(self, path, strength, expert, keep)
+
+    def unload_loras(self) -> int:
+        """Restore both experts' weights to their pre-LoRA state, bit for bit."""
+        from .lora import unload_from_pipeline
+        return unload_from_pipeline(self)
+
     # ------------------------------------------------------------------ helpers
     def latent_shape(self, width: int, height: int, frame_num: int) -> tuple[int, int, int, int]:
         st, sh, sw = self.config.vae_stride
@@ -213,11 +225,12 @@ class WanT2V:
             torch.cuda.reset_peak_memory_stats(dev)
         t_start = time.perf_counter()
 
-        # 1. text (two batch-1 calls, as the official pipeline does)
+        # 1. text (two batch-1 calls, as the official pipeline does; no negative prompt when
+        #    neither expert uses guidance, i.e. both scales are exactly 1)
         _sync(dev)
         t0 = time.perf_counter()
         context = self.encode_text([prompt])
-        context_null = self.encode_text([n_prompt])
+        context_null = None if all(g == 1.0 for g in guide_scale) else self.encode_text([n_prompt])
         _sync(dev)
         tm.text_encode = time.perf_counter() - t0
 
@@ -227,7 +240,11 @@ class WanT2V:
         gen = torch.Generator(device=dev).manual_seed(seed)
         latent = torch.randn(*shape, dtype=torch.float32, device=dev, generator=gen)
 
-        scheduler = make_scheduler(sample_solver, sampling_steps, shift, dev, cfg.num_train_timesteps)
+        if sample_solver == "euler":  # the few-step distilled recipes (wan.lora)
+            from .lora import FlowEulerScheduler
+            scheduler = FlowEulerScheduler(sampling_steps, shift, dev, cfg.num_train_timesteps)
+        else:
+            scheduler = make_scheduler(sample_solver, sampling_steps, shift, dev, cfg.num_train_timesteps)
         timesteps = scheduler.timesteps
         autocast = torch.autocast(device_type=dev.type, dtype=cfg.param_dtype)
         bar = _progress(timesteps, progress, desc="denoise")
@@ -262,8 +279,11 @@ class WanT2V:
         return out
 
     def _guided(self, model, latent, t, context, context_null, seq_len, scale):
-        """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2."""
+        """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2.
+        At scale exactly 1, uncond + 1*(cond - uncond) is cond: one forward, no unconditional pass."""
         tt = t.reshape(1).to(self.device)
+        if scale == 1.0:
+            return model([latent], tt, context, seq_len=seq_len)[0]
         if self.use_batched_cfg:
             both = model(latent.unsqueeze(0).expand(2, *latent.shape), tt.expand(2),
                          [context[0], context_null[0]], seq_len=seq_len)

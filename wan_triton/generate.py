@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample_steps", type=int, default=None)
     a("--sample_shift", type=float, default=None)
     a("--sample_guide_scale", type=float, default=None, help="one value for both experts")
-    a("--sample_solver", default="unipc", help="unipc or dpm++")
+    a("--sample_solver", default=None, help="unipc (default), dpm++ or euler")
     a("--base_seed", type=int, default=-1, help="-1: random (the demo uses its fixed seed)")
     a("--offload_model", type=parse_bool, default=None, help="move the idle expert to CPU (CUDA only)")
     a("--t5_cpu", action="store_true", help="run the text encoder on CPU")
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     a("--quiet", action="store_true", help="no progress bars")
+    from wan.lora import add_lora_flags
+    add_lora_flags(p)
     return p
 
 
@@ -98,8 +100,10 @@ def check_common(args, default_task: str):
     import torch
 
     from wan.configs import get_config
+    from wan.lora import apply_recipe
     from wan.pipeline import check_request
 
+    apply_recipe(args)  # --recipe fills the sampling flags left unset
     try:
         config = get_config(args.task or default_task)
     except KeyError as err:
@@ -137,6 +141,8 @@ def run(args) -> Path:
         raise CLIError(f"--save_file must end in .mp4, got {save}")
     check_output_path(save)  # before any model is built: no long run that ends without its file
     check_video_writer()
+    from wan.lora import apply_loras, parse_lora_flags
+    loras = parse_lora_flags(args, config.dit)  # files, keys and shapes checked before any model is built
 
     prompt = args.prompt or DEMO_PROMPT
     seed = args.base_seed if args.base_seed >= 0 or not demo else config.seed
@@ -153,6 +159,7 @@ def run(args) -> Path:
         pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
                                       convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
     logging.info("loaded %s in %.1fs on %s", task, time.perf_counter() - t0, device)
+    apply_loras(pipe, loras)
     applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
                              compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
                              use_batched_cfg=True if args.use_batched_cfg else None, attention=args.attention)
