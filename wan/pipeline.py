@@ -97,7 +97,7 @@ class WanT2V:
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False, **kw) -> "WanT2V":
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
         `convert_model_dtype` (then `config.param_dtype`, as the official flag does)."""
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointError, check_checkpoint
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
@@ -106,6 +106,7 @@ class WanT2V:
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {ckpt}")
+        check_checkpoint(ckpt, config)  # every file the run needs, checked before any is loaded
         device = torch.device(device)
         dit_dtype = config.param_dtype if convert_model_dtype else None
         dit_dev = "cpu" if init_on_cpu else device
