@@ -42,10 +42,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench._util import band, rel_err
 from wan_triton.generate import CLIError, check_common
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
+DEFAULT_OUT_DIR = "bench/out"
 log = logging.getLogger("wan.benchmark")
 
 
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
-    a("--out_dir", default="bench/out")
+    a("--out_dir", default=DEFAULT_OUT_DIR,
+      help=f"folder for <name>.json/.md/.png (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
     a("--name", default=None, help="file stem (default benchmark_<task>_<size>_<timestamp>)")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -114,14 +117,6 @@ class ModeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (b is the reference)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    den = b.norm().item()
-    num = (a - b).norm().item()
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def psnr_uint8(a, b) -> float:
@@ -273,6 +268,84 @@ def _psnr_json(p):
     return "inf" if math.isinf(p) else p
 
 
+# settings that change what is computed or where it runs; with none of them different and nothing
+# patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
+_SAME_FLAGS = ("use_batched_cfg", "offload_model", "t5_cpu", "attention")
+
+
+def same_computation(ref: dict, opt: dict) -> bool:
+    """True when the optimized settings change nothing: no kernel patched, no compile, no TF32,
+    and the same CFG batching, offloading, T5 placement and attention backend as the reference."""
+    nothing_patched = not opt.get("triton") or not opt.get("patched")
+    return (nothing_patched and not opt.get("compile") and not opt.get("tf32")
+            and all(ref.get(k) == opt.get(k) for k in _SAME_FLAGS))
+
+
+def run_spread(mode: dict) -> dict:
+    """The run-to-run band of one mode (a ModeResult dict): min-max of the run totals when there
+    are >= 2 timed runs, else the interquartile range of the per-step times of the one run.
+    `rel` = band width / median, `n` = the number of values behind it."""
+    runs = mode["runs"]
+    if len(runs) >= 2:
+        vals = [r["total"] for r in runs]
+        lo, hi = band(vals)
+        basis = f"min-max of {len(vals)} run totals"
+    else:
+        vals = [s for r in runs for s in r["steps"]]
+        lo, hi = band(vals, robust=True)
+        basis = f"IQR of {len(vals)} per-step times"
+    mid = statistics.median(vals)
+    return dict(basis=basis, lo=lo, hi=hi, rel=(hi - lo) / mid if mid > 0 else 0.0, n=len(vals))
+
+
+def timing_verdict(ref: dict, opt: dict) -> dict:
+    """Whether the two modes' times differ measurably. verdict: 'same' (same computation: no
+    speed-up to report), 'noise' (the run-to-run bands overlap: no measurable difference),
+    'measured' (disjoint bands: the ratio means something), 'untested' (one value per mode)."""
+    sr, so = run_spread(ref), run_spread(opt)
+    if same_computation(ref["settings"], opt["settings"]):
+        verdict = "same"
+    elif min(sr["n"], so["n"]) < 2:
+        verdict = "untested"
+    elif sr["lo"] <= so["hi"] and so["lo"] <= sr["hi"]:
+        verdict = "noise"
+    else:
+        verdict = "measured"
+    return dict(verdict=verdict, same_computation=verdict == "same", spread=dict(reference=sr, optimized=so))
+
+
+def speedup_text(report: dict, short: bool = False) -> str:
+    """The speed-up sentence of the Markdown report (or, `short`, of the chart title): a ratio is
+    given only next to the run-to-run spread, and never for the same computation or inside the noise."""
+    cmp_, modes = report["comparison"], report["modes"]
+    sp = cmp_["spread"]
+    pct = 100 * max(sp["reference"]["rel"], sp["optimized"]["rel"])
+    basis = sp["reference"]["basis"]
+    verdict = cmp_["verdict"]
+    if verdict == "same":
+        if short:
+            return "same computation in both modes"
+        return (f"no speed-up to report: both modes ran the same computation (nothing patched, same flags); "
+                f"run-to-run spread {pct:.1f}% ({basis})")
+    if verdict == "noise":
+        if short:
+            return f"no measurable difference (within spread {pct:.0f}%)"
+        return (f"no measurable difference (within run-to-run spread {pct:.1f}%: {basis}); median totals "
+                f"{modes['reference']['total']:.2f} s and {modes['optimized']['total']:.2f} s")
+    total = cmp_["speedup_total"]
+    if verdict == "untested":
+        if short:
+            return f"{total:.2f}x (one run, spread unknown)"
+        return (f"speedup (median total): {total:.2f}x, not tested against run-to-run noise "
+                f"(one timed value per mode; --num_runs 3 measures the spread)")
+    if short:
+        return f"speedup {total:.2f}x (spread {pct:.0f}%)"
+    return (f"speedup (median total): **{total:.2f}x**; per step: {cmp_['speedup_per_step']:.2f}x; "
+            f"{report['config']['full_steps']}-step video: {cmp_['speedup_extrapolated']:.2f}x; "
+            f"run-to-run spread: reference {100 * sp['reference']['rel']:.1f}%, optimized "
+            f"{100 * sp['optimized']['rel']:.1f}% ({basis}; the bands do not overlap)")
+
+
 def markdown(report: dict) -> str:
     """The Markdown summary: header, the table, speedup / parity / method lines."""
     c, cmp_, env = report["config"], report["comparison"], report["environment"]
@@ -287,9 +360,7 @@ def markdown(report: dict) -> str:
                      f"{_fmt(m['total'])} | {_fmt(m['extrapolated_s'])} | {peak} |")
     lines.append("")
     if cmp_["speedup_total"] is not None:
-        lines.append(f"- speedup (median total): **{cmp_['speedup_total']:.2f}x**; per step: "
-                     f"{cmp_['speedup_per_step']:.2f}x; {c['full_steps']}-step video: "
-                     f"{cmp_['speedup_extrapolated']:.2f}x")
+        lines.append(f"- {speedup_text(report)}")
         psnr = cmp_["psnr_db"]
         psnr_s = "n/a (no decode)" if psnr is None else ("inf dB (identical)" if psnr == "inf" else f"{psnr:.2f} dB")
         lines.append(f"- parity (seed {c['base_seed']}, optimized vs reference): latents rel err "
@@ -314,7 +385,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Stacked horizontal bars of stage times per mode, and the per-step times of the median run."""
+    """Stacked horizontal bars of the median run's stage times per mode (the label is that run's
+    total, where its bar ends), and the per-step times of the median run."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -324,21 +396,24 @@ def plot(report: dict, path: Path) -> None:
     c, modes = report["config"], report["modes"]
     names = list(modes)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), gridspec_kw=dict(height_ratios=[1, 1.2]))
-    stages = [("text encode", "text_encode", "#8da0cb"), ("denoise", "denoise", "#fc8d62"),
-              ("VAE decode", "decode", "#66c2a5")]
+    median_runs = [modes[n]["runs"][modes[n]["median_run"]] for n in names]
+    stages = [("text encode", lambda r: r["text_encode"], "#8da0cb"),
+              ("denoise", lambda r: sum(r["steps"]), "#fc8d62"), ("VAE decode", lambda r: r["decode"], "#66c2a5"),
+              ("other (setup, offload)",
+               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["decode"]), "#cccccc")]
     left = [0.0] * len(names)
-    for label, key, color in stages:
-        vals = [modes[n][key] for n in names]
+    for label, get, color in stages:
+        vals = [get(r) for r in median_runs]
         ax.barh(names, vals, left=left, color=color, label=label, edgecolor="white")
         left = [a + b for a, b in zip(left, vals)]
-    for i, n in enumerate(names):
-        ax.text(left[i], i, f"  {modes[n]['total']:.2f} s", va="center", fontsize=9)
+    for i in range(len(names)):
+        ax.text(left[i], i, f"  {left[i]:.2f} s", va="center", fontsize=9)
     ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds (median run)")
-    sp = report["comparison"]["speedup_total"]
+    ax.set_xlabel("seconds (the median run of each mode)")
+    verdict = f": {speedup_text(report, short=True)}" if report["comparison"].get("verdict") else ""
     ax.set_title(f"{c['task']} {c['size']} x{c['frame_num']}f, {c['sample_steps']} steps on "
-                 f"{report['environment']['device_name']}" + (f": speedup {sp:.2f}x" if sp else ""), fontsize=10)
+                 f"{report['environment']['device_name']}{verdict}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     for n in names:
         st = modes[n]["steps"]
@@ -357,9 +432,26 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def output_paths(out_dir: Path, name: str) -> dict:
+    return {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+
+
+def check_out_dir(out_dir: Path, name: str) -> None:
+    """Before any model is built: the files <out_dir>/<name>.json/.md/.png can be created."""
+    from wan.pipeline import InputError, check_output_path
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out_dir is not a directory: {out_dir}")
+    for path in output_paths(out_dir, name).values():
+        try:
+            check_output_path(path)
+        except InputError as err:
+            raise CLIError(f"--out_dir: {err}") from None
+
+
 def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
     """Write <name>.json/.md/.png under temporary names, then rename them all; returns the paths."""
-    final = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    final = output_paths(out_dir, name)
     tmp = {ext: out_dir / f".{name}.partial.{ext}" for ext in final}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,14 +494,6 @@ def _validate(args):
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out_dir is not a directory: {out_dir}")
-    from wan.pipeline import InputError, check_output_path
-    try:
-        check_output_path(out_dir / "results.json")
-    except InputError as err:
-        raise CLIError(f"--out_dir: {err}") from None
     return task, config, device, size, frame_num, steps
 
 
@@ -434,6 +518,7 @@ def run(args, argv) -> tuple[dict, dict]:
     preset = _optimized_preset(args, device) if "optimized" in modes else None
     t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
+    check_out_dir(Path(args.out_dir), name)
     on_cuda = device.type == "cuda"
 
     t0 = time.perf_counter()
@@ -495,6 +580,7 @@ def run(args, argv) -> tuple[dict, dict]:
                     latents_max_abs_err=(latents["optimized"] - latents["reference"]).abs().max().item())
         if decode:
             cmp_["psnr_db"] = _psnr_json(psnr_uint8(frames["optimized"], frames["reference"]))
+        cmp_.update(timing_verdict(ref.to_dict(), opt.to_dict()))
     report = dict(
         schema=1,
         config=dict(task=task, weights=weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
@@ -544,7 +630,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: out of memory: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     print(markdown(report))
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    log.info("wrote %s", ", ".join(str(p.resolve()) for p in paths.values()))
     return 0
 
 
