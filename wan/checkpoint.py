@@ -5,6 +5,10 @@ DiT experts (`high_noise_model/`, `low_noise_model/`): `config.json` plus either
 with its shards. T5 and VAE: plain `torch.save`d state dicts (`.pth`).
 Models are built on `meta` and loaded with `assign=True`, one tensor at a time, so no
 second copy of the weights is ever materialised.
+
+`check_checkpoint(ckpt_dir, config)` is the pre-flight `WanT2V.from_pretrained` runs first: it
+reads only headers, the index and zip directories, and names every missing or corrupt file in
+one error, so a bad file is reported before minutes of loading.
 """
 from __future__ import annotations
 
