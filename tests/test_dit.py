@@ -141,6 +141,63 @@ def test_bf16_autocast_close_to_fp32(tiny_model):
     assert rel_err(out, ref) < 5e-2
 
 
+def test_fp32_regions_ignore_an_enclosing_autocast(tiny_model, device):
+    """Time embedding and head run fp32 GEMMs under the pipeline's bf16 autocast, as the official
+    autocast(float32) regions do: results equal the computation without autocast, bit for bit."""
+    m = tiny_model.to(device)
+    t = torch.tensor([950, 300], device=device)
+    x = torch.randn(2, 37, TINY.dit.dim, device=device)
+    e_ref, e0_ref = m.time_embed(t)
+    head_ref = m.head(x, e_ref)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        e, e0 = m.time_embed(t)
+        head = m.head(x, e)
+    assert e.dtype == e0.dtype == head.dtype == torch.float32
+    assert torch.equal(e, e_ref) and torch.equal(e0, e0_ref) and torch.equal(head, head_ref)
+
+
+class _GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (innermost module name, input dtypes) of every GEMM / convolution that reaches
+    the kernels, i.e. after autocast has cast its inputs."""
+    GEMMS = {"addmm", "mm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention_for_cpu"}
+
+    def __init__(self, model):
+        super().__init__()
+        self.stack, self.seen, self.hooks = [""], [], []
+        for name, mod in model.named_modules():
+            self.hooks.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: self.stack.append(n)))
+            self.hooks.append(mod.register_forward_hook(self._pop))
+
+    def _pop(self, *_):
+        self.stack.pop()  # returns None: the module's output is kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.GEMMS:
+            dts = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.append((self.stack[-1], func.overloadpacket.__name__, dts))
+        return func(*args, **(kwargs or {}))
+
+
+def test_precision_map_under_bf16_autocast(tiny_model):
+    """Spec precision map (docs/precision.md): under autocast(bf16) the time embedding / projection
+    (at the model's top level) and the head GEMM take fp32 inputs; every other GEMM and the patch
+    convolution take bf16 inputs."""
+    x, t, ctx = tiny_inputs()
+    rec = _GemmDtypes(tiny_model)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), rec:
+            tiny_model(x, t, ctx)
+    finally:
+        for h in rec.hooks:
+            h.remove()
+    fp32 = [s for s in rec.seen if s[0] in ("", "head")]
+    assert len(fp32) == 4, fp32  # time_embedding x2, time_projection, head
+    assert all(dts == {torch.float32} for _, _, dts in fp32), fp32
+    rest = [s for s in rec.seen if s[0] not in ("", "head")]
+    assert rest and all(dts == {torch.bfloat16} for _, _, dts in rest), [s for s in rest if s[2] != {torch.bfloat16}]
+    assert any(n == "patch_embedding" for n, _, _ in rest) and any(n.endswith("ffn.2") for n, _, _ in rest)
+
+
 # ---------------------------------------------------------------- formulas from the spec (float64)
 
 def _rope_by_formula(x, grid, head_dim):

@@ -146,22 +146,17 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype an enclosing autocast casts matmul inputs to, or None when it is off."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
-    except TypeError:  # torch < 2.4 style API
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """An fp32 GEMM whatever the weight dtype (the official autocast(float32) regions)."""
+    """An fp32 GEMM whatever the weight dtype and whatever autocast encloses the call (the
+    official `autocast(dtype=float32)` regions: time embedding, time projection, head)."""
     b = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), b)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), b)
 
 
 # --------------------------------------------------------------------------------------
