@@ -32,7 +32,7 @@ def tiny_inputs(B=2, F=3, H=8, W=12, text=(5, 7)):
 
 def test_a14b_state_dict_matches_official_layout():
     with torch.device("meta"):
-        m = WanModel(**T2V_A14B.dit.to_dict())
+        m = WanModel(T2V_A14B.dit)
     sd = m.state_dict()
     assert len(sd) == 1095
     assert sum(v.numel() for v in sd.values()) == 14_288_491_584
@@ -240,6 +240,45 @@ def test_rope_matches_spec_formula(seed):
 
 def test_rope_a14b_split():
     assert dit.rope_split(128) == (22, 21, 21)
+
+
+@pytest.mark.parametrize("head_dim", [128, 32, 12])
+def test_rope_freqs_is_the_official_table(head_dim):
+    """Official construction: rope_params(1024, d - 4*(d//6)), then twice rope_params(1024, 2*(d//6))."""
+    d = head_dim
+    want = torch.cat([dit.rope_params(1024, d - 4 * (d // 6)), dit.rope_params(1024, 2 * (d // 6)),
+                      dit.rope_params(1024, 2 * (d // 6))], dim=1)
+    got = dit.rope_freqs(head_dim)
+    assert got.dtype == torch.complex128 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 23, 30])
+def test_rope_token_offset_is_a_slice_of_the_full_sequence(seed, offset):
+    """A sequence-parallel rank holding tokens [offset, offset + l) rotates them as the full
+    sequence does (padding past F*H*W included)."""
+    grid = torch.tensor([[2, 3, 4], [1, 2, 5]])
+    L, l, fr = 2 * 3 * 4 + 6, 6, dit.rope_freqs(32)
+    x = torch.randn(2, L, 3, 32)
+    full = dit.rope_apply(x, grid, fr)
+    part = dit.rope_apply(x[:, offset:offset + l], grid, fr, token_offset=offset)
+    assert torch.equal(part, full[:, offset:offset + l])
+    xc = torch.randn(2, L, 3 * 32)
+    w = torch.rand(96) + 0.5
+    full = dit.rms_norm_rope(xc, w, 1e-6, 3, grid, fr, torch.bfloat16)
+    part = dit.rms_norm_rope(xc[:, offset:offset + l], w, 1e-6, 3, grid, fr, torch.bfloat16, token_offset=offset)
+    assert torch.equal(part, full[:, offset:offset + l])
+    with pytest.raises(ValueError, match="token_offset"):
+        dit.rope_table(grid, l, fr, token_offset=-1)
+
+
+def test_constructor_takes_one_config():
+    cfg = TINY.dit
+    m = WanModel(cfg)
+    assert m.config is cfg
+    official = dict(cfg.to_dict(), _class_name="WanModel")
+    assert WanModel.from_kwargs(**official).config == cfg
+    with pytest.raises(TypeError, match="DiTConfig"):
+        WanModel(cfg.to_dict())
 
 
 def test_modulate_and_residual_match_spec_formula(seed):

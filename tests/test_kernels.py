@@ -63,13 +63,6 @@ def _check_pairs(out, ref, *dtypes):
                            f"{float((err - bound).max()):.3g}, max err {float(err.max()):.3g}")
 
 
-def _freqs(head_dim):
-    """The model's complex128 RoPE table for this head_dim (WanModel.__init__)."""
-    d = head_dim
-    return torch.cat([wd.rope_params(1024, d - 4 * (d // 6)), wd.rope_params(1024, 2 * (d // 6)),
-                      wd.rope_params(1024, 2 * (d // 6))], dim=1)
-
-
 def _randn(*shape, dtype=F32, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
@@ -135,7 +128,7 @@ def test_fallback_matches_reference(monkeypatch, seed):
     torch.testing.assert_close(kernels.rms_norm(x, w, EPS), wd.rms_norm(x, w, EPS), rtol=0, atol=0)
     g = GRID_2[:, :]
     xq = _randn(2, 110, 2, 32, device="cpu")
-    fr = _freqs(32)
+    fr = wd.rope_freqs(32)
     torch.testing.assert_close(kernels.rope_apply(xq, g, fr), wd.rope_apply(xq, g, fr), rtol=0, atol=0)
     x3 = _randn(2, 110, 64, device="cpu")
     torch.testing.assert_close(kernels.rms_norm_rope(x3, w, EPS, 2, g, fr, BF16),
@@ -182,7 +175,7 @@ def test_rms_norm_strided_rows(seed):
 def test_rope_apply(seed, dtype, heads, head_dim):
     """Batch 2, different grids per sample, padding tokens past F*H*W in both samples."""
     x = _randn(2, 110, heads, head_dim, dtype=dtype, scale=2.0)
-    fr = _freqs(head_dim)
+    fr = wd.rope_freqs(head_dim)
     out = kernels.rope_apply(x, GRID_2, fr)
     assert out.dtype == torch.float32
     ref = wd.rope_apply(x.double(), GRID_2, fr)  # float64 inside
@@ -195,21 +188,21 @@ def test_rope_apply(seed, dtype, heads, head_dim):
 def test_rope_apply_noncontiguous_and_grid_on_device(seed):
     base = _randn(2, 4, 110, 64)                 # [B, H, L, D] -> view [B, L, H, D]
     x = base.transpose(1, 2)
-    fr = _freqs(64)
+    fr = wd.rope_freqs(64)
     g = torch.tensor([[2, 4, 5], [3, 2, 3]], device=DEVICE)
     _check(kernels.rope_apply(x, g, fr.to(DEVICE)), wd.rope_apply(x.double(), g.cpu(), fr), F32)
 
 
 def test_rope_large_positions(seed):
     """Positions up to the 720p grid's extents (f < 21, h < 45, w < 80) on short sequences."""
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[21, 2, 2], [2, 45, 2], [1, 1, 80]])
     x = _randn(3, 180, 1, 128)
     _check(kernels.rope_apply(x, g, fr), wd.rope_apply(x.double(), g, fr), F32)
 
 
 def test_rope_cos_sin_cached():
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     t1 = kernels.rope_cos_sin(fr, DEVICE)
     t2 = kernels.rope_cos_sin(fr, DEVICE)
     assert t1 is t2 and t1.dtype == torch.float32 and t1.shape == (1024, 64, 2)
@@ -229,7 +222,7 @@ def test_rms_norm_rope(seed, xdt, wdt, out_dtype):
     heads, hd = 3, 128
     x = _randn(2, 110, heads * hd, dtype=xdt, scale=2.0)
     w = None if wdt is None else (1 + _randn(heads * hd, scale=0.2)).to(wdt)
-    fr = _freqs(hd)
+    fr = wd.rope_freqs(hd)
     out = kernels.rms_norm_rope(x, w, EPS, heads, GRID_2, fr, out_dtype)
     native = wd.rms_norm_rope(x, w, EPS, heads, GRID_2, fr, out_dtype)
     assert out.dtype == native.dtype and out.shape == native.shape == (2, 110, heads, hd)
@@ -244,7 +237,7 @@ def test_rms_norm_rope_real_width(seed):
     """C = 5120 = 40 heads x 128, bf16 in / bf16 out as in the model, with padding tokens."""
     x = _randn(1, 14, 5120, dtype=BF16, scale=4.0)
     w = 1 + _randn(5120, scale=0.2)
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[1, 3, 4]])
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, BF16)
     _check_pairs(out, wd.rms_norm_rope(x.double(), w.double(), EPS, 40, g, fr), BF16)
@@ -254,7 +247,7 @@ def test_rms_norm_rope_wide_row_loops(seed):
     """C = 72 x 128 = 9216 > 8192: the looped path (two reads)."""
     x = _randn(1, 3, 72 * 128)
     w = _randn(72 * 128)
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[1, 1, 2]])
     out = kernels.rms_norm_rope(x, w, EPS, 72, g, fr)
     _check(out, wd.rms_norm_rope(x.double(), w.double(), EPS, 72, g, fr), F32)
@@ -266,7 +259,7 @@ def test_rms_norm_rope_is_composition(seed, xdt):
     heads, hd = 2, 64
     x = _randn(2, 110, heads * hd, dtype=xdt)
     w = _randn(heads * hd)
-    fr = _freqs(hd)
+    fr = wd.rope_freqs(hd)
     fused = kernels.rms_norm_rope(x, w, EPS, heads, GRID_2, fr)
     comp = kernels.rope_apply(kernels.rms_norm(x, w, EPS).unflatten(-1, (heads, hd)), GRID_2, fr)
     # Both round the normalised value to x's dtype; with bf16 x, a different fp32 reduction order
@@ -379,7 +372,7 @@ def test_torch_compile_fullgraph(seed):
     m = _randn(B, 6, C, scale=0.5)
     w = _randn(C)
     g = torch.tensor([[2, 3, 4], [1, 5, 5]], device=DEVICE)
-    fr = _freqs(32).to(DEVICE)
+    fr = wd.rope_freqs(32).to(DEVICE)
     eager = _block_like(x, y, m, w, g, fr)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(_block_like, backend=backend, fullgraph=True)
@@ -410,7 +403,7 @@ def test_gpu_rms_norm_real(seed):
 def test_gpu_rms_norm_rope_real(seed, out_dtype):
     x = _randn(1, L720, 5120, dtype=BF16, scale=3.0)
     w = 1 + _randn(5120, scale=0.2)
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[21, 45, 80]])
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, out_dtype)
     ref = wd.rms_norm_rope(x.double(), w.double(), EPS, 40, g, fr)
@@ -421,7 +414,7 @@ def test_gpu_rms_norm_rope_real(seed, out_dtype):
 def test_gpu_rope_apply_real_batched_cfg(seed):
     """q [2, 75600, 40, 128] fp32: batched CFG, the second sample a smaller grid with padding."""
     x = _randn(2, L720, 40, 128)
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[21, 45, 80], [21, 40, 80]])
     out = kernels.rope_apply(x, g, fr)
     for b in range(2):  # reference per sample to bound memory
@@ -489,7 +482,7 @@ def test_gpu_modulate_and_rms_norm_past_2_31(seed):
     _check(out[:, tail], wd.rms_norm(x[:, tail].double(), w.double(), EPS), BF16)
     del out
     # RoPE positions for every token (f < 410, h < 1024): the tail past 2^31 elements is rotated
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[410, 1024, 1]])
     assert 410 * 1024 >= R
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, BF16)

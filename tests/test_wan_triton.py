@@ -154,7 +154,7 @@ def test_resident_fit_at_a14b_sizes():
     from wan.t5 import T5Encoder
 
     with torch.device("meta"):
-        n_dit = sum(p.numel() for p in WanModel(**T2V_A14B.dit.to_dict()).parameters())
+        n_dit = sum(p.numel() for p in WanModel(T2V_A14B.dit).parameters())
         n_t5 = sum(p.numel() for p in T5Encoder(T2V_A14B.t5).parameters())
     h200, h100 = 143_771 * 2**20 / 1e9, 80.0
     bf16 = (2 * n_dit * 2 + n_t5 * 2) / 1e9
