@@ -1,4 +1,4 @@
-"""Reference DiT: official state-dict layout, API contracts, formulas from the spec in float64."""
+"""Reference DiT: official state-dict layout, API contracts, formulas (docs/) in float64."""
 import json
 import math
 
@@ -179,7 +179,7 @@ class _GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_precision_map_under_bf16_autocast(tiny_model):
-    """Spec precision map (docs/precision.md): under autocast(bf16) the time embedding / projection
+    """The precision map (docs/precision.md): under autocast(bf16) the time embedding / projection
     (at the model's top level) and the head GEMM take fp32 inputs; every other GEMM and the patch
     convolution take bf16 inputs."""
     x, t, ctx = tiny_inputs()
@@ -198,10 +198,10 @@ def test_precision_map_under_bf16_autocast(tiny_model):
     assert any(n == "patch_embedding" for n, _, _ in rest) and any(n.endswith("ffn.2") for n, _, _ in rest)
 
 
-# ---------------------------------------------------------------- formulas from the spec (float64)
+# ---------------------------------------------------------------- formulas (docs/rope.md, docs/precision.md) in float64
 
 def _rope_by_formula(x, grid, head_dim):
-    """Spec 2.6 written directly: per token (f,h,w), per pair j, angle = pos * 10000^(-2j'/D_axis)."""
+    """docs/rope.md written directly: per token (f,h,w), per pair j, angle = pos * 10000^(-2j'/D_axis)."""
     B, L, H, D = x.shape
     c = D // 2
     cf, ch = c - 2 * (c // 3), c // 3

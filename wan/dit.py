@@ -1,7 +1,7 @@
 """Wan 2.2 DiT (`WanModel`), one expert of T2V-A14B, in pure PyTorch.
 
 Computes what the official `wan/modules/model.py` computes, op by op in the same precision
-(see shared spec section 2), with two waste cuts that cannot change the result beyond the
+(docs/precision.md; RoPE: docs/rope.md; weights: docs/checkpoint.md), with two waste cuts that cannot change the result beyond the
 last ulp of an fp32 GEMM row: one time embedding per sample instead of one per token, and
 no Python loop over the batch (RoPE positions are built for the whole batch at once).
 
@@ -338,7 +338,7 @@ class WanModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = 0, zero_head: bool = True):
-        """Official init (spec 2.3). `zero_head=False` randomises the head so outputs are non-zero."""
+        """Official init (docs/checkpoint.md). `zero_head=False` randomises the head so outputs are non-zero."""
         dev = next(self.parameters()).device
         gen = torch.Generator(device=dev)
         if seed is None:
