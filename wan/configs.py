@@ -5,7 +5,7 @@ has the same architecture at toy widths, for tests and the built-in demo.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 

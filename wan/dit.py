@@ -15,7 +15,6 @@ The hot element-wise ops are module-level functions looked up at call time, so
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
