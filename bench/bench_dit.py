@@ -95,7 +95,9 @@ def main(argv=None):
         if set(modes) & {"patched", "cfg", "compiled"}:
             wan_triton.patch(attention=args.attention, strict=True)
         if "patched" in modes:
+            wan_triton.reset_kernel_stats()
             out, row["patched_s"], row["patched_runs"], row["patched_peak_gb"] = _timed(fwd, args.runs, args.warmup)
+            row["patched_kernel_launches"] = {op: s["launches"] for op, s in wan_triton.kernel_stats().items()}
             if ref is not None:
                 row["patched_rel_err"] = rel_err(out, ref)
             print(f"[{size}] patched {row['patched_s']:.3f}s peak {row['patched_peak_gb']:.1f} GB "

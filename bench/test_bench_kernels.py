@@ -44,9 +44,7 @@ _inputs: dict = {}
 
 
 def _freqs():
-    d = HD
-    return torch.cat([wd.rope_params(1024, d - 4 * (d // 6)), wd.rope_params(1024, 2 * (d // 6)),
-                      wd.rope_params(1024, 2 * (d // 6))], dim=1).cuda()
+    return wd.rope_freqs(HD).cuda()
 
 
 def _get(name):

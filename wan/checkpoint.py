@@ -148,7 +148,7 @@ def load_dit(folder, dtype=None, device="cpu", progress: bool = False):
     cfg = DiTConfig.from_dict(read_dit_config(folder))
     files = dit_weight_files(folder)
     with torch.device("meta"):
-        model = WanModel(**cfg.to_dict())
+        model = WanModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict = {}
     seen: set = set()
