@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from bench._util import rel_err
+
 
 def _timed(fn, runs: int, warmup: int):
     for _ in range(warmup):
@@ -30,9 +32,6 @@ def _timed(fn, runs: int, warmup: int):
     return out, statistics.median(times), times, torch.cuda.max_memory_allocated() / 1e9
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def main(argv=None):
