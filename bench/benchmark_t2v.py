@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench._util import band, rel_err
-from wan_triton.generate import CLIError, check_common
+from wan_triton.cli import CLIError, parse_request
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
@@ -54,39 +54,33 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.accel import PRESETS
-    from wan_triton.generate import OneLineParser, add_accel_flags, parse_bool
+    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_preset_flags,
+                                add_request_flags, parse_bool)
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--mode", default="both", choices=["reference", "optimized", "both"])
+    a("--mode", default="both", choices=["reference", "optimized", "both"],
+      help="which modes to run: the reference (official state), the optimized one, or both and compare")
     a("--num_runs", type=int, default=3, help="timed generations per mode (median reported)")
     a("--warmup", type=int, default=1, help="untimed generations per mode before timing")
     # what to generate
-    a("--task", default=None, help="t2v-A14B (default with --ckpt_dir / --random-weights) or tiny (default without)")
-    a("--ckpt_dir", default=None, help="official Wan2.2-T2V-A14B folder")
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
+                                 "(default without)",
+                    ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
     a("--random-weights", dest="random_weights", action="store_true",
-      help="build the preset at its real shapes with random weights (no checkpoint needed)")
-    a("--convert_model_dtype", action="store_true", help="with --ckpt_dir: DiT weights to bf16 (official flag)")
-    a("--size", default=None, help="WIDTH*HEIGHT (default: the preset's)")
-    a("--frame_num", type=int, default=None, help="4n+1 (default: the preset's)")
-    a("--sample_steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    a("--sample_solver", default="unipc", help="unipc or dpm++")
-    a("--prompt", default=None, help="text prompt (default: the demo prompt)")
-    a("--base_seed", type=int, default=42, help="one seed for every run of both modes")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--t5_cpu", action="store_true", help="text encoder on CPU (both modes)")
+      help="build the task at its real shapes with random weights (no checkpoint needed)")
+    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes", guidance=False)
     # optimization (wan_triton), as in wan-generate
-    a("--preset", default="auto", choices=["auto", "none", *PRESETS],
-      help="hardware preset for the optimized mode (default auto; none: only what the flags say)")
+    add_preset_flags(p, default="auto")
     add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
-      help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
+      help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
+           "reference, preset for optimized)")
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
     a("--out_dir", default=DEFAULT_OUT_DIR,
       help=f"folder for <name>.json/.md/.png (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
-    a("--name", default=None, help="file stem (default benchmark_<task>_<size>_<timestamp>)")
+    a("--name", default=None, help="file stem (default: benchmark_<task>_<W>x<H>_<timestamp>)")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -150,13 +144,6 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
 
 # ------------------------------------------------------------------ running
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _one_run(pipe, req: dict, decode: bool):
     """One generation: latents from generate(), decoded here (timed, synchronised).
     Returns (Timings, latents on CPU, decoded video or None)."""
@@ -167,12 +154,8 @@ def _one_run(pipe, req: dict, decode: bool):
     video = None
     if decode:
         dev = pipe.device
-        _sync(dev)
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), tm.measure("decode"):
             video = pipe.vae.decode(latents.unsqueeze(0))[0]
-        _sync(dev)
-        tm.decode = time.perf_counter() - t0
         tm.total += tm.decode
         if dev.type == "cuda":  # generate reset the peak at its start; include the decode
             tm.peak_mem_gb = max(tm.peak_mem_gb, torch.cuda.max_memory_allocated(dev) / 1e9)
@@ -472,9 +455,7 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
 # ------------------------------------------------------------------ main flow
 
 def _validate(args):
-    """Everything that can be checked before building the pipeline. Returns the resolved request."""
-    from wan import attention as att
-
+    """Everything that can be checked before building the pipeline. Returns the checked Request."""
     if args.ckpt_dir and args.random_weights:
         raise CLIError("--ckpt_dir and --random-weights exclude each other")
     if args.num_runs < 1:
@@ -487,22 +468,11 @@ def _validate(args):
         raise CLIError("the chart needs matplotlib: pip install matplotlib "
                        "(or install wan-triton with the [bench] extra)") from None
     default = "t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny"
-    task, config, device, size, frame_num, steps = check_common(args, default)
-    if args.attention != "auto" and args.attention not in att.available_backends(device):
-        raise CLIError(f"--attention {args.attention} is not available on {device} "
-                       f"(available: {', '.join(att.available_backends(device))})")
+    req = parse_request(args, default)
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
-    return task, config, device, size, frame_num, steps
-
-
-def _optimized_preset(args, device):
-    from wan_triton import accel
-
-    if args.preset != "none":
-        return accel.get_preset(args.preset, device)
-    return accel.flags_preset(device)
+    return req
 
 
 def run(args, argv) -> tuple[dict, dict]:
@@ -511,11 +481,12 @@ def run(args, argv) -> tuple[dict, dict]:
 
     from wan.pipeline import WanT2V
     from wan_triton import accel, restore_tf32, unpatch
-    from wan_triton.generate import DEMO_PROMPT
 
-    task, config, device, size, frame_num, steps = _validate(args)
+    request = _validate(args)
+    task, config, device, size, frame_num, steps = (request.task, request.config, request.device, request.size,
+                                                    request.frame_num, request.steps)
     modes = MODES if args.mode == "both" else (args.mode,)
-    preset = _optimized_preset(args, device) if "optimized" in modes else None
+    preset = accel.get_preset(request.preset, device) if "optimized" in modes else None
     t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
     check_out_dir(Path(args.out_dir), name)
@@ -532,8 +503,7 @@ def run(args, argv) -> tuple[dict, dict]:
     build_s = time.perf_counter() - t0
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
 
-    req = dict(prompt=args.prompt or DEMO_PROMPT, size=size, frame_num=frame_num, sample_solver=args.sample_solver,
-               sampling_steps=steps, seed=args.base_seed, progress=not args.quiet)
+    req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
     results, latents, frames = {}, {}, {}
     tf32_saved = []
@@ -548,19 +518,15 @@ def run(args, argv) -> tuple[dict, dict]:
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, config.sample_steps, decode)
         if "optimized" in modes:
-            applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
-                                     compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
-                                     use_batched_cfg=True if args.use_batched_cfg else None,
-                                     attention=args.attention)
-            if applied["compile"] and args.warmup == 0:
+            applied = accel.optimize(pipe, preset, **request.optimize_kwargs())
+            if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
-            if "tf32_prev" in applied:
-                tf32_saved.append(applied.pop("tf32_prev"))
-            offload = (applied["offload_model"] if args.offload_model is None else args.offload_model) and on_cuda
-            settings = dict(preset=applied["preset"], triton=applied["triton"], patched=len(applied["patched"]),
-                            compile=applied["compile"],
-                            compile_mode=applied["compile_mode"] if applied["compile"] else None,
-                            tf32=applied["tf32"], use_batched_cfg=applied["use_batched_cfg"], offload_model=offload,
+            if applied.tf32_prev is not None:
+                tf32_saved.append(applied.tf32_prev)
+            offload = (applied.offload_model if args.offload_model is None else args.offload_model) and on_cuda
+            settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
+                            compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
+                            tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
                             t5_cpu=t5_cpu, attention=_attention_in_use(device))
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
@@ -602,36 +568,22 @@ def run(args, argv) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     """Console entry point (`wan-benchmark`); returns the exit code."""
+    from wan_triton.cli import run_main, setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    setup_logging()
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from wan.checkpoint import CheckpointError
-    from wan.pipeline import InputError
-    from wan_triton.accel import AccelError
-    from wan_triton.patch import PatchError
+    done = {}
 
-    try:
-        report, paths = run(args, argv)
-    except (CLIError, InputError, CheckpointError, AccelError, PatchError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError as err:
-        print(f"{PROG}: error: out of memory: {str(err).splitlines()[0] if str(err) else 'MemoryError'}",
-              file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        if "out of memory" not in str(err).lower():
-            raise
-        print(f"{PROG}: error: out of memory: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    log.info("wrote %s", ", ".join(str(p.resolve()) for p in paths.values()))
-    return 0
+    def go():
+        done["report"], done["paths"] = run(args, argv)
+
+    rc = run_main(PROG, go)
+    if rc == 0:
+        print(markdown(done["report"]))
+        log.info("wrote %s", ", ".join(str(p.resolve()) for p in done["paths"].values()))
+    return rc
 
 
 if __name__ == "__main__":
