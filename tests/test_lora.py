@@ -15,6 +15,7 @@ from wan import lora as L
 from wan.configs import get_config
 from wan.dit import WanModel
 from wan.pipeline import WanT2V, cfg_combine
+from wan.schedulers import FlowEulerScheduler, make_scheduler
 
 CFG = get_config("tiny")
 NL = CFG.dit.num_layers
@@ -294,7 +295,8 @@ def test_guidance_one_skips_the_unconditional_pass(monkeypatch, seed, solver):
 def test_lightning_recipe_schedule_and_experts(seed):
     r = L.RECIPES["lightning-4step"]
     assert (r.steps, r.shift, r.guide_scale, r.solver) == (4, 5.0, 1.0, "euler")
-    sch = L.FlowEulerScheduler(r.steps, r.shift)
+    sch = make_scheduler(r.solver, r.steps, r.shift, "cpu")
+    assert isinstance(sch, FlowEulerScheduler)
     torch.testing.assert_close(sch.timesteps, torch.tensor([1000.0, 937.5, 2500 / 3, 625.0]))
     boundary = get_config("t2v-A14B").boundary * 1000
     assert ["high" if t >= boundary else "low" for t in sch.timesteps.tolist()] == ["high", "high", "low", "low"]
@@ -309,14 +311,22 @@ def test_lightning_recipe_schedule_and_experts(seed):
 
 
 def test_recipe_fills_only_unset_flags():
+    from wan_triton.cli import parse_request
+    from wan_triton.lora_flags import apply_recipe
+
     ns = argparse.Namespace(recipe="lightning-4step", sample_steps=6, sample_shift=None, sample_guide_scale=None,
                             sample_solver=None)
-    L.apply_recipe(ns)
+    apply_recipe(ns)
     assert (ns.sample_steps, ns.sample_shift, ns.sample_guide_scale, ns.sample_solver) == (6, 5.0, 1.0, "euler")
     ns = argparse.Namespace(recipe=None, sample_steps=None, sample_shift=None, sample_guide_scale=None,
                             sample_solver=None)
-    L.apply_recipe(ns)
-    assert ns.sample_solver == "unipc" and ns.sample_steps is None
+    apply_recipe(ns)
+    assert ns.sample_solver is None and ns.sample_steps is None
+    # through parse_request (recipe first, then the checks); a tool without --sample_shift still gets it
+    req = parse_request(argparse.Namespace(recipe="lightning-4step", sample_solver="unipc", device="cpu"), "tiny")
+    assert (req.steps, req.shift, req.guide_scale, req.solver) == (4, 5.0, 1.0, "unipc")
+    req = parse_request(argparse.Namespace(device="cpu"), "tiny")
+    assert req.solver == "unipc" and req.steps == get_config("tiny").sample_steps and req.extra["lora"] == []
 
 
 @pytest.mark.parametrize("text,path,strength", [
@@ -329,7 +339,9 @@ def test_recipe_fills_only_unset_flags():
     ("dir:with:colons/x.safetensors", "dir:with:colons/x.safetensors", 1.0),
 ])
 def test_parse_lora_arg(text, path, strength):
-    sp = L.parse_lora_arg(text, "low")
+    from wan_triton.lora_flags import parse_lora_arg
+
+    sp = parse_lora_arg(text, "low")
     assert (sp.path, sp.strength, sp.expert) == (path, strength, "low")
 
 

@@ -58,7 +58,7 @@ def test_make_scheduler_matches_official_calls_and_rejects_unknown():
     assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
     assert b.timesteps.device.type == "cpu"
     with pytest.raises(ValueError, match="unknown solver"):
-        make_scheduler("euler", 10, 5.0, "cpu")
+        make_scheduler("heun", 10, 5.0, "cpu")
 
 
 def test_unsupported_options_raise():

@@ -21,9 +21,11 @@ with or without the `diffusion_model.` / `transformer.` prefixes; kohya/musubi f
 `condition_embedder.*`, `proj_out`, `scale_shift_table`, ...) mapped back to the official ones;
 full-delta keys `.diff`, `.diff_b`, `.diff_m`.
 
-Also here (no better home in this layout yet): the few-step distilled recipes (`RECIPES`) with the
-flow Euler solver they were distilled for, and the command-line helpers (`add_lora_flags`,
-`parse_lora_flags`, `apply_loras`, `apply_recipe`) shared by wan-generate and wan-benchmark.
+Also here: the few-step distilled recipes (`RECIPES`: the sampling settings a distilled LoRA pair
+was trained for; their flow Euler solver is `wan.schedulers.FlowEulerScheduler`), `check_loras`
+(every file planned against an architecture built on the meta device, before any real model
+exists) and `apply_loras` (merge a list of `LoraSpec`s into both experts). The command-line flags
+live in `wan_triton/lora_flags.py`.
 """
 from __future__ import annotations
 
@@ -35,14 +37,13 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import InputError
+from .requests import InputError
 
 log = logging.getLogger("wan.lora")
 
 __all__ = [
     "LoraError", "LoraSpec", "LoraPlan", "plan_lora", "merge_loras", "merge_lora", "unmerge_loras",
-    "loaded_loras", "official_to_diffusers", "Recipe", "RECIPES", "FlowEulerScheduler",
-    "parse_lora_arg", "add_lora_flags", "parse_lora_flags", "apply_loras", "apply_recipe",
+    "loaded_loras", "official_to_diffusers", "Recipe", "RECIPES", "check_loras", "apply_loras",
 ]
 
 EXPERTS = ("both", "high", "low")
@@ -494,98 +495,20 @@ RECIPES = {r.name: r for r in (
 )}
 
 
-class FlowEulerScheduler:
-    """First-order flow-matching Euler solver, as the 4-step distilled Wan 2.2 LoRAs sample.
-
-    sigmas: s_k = k-th of linspace(1, 0, steps+1) (float32), s <- shift*s / (1 + (shift-1)*s),
-    timesteps t_k = 1000*s_k (float32, not truncated), one per step; final sigma 0.
-    Step k (model saw x_k at t_k and returned v_k): x_{k+1} = x_k + (s_{k+1} - s_k) * v_k, float32.
-    Same `timesteps` / `step(...)` contract as the UniPC / DPM++ schedulers of wan.schedulers.
-    """
-
-    def __init__(self, steps: int, shift: float, device=None, num_train_timesteps: int = 1000):
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        s = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float32)
-        s = shift * s / (1 + (shift - 1) * s)
-        self.sigmas = s  # steps + 1 values, the last exactly 0, on the CPU
-        self.timesteps = (s[:-1] * num_train_timesteps).to(device)
-        self.num_inference_steps = int(steps)
-        self._step_index = None
-
-    def step(self, model_output, timestep, sample, return_dict=False, generator=None):
-        if self._step_index is None:
-            hit = (self.timesteps == torch.as_tensor(timestep).to(self.timesteps)).nonzero()
-            if len(hit) == 0:
-                raise ValueError(f"timestep {float(timestep)} is not in the schedule {self.timesteps.tolist()}")
-            self._step_index = int(hit[0])
-        i = self._step_index
-        if i >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps are done")
-        dt = (self.sigmas[i + 1] - self.sigmas[i]).to(sample.device)
-        prev = sample.to(torch.float32) + dt * model_output.to(torch.float32)
-        self._step_index = i + 1
-        return (prev,)
-
-
 # --------------------------------------------------------------------------------------
-# Command-line helpers (wan-generate and wan-benchmark)
+# Lists of LoRAs (what the command-line flags ask for)
 # --------------------------------------------------------------------------------------
 
-def parse_lora_arg(text: str, expert: str = "both") -> LoraSpec:
-    """'PATH[:STRENGTH]' -> LoraSpec. The strength is taken after the last ':' only when it parses as a
-    float, so 'C:\\loras\\a.safetensors' and 'dir:with:colons/a.safetensors' stay whole paths."""
-    path, strength = text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            strength = float(tail)
-            path = head
-        except ValueError:
-            pass
-    return LoraSpec(path=path, strength=strength, expert=expert)
-
-
-def add_lora_flags(parser) -> None:
-    """--lora / --lora_high / --lora_low (repeatable) and --recipe."""
-    g = parser.add_argument_group("LoRA and few-step recipes")
-    a = g.add_argument
-    a("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-      help="LoRA .safetensors merged into both experts (repeatable)")
-    a("--lora_high", action="append", default=[], metavar="PATH[:STRENGTH]",
-      help="LoRA for the high-noise expert only (repeatable)")
-    a("--lora_low", action="append", default=[], metavar="PATH[:STRENGTH]",
-      help="LoRA for the low-noise expert only (repeatable)")
-    a("--recipe", default=None, choices=sorted(RECIPES),
-      help="few-step distilled setting: " + "; ".join(
-          f"{r.name} = {r.steps} steps, shift {r.shift:g}, guidance {r.guide_scale:g}, {r.solver}"
-          for r in RECIPES.values()) + " (explicit --sample_* flags win)")
-
-
-def apply_recipe(args) -> None:
-    """Fill the sampling flags the user left unset (None) from --recipe; sample_solver defaults to unipc."""
-    r = RECIPES.get(getattr(args, "recipe", None) or "")
-    for attr, val in (("sample_steps", r and r.steps), ("sample_shift", r and r.shift),
-                      ("sample_guide_scale", r and r.guide_scale), ("sample_solver", r and r.solver)):
-        if hasattr(args, attr) and getattr(args, attr) is None and r is not None:
-            setattr(args, attr, val)
-    if getattr(args, "sample_solver", "unipc") is None:
-        args.sample_solver = "unipc"
-
-
-def parse_lora_flags(args, dit_config=None) -> list:
-    """The LoRA flags -> [LoraSpec], checked before any model is built: each file exists and is
-    safetensors; with `dit_config`, every key and shape is checked against that architecture
-    (a model on the meta device, no memory). Raises LoraError (one line)."""
-    specs = [parse_lora_arg(t, e) for e, flag in (("both", "lora"), ("high", "lora_high"), ("low", "lora_low"))
-             for t in (getattr(args, flag, None) or [])]
+def check_loras(specs, dit_config=None) -> None:
+    """Check LoRA files before any model is built: each exists and is safetensors; with `dit_config`
+    (a wan.configs.DiTConfig), every key and shape is planned against that architecture (a model on
+    the meta device, no memory). Raises LoraError (one line)."""
     names = None
     if dit_config is not None and specs:
         from .dit import WanModel
 
         with torch.device("meta"):
-            meta = WanModel(**dit_config.to_dict())
-        names = _names_of(meta)
+            names = _names_of(WanModel(dit_config))
     for sp in specs:
         p = _check_file(sp.path)
         if names is None:
@@ -593,7 +516,6 @@ def parse_lora_flags(args, dit_config=None) -> list:
                 pass
         else:
             plan_lora(p, names)
-    return specs
 
 
 def apply_loras(pipe, specs, keep: str = "none") -> None:

@@ -1,4 +1,4 @@
-"""Flow-matching ODE samplers of the official Wan 2.2 T2V pipeline (spec section 5), without diffusers.
+"""Flow-matching ODE samplers of the official Wan 2.2 T2V pipeline, without diffusers (docs/schedulers.md).
 
 Noise model (rectified flow): ``x_σ = α·x0 + σ·ε`` with ``α = 1 − σ``; the network predicts the velocity
 ``v ≈ ε − x0`` ("flow_prediction"), so the data estimate is ``m = x − σ·v``.  Both solvers are exponential
@@ -11,6 +11,8 @@ which the multistep methods correct with finite differences of earlier ``m`` val
 * :class:`FlowUniPCMultistepScheduler` -- UniPC-2 (bh2, predict-x0, UniC corrector from the 2nd step on,
   ``lower_order_final``), the default ``sample_solver='unipc'``.
 * :class:`FlowDPMSolverMultistepScheduler` -- DPM-Solver++(2M), midpoint (``--sample_solver dpm++``).
+* :class:`FlowEulerScheduler` -- first-order flow Euler on a shifted linear grid, for the few-step distilled
+  LoRAs (``--sample_solver euler``, ``--recipe lightning-4step``; docs/lora.md).
 * :func:`get_sampling_sigmas`, :func:`make_scheduler` -- the schedule helpers used by ``WanT2V.generate``.
 
 Numerics follow the official code: schedules are built in float64 numpy, timesteps are truncated to int64, the
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["SchedulerOutput", "FlowUniPCMultistepScheduler", "FlowDPMSolverMultistepScheduler",
-           "get_sampling_sigmas", "make_scheduler"]
+           "FlowEulerScheduler", "get_sampling_sigmas", "make_scheduler"]
 
 
 @dataclass
@@ -283,10 +285,53 @@ class FlowDPMSolverMultistepScheduler(_FlowMultistep):
         return self._out(prev.to(torch.float32), return_dict)
 
 
+class FlowEulerScheduler:
+    """First-order flow-matching Euler solver, as the 4-step distilled Wan 2.2 LoRAs sample (docs/lora.md).
+
+    sigmas: ``s_k`` = k-th of ``linspace(1, 0, steps+1)`` (fp32), ``s ← shift·s / (1 + (shift−1)·s)``; timesteps
+    ``t_k = 1000·s_k`` (fp32, not truncated), one per step; the final sigma is 0.
+    Step k (the model saw ``x_k`` at ``t_k`` and returned ``v_k``): ``x_{k+1} = x_k + (s_{k+1} − s_k)·v_k``, fp32.
+    Same ``timesteps`` / ``step(...)`` contract as the two multistep solvers.
+    """
+
+    def __init__(self, steps, shift, device=None, num_train_timesteps=1000):
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        s = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float32)
+        s = shift * s / (1 + (shift - 1) * s)
+        self.sigmas = s  # steps + 1 values, the last exactly 0, on the CPU
+        self.timesteps = (s[:-1] * num_train_timesteps).to(device)
+        self.num_inference_steps = int(steps)
+        self._step_index = None
+
+    @property
+    def step_index(self):
+        """Index of the next step (None before the first ``step``)."""
+        return self._step_index
+
+    def index_for_timestep(self, timestep):
+        hit = (self.timesteps == torch.as_tensor(timestep).to(self.timesteps)).nonzero()
+        if len(hit) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not in the schedule {self.timesteps.tolist()}")
+        return int(hit[0])
+
+    def step(self, model_output, timestep, sample, return_dict=False, generator=None):
+        if self._step_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise ValueError(f"all {self.num_inference_steps} steps are done")
+        dt = (self.sigmas[i + 1] - self.sigmas[i]).to(sample.device)
+        prev = sample.to(torch.float32) + dt * model_output.to(torch.float32)
+        self._step_index = i + 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def make_scheduler(name, steps, shift, device=None, num_train_timesteps=1000):
     """Scheduler exactly as ``WanT2V.generate`` builds it (constructor shift 1, the run's shift applied in
     ``set_timesteps``): ``"unipc"`` → ``set_timesteps(steps, device, shift=shift)``; ``"dpm++"`` →
-    ``set_timesteps(steps, device, sigmas=get_sampling_sigmas(steps, shift))``."""
+    ``set_timesteps(steps, device, sigmas=get_sampling_sigmas(steps, shift))``; ``"euler"`` →
+    ``FlowEulerScheduler(steps, shift, device)``."""
     if name == "unipc":
         sch = FlowUniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, shift=1,
                                           use_dynamic_shifting=False)
@@ -295,6 +340,8 @@ def make_scheduler(name, steps, shift, device=None, num_train_timesteps=1000):
         sch = FlowDPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, shift=1,
                                               use_dynamic_shifting=False)
         sch.set_timesteps(steps, device=device, sigmas=get_sampling_sigmas(steps, shift))
+    elif name == "euler":
+        sch = FlowEulerScheduler(steps, shift, device=device, num_train_timesteps=num_train_timesteps)
     else:
-        raise ValueError(f"unknown solver {name!r}; expected 'unipc' or 'dpm++'")
+        raise ValueError(f"unknown solver {name!r}; expected 'unipc', 'dpm++' or 'euler'")
     return sch

@@ -1,0 +1,91 @@
+"""The LoRA / few-step recipe flag group of wan-generate and wan-benchmark (docs/lora.md).
+
+    --lora PATH[:STRENGTH]        merged into both experts (repeatable)
+    --lora_high / --lora_low      one expert only (repeatable)
+    --recipe lightning-4step      steps 4, shift 5, guidance 1, euler, for the flags left unset
+
+Importing this module registers the group with wan_triton.cli: `apply_recipe` runs first in
+`parse_request` (so the recipe's values pass the same checks as typed ones), and
+`Request.extra["lora"]` holds the requested `LoraSpec`s, each file found and readable as
+safetensors. `lora_specs(req)` then plans every key and shape against the task's architecture
+(on the meta device), still before any model is built. The LoRA math is in wan/lora.py.
+"""
+from __future__ import annotations
+
+from .cli import ARG_DEFAULTS, EXTRA_GROUPS
+
+__all__ = ["parse_lora_arg", "add_lora_flags", "apply_recipe", "parse_lora_flags", "lora_specs"]
+
+_LORA_FLAGS = (("both", "lora"), ("high", "lora_high"), ("low", "lora_low"))
+
+
+def parse_lora_arg(text: str, expert: str = "both"):
+    """'PATH[:STRENGTH]' -> LoraSpec. The strength is taken after the last ':' only when it parses as a
+    float, so 'C:\\loras\\a.safetensors' and 'dir:with:colons/a.safetensors' stay whole paths."""
+    from wan.lora import LoraSpec
+
+    path, strength = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            strength = float(tail)
+            path = head
+        except ValueError:
+            pass
+    return LoraSpec(path=path, strength=strength, expert=expert)
+
+
+def add_lora_flags(parser) -> None:
+    """--lora / --lora_high / --lora_low (repeatable) and --recipe."""
+    from wan.lora import RECIPES
+
+    g = parser.add_argument_group("LoRA and few-step recipes")
+    a = g.add_argument
+    a("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+      help="LoRA .safetensors merged into both experts (repeatable)")
+    a("--lora_high", action="append", default=[], metavar="PATH[:STRENGTH]",
+      help="LoRA for the high-noise expert only (repeatable)")
+    a("--lora_low", action="append", default=[], metavar="PATH[:STRENGTH]",
+      help="LoRA for the low-noise expert only (repeatable)")
+    a("--recipe", default=None, choices=sorted(RECIPES),
+      help="few-step distilled setting: " + "; ".join(
+          f"{r.name} = {r.steps} steps, shift {r.shift:g}, guidance {r.guide_scale:g}, {r.solver}"
+          for r in RECIPES.values()) + " (explicit --sample_* flags win; default: none)")
+
+
+def apply_recipe(args) -> None:
+    """Fill the sampling flags the user left unset (None) from --recipe. A tool without a flag
+    (wan-benchmark has no --sample_shift) still gets the recipe's value."""
+    from wan.lora import RECIPES
+
+    r = RECIPES.get(getattr(args, "recipe", None) or "")
+    if r is None:
+        return
+    for attr, val in (("sample_steps", r.steps), ("sample_shift", r.shift),
+                      ("sample_guide_scale", r.guide_scale), ("sample_solver", r.solver)):
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, val)
+
+
+def parse_lora_flags(args) -> list:
+    """The LoRA flags -> [LoraSpec]; each file exists and is safetensors (LoraError, one line)."""
+    from wan.lora import check_loras
+
+    specs = [parse_lora_arg(t, e) for e, flag in _LORA_FLAGS for t in (getattr(args, flag, None) or [])]
+    check_loras(specs)
+    return specs
+
+
+def lora_specs(req) -> list:
+    """Request.extra["lora"] with every key and shape checked against the task's DiT (meta device,
+    no memory): call before building models. Raises LoraError (one line)."""
+    from wan.lora import check_loras
+
+    specs = req.extra.get("lora", [])
+    check_loras(specs, req.config.dit)
+    return specs
+
+
+EXTRA_GROUPS["lora"] = parse_lora_flags
+if apply_recipe not in ARG_DEFAULTS:
+    ARG_DEFAULTS.append(apply_recipe)
