@@ -322,6 +322,32 @@ def streamer_of(model) -> BlockStreamer | None:
     return getattr(model, "_block_streamer", None)
 
 
+def resolve_offload(offload: str | None, offload_model: bool | None, no_offload: bool, preset_mode: str,
+                    device_type: str, compile: bool | None) -> str:
+    """One offload mode from the flags: `--offload {none,model,blocks}`, the official
+    `--offload_model True/False` (= model / none) and `--no-offload` (= none); any two that
+    disagree are an error. Without any of them the preset's mode holds. Raises OffloadError."""
+    asked = []
+    if offload is not None:
+        asked.append((f"--offload {offload}", offload))
+    if offload_model is not None:
+        asked.append((f"--offload_model {offload_model}", "model" if offload_model else "none"))
+    if no_offload:
+        asked.append(("--no-offload", "none"))
+    for flag, mode in asked[1:]:
+        if mode != asked[0][1]:
+            raise OffloadError(f"{asked[0][0]} conflicts with {flag}: give one of them")
+    mode = asked[0][1] if asked else preset_mode
+    if mode not in OFFLOAD_MODES:
+        raise OffloadError(f"unknown offload mode {mode!r}; choose from {', '.join(OFFLOAD_MODES)}")
+    if asked and mode != "none" and device_type != "cuda":
+        raise OffloadError(f"{asked[0][0]} needs a CUDA GPU, and none is in use (device {device_type})")
+    if mode == "blocks" and compile:
+        raise OffloadError("--offload blocks does not work with --compile (compiled blocks run the streaming "
+                           "hooks inside the graph): use one or the other")
+    return mode if device_type == "cuda" else "none"
+
+
 def _on_device(model: nn.Module, device) -> bool:
     d, want = model.patch_embedding.weight.device, torch.device(device)
     return d.type == want.type and (want.index is None or d.index == want.index)
