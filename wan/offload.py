@@ -134,6 +134,8 @@ class BlockStreamer:
         self.cuda = device.type == "cuda"
         self.pin = self.cuda if pin is None else bool(pin)
         self.stats = StreamStats()
+        self._registered: set[int] = set()
+        self._warned_pin = False
 
         # host side: one flat buffer per block, parameters re-pointed at views of it
         self.entries: list[list[_Entry]] = []
@@ -146,7 +148,7 @@ class BlockStreamer:
                 n = t.numel() * t.element_size()
                 entries.append(_Entry(t, off, n, t.dtype, tuple(t.shape)))
                 off = _align(off + n)
-            flat = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=self.pin)
+            flat = self._host_buffer(max(off, _ALIGN))
             for e in entries:
                 _view(flat, e).copy_(e.tensor.data)
                 e.tensor.data = _view(flat, e)  # the original storage (CPU or device) is released here
@@ -170,6 +172,32 @@ class BlockStreamer:
             self._handles.append(blk.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(blk.register_forward_hook(self._make_post(i)))
         model._block_streamer = self
+
+    # ------------------------------------------------------------------ host memory
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A byte buffer in host memory, page-locked when `pin`. Pinning registers a plain
+        allocation (cudaHostRegister) rather than asking torch's pinned allocator, which rounds
+        every request up to a power of two (a 0.70 GB block would lock 1.07 GB)."""
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        if not self.pin:
+            return flat
+        rt = torch.cuda.cudart()
+        if rt.cudaHostRegister(flat.data_ptr(), nbytes, 0) == rt.cudaError.success:
+            self._registered.add(flat.data_ptr())
+            return flat
+        if not self._warned_pin:
+            log.warning("cudaHostRegister failed: pinning through torch's allocator (rounds sizes up to 2^k)")
+            self._warned_pin = True
+        return flat.pin_memory()
+
+    def _free_host(self, i: int) -> None:
+        """Drop block i's host buffer (unregistering it first when it was registered)."""
+        flat = self.host[i]
+        if flat is not None and flat.data_ptr() in self._registered:
+            rt = torch.cuda.cudart()
+            rt.cudaHostUnregister(flat.data_ptr())
+            self._registered.discard(flat.data_ptr())
+        self.host[i] = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -295,12 +323,14 @@ class BlockStreamer:
             h.remove()
         self._handles = []
         self.release_ring()
-        for i in range(self.n):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read the host buffers
+        for i in range(self.n):  # block by block: the host never holds two copies of the model
             flat = self.host[i]
             for e in self.entries[i]:
                 v = _view(flat, e)
                 e.tensor.data = v.clone() if device.type == "cpu" else v.to(device)
-            self.host[i] = None  # pinned memory goes back block by block
+            self._free_host(i)
         self.host = []
         self.place(device)
         self.model._block_streamer = None

@@ -52,6 +52,8 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
     so it compiles once). The patched Triton kernels are custom ops, traced without breaks."""
     if mode not in COMPILE_MODES:
         raise AccelError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
+    if getattr(model, "_block_streamer", None) is not None:
+        raise AccelError("--compile does not work with --offload blocks: use one or the other")
     for blk in model.blocks:
         blk.compile(mode=mode, dynamic=dynamic)
     return model
@@ -71,6 +73,7 @@ class Preset:
     triton: bool = True
     min_mem_gb: float = 0.0
     note: str = ""
+    offload: str = ""  # "blocks": stream the DiT blocks (wan.offload); "" follows offload_model
 
 
 # Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
@@ -85,14 +88,18 @@ PRESETS = {p.name: p for p in (
     Preset("h200", offload_model=False, t5_cpu=False, min_mem_gb=120,
            note="both bf16 experts (57 GB) and the T5 (11 GB) stay resident"),
     Preset("h100", offload_model=True, t5_cpu=False, min_mem_gb=75,
-           note="one expert resident; the idle one waits in CPU memory"),
+           note="one expert resident (28.6 GB + 12.5 GB of 720p activations + T5 11 GB); the idle one waits "
+                "in CPU memory"),
     Preset("a100-80g", offload_model=True, t5_cpu=False, min_mem_gb=75,
            note="one expert resident; the idle one waits in CPU memory"),
-    Preset("a100-40g", offload_model=True, t5_cpu=True, min_mem_gb=38,
-           note="one expert resident, T5 on CPU"),
-    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44, note="one expert resident, T5 on CPU"),
-    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22,
-           note="an A14B expert needs 28.6 GB in bf16: only smaller models fit in 24 GB"),
+    Preset("a100-40g", offload_model=True, t5_cpu=False, min_mem_gb=38, offload="blocks",
+           note="one resident expert at 720p needs 41.1 GB: blocks stream from pinned CPU memory (~15 GB), "
+                "T5 stays on the GPU"),
+    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44,
+           note="one expert resident (41.1 GB at 720p), T5 on CPU"),
+    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22, offload="blocks",
+           note="A14B at 720p in 24 GB: blocks stream from pinned CPU memory (57 GB of host RAM for both "
+                "experts), T5 on CPU"),
     Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
 )}
 
@@ -112,6 +119,25 @@ def detect_preset(device=None) -> Preset:
         if mem >= p.min_mem_gb:
             return p
     return PRESETS["rtx4090"]
+
+
+def preset_flags(p: Preset) -> str:
+    """The CLI flags a preset amounts to, for messages."""
+    mode = p.offload or ("model" if p.offload_model else "none")
+    return f"--offload {mode}" + (" --t5_cpu" if p.t5_cpu else "")
+
+
+def oom_hint(device=None) -> str:
+    """What to try after an out-of-memory error: the preset that fits this GPU, else the
+    smallest footprint (block streaming, T5 on CPU: 1280*720 fits 24 GB)."""
+    try:
+        p = detect_preset(device)
+    except (RuntimeError, AssertionError):
+        p = PRESETS["cpu"]
+    small = "--offload blocks --t5_cpu (fits 24 GB at 1280*720)"
+    if p.name == "cpu":
+        return f"try {small}"
+    return f"try --preset {p.name} ({preset_flags(p)}), or if that ran, {small}"
 
 
 def flags_preset(device) -> Preset:
@@ -174,12 +200,17 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
                    tf32=p.tf32 if tf32 is None else tf32,
                    use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
                    offload_model=p.offload_model and on_cuda,
+                   offload=(p.offload or ("model" if p.offload_model else "none")) if on_cuda else "none",
                    compile_mode=compile_mode, attention=attention)
     if not on_cuda:  # explicit CUDA-only requests are errors; preset defaults just turn off
         for opt, asked in (("compile", compile), ("tf32", tf32)):
             if asked:
                 raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
             applied[opt] = False
+    if applied["offload"] == "blocks" and compile:
+        raise AccelError(f"--compile does not work with block streaming (preset {p.name}): use one or the other")
+    if applied["offload"] == "blocks":
+        applied["compile"] = False
     if on_cuda and not applied["offload_model"]:
         need = resident_gb(pipeline)
         gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample_solver", default="unipc", help="unipc or dpm++")
     a("--base_seed", type=int, default=-1, help="-1: random (the demo uses its fixed seed)")
     a("--offload_model", type=parse_bool, default=None, help="move the idle expert to CPU (CUDA only)")
+    add_offload_flag(p)
     a("--t5_cpu", action="store_true", help="run the text encoder on CPU")
     a("--convert_model_dtype", action="store_true", help="convert DiT weights to bf16 (official flag)")
     a("--save_file", default=None, help="output .mp4 path")
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     a("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def add_offload_flag(p: argparse.ArgumentParser) -> None:
+    """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
+    official --offload_model True; `blocks` streams each block from pinned host memory (wan.offload)."""
+    from wan.offload import OFFLOAD_MODES
+
+    p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
+                   help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
+                        "True); blocks: stream the DiT blocks from pinned CPU memory (fits 24 GB at 720p)")
 
 
 def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
@@ -116,6 +127,12 @@ def check_common(args, default_task: str):
     steps = config.sample_steps if args.sample_steps is None else args.sample_steps
     if steps < 1:
         raise CLIError(f"--sample_steps must be >= 1, got {steps}")
+    from wan.offload import OffloadError, resolve_offload
+    try:  # conflicting offload flags first, then CUDA-only ones
+        resolve_offload(getattr(args, "offload", None), args.offload_model, getattr(args, "no_offload", False),
+                        "none", device.type, args.compile)
+    except OffloadError as err:
+        raise CLIError(str(err)) from None
     cuda_only = [f for f, on in (("--offload_model True", args.offload_model), ("--tf32", args.tf32),
                                  ("--compile", args.compile), ("--no-offload", getattr(args, "no_offload", False)))
                  if on]
@@ -124,6 +141,17 @@ def check_common(args, default_task: str):
     if device.type != "cuda" and cuda_only:
         raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
     return config.name, config, device, f"{w}*{h}", frame_num, steps
+
+
+def resolve_offload_args(args, preset, device) -> str:
+    """The offload mode of a run: the flags, else the preset's (Preset.offload)."""
+    from wan.offload import OffloadError, resolve_offload
+
+    pmode = getattr(preset, "offload", "") or ("model" if preset.offload_model else "none")
+    try:
+        return resolve_offload(args.offload, args.offload_model, args.no_offload, pmode, device.type, args.compile)
+    except OffloadError as err:
+        raise CLIError(str(err)) from None
 
 
 def run(args) -> Path:
@@ -145,6 +173,7 @@ def run(args) -> Path:
     else:
         preset = accel.flags_preset(device)
     t5_cpu = args.t5_cpu or preset.t5_cpu
+    mode = resolve_offload_args(args, preset, device)
     t0 = time.perf_counter()
     if demo:
         logging.info("no --ckpt_dir: running the built-in tiny demo model (random weights, seed %d)", seed)
@@ -158,6 +187,11 @@ def run(args) -> Path:
                              use_batched_cfg=True if args.use_batched_cfg else None, attention=args.attention)
     offload = applied["offload_model"] if args.offload_model is None else args.offload_model
     if args.no_offload:
+        offload = False
+    if mode != "blocks" and args.offload is not None:
+        offload = mode == "model"
+    if mode == "blocks":  # the idle expert's blocks simply stay in host memory
+        pipe.enable_block_streaming()
         offload = False
 
     video = pipe.generate(prompt, size=size, frame_num=frame_num, shift=args.sample_shift,
@@ -187,8 +221,8 @@ def main(argv=None) -> int:
         print(f"wan-generate: error: {err}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
-        print("wan-generate: error: out of GPU memory; try --preset auto, --offload_model True or --t5_cpu",
-              file=sys.stderr)
+        from wan_triton.accel import oom_hint
+        print(f"wan-generate: error: out of GPU memory; {oom_hint()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("wan-generate: interrupted", file=sys.stderr)
