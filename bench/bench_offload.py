@@ -207,6 +207,7 @@ def main(argv=None) -> int:
           f"{rss0:.1f} -> {res['host_rss_after_pin_gb']:.1f} GB, GPU now {res['gpu_alloc_after_pin_gb']:.2f} GB",
           flush=True)
     hs = handles[0]
+    hs.timing = True  # time each copy on the copy stream (achieved H2D bandwidth while streaming)
 
     for cap in sorted(caps):
         _set_cap(cap, total)
@@ -224,8 +225,10 @@ def main(argv=None) -> int:
                            fits=pk["peak_reserved_gb"] <= cap, streamed_gb=_gb(hs.stats.bytes - b0),
                            copies=hs.stats.copies - c0)
                 row["stream_demand_gbps"] = row["streamed_gb"] / sec
+                row["copy_s"], row["h2d_achieved_gbps"] = hs.copy_bandwidth()
                 del c, u
             except torch.cuda.OutOfMemoryError:
+                hs.copy_bandwidth()
                 row.update(step_s=None, equal=None, oom=True, fits=False)
                 torch.cuda.empty_cache()
             ref = next(r for r in res["rows"] if r["mode"] == "resident" and r["size"] == row["size"])
@@ -266,14 +269,15 @@ def main(argv=None) -> int:
           f"H2D pinned {res['h2d']['pinned_gbps']:.1f} GB/s, pageable {res['h2d']['pageable_gbps']:.1f} GB/s | "
           f"host peak RSS {res['host_peak_rss_gb']:.1f} GB")
     print(f"{'mode':<14}{'cap GB':>7}{'size':>10}{'step s':>8}{'vs res':>8}{'alloc GB':>9}{'resv GB':>9}"
-          f"{'fits':>6}{'equal':>7}")
+          f"{'fits':>6}{'equal':>7}{'H2D GB/s':>9}")
     for r in res["rows"]:
         cap = "-" if r["cap_gb"] is None else f"{r['cap_gb']:g}"
         st = "OOM" if r.get("step_s") is None else f"{r['step_s']:.2f}"
         sd = f"{r['slowdown_pct']:+.1f}%" if "slowdown_pct" in r else "-"
         fits = "-" if "fits" not in r else ("yes" if r["fits"] else "NO")
         print(f"{r['mode']:<14}{cap:>7}{r['size']:>10}{st:>8}{sd:>8}{r.get('peak_alloc_gb', math.nan):>9.1f}"
-              f"{r.get('peak_reserved_gb', math.nan):>9.1f}{fits:>6}{str(r.get('equal')):>7}")
+              f"{r.get('peak_reserved_gb', math.nan):>9.1f}{fits:>6}{str(r.get('equal')):>7}"
+              f"{r.get('h2d_achieved_gbps', math.nan):>9.1f}")
     if res["generation"]:
         g = res["generation"]
         print(f"generation {g['size']} x{g['steps']} steps {g.get('experts')}: latents equal "

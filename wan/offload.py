@@ -136,6 +136,8 @@ class BlockStreamer:
         self.stats = StreamStats()
         self._registered: set[int] = set()
         self._warned_pin = False
+        self.timing = False  # True: time every copy with CUDA events (copy_bandwidth())
+        self._timed: list = []
 
         # host side: one flat buffer per block, parameters re-pointed at views of it
         self.entries: list[list[_Entry]] = []
@@ -208,6 +210,17 @@ class BlockStreamer:
     def ring_bytes(self) -> int:
         return self.k * self.block_bytes
 
+    def copy_bandwidth(self) -> tuple[float, float]:
+        """(seconds spent copying, GB/s) over the copies timed since `timing` was set (CUDA);
+        synchronises. Each copy is timed from after its wait for the slot to its end."""
+        if not self._timed:
+            return 0.0, 0.0
+        torch.cuda.synchronize(self.device)
+        sec = sum(a.elapsed_time(b) for a, b, _ in self._timed) / 1e3
+        nbytes = sum(n for _, _, n in self._timed)
+        self._timed = []
+        return sec, nbytes / sec / 1e9
+
     def in_ring(self) -> int:
         """Blocks whose weights the ring holds now (issued and not yet overwritten)."""
         return sum(o is not None for o in self.owner)
@@ -255,10 +268,15 @@ class BlockStreamer:
             with torch.cuda.stream(self.copy_stream):
                 if self.free[s] is not None:
                     self.copy_stream.wait_event(self.free[s])
+                start = torch.cuda.Event(enable_timing=True) if self.timing else None
+                if start is not None:
+                    start.record(self.copy_stream)  # after the wait: the pair times the copy alone
                 ring[s][:n].copy_(self.host[j], non_blocking=True)
-                ev = torch.cuda.Event()
+                ev = torch.cuda.Event(enable_timing=self.timing)
                 ev.record(self.copy_stream)
             self.ready[s] = ev
+            if start is not None:
+                self._timed.append((start, ev, n))
         else:
             ring[s][:n].copy_(self.host[j])
         self.owner[s] = j
