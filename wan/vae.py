@@ -100,14 +100,19 @@ class CausalConv3d(nn.Conv3d):
         self.front_pad = 2 * pt
         self.padding = (0, ph, pw)  # spatial padding inside the conv: no padded copy
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
-        front = self.front_pad
+    def causal_input(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """What the conv sees: [zeros, past, x] (2*pt frames in front of x), built in one
+        allocation (a cat then a pad would hold two copies of the chunk at once)."""
+        front, parts = self.front_pad, [x]
         if past is not None and front > 0:
-            x = torch.cat([past.to(x.device, x.dtype), x], dim=2)
+            parts.insert(0, past.to(x.device, x.dtype))
             front -= past.shape[2]
         if front > 0:
-            x = F.pad(x, (0, 0, 0, 0, front, 0))
-        return super().forward(x)
+            parts.insert(0, x.new_zeros(*x.shape[:2], front, *x.shape[3:]))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else x
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(self.causal_input(x, past))
 
 
 class RMSNorm(nn.Module):
