@@ -77,9 +77,10 @@ def _cached_conv(conv: "CausalConv3d", x: torch.Tensor, cache: FeatureCache | No
         keep = torch.cat([past[:, :, -1:], keep], dim=2)
     else:
         keep = keep.clone()  # a slice would pin the whole chunk in memory
-    out = conv(x, past)
-    cache.write(keep)
-    return out
+    cache.write(keep)  # the slot lets go of the previous frames before the conv runs
+    x = conv.causal_input(x, past)  # [zeros, past, x]; the chunk and `past` are no longer held here
+    del past
+    return nn.Conv3d.forward(conv, x)  # a module call would keep its arguments alive during the conv
 
 
 # --------------------------------------------------------------------------------------
