@@ -182,23 +182,72 @@ def test_resolve_offload_choices():
     assert resolve_offload(**{**base, "device_type": "cpu"}, preset_mode="none") == "none"
 
 
+@pytest.mark.parametrize("tool", ["wan-generate", "wan-benchmark"])
 @pytest.mark.parametrize("args,msg", [
-    (["--offload", "blocks"], "needs a CUDA GPU"),
-    (["--offload", "blocks", "--offload_model", "True"], "conflicts"),
+    (["--offload", "blocks"], "--offload blocks needs a CUDA GPU"),
+    (["--offload", "model", "--offload_model", "False"], "conflicts"),
     (["--offload", "sideways"], "invalid choice"),
 ])
-def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, args, msg):
-    from wan_triton.generate import main
+def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, args, msg):
+    """Both CLIs take --offload (wan_triton.cli.add_offload_flags); parse_request checks it
+    (EXTRA_GROUPS["offload"]) before any model is built: one line, exit 2, no file."""
+    from wan.pipeline import WanT2V
 
-    out = tmp_path / "x.mp4"
+    def no_build(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(WanT2V, "from_preset", no_build)
+    if tool == "wan-generate":
+        from wan_triton.generate import main
+        out = ["--save_file", str(tmp_path / "x.mp4")]
+    else:
+        from bench.benchmark_t2v import main
+        out = ["--out_dir", str(tmp_path / "o")]
     try:
-        rc = main(args + ["--device", "cpu", "--quiet", "--save_file", str(out)])
+        rc = main(args + ["--device", "cpu", "--quiet"] + out)
     except SystemExit as exit_:  # argparse's own errors
         rc = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
-    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_parse_request_offload_mode():
+    """Request.extra["offload"]: the flags as one mode, None when none is given (the preset decides)."""
+    import argparse
+
+    from wan_triton import cli
+
+    def req(**kw):
+        base = dict(device="cpu", preset="none", offload=None, offload_model=None, no_offload=False, compile=None)
+        return cli.parse_request(argparse.Namespace(**{**base, **kw}), "tiny").extra["offload"]
+
+    assert req() is None
+    assert req(offload="none") == "none" and req(offload_model=False) == "none"
+
+
+def test_optimize_offload_field():
+    """optimize() reports the offload decision in the frozen Optimized (a field, not a dict key);
+    asking for streaming without CUDA is an AccelError (one line, exit 2 in the CLIs)."""
+    import wan_triton
+    from wan.pipeline import WanT2V
+    from wan_triton.accel import AccelError, Optimized
+
+    pipe = WanT2V.from_preset("tiny", device="cpu")
+    try:
+        res = wan_triton.optimize(pipe, "none", triton=False)
+        assert isinstance(res, Optimized) and (res.offload, res.offload_model) == ("none", False)
+        assert "idle expert offloaded to CPU: no" in res.summary()
+        with pytest.raises(AccelError, match="--offload blocks needs a CUDA GPU"):
+            wan_triton.optimize(pipe, "none", triton=False, offload="blocks")
+        pipe.enable_block_streaming()  # on CPU the ring is plain tensors: optimize() keeps it and says so
+        res = wan_triton.optimize(pipe, "none", triton=False)
+        assert res.offload == "blocks" and not res.offload_model and "DiT blocks streamed" in res.summary()
+        with pytest.raises(AccelError, match="already streams"):
+            wan_triton.optimize(pipe, "none", triton=False, offload="model")
+    finally:
+        wan_triton.unpatch()
 
 
 @pytest.mark.gpu
