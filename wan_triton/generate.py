@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .cli import (DEMO_PROMPT, CLIError, OneLineParser, Request, add_accel_flags, add_model_flags,  # noqa: F401
-                  add_preset_flags, add_request_flags, default_output_name, parse_bool, parse_request, run_main,
-                  setup_logging)
+                  add_offload_flags, add_preset_flags, add_request_flags, default_output_name, parse_bool,
+                  parse_request, run_main, setup_logging)
 
 PROG = "wan-generate"
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's, on with CUDA "
            "without a preset)")
     a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     a("--quiet", action="store_true", help="no progress bars")
     from .lora_flags import add_lora_flags
@@ -77,11 +78,10 @@ def run(args) -> Path:
         pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=req.device, t5_cpu=t5_cpu,
                                       convert_model_dtype=req.convert_model_dtype, progress=not req.quiet)
     logging.info("loaded %s in %.1fs on %s", req.task, time.perf_counter() - t0, req.device)
-    apply_loras(pipe, loras)  # merged before optimize: kernels and compile see the merged weights
-    applied = accel.optimize(pipe, preset, **req.optimize_kwargs())
-    offload = applied.offload_model if req.offload_model is None else req.offload_model
-    if args.no_offload:
-        offload = False
+    apply_loras(pipe, loras)  # merged before optimize: kernels, compile and block streaming see the merged weights
+    # the offload flags, checked and made one mode by parse_request, win over the preset's
+    applied = accel.optimize(pipe, preset, offload=req.extra["offload"], **req.optimize_kwargs())
+    offload = applied.offload_model  # False when the blocks stream (optimize() turned that on)
 
     video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), offload_model=offload,
                           progress=not req.quiet)
