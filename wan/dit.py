@@ -65,18 +65,19 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return c - 2 * (c // 3), c // 3, c // 3
 
 
-def rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor) -> torch.Tensor:
+def rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor, token_offset: int = 0) -> torch.Tensor:
     """Per-token rotation multipliers for a batch: complex [B, seq_len, head_dim/2].
 
     Token n of sample b sits at (f, h, w) with n = f*H*W + h*W + w for its grid (F, H, W);
     its multiplier is concat(freqs_f[f], freqs_h[h], freqs_w[w]). Tokens past F*H*W
     (padding) get 1+0i, i.e. pass through unrotated. No loop over the batch.
+    Row n of the table is global token n + token_offset (a sequence-parallel shard).
     """
     device = freqs.device
     g = grid_sizes.to(device=device, dtype=torch.long).reshape(-1, 3)
     cf, ch, cw = rope_split(2 * freqs.shape[1])
     fr_f, fr_h, fr_w = freqs.split([cf, ch, cw], dim=1)
-    n = torch.arange(seq_len, device=device)[None, :]
+    n = torch.arange(token_offset, token_offset + seq_len, device=device)[None, :]
     gf, gh, gw = g[:, 0:1], g[:, 1:2], g[:, 2:3]
     hw = gh * gw
     valid = n < gf * hw
@@ -87,21 +88,22 @@ def rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor) -> t
     return torch.where(valid[..., None], table, torch.ones((), dtype=table.dtype, device=device))
 
 
-def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, token_offset: int = 0) -> torch.Tensor:
     """Wan 3-D RoPE on x [B, L, heads, head_dim]; adjacent pairs (x[2j], x[2j+1]) = re, im.
 
     out = x * exp(i*theta(token, j)) computed in float64/complex128, returned as float32,
-    same for every head; padding tokens unchanged (spec 2.6).
+    same for every head; padding tokens unchanged (spec 2.6). Token n of x has global index
+    n + token_offset.
     """
     B, L, H, D = x.shape
-    table = rope_table(grid_sizes, L, freqs.to(x.device))
+    table = rope_table(grid_sizes, L, freqs.to(x.device), token_offset)
     xc = torch.view_as_complex(x.to(torch.float64).reshape(B, L, H, D // 2, 2))
     return torch.view_as_real(xc * table[:, :, None, :]).flatten(3).float()
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, num_heads: int,
                   grid_sizes: torch.Tensor, freqs: torch.Tensor,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, token_offset: int = 0) -> torch.Tensor:
     """q/k path of self-attention: RMSNorm over the full width, split heads, RoPE.
 
     x [B, L, C] -> [B, L, num_heads, C/num_heads] in float32, or in `out_dtype` (the
@@ -109,7 +111,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, num_
     """
     if weight is not None:
         x = rms_norm(x, weight, eps)
-    out = rope_apply(x.unflatten(-1, (num_heads, -1)), grid_sizes, freqs)
+    out = rope_apply(x.unflatten(-1, (num_heads, -1)), grid_sizes, freqs, token_offset)
     return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -191,6 +193,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
+    sp = None  # wan.parallel.Ulysses while sequence parallel is on (x is then this rank's token shard)
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
@@ -205,10 +209,17 @@ class SelfAttention(nn.Module):
         return getattr(norm, "weight", None)
 
     def forward(self, x, seq_lens, grid_sizes, freqs, out_dtype):
-        q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
-        k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
+        sp = self.sp
+        rope_kw = {} if sp is None else {"token_offset": sp.token_offset(x.shape[1])}
+        q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
+                          **rope_kw)
+        k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
+                          **rope_kw)
         v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
-        o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
+        if sp is None:
+            o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
+        else:  # all-to-all to all tokens x heads/U, attention, all-to-all back
+            o = sp.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
         return self.o(o.flatten(2))
 
 
@@ -266,6 +277,8 @@ class Head(nn.Module):
 
 class WanModel(nn.Module):
     """One Wan 2.2 DiT expert. Keyword arguments are the official config.json fields."""
+
+    sp = None  # wan.parallel.Ulysses: set by wan.parallel.enable_sequence_parallel
 
     def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120,
                  ffn_dim=13824, freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40,
@@ -445,6 +458,9 @@ class WanModel(nn.Module):
             if seq_len < L:
                 raise ValueError(f"seq_len={seq_len} is shorter than the {L} video tokens")
             tokens = F.pad(tokens, (0, 0, 0, seq_len - L))
+        sp = self.sp
+        if sp is not None:  # Ulysses: pad to a multiple of U; this rank keeps its chunk of tokens
+            tokens = sp.pad(tokens)
         seq_lens = seq_lens.to(device)
 
         t = torch.as_tensor(t, device=device)
@@ -459,9 +475,11 @@ class WanModel(nn.Module):
 
         # mask padded keys only when a sample actually has padding
         k_lens = seq_lens if bool((seq_lens < tokens.shape[1]).any()) else None
-        h = tokens
+        h = tokens if sp is None else sp.shard(tokens)
         for block in self.blocks:
             h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
         out = self.head(h, e)
+        if sp is not None:
+            out = sp.gather(out)
         outs = [u.float() for u in self._unpatchify(out, grid_sizes)]
         return outs if is_list else torch.stack(outs)

@@ -79,6 +79,8 @@ class WanT2V:
     Build with `from_pretrained(ckpt_dir)` (official layout) or `from_preset(name)` (random weights).
     """
 
+    parallel = None  # wan.parallel.ParallelState under torchrun (set by wan.parallel.apply_to_pipeline)
+
     def __init__(self, config: T2VConfig, text_encoder, vae, low_noise_model, high_noise_model,
                  device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False):
         self.config = config
@@ -159,7 +161,8 @@ class WanT2V:
     def seq_len(self, latent_shape) -> int:
         _, f, h, w = latent_shape
         pt, ph, pw = self.config.dit.patch_size
-        return math.ceil((h * w) / (ph * pw) * f / pt)
+        u = self.parallel.ulysses_size if self.parallel is not None else 1  # official: a multiple of U
+        return math.ceil((h * w) / (ph * pw) * f / pt / u) * u
 
     def _expert(self, t: int, offload: bool):
         boundary = self.config.boundary * self.config.num_train_timesteps
@@ -207,6 +210,10 @@ class WanT2V:
         n_prompt = n_prompt or cfg.sample_neg_prompt
         if seed is None or seed < 0:
             seed = random.randint(0, sys.maxsize)
+        par = self.parallel
+        if par is not None:  # every rank draws rank 0's noise; only rank 0 shows progress and decodes
+            seed = par.broadcast_seed(seed)
+            progress = progress and par.is_main
         dev = self.device
         tm = Timings(device=dev.type)
         if dev.type == "cuda":
@@ -249,6 +256,8 @@ class WanT2V:
 
         if return_latents:
             out = latent
+        elif par is not None and not par.is_main:
+            out = None
         else:
             t0 = time.perf_counter()
             out = self.vae.decode(latent.unsqueeze(0))[0]
@@ -264,7 +273,11 @@ class WanT2V:
     def _guided(self, model, latent, t, context, context_null, seq_len, scale):
         """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2."""
         tt = t.reshape(1).to(self.device)
-        if self.use_batched_cfg:
+        par = self.parallel
+        if par is not None and par.cfg_parallel:  # this half runs one branch; one exchange per step
+            mine = model([latent], tt, context if par.cfg_rank == 0 else context_null, seq_len=seq_len)[0]
+            cond, uncond = par.exchange_cfg(mine)
+        elif self.use_batched_cfg:
             both = model(latent.unsqueeze(0).expand(2, *latent.shape), tt.expand(2),
                          [context[0], context_null[0]], seq_len=seq_len)
             cond, uncond = both[0], both[1]

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="hardware preset: offloading and T5 placement by GPU memory")
     a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
+    from wan.parallel import add_parallel_flags
+    add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -126,12 +128,14 @@ def check_common(args, default_task: str):
     return config.name, config, device, f"{w}*{h}", frame_num, steps
 
 
-def run(args) -> Path:
+def run(args) -> Path | None:
+    from wan import parallel
     from wan.pipeline import WanT2V, check_output_path, check_video_writer, save_video
     from wan_triton import accel
 
     demo = args.ckpt_dir is None
     task, config, device, size, frame_num, _ = check_common(args, "tiny" if demo else "t2v-A14B")
+    par = parallel.check_parallel_args(args, config.dit.num_heads, device, args.offload_model, args.t5_cpu)
     save = Path(args.save_file) if args.save_file else Path(_default_name(task, size, args.prompt or DEMO_PROMPT))
     if save.suffix.lower() != ".mp4":
         raise CLIError(f"--save_file must end in .mp4, got {save}")
@@ -144,7 +148,12 @@ def run(args) -> Path:
         preset = accel.get_preset(args.preset, device)
     else:
         preset = accel.flags_preset(device)
-    t5_cpu = args.t5_cpu or preset.t5_cpu
+    t5_cpu = (args.t5_cpu or preset.t5_cpu) and not par.t5_fsdp
+    state = None
+    if par.world > 1:  # under torchrun: join the group, one GPU per process
+        state = args._parallel_state = parallel.init_from_env(par.ulysses_size, par.cfg_parallel, par.timeout,
+                                                               device=device.type)
+        device = state.device
     t0 = time.perf_counter()
     if demo:
         logging.info("no --ckpt_dir: running the built-in tiny demo model (random weights, seed %d)", seed)
@@ -153,17 +162,24 @@ def run(args) -> Path:
         pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
                                       convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
     logging.info("loaded %s in %.1fs on %s", task, time.perf_counter() - t0, device)
+    if state is not None:
+        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
+        logging.info("%d processes: ulysses %d x cfg %d%s%s", state.world, par.ulysses_size,
+                     2 if par.cfg_parallel else 1, ", dit_fsdp" if par.dit_fsdp else "",
+                     ", t5_fsdp" if par.t5_fsdp else "")
     applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
                              compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
                              use_batched_cfg=True if args.use_batched_cfg else None, attention=args.attention)
     offload = applied["offload_model"] if args.offload_model is None else args.offload_model
-    if args.no_offload:
+    if args.no_offload or par.dit_fsdp:
         offload = False
 
     video = pipe.generate(prompt, size=size, frame_num=frame_num, shift=args.sample_shift,
                           sample_solver=args.sample_solver, sampling_steps=args.sample_steps,
                           guide_scale=args.sample_guide_scale, n_prompt=args.n_prompt, seed=seed,
                           offload_model=offload, progress=not args.quiet)
+    if state is not None and not state.is_main:
+        return None  # rank 0 decodes and writes
     save_video(video, save, fps=config.sample_fps)
     tm = pipe.last_timings
     logging.info("seed %d | %s", pipe.last_seed, tm.summary())
@@ -172,10 +188,14 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 logs
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     from wan.checkpoint import CheckpointError
+    from wan.parallel import ParallelError, destroy
     from wan.pipeline import InputError
     from wan_triton.accel import AccelError
 
@@ -183,9 +203,14 @@ def main(argv=None) -> int:
 
     try:
         run(args)
-    except (CLIError, InputError, CheckpointError, AccelError) as err:
-        print(f"wan-generate: error: {err}", file=sys.stderr)
+    except (CLIError, InputError, CheckpointError, AccelError, ParallelError) as err:
+        if rank == 0 or getattr(args, "_parallel_state", None) is not None:
+            print(f"wan-generate: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
+    except torch.distributed.DistError as err:  # a peer failed or a collective timed out
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"wan-generate: error (rank {rank}): distributed run failed: {first[:300]}", file=sys.stderr)
+        return 1
     except torch.cuda.OutOfMemoryError:
         print("wan-generate: error: out of GPU memory; try --preset auto, --offload_model True or --t5_cpu",
               file=sys.stderr)
@@ -193,6 +218,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("wan-generate: interrupted", file=sys.stderr)
         return 130
+    finally:
+        destroy(getattr(args, "_parallel_state", None))
     return 0
 
 
