@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
       help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
+    from wan.parallel import add_parallel_flags
+    add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
     a("--out_dir", default="bench/out")
@@ -430,6 +432,13 @@ def run(args, argv) -> tuple[dict, dict]:
     from wan_triton.generate import DEMO_PROMPT
 
     task, config, device, size, frame_num, steps = _validate(args)
+    from wan import parallel
+    par = parallel.check_parallel_args(args, config.dit.num_heads, device, args.offload_model, args.t5_cpu)
+    state = None
+    if par.world > 1:
+        state = args._parallel_state = parallel.init_from_env(par.ulysses_size, par.cfg_parallel, par.timeout,
+                                                               device=device.type)
+        device = state.device
     modes = MODES if args.mode == "both" else (args.mode,)
     preset = _optimized_preset(args, device) if "optimized" in modes else None
     t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
@@ -446,6 +455,10 @@ def run(args, argv) -> tuple[dict, dict]:
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)
     build_s = time.perf_counter() - t0
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
+    if state is not None:
+        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
+        if par.dit_fsdp:
+            args.offload_model = False
 
     req = dict(prompt=args.prompt or DEMO_PROMPT, size=size, frame_num=frame_num, sample_solver=args.sample_solver,
                sampling_steps=steps, seed=args.base_seed, progress=not args.quiet)
@@ -501,11 +514,15 @@ def run(args, argv) -> tuple[dict, dict]:
                     sample_steps=steps, full_steps=config.sample_steps, sample_solver=args.sample_solver,
                     prompt=req["prompt"], base_seed=args.base_seed, num_runs=args.num_runs, warmup=args.warmup,
                     decode=decode, device=str(device), build_s=build_s,
-                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num))),
+                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num)),
+                    parallel=dict(world=par.world, ulysses_size=par.ulysses_size, cfg_parallel=par.cfg_parallel,
+                                  dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)),
         modes={k: v.to_dict() for k, v in results.items()},
         comparison=cmp_,
         environment=environment(device, argv),
     )
+    if state is not None and not state.is_main:
+        return report, {}  # rank 0 writes
     try:
         paths = write_outputs(report, Path(args.out_dir), name)
     except CLIError:
@@ -518,18 +535,21 @@ def main(argv=None) -> int:
     """Console entry point (`wan-benchmark`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 logs and prints
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from wan.checkpoint import CheckpointError
+    from wan.parallel import ParallelError, destroy
     from wan.pipeline import InputError
     from wan_triton.accel import AccelError
     from wan_triton.patch import PatchError
 
     try:
         report, paths = run(args, argv)
-    except (CLIError, InputError, CheckpointError, AccelError, PatchError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
+        if rank == 0 or getattr(args, "_parallel_state", None) is not None:
+            print(f"{PROG}: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -543,6 +563,10 @@ def main(argv=None) -> int:
             raise
         print(f"{PROG}: error: out of memory: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
+    finally:
+        destroy(getattr(args, "_parallel_state", None))
+    if rank != 0:
+        return 0
     print(markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0

@@ -370,7 +370,7 @@ def check_parallel_args(args, num_heads: int, device: torch.device, offload_mode
     if world != req.world:
         what = f"--ulysses_size {req.ulysses_size}" + (" x 2 (--cfg_parallel)" if req.cfg_parallel else "")
         raise ParallelError(f"torchrun started {world} processes, but {what} needs {req.world} "
-                            f"(N must equal ulysses_size x {'2' if req.cfg_parallel else '1'})")
+                            f"(N must equal ulysses_size x 2 with --cfg_parallel, else ulysses_size)")
     if (req.dit_fsdp or req.t5_fsdp) and world == 1:
         raise ParallelError("--dit_fsdp/--t5_fsdp need more than one process")
     if req.dit_fsdp and offload_model:
