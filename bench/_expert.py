@@ -2,6 +2,7 @@
 forward, shapes derived from the config (VAE stride, patch size, latent channels, text width)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,7 +15,7 @@ def build_expert(device, layers: int | None = None, config=None):
 
     cfg = (config or T2V_A14B).dit
     if layers is not None:
-        cfg = cfg.__class__(**{**cfg.__dict__, "num_layers": layers})
+        cfg = dataclasses.replace(cfg, num_layers=layers)
     return WanModel.from_config(cfg, device=device, dtype=torch.bfloat16, seed=0, zero_head=False)
 
 

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from bench._util import rel_err
+
 
 def _timed(fn, runs: int, warmup: int):
     for _ in range(warmup):
@@ -30,9 +32,6 @@ def _timed(fn, runs: int, warmup: int):
     return out, statistics.median(times), times, torch.cuda.max_memory_allocated() / 1e9
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def main(argv=None):
@@ -95,7 +94,9 @@ def main(argv=None):
         if set(modes) & {"patched", "cfg", "compiled"}:
             wan_triton.patch(attention=args.attention, strict=True)
         if "patched" in modes:
+            wan_triton.reset_kernel_stats()
             out, row["patched_s"], row["patched_runs"], row["patched_peak_gb"] = _timed(fwd, args.runs, args.warmup)
+            row["patched_kernel_launches"] = {op: s["launches"] for op, s in wan_triton.kernel_stats().items()}
             if ref is not None:
                 row["patched_rel_err"] = rel_err(out, ref)
             print(f"[{size}] patched {row['patched_s']:.3f}s peak {row['patched_peak_gb']:.1f} GB "

@@ -72,21 +72,15 @@ def _checksum(model) -> float:
 
 
 def _maybe_patch(enabled: bool, log) -> bool:
-    """Triton kernels when asked and when they take token_offset (Ulysses shards need it)."""
-    import inspect
-
+    """Triton kernels when asked (they take the Ulysses shard's token_offset); reference ops, said
+    once, where they cannot run."""
     if not enabled:
         return False
-    import wan.dit
     import wan_triton
     try:
         wan_triton.patch()
     except Exception as err:  # noqa: BLE001 - no Triton / no CUDA: reference ops, said once
         log(f"kernels not used: {err}")
-        return False
-    if "token_offset" not in inspect.signature(wan.dit.rms_norm_rope).parameters:
-        wan_triton.unpatch()
-        log("kernels not used: this kernels/ version has no token_offset (Ulysses needs it); reference ops")
         return False
     return True
 

@@ -42,50 +42,46 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from wan_triton.generate import CLIError, check_common
+from bench._util import band, rel_err
+from wan_triton.cli import CLIError, parse_request
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
+DEFAULT_OUT_DIR = "bench/out"
 log = logging.getLogger("wan.benchmark")
 
 
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.accel import PRESETS
-    from wan_triton.generate import OneLineParser, add_accel_flags, parse_bool
+    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_parallel_flags,
+                                add_preset_flags, add_request_flags, parse_bool)
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--mode", default="both", choices=["reference", "optimized", "both"])
+    a("--mode", default="both", choices=["reference", "optimized", "both"],
+      help="which modes to run: the reference (official state), the optimized one, or both and compare")
     a("--num_runs", type=int, default=3, help="timed generations per mode (median reported)")
     a("--warmup", type=int, default=1, help="untimed generations per mode before timing")
     # what to generate
-    a("--task", default=None, help="t2v-A14B (default with --ckpt_dir / --random-weights) or tiny (default without)")
-    a("--ckpt_dir", default=None, help="official Wan2.2-T2V-A14B folder")
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
+                                 "(default without)",
+                    ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
     a("--random-weights", dest="random_weights", action="store_true",
-      help="build the preset at its real shapes with random weights (no checkpoint needed)")
-    a("--convert_model_dtype", action="store_true", help="with --ckpt_dir: DiT weights to bf16 (official flag)")
-    a("--size", default=None, help="WIDTH*HEIGHT (default: the preset's)")
-    a("--frame_num", type=int, default=None, help="4n+1 (default: the preset's)")
-    a("--sample_steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    a("--sample_solver", default="unipc", help="unipc or dpm++")
-    a("--prompt", default=None, help="text prompt (default: the demo prompt)")
-    a("--base_seed", type=int, default=42, help="one seed for every run of both modes")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--t5_cpu", action="store_true", help="text encoder on CPU (both modes)")
+      help="build the task at its real shapes with random weights (no checkpoint needed)")
+    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes", guidance=False)
     # optimization (wan_triton), as in wan-generate
-    a("--preset", default="auto", choices=["auto", "none", *PRESETS],
-      help="hardware preset for the optimized mode (default auto; none: only what the flags say)")
+    add_preset_flags(p, default="auto")
     add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
-      help="move the idle expert to CPU, in both modes (CUDA only; default: official for reference, preset for optimized)")
-    from wan.parallel import add_parallel_flags
+      help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
+           "reference, preset for optimized)")
     add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
-    a("--out_dir", default="bench/out")
-    a("--name", default=None, help="file stem (default benchmark_<task>_<size>_<timestamp>)")
+    a("--out_dir", default=DEFAULT_OUT_DIR,
+      help=f"folder for <name>.json/.md/.png (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
+    a("--name", default=None, help="file stem (default: benchmark_<task>_<W>x<H>_<timestamp>)")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -116,14 +112,6 @@ class ModeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| in float64 (b is the reference)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    den = b.norm().item()
-    num = (a - b).norm().item()
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def psnr_uint8(a, b) -> float:
@@ -157,13 +145,6 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
 
 # ------------------------------------------------------------------ running
 
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _one_run(pipe, req: dict, decode: bool):
     """One generation: latents from generate(), decoded here (timed, synchronised).
     Returns (Timings, latents on CPU, decoded video or None)."""
@@ -174,12 +155,8 @@ def _one_run(pipe, req: dict, decode: bool):
     video = None
     if decode:
         dev = pipe.device
-        _sync(dev)
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), tm.measure("decode"):
             video = pipe.vae.decode(latents.unsqueeze(0))[0]
-        _sync(dev)
-        tm.decode = time.perf_counter() - t0
         tm.total += tm.decode
         if dev.type == "cuda":  # generate reset the peak at its start; include the decode
             tm.peak_mem_gb = max(tm.peak_mem_gb, torch.cuda.max_memory_allocated(dev) / 1e9)
@@ -275,6 +252,84 @@ def _psnr_json(p):
     return "inf" if math.isinf(p) else p
 
 
+# settings that change what is computed or where it runs; with none of them different and nothing
+# patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
+_SAME_FLAGS = ("use_batched_cfg", "offload_model", "t5_cpu", "attention")
+
+
+def same_computation(ref: dict, opt: dict) -> bool:
+    """True when the optimized settings change nothing: no kernel patched, no compile, no TF32,
+    and the same CFG batching, offloading, T5 placement and attention backend as the reference."""
+    nothing_patched = not opt.get("triton") or not opt.get("patched")
+    return (nothing_patched and not opt.get("compile") and not opt.get("tf32")
+            and all(ref.get(k) == opt.get(k) for k in _SAME_FLAGS))
+
+
+def run_spread(mode: dict) -> dict:
+    """The run-to-run band of one mode (a ModeResult dict): min-max of the run totals when there
+    are >= 2 timed runs, else the interquartile range of the per-step times of the one run.
+    `rel` = band width / median, `n` = the number of values behind it."""
+    runs = mode["runs"]
+    if len(runs) >= 2:
+        vals = [r["total"] for r in runs]
+        lo, hi = band(vals)
+        basis = f"min-max of {len(vals)} run totals"
+    else:
+        vals = [s for r in runs for s in r["steps"]]
+        lo, hi = band(vals, robust=True)
+        basis = f"IQR of {len(vals)} per-step times"
+    mid = statistics.median(vals)
+    return dict(basis=basis, lo=lo, hi=hi, rel=(hi - lo) / mid if mid > 0 else 0.0, n=len(vals))
+
+
+def timing_verdict(ref: dict, opt: dict) -> dict:
+    """Whether the two modes' times differ measurably. verdict: 'same' (same computation: no
+    speed-up to report), 'noise' (the run-to-run bands overlap: no measurable difference),
+    'measured' (disjoint bands: the ratio means something), 'untested' (one value per mode)."""
+    sr, so = run_spread(ref), run_spread(opt)
+    if same_computation(ref["settings"], opt["settings"]):
+        verdict = "same"
+    elif min(sr["n"], so["n"]) < 2:
+        verdict = "untested"
+    elif sr["lo"] <= so["hi"] and so["lo"] <= sr["hi"]:
+        verdict = "noise"
+    else:
+        verdict = "measured"
+    return dict(verdict=verdict, same_computation=verdict == "same", spread=dict(reference=sr, optimized=so))
+
+
+def speedup_text(report: dict, short: bool = False) -> str:
+    """The speed-up sentence of the Markdown report (or, `short`, of the chart title): a ratio is
+    given only next to the run-to-run spread, and never for the same computation or inside the noise."""
+    cmp_, modes = report["comparison"], report["modes"]
+    sp = cmp_["spread"]
+    pct = 100 * max(sp["reference"]["rel"], sp["optimized"]["rel"])
+    basis = sp["reference"]["basis"]
+    verdict = cmp_["verdict"]
+    if verdict == "same":
+        if short:
+            return "same computation in both modes"
+        return (f"no speed-up to report: both modes ran the same computation (nothing patched, same flags); "
+                f"run-to-run spread {pct:.1f}% ({basis})")
+    if verdict == "noise":
+        if short:
+            return f"no measurable difference (within spread {pct:.0f}%)"
+        return (f"no measurable difference (within run-to-run spread {pct:.1f}%: {basis}); median totals "
+                f"{modes['reference']['total']:.2f} s and {modes['optimized']['total']:.2f} s")
+    total = cmp_["speedup_total"]
+    if verdict == "untested":
+        if short:
+            return f"{total:.2f}x (one run, spread unknown)"
+        return (f"speedup (median total): {total:.2f}x, not tested against run-to-run noise "
+                f"(one timed value per mode; --num_runs 3 measures the spread)")
+    if short:
+        return f"speedup {total:.2f}x (spread {pct:.0f}%)"
+    return (f"speedup (median total): **{total:.2f}x**; per step: {cmp_['speedup_per_step']:.2f}x; "
+            f"{report['config']['full_steps']}-step video: {cmp_['speedup_extrapolated']:.2f}x; "
+            f"run-to-run spread: reference {100 * sp['reference']['rel']:.1f}%, optimized "
+            f"{100 * sp['optimized']['rel']:.1f}% ({basis}; the bands do not overlap)")
+
+
 def markdown(report: dict) -> str:
     """The Markdown summary: header, the table, speedup / parity / method lines."""
     c, cmp_, env = report["config"], report["comparison"], report["environment"]
@@ -289,9 +344,7 @@ def markdown(report: dict) -> str:
                      f"{_fmt(m['total'])} | {_fmt(m['extrapolated_s'])} | {peak} |")
     lines.append("")
     if cmp_["speedup_total"] is not None:
-        lines.append(f"- speedup (median total): **{cmp_['speedup_total']:.2f}x**; per step: "
-                     f"{cmp_['speedup_per_step']:.2f}x; {c['full_steps']}-step video: "
-                     f"{cmp_['speedup_extrapolated']:.2f}x")
+        lines.append(f"- {speedup_text(report)}")
         psnr = cmp_["psnr_db"]
         psnr_s = "n/a (no decode)" if psnr is None else ("inf dB (identical)" if psnr == "inf" else f"{psnr:.2f} dB")
         lines.append(f"- parity (seed {c['base_seed']}, optimized vs reference): latents rel err "
@@ -316,7 +369,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Stacked horizontal bars of stage times per mode, and the per-step times of the median run."""
+    """Stacked horizontal bars of the median run's stage times per mode (the label is that run's
+    total, where its bar ends), and the per-step times of the median run."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -326,21 +380,24 @@ def plot(report: dict, path: Path) -> None:
     c, modes = report["config"], report["modes"]
     names = list(modes)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), gridspec_kw=dict(height_ratios=[1, 1.2]))
-    stages = [("text encode", "text_encode", "#8da0cb"), ("denoise", "denoise", "#fc8d62"),
-              ("VAE decode", "decode", "#66c2a5")]
+    median_runs = [modes[n]["runs"][modes[n]["median_run"]] for n in names]
+    stages = [("text encode", lambda r: r["text_encode"], "#8da0cb"),
+              ("denoise", lambda r: sum(r["steps"]), "#fc8d62"), ("VAE decode", lambda r: r["decode"], "#66c2a5"),
+              ("other (setup, offload)",
+               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["decode"]), "#cccccc")]
     left = [0.0] * len(names)
-    for label, key, color in stages:
-        vals = [modes[n][key] for n in names]
+    for label, get, color in stages:
+        vals = [get(r) for r in median_runs]
         ax.barh(names, vals, left=left, color=color, label=label, edgecolor="white")
         left = [a + b for a, b in zip(left, vals)]
-    for i, n in enumerate(names):
-        ax.text(left[i], i, f"  {modes[n]['total']:.2f} s", va="center", fontsize=9)
+    for i in range(len(names)):
+        ax.text(left[i], i, f"  {left[i]:.2f} s", va="center", fontsize=9)
     ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds (median run)")
-    sp = report["comparison"]["speedup_total"]
+    ax.set_xlabel("seconds (the median run of each mode)")
+    verdict = f": {speedup_text(report, short=True)}" if report["comparison"].get("verdict") else ""
     ax.set_title(f"{c['task']} {c['size']} x{c['frame_num']}f, {c['sample_steps']} steps on "
-                 f"{report['environment']['device_name']}" + (f": speedup {sp:.2f}x" if sp else ""), fontsize=10)
+                 f"{report['environment']['device_name']}{verdict}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     for n in names:
         st = modes[n]["steps"]
@@ -359,9 +416,26 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def output_paths(out_dir: Path, name: str) -> dict:
+    return {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+
+
+def check_out_dir(out_dir: Path, name: str) -> None:
+    """Before any model is built: the files <out_dir>/<name>.json/.md/.png can be created."""
+    from wan.pipeline import InputError, check_output_path
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out_dir is not a directory: {out_dir}")
+    for path in output_paths(out_dir, name).values():
+        try:
+            check_output_path(path)
+        except InputError as err:
+            raise CLIError(f"--out_dir: {err}") from None
+
+
 def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
     """Write <name>.json/.md/.png under temporary names, then rename them all; returns the paths."""
-    final = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    final = output_paths(out_dir, name)
     tmp = {ext: out_dir / f".{name}.partial.{ext}" for ext in final}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,9 +456,7 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
 # ------------------------------------------------------------------ main flow
 
 def _validate(args):
-    """Everything that can be checked before building the pipeline. Returns the resolved request."""
-    from wan import attention as att
-
+    """Everything that can be checked before building the pipeline. Returns the checked Request."""
     if args.ckpt_dir and args.random_weights:
         raise CLIError("--ckpt_dir and --random-weights exclude each other")
     if args.num_runs < 1:
@@ -397,52 +469,32 @@ def _validate(args):
         raise CLIError("the chart needs matplotlib: pip install matplotlib "
                        "(or install wan-triton with the [bench] extra)") from None
     default = "t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny"
-    task, config, device, size, frame_num, steps = check_common(args, default)
-    if args.attention != "auto" and args.attention not in att.available_backends(device):
-        raise CLIError(f"--attention {args.attention} is not available on {device} "
-                       f"(available: {', '.join(att.available_backends(device))})")
+    req = parse_request(args, default)
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
-    out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out_dir is not a directory: {out_dir}")
-    from wan.pipeline import InputError, check_output_path
-    try:
-        check_output_path(out_dir / "results.json")
-    except InputError as err:
-        raise CLIError(f"--out_dir: {err}") from None
-    return task, config, device, size, frame_num, steps
-
-
-def _optimized_preset(args, device):
-    from wan_triton import accel
-
-    if args.preset != "none":
-        return accel.get_preset(args.preset, device)
-    return accel.flags_preset(device)
+    return req
 
 
 def run(args, argv) -> tuple[dict, dict]:
     """Validate, build once, run the modes, compare, write. Returns (report, written paths)."""
     import torch
 
+    from wan import parallel
     from wan.pipeline import WanT2V
     from wan_triton import accel, restore_tf32, unpatch
-    from wan_triton.generate import DEMO_PROMPT
 
-    task, config, device, size, frame_num, steps = _validate(args)
-    from wan import parallel
-    par = parallel.check_parallel_args(args, config.dit.num_heads, device, args.offload_model, args.t5_cpu)
-    state = None
-    if par.world > 1:
-        state = args._parallel_state = parallel.init_from_env(par.ulysses_size, par.cfg_parallel, par.timeout,
-                                                               device=device.type)
-        device = state.device
+    request = _validate(args)
+    task, config, device, size, frame_num, steps = (request.task, request.config, request.device, request.size,
+                                                    request.frame_num, request.steps)
+    par = request.extra["parallel"]
+    state = args._parallel_state = parallel.start(par, device)  # torchrun: one GPU per process
+    device = state.device if state is not None else device
     modes = MODES if args.mode == "both" else (args.mode,)
-    preset = _optimized_preset(args, device) if "optimized" in modes else None
-    t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
+    preset = accel.get_preset(request.preset, device) if "optimized" in modes else None
+    t5_cpu = (args.t5_cpu or bool(preset and preset.t5_cpu)) and not par.t5_fsdp
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
+    check_out_dir(Path(args.out_dir), name)
     on_cuda = device.type == "cuda"
 
     t0 = time.perf_counter()
@@ -457,11 +509,11 @@ def run(args, argv) -> tuple[dict, dict]:
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
     if state is not None:
         parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
+        log.info("%s", par.summary())
         if par.dit_fsdp:
-            args.offload_model = False
+            args.offload_model = False  # the sharded experts stay on the GPUs
 
-    req = dict(prompt=args.prompt or DEMO_PROMPT, size=size, frame_num=frame_num, sample_solver=args.sample_solver,
-               sampling_steps=steps, seed=args.base_seed, progress=not args.quiet)
+    req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
     results, latents, frames = {}, {}, {}
     tf32_saved = []
@@ -476,19 +528,15 @@ def run(args, argv) -> tuple[dict, dict]:
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, config.sample_steps, decode)
         if "optimized" in modes:
-            applied = accel.optimize(pipe, preset, triton=False if args.no_triton else None, compile=args.compile,
-                                     compile_mode=args.compile_mode, tf32=True if args.tf32 else None,
-                                     use_batched_cfg=True if args.use_batched_cfg else None,
-                                     attention=args.attention)
-            if applied["compile"] and args.warmup == 0:
+            applied = accel.optimize(pipe, preset, **request.optimize_kwargs())
+            if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
-            if "tf32_prev" in applied:
-                tf32_saved.append(applied.pop("tf32_prev"))
-            offload = (applied["offload_model"] if args.offload_model is None else args.offload_model) and on_cuda
-            settings = dict(preset=applied["preset"], triton=applied["triton"], patched=len(applied["patched"]),
-                            compile=applied["compile"],
-                            compile_mode=applied["compile_mode"] if applied["compile"] else None,
-                            tf32=applied["tf32"], use_batched_cfg=applied["use_batched_cfg"], offload_model=offload,
+            if applied.tf32_prev is not None:
+                tf32_saved.append(applied.tf32_prev)
+            offload = (applied.offload_model if args.offload_model is None else args.offload_model) and on_cuda
+            settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
+                            compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
+                            tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
                             t5_cpu=t5_cpu, attention=_attention_in_use(device))
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
@@ -508,6 +556,7 @@ def run(args, argv) -> tuple[dict, dict]:
                     latents_max_abs_err=(latents["optimized"] - latents["reference"]).abs().max().item())
         if decode:
             cmp_["psnr_db"] = _psnr_json(psnr_uint8(frames["optimized"], frames["reference"]))
+        cmp_.update(timing_verdict(ref.to_dict(), opt.to_dict()))
     report = dict(
         schema=1,
         config=dict(task=task, weights=weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
@@ -533,43 +582,27 @@ def run(args, argv) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     """Console entry point (`wan-benchmark`); returns the exit code."""
+    from wan_triton.cli import run_main, setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 logs and prints
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging()
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from wan.checkpoint import CheckpointError
-    from wan.parallel import ParallelError, destroy
-    from wan.pipeline import InputError
-    from wan_triton.accel import AccelError
-    from wan_triton.patch import PatchError
+    done = {}
+
+    def go():
+        done["report"], done["paths"] = run(args, argv)
 
     try:
-        report, paths = run(args, argv)
-    except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
-        if rank == 0 or getattr(args, "_parallel_state", None) is not None:
-            print(f"{PROG}: error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError as err:
-        print(f"{PROG}: error: out of memory: {str(err).splitlines()[0] if str(err) else 'MemoryError'}",
-              file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        if "out of memory" not in str(err).lower():
-            raise
-        print(f"{PROG}: error: out of memory: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+        rc = run_main(PROG, go)
     finally:
+        from wan.parallel import destroy
+
         destroy(getattr(args, "_parallel_state", None))
-    if rank != 0:
-        return 0
-    print(markdown(report))
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return 0
+    if rc == 0 and done["paths"]:  # under torchrun only rank 0 writes and prints
+        print(markdown(done["report"]))
+        log.info("wrote %s", ", ".join(str(p.resolve()) for p in done["paths"].values()))
+    return rc
 
 
 if __name__ == "__main__":

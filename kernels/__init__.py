@@ -1,23 +1,31 @@
 """Hand-written Triton kernels for the hot element-wise ops of the Wan 2.2 DiT.
 
-Each public function has exactly the signature and output dtype of the reference it replaces,
-so `wan_triton.patch()` can swap module attributes:
+A leaf package: it imports nothing of `wan` and holds no reference math. Each op has exactly the
+signature and output dtype of the reference function it replaces, plus a support check that says
+whether the kernel covers a call (device or interpreter, dtype, shapes, strides, broadcast):
 
-    rms_norm, rope_apply, rms_norm_rope, modulate, gated_residual   (wan.dit)
-    cfg_combine                                                      (wan.pipeline)
+    op               support check                  replaces
+    rms_norm         rms_norm_supports              wan.dit.rms_norm
+    rope_apply       rope_apply_supports            wan.dit.rope_apply
+    rms_norm_rope    rms_norm_rope_supports         wan.dit.rms_norm_rope
+    modulate         modulate_supports              wan.dit.modulate
+    gated_residual   gated_residual_supports        wan.dit.gated_residual
+    cfg_combine      cfg_combine_supports           wan.pipeline.cfg_combine
 
-Triton runs for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1); anything else uses a
-pure-torch fallback with the reference math. GPU paths are torch custom ops in the
-`wan_kernels` namespace (see kernels._utils).
+`*_supports(...)` returns (True, '') or (False, reason). Calling an op on inputs its check
+rejects is an error; `wan_triton.patch()` is the one place that picks "kernel when supported,
+else the reference", and counts both. Triton runs for CUDA tensors (and CPU tensors under
+TRITON_INTERPRET=1). GPU paths are torch custom ops in the `wan_kernels` namespace (see
+kernels._utils), so torch.compile traces them without graph breaks.
 """
-from ._utils import triton_available, use_triton, use_triton_for
-from .cfg import cfg_combine
-from .modulate import modulate
-from .residual import gated_residual
-from .rms_norm import rms_norm
-from .rope import rms_norm_rope, rope_apply, rope_cos_sin
+from ._utils import interpret_mode, triton_available, unsupported_tensors
+from .cfg import cfg_combine, cfg_combine_supports
+from .modulate import modulate, modulate_supports
+from .residual import gated_residual, gated_residual_supports
+from .rms_norm import rms_norm, rms_norm_supports
+from .rope import rms_norm_rope, rms_norm_rope_supports, rope_apply, rope_apply_supports, rope_cos_sin, rope_split
 
-__all__ = [
-    "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "cfg_combine",
-    "rope_cos_sin", "triton_available", "use_triton", "use_triton_for",
-]
+OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "cfg_combine")
+
+__all__ = [*OPS, *(f"{op}_supports" for op in OPS), "OPS", "rope_cos_sin", "rope_split", "triton_available",
+           "interpret_mode", "unsupported_tensors"]

@@ -1,9 +1,11 @@
-"""Shared helpers for the Triton kernels: guarded imports, dispatch, block-size rules, op registration.
+"""Shared helpers for the Triton kernels: guarded imports, support checks, block-size rules, op registration.
 
-Dispatch rule (per call, per tensor): the Triton path runs when triton imports and the tensor
-is on CUDA, or when ``TRITON_INTERPRET=1`` and the tensor is on the CPU (the Triton interpreter,
-used by the CPU test suite). Everything else (no triton, other devices, float64 inputs, shapes a
-kernel does not cover) goes to a pure-torch fallback with the reference math.
+Support rule (per call, per tensor): a kernel covers a tensor when triton imports and the tensor
+is on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the CPU
+test suite), in float32 / bfloat16 / float16, all tensors of a call on one device. Each kernel
+module adds its own shape/stride/broadcast conditions in a ``*_supports(...) -> (ok, reason)``
+function. The kernels hold no reference math: choosing the reference when a kernel does not
+cover a call is ``wan_triton.patch``'s job.
 
 GPU paths are registered as torch custom ops in the ``wan_kernels`` namespace so torch.compile
 traces through them without graph breaks:
@@ -40,13 +42,14 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = _TLStub()
 
 __all__ = [
-    "triton", "tl", "jit", "round_to", "cast_to", "triton_available", "interpret_mode", "use_triton", "use_triton_for",
-    "KERNEL_DTYPES", "cdiv", "next_pow2", "row_block", "num_warps_for", "launchable", "register_op",
-    "is_compiling", "OP_NAMESPACE", "broadcast_rows",
+    "triton", "tl", "jit", "round_to", "cast_to", "triton_available", "interpret_mode", "unsupported_tensors",
+    "KERNEL_DTYPES", "KERNEL_OUT_DTYPES", "cdiv", "next_pow2", "row_block", "num_warps_for", "launchable",
+    "register_op", "is_compiling", "OP_NAMESPACE", "broadcast_rows", "broadcasts_to", "verdict",
 ]
 
 OP_NAMESPACE = "wan_kernels"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_OUT_DTYPES = (None,) + KERNEL_DTYPES  # `out_dtype` arguments the kernels can store
 MAX_ROW_BLOCK = 8192        # widest row held in registers in one pass (5120 -> 8192)
 ELEMWISE_BLOCK = 1024       # column block of the element-wise kernels
 
@@ -102,30 +105,40 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton_for(t: Optional[torch.Tensor]) -> bool:
-    """Would this one tensor take the Triton path? (None counts as yes: nothing to launch on.)"""
-    if t is None:
-        return True
-    if not _TRITON_OK or t.dtype not in KERNEL_DTYPES:
-        return False
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and interpret_mode()
-
-
-def use_triton(*tensors: Optional[torch.Tensor]) -> bool:
-    """All tensors on one device that the Triton path covers, in fp32/bf16/fp16."""
+def unsupported_tensors(*tensors: Optional[torch.Tensor]) -> str:
+    """'' when the Triton path covers these tensors (None entries skipped), else why not:
+    triton missing, a device other than CUDA (or CPU under TRITON_INTERPRET=1), a dtype other
+    than fp32/bf16/fp16, or tensors on different devices."""
+    if not _TRITON_OK:
+        return "Triton is not installed"
     dev = None
     for t in tensors:
         if t is None:
             continue
-        if not use_triton_for(t):
-            return False
+        if t.dtype not in KERNEL_DTYPES:
+            return f"dtype {t.dtype} (the kernels cover float32, bfloat16, float16)"
+        if t.device.type == "cpu":
+            if not interpret_mode():
+                return "CPU tensor and TRITON_INTERPRET is not 1"
+        elif t.device.type != "cuda":
+            return f"device {t.device} (the kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1)"
         if dev is None:
             dev = t.device
         elif t.device != dev:
-            return False
-    return dev is not None
+            return f"tensors on {dev} and {t.device}"
+    return "" if dev is not None else "no tensor to launch on"
+
+
+def verdict(reason: str) -> tuple[bool, str]:
+    """(ok, reason) from a reason string ('' = supported)."""
+    return (not reason), reason
+
+
+def broadcasts_to(t: torch.Tensor, shape) -> bool:
+    """t broadcasts to `shape` (no more dims; each trailing dim 1 or equal)."""
+    if t.dim() > len(shape):
+        return False
+    return all(s == 1 or s == d for s, d in zip(reversed(t.shape), reversed(shape)))
 
 
 def is_compiling() -> bool:

@@ -4,20 +4,27 @@
 
 fp32 math with `scale` a Python float, one rounding at the end to promote(uncond, cond)
 (fp32 in the pipeline). Flat 1-D grid over the elements with int64 offsets.
+
+`cfg_combine` launches the kernel; call it only where `cfg_combine_supports` says yes.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import cast_to, cdiv, jit, launchable, register_op, tl, use_triton
+from ._utils import cast_to, cdiv, jit, launchable, register_op, tl, unsupported_tensors, verdict
 
-__all__ = ["cfg_combine", "torch_cfg_combine"]
+__all__ = ["cfg_combine", "cfg_combine_supports", "supports"]
 
 _BLOCK = 2048
 
 
 @jit
-def _cfg_kernel(U, C, OUT, n_elements, scale, BLOCK: tl.constexpr):
+def _cfg_kernel(U,           # uncond, contiguous
+                C,           # cond, contiguous, same shape
+                OUT,         # output, contiguous, promote(uncond, cond)
+                n_elements,  # number of elements
+                scale,       # guidance scale (fp32 scalar)
+                BLOCK: tl.constexpr):  # elements per program
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -45,13 +52,21 @@ def _cfg_op(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Ten
     return out
 
 
-def torch_cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Pure-torch fallback, the reference math."""
-    return uncond + scale * (cond - uncond)
+def cfg_combine_supports(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(uncond, cond)
+    if not why:
+        if uncond.shape != cond.shape:
+            why = f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} differ in shape"
+        elif not isinstance(scale, (int, float)):
+            why = f"scale is a {type(scale).__name__}, not a Python number"
+    return verdict(why)
+
+
+supports = cfg_combine_supports
 
 
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """uncond + scale * (cond - uncond), fp32 math; same signature as wan.pipeline.cfg_combine."""
-    if uncond.shape == cond.shape and isinstance(scale, (int, float)) and use_triton(uncond, cond):
-        return _cfg_op(uncond, cond, float(scale))
-    return torch_cfg_combine(uncond, cond, scale)
+    """uncond + scale * (cond - uncond), fp32 math; same signature as wan.pipeline.cfg_combine
+    (inputs as `cfg_combine_supports` accepts)."""
+    return _cfg_op(uncond, cond, float(scale))

@@ -10,22 +10,46 @@ stored as float32 or `out_dtype`. shift/scale are [B, 1, C] (often non-contiguou
 of a [B, 6, C] tensor: any batch stride) or [B, L, C]; they are addressed by (batch, token)
 strides, the token stride being 0 for per-sample rows. One program per row; rows up to 8192 wide
 are held in registers (one read of x), wider rows loop (three reads).
+
+`modulate` launches the kernel; call it only where `modulate_supports` says yes.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ._utils import broadcast_rows, cast_to, jit, round_to, launchable, num_warps_for, register_op, row_block, tl, use_triton
+from ._utils import (KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, jit, launchable, num_warps_for,
+                     register_op, round_to, row_block, tl, unsupported_tensors, verdict)
 
-__all__ = ["modulate", "torch_modulate"]
+__all__ = ["modulate", "modulate_supports", "supports"]
 
 
 @jit
-def _modulate_kernel(X, SHIFT, SCALE, Y, seq_len, stride_xb, stride_xl, stride_hb, stride_hl,
-                     stride_cb, stride_cl, n_cols, eps, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _modulate_store(d, rstd, sh_ptrs, sc_ptrs, y_ptrs, mask, X_DT: tl.constexpr):
+    """Centred row d: n = d * rstd rounded to X_DT, then n * (1 + scale) + shift, stored."""
+    n = round_to(d * rstd, X_DT)
+    sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, cast_to(n * (1.0 + sc) + sh, y_ptrs.dtype.element_ty), mask=mask)
+
+
+@jit
+def _modulate_kernel(X,            # input x [B, L, C], last stride 1
+                     SHIFT,        # shift rows, addressed [B, L, C] (token stride 0 when per sample)
+                     SCALE,        # scale rows, same addressing as SHIFT
+                     Y,            # output [B, L, C], contiguous, fp32 or out_dtype
+                     seq_len,      # L, to split the row index into (batch, token)
+                     stride_xb,    # X batch stride
+                     stride_xl,    # X token stride
+                     stride_hb,    # SHIFT batch stride
+                     stride_hl,    # SHIFT token stride (0: one row per sample)
+                     stride_cb,    # SCALE batch stride
+                     stride_cl,    # SCALE token stride (0: one row per sample)
+                     n_cols,       # C, the normalised width
+                     eps,          # added to the variance
+                     BLOCK: tl.constexpr,      # columns per block (power of two)
+                     ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (three reads)
     row = tl.program_id(0).to(tl.int64)
     bi = row // seq_len
     li = row - bi * seq_len
@@ -40,10 +64,7 @@ def _modulate_kernel(X, SHIFT, SCALE, Y, seq_len, stride_xb, stride_xl, stride_h
         mean = tl.sum(x, axis=0) / n_cols
         d = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
-        n = round_to(d * rstd, X.dtype.element_ty)
-        sh = tl.load(sh_row + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(sc_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, cast_to(n * (1.0 + sc) + sh, Y.dtype.element_ty), mask=mask)
+        _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X.dtype.element_ty)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -62,10 +83,7 @@ def _modulate_kernel(X, SHIFT, SCALE, Y, seq_len, stride_xb, stride_xl, stride_h
             c = start + cols
             mask = c < n_cols
             x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            n = round_to((x - mean) * rstd, X.dtype.element_ty)
-            sh = tl.load(sh_row + c, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(sc_row + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, cast_to(n * (1.0 + sc) + sh, Y.dtype.element_ty), mask=mask)
+            _modulate_store(x - mean, rstd, sh_row + c, sc_row + c, y_row + c, mask, X.dtype.element_ty)
 
 
 def _launch_modulate(x3: torch.Tensor, shift3: torch.Tensor, scale3: torch.Tensor, y3: torch.Tensor,
@@ -96,26 +114,26 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     return y
 
 
-def torch_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Pure-torch fallback, the reference math."""
-    n = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype).float()
-    out = n * (1 + scale) + shift
-    return out if out_dtype is None else out.to(out_dtype)
+def modulate_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                      out_dtype: Optional[torch.dtype] = None) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, shift, scale)
+    if not why:
+        if x.dim() != 3:
+            why = f"x {tuple(x.shape)} is not [B, L, C]"
+        elif out_dtype not in KERNEL_OUT_DTYPES:
+            why = f"out_dtype {out_dtype}"
+        elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
+            why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
+    return verdict(why)
 
 
-def _broadcasts_to(t: torch.Tensor, shape) -> bool:
-    if t.dim() > len(shape):
-        return False
-    return all(s == 1 or s == d for s, d in zip(reversed(t.shape), reversed(shape)))
+supports = modulate_supports
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LayerNorm (no affine, fp32 stats, rounded to x.dtype) * (1 + scale) + shift, fp32 math;
-    float32 out or `out_dtype`. Same signature and result dtype as wan.dit.modulate."""
-    if (x.dim() == 3 and use_triton(x, shift, scale)
-            and (out_dtype is None or out_dtype in (torch.float32, torch.bfloat16, torch.float16))
-            and _broadcasts_to(shift, x.shape) and _broadcasts_to(scale, x.shape)):
-        return _modulate_op(x, shift, scale, float(eps), out_dtype)
-    return torch_modulate(x, shift, scale, eps, out_dtype)
+    float32 out or `out_dtype`. Same signature and result dtype as wan.dit.modulate (inputs as
+    `modulate_supports` accepts)."""
+    return _modulate_op(x, shift, scale, float(eps), out_dtype)

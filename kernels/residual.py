@@ -7,19 +7,34 @@ all-fp16 operands), and the result is stored in promote(x, promote(y, gate)) (fp
 fp32 or bf16 x, bf16 y, fp32 gate). x and y are [B, L, C]; gate is [B, 1, C] (a strided view
 m[:, i:i+1] of the [B, 6, C] modulation: any batch stride, token stride 0) or [B, L, C].
 Grid: (row, column block), int64 row offsets, so tensors past 2^31 elements index correctly.
+
+`gated_residual` launches the kernel; call it only where `gated_residual_supports` says yes.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import broadcast_rows, ELEMWISE_BLOCK, cast_to, cdiv, jit, round_to, launchable, next_pow2, register_op, tl, use_triton
+from ._utils import (ELEMWISE_BLOCK, broadcast_rows, broadcasts_to, cast_to, cdiv, jit, launchable, next_pow2,
+                     register_op, round_to, tl, unsupported_tensors, verdict)
 
-__all__ = ["gated_residual", "torch_gated_residual"]
+__all__ = ["gated_residual", "gated_residual_supports", "supports"]
 
 
 @jit
-def _gated_residual_kernel(X, Y, G, OUT, seq_len, stride_xb, stride_xl, stride_yb, stride_yl,
-                           stride_gb, stride_gl, n_cols, ROUND_PROD: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_residual_kernel(X,          # residual stream x [B, L, C], last stride 1
+                           Y,          # branch output y [B, L, C], last stride 1
+                           G,          # gate, addressed [B, L, C] (token stride 0 when per sample)
+                           OUT,        # output [B, L, C], contiguous, promote(x, y, gate)
+                           seq_len,    # L, to split the row index into (batch, token)
+                           stride_xb,  # X batch stride
+                           stride_xl,  # X token stride
+                           stride_yb,  # Y batch stride
+                           stride_yl,  # Y token stride
+                           stride_gb,  # G batch stride
+                           stride_gl,  # G token stride (0: one gate row per sample)
+                           n_cols,     # C
+                           ROUND_PROD: tl.constexpr,  # round y * gate to y's dtype (16-bit promote(y, gate))
+                           BLOCK: tl.constexpr):      # columns per program (power of two)
     row = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     bi = row // seq_len
@@ -64,19 +79,21 @@ def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
     return out
 
 
-def torch_gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Pure-torch fallback, the reference math."""
-    return x + y * gate
+def gated_residual_supports(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, y, gate)
+    if not why:
+        if x.dim() != 3 or y.shape != x.shape:
+            why = f"x {tuple(x.shape)} / y {tuple(y.shape)} are not the same [B, L, C]"
+        elif not broadcasts_to(gate, x.shape):
+            why = f"gate {tuple(gate.shape)} does not broadcast to {tuple(x.shape)}"
+    return verdict(why)
 
 
-def _broadcasts_to(t: torch.Tensor, shape) -> bool:
-    if t.dim() > len(shape):
-        return False
-    return all(s == 1 or s == d for s, d in zip(reversed(t.shape), reversed(shape)))
+supports = gated_residual_supports
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate (fp32 math, promoted output dtype); same as wan.dit.gated_residual."""
-    if (x.dim() == 3 and y.shape == x.shape and use_triton(x, y, gate) and _broadcasts_to(gate, x.shape)):
-        return _gated_residual_op(x, y, gate)
-    return torch_gated_residual(x, y, gate)
+    """x + y * gate (fp32 math, promoted output dtype); same as wan.dit.gated_residual (inputs as
+    `gated_residual_supports` accepts)."""
+    return _gated_residual_op(x, y, gate)

@@ -10,19 +10,41 @@ Math in fp32 inside the kernel; `n` is rounded to x's dtype, the product is roun
 promote(x, weight) when that is a 16-bit type (bf16 x with bf16 weight), and the result is
 stored in promote(x.dtype, weight.dtype). One program per row; rows up to 8192 wide are held in
 registers (one read, one write), wider rows loop over column blocks (two reads).
+
+`rms_norm` launches the kernel; call it only where `rms_norm_supports` says yes (wan_triton.patch
+does that and falls back to the reference otherwise).
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import (cast_to, jit, round_to, launchable, num_warps_for, register_op, row_block, tl, use_triton)
+from ._utils import (cast_to, jit, launchable, num_warps_for, register_op, round_to, row_block, tl,
+                     unsupported_tensors, verdict)
 
-__all__ = ["rms_norm", "torch_rms_norm"]
+__all__ = ["rms_norm", "rms_norm_supports", "supports"]
 
 
 @jit
-def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps,
-                     ROUND_PROD: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _normalize_store(x, rstd, w_ptrs, y_ptrs, mask, X_DT: tl.constexpr, ROUND_PROD: tl.constexpr):
+    """n = x * rstd rounded to X_DT, times the weight (rounded again when ROUND_PROD), stored."""
+    n = round_to(x * rstd, X_DT)
+    y = n * tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_PROD:
+        y = round_to(y, X_DT)
+    tl.store(y_ptrs, cast_to(y, y_ptrs.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rms_norm_kernel(X,            # input rows [R, C], last stride 1
+                     W,            # weight [C], contiguous
+                     Y,            # output rows [R, C], dtype promote(x, weight)
+                     stride_x,     # elements between two rows of X
+                     stride_y,     # elements between two rows of Y
+                     n_cols,       # C, the normalised width
+                     eps,          # added to the mean square
+                     ROUND_PROD: tl.constexpr,  # round n * weight to x's dtype (16-bit promote(x, w))
+                     BLOCK: tl.constexpr,       # columns per block (power of two)
+                     ONE_PASS: tl.constexpr):   # whole row in one block (one read) or a loop (two reads)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     y_row = Y + row * stride_y
@@ -31,12 +53,7 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps,
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        n = round_to(x * rstd, X.dtype.element_ty)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        y = n * w
-        if ROUND_PROD:
-            y = round_to(y, X.dtype.element_ty)
-        tl.store(y_row + cols, cast_to(y, Y.dtype.element_ty), mask=mask)
+        _normalize_store(x, rstd, W + cols, y_row + cols, mask, X.dtype.element_ty, ROUND_PROD)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -48,12 +65,7 @@ def _rms_norm_kernel(X, W, Y, stride_x, stride_y, n_cols, eps,
             c = start + cols
             mask = c < n_cols
             x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            n = round_to(x * rstd, X.dtype.element_ty)
-            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-            y = n * w
-            if ROUND_PROD:
-                y = round_to(y, X.dtype.element_ty)
-            tl.store(y_row + c, cast_to(y, Y.dtype.element_ty), mask=mask)
+            _normalize_store(x, rstd, W + c, y_row + c, mask, X.dtype.element_ty, ROUND_PROD)
 
 
 def _launch_rms_norm(x2: torch.Tensor, w: torch.Tensor, y2: torch.Tensor, eps: float) -> None:
@@ -84,17 +96,21 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return y
 
 
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Pure-torch fallback, the reference math."""
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
-    return y * weight
+def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, weight)
+    if not why:
+        if x.dim() < 1 or weight.dim() < 1 or weight.dim() > x.dim():
+            why = f"x {tuple(x.shape)} / weight {tuple(weight.shape)}: needs 1 <= weight.dim() <= x.dim()"
+        elif weight.shape[-1] != x.shape[-1] or weight.numel() != x.shape[-1]:
+            why = f"weight {tuple(weight.shape)} is not one row of width {x.shape[-1]}"
+    return verdict(why)
+
+
+supports = rms_norm_supports
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; same signature, dtype and rounding as wan.dit.rms_norm."""
-    if (use_triton(x, weight) and x.dim() >= 1 and weight.dim() >= 1
-            and weight.numel() == x.shape[-1] and weight.shape[-1] == x.shape[-1]
-            and all(s == 1 for s in weight.shape[:-1]) and weight.dim() <= x.dim()):
-        return _rms_norm_op(x, weight, float(eps))
-    return torch_rms_norm(x, weight, eps)
+    """RMSNorm over the last dim; same signature, dtype and rounding as wan.dit.rms_norm
+    (inputs as `rms_norm_supports` accepts)."""
+    return _rms_norm_op(x, weight, float(eps))

@@ -1,8 +1,9 @@
 """Wan 3-D RoPE (wan.dit.rope_apply) and the fused q/k path RMSNorm + RoPE (wan.dit.rms_norm_rope).
 
-Token n of sample b, grid (F, H, W) = grid_sizes[b], sits at
+Local token n of sample b, grid (F, H, W) = grid_sizes[b], has global index g = n + token_offset
+(a sequence-parallel rank holds a slice of the sequence) and sits at
 
-    f = n // (H*W),   h = (n % (H*W)) // W,   w = n % W          (valid when n < F*H*W)
+    f = g // (H*W),   h = (g % (H*W)) // W,   w = g % W          (valid when g < F*H*W)
 
 Head dim D = 2c holds c complex pairs (x[2j], x[2j+1]) = (re, im), split into (cf, ch, cw) =
 (c - 2(c//3), c//3, c//3) pairs for the frame / height / width axes. Pair j uses the position
@@ -11,7 +12,7 @@ p_j = f (j < cf), h (j < cf+ch), w (otherwise) and the angle table freqs[p_j, j]
     out[2j]   = x[2j] * cos(t) - x[2j+1] * sin(t)
     out[2j+1] = x[2j] * sin(t) + x[2j+1] * cos(t),       t = angle(freqs[p_j, j])
 
-same for every head; padding tokens (n >= F*H*W) pass through (cos 1, sin 0). cos/sin are the
+same for every head; padding tokens (g >= F*H*W) pass through (cos 1, sin 0). cos/sin are the
 fp32 rounding of the fp64 table (cached per freqs tensor and device); the rotation is computed
 in fp32 (the reference uses fp64; the difference is a few fp32 ulps). Output fp32.
 
@@ -21,6 +22,11 @@ that is 16-bit), then the rotation, then the cast to `out_dtype` (fp32 by defaul
 and one write per element for rows up to 8192 wide (C = 5120 at real size); wider rows loop
 over head blocks (two reads). One program per token, holding a [heads, head_dim] tile; the
 position and the (cos, sin) row are computed once per token, in-kernel, from the sample's grid.
+The (cf, ch, cw) split is Wan's definition (docs/rope.md), restated here because this package
+imports nothing of `wan`; `freqs` is the model's table, taken as an input.
+
+`rope_apply` / `rms_norm_rope` launch the kernel; call them only where `rope_apply_supports` /
+`rms_norm_rope_supports` say yes.
 """
 from __future__ import annotations
 
@@ -29,11 +35,17 @@ from typing import Optional
 
 import torch
 
-from ._utils import (MAX_ROW_BLOCK, cast_to, is_compiling, jit, launchable, next_pow2, num_warps_for,
-                     register_op, round_to, tl, use_triton)
-from .rms_norm import torch_rms_norm
+from ._utils import (KERNEL_OUT_DTYPES, MAX_ROW_BLOCK, cast_to, is_compiling, jit, launchable, next_pow2,
+                     num_warps_for, register_op, round_to, tl, unsupported_tensors, verdict)
 
-__all__ = ["rope_apply", "rms_norm_rope", "rope_cos_sin", "torch_rope_apply", "torch_rms_norm_rope"]
+__all__ = ["rope_apply", "rms_norm_rope", "rope_apply_supports", "rms_norm_rope_supports", "rope_cos_sin",
+           "rope_split"]
+
+
+def rope_split(head_dim: int) -> tuple[int, int]:
+    """(cf, ch): complex pairs of the frame and height axes (width gets the rest, = ch)."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3
 
 
 @jit
@@ -52,10 +64,26 @@ def _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM: tl.constexpr, ROUND_
 
 
 @jit
-def _rope_kernel(X, W, Y, TAB, GRID, seq_len, stride_xb, stride_xl, n_heads, n_pos, eps,
-                 HAS_NORM: tl.constexpr, ROUND_PROD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 D_P2: tl.constexpr, CF: tl.constexpr, CH: tl.constexpr, BLOCK_H: tl.constexpr,
-                 ONE_PASS: tl.constexpr):
+def _rope_kernel(X,             # input [B, L, C], C = n_heads * HEAD_DIM, last stride 1
+                 W,             # RMSNorm weight [C] (any pointer when HAS_NORM is false)
+                 Y,             # output [B, L, C], contiguous, fp32 or out_dtype
+                 TAB,           # fp32 [n_pos, HEAD_DIM/2, 2]: (cos, sin) of the model's table
+                 GRID,          # int32 [B, 3]: (F, H, W) per sample
+                 seq_len,       # L, to split the row index into (batch, token)
+                 token_offset,  # global index of local token 0 (sequence parallelism; 0 otherwise)
+                 stride_xb,     # X batch stride
+                 stride_xl,     # X token stride
+                 n_heads,       # heads per token
+                 n_pos,         # rows of TAB (positions beyond it are not rotated)
+                 eps,           # RMSNorm epsilon
+                 HAS_NORM: tl.constexpr,    # RMSNorm over the full row before the rotation
+                 ROUND_PROD: tl.constexpr,  # round n * weight to x's dtype (16-bit promote(x, w))
+                 HEAD_DIM: tl.constexpr,    # D, even
+                 D_P2: tl.constexpr,        # D rounded up to a power of two (tile width)
+                 CF: tl.constexpr,          # complex pairs rotated by the frame position
+                 CH: tl.constexpr,          # complex pairs rotated by the height position (width: the rest)
+                 BLOCK_H: tl.constexpr,     # heads per tile (power of two)
+                 ONE_PASS: tl.constexpr):   # all heads in one tile (one read) or a loop over head blocks
     row = tl.program_id(0).to(tl.int64)
     bi = row // seq_len
     li = row - bi * seq_len
@@ -78,10 +106,11 @@ def _rope_kernel(X, W, Y, TAB, GRID, seq_len, stride_xb, stride_xl, n_heads, n_p
     gh = tl.load(GRID + bi * 3 + 1)
     gw = tl.load(GRID + bi * 3 + 2)
     hw = gh * gw
-    valid = li < gf * hw
+    gi = li + token_offset                        # global token index
+    valid = gi < gf * hw
     hw1 = tl.maximum(hw, 1)
     gw1 = tl.maximum(gw, 1)
-    n = li.to(tl.int32)
+    n = gi.to(tl.int32)
     f = n // hw1
     rem = n - f * hw1
     h = rem // gw1
@@ -119,7 +148,7 @@ def _rope_kernel(X, W, Y, TAB, GRID, seq_len, stride_xb, stride_xl, n_heads, n_p
 
 
 def _launch_rope(x3: torch.Tensor, w: Optional[torch.Tensor], y3: torch.Tensor, tab: torch.Tensor,
-                 grid: torch.Tensor, eps: float, head_dim: int) -> None:
+                 grid: torch.Tensor, eps: float, head_dim: int, token_offset: int) -> None:
     """x3 [B, L, C] (last stride 1, C = heads * head_dim), w [C] or None, y3 [B, L, C] contiguous,
     tab [n_pos, head_dim/2, 2] fp32 (cos, sin), grid int32 [B, 3] contiguous."""
     B, L, C = x3.shape
@@ -129,30 +158,30 @@ def _launch_rope(x3: torch.Tensor, w: Optional[torch.Tensor], y3: torch.Tensor, 
     d_p2 = max(2, next_pow2(head_dim))
     block_h = min(next_pow2(n_heads), max(1, MAX_ROW_BLOCK // d_p2))
     one_pass = block_h >= n_heads
-    c = head_dim // 2
-    cf, ch = c - 2 * (c // 3), c // 3
+    cf, ch = rope_split(head_dim)
     has_norm = w is not None
     round_prod = has_norm and torch.promote_types(x3.dtype, w.dtype) != torch.float32
     launchable(_rope_kernel)[(B * L,)](
-        x3, w if has_norm else x3, y3, tab, grid, L, x3.stride(0), x3.stride(1), n_heads, tab.shape[0], eps,
+        x3, w if has_norm else x3, y3, tab, grid, L, token_offset, x3.stride(0), x3.stride(1), n_heads,
+        tab.shape[0], eps,
         HAS_NORM=has_norm, ROUND_PROD=round_prod, HEAD_DIM=head_dim, D_P2=d_p2, CF=cf, CH=ch,
         BLOCK_H=block_h, ONE_PASS=one_pass, num_warps=num_warps_for(block_h * d_p2, max_warps=8))
 
 
 def _rope_fake(x: torch.Tensor, weight: Optional[torch.Tensor], tab: torch.Tensor, grid: torch.Tensor,
-               eps: float, head_dim: int, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+               eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32)
 
 
 @register_op("rope", _rope_kernel, _rope_fake)
 def _rope_op(x: torch.Tensor, weight: Optional[torch.Tensor], tab: torch.Tensor, grid: torch.Tensor,
-             eps: float, head_dim: int, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+             eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int) -> torch.Tensor:
     """x [B, L, C] -> [B, L, C] (C = heads * head_dim), optional RMSNorm, then RoPE."""
     if x.shape[-1] and x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32, device=x.device)
     w = None if weight is None else weight.reshape(-1).contiguous()
-    _launch_rope(x, w, y, tab.contiguous(), grid.contiguous(), eps, head_dim)
+    _launch_rope(x, w, y, tab.contiguous(), grid.contiguous(), eps, head_dim, token_offset)
     return y
 
 
@@ -189,60 +218,68 @@ def _grid_on(grid_sizes: torch.Tensor, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# pure-torch fallbacks (the reference math, self-contained so a patched wan.dit cannot recurse)
+# public functions (same signatures as wan.dit) and their support checks
 # ---------------------------------------------------------------------------------------------
 
-def torch_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Torch fallback: the reference math. Uses `wan.dit.rope_table`, which patch() never swaps,
-    so a patched `wan.dit.rope_apply` cannot recurse into itself."""
-    from wan.dit import rope_table
+def _rope_inputs(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, head_dim: int,
+                 token_offset) -> str:
+    if head_dim <= 0 or head_dim % 2:
+        return f"head_dim {head_dim} is not a positive even number"
+    if freqs.dim() != 2 or freqs.shape[1] * 2 != head_dim:
+        return f"freqs {tuple(freqs.shape)} is not a [positions, {head_dim // 2}] table"
+    if grid_sizes.numel() != 3 * x.shape[0]:
+        return f"grid_sizes {tuple(grid_sizes.shape)} is not [{x.shape[0]}, 3]"
+    if not isinstance(token_offset, int) or token_offset < 0:
+        return f"token_offset {token_offset!r} is not an int >= 0"
+    return ""
 
+
+def rope_apply_supports(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor,
+                        token_offset: int = 0) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x)
+    if not why:
+        why = (f"x {tuple(x.shape)} is not [B, L, heads, head_dim]" if x.dim() != 4
+               else _rope_inputs(x, grid_sizes, freqs, x.shape[-1], token_offset))
+    return verdict(why)
+
+
+def rms_norm_rope_supports(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, num_heads: int,
+                           grid_sizes: torch.Tensor, freqs: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+                           token_offset: int = 0) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, weight)
+    if not why:
+        if x.dim() != 3 or num_heads <= 0 or x.shape[-1] % num_heads:
+            why = f"x {tuple(x.shape)} is not [B, L, C] with C a multiple of num_heads={num_heads}"
+        elif out_dtype not in KERNEL_OUT_DTYPES:
+            why = f"out_dtype {out_dtype}"
+        elif weight is not None and weight.numel() != x.shape[-1]:
+            why = f"weight {tuple(weight.shape)} is not one row of width {x.shape[-1]}"
+        else:
+            why = _rope_inputs(x, grid_sizes, freqs, x.shape[-1] // num_heads, token_offset)
+    return verdict(why)
+
+
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, token_offset: int = 0) -> torch.Tensor:
+    """Wan 3-D RoPE on x [B, L, heads, head_dim] -> float32, same as wan.dit.rope_apply
+    (inputs as `rope_apply_supports` accepts)."""
     B, L, H, D = x.shape
-    table = rope_table(grid_sizes, L, freqs.to(x.device))
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(B, L, H, D // 2, 2))
-    return torch.view_as_real(xc * table[:, :, None, :]).flatten(3).float()
-
-
-def torch_rms_norm_rope(x, weight, eps, num_heads, grid_sizes, freqs, out_dtype=None):
-    if weight is not None:
-        x = torch_rms_norm(x, weight, eps)
-    out = torch_rope_apply(x.unflatten(-1, (num_heads, -1)), grid_sizes, freqs)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# public functions (same signatures as wan.dit)
-# ---------------------------------------------------------------------------------------------
-
-def _rope_ok(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, head_dim: int) -> bool:
-    return (head_dim > 0 and head_dim % 2 == 0 and freqs.dim() == 2 and freqs.shape[1] * 2 == head_dim
-            and grid_sizes.numel() == 3 * x.shape[0])
-
-
-def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Wan 3-D RoPE on x [B, L, heads, head_dim] -> float32, same as wan.dit.rope_apply."""
-    if x.dim() == 4 and use_triton(x) and _rope_ok(x, grid_sizes, freqs, x.shape[-1]):
-        B, L, H, D = x.shape
-        if x.stride(3) != 1 or (H > 1 and x.stride(2) != D):
-            x = x.contiguous()
-        y = _rope_op(x.reshape(B, L, H * D), None, rope_cos_sin(freqs, x.device),
-                     _grid_on(grid_sizes, x.device), 0.0, D, None)
-        return y.view(B, L, H, D)
-    return torch_rope_apply(x, grid_sizes, freqs)
+    if x.stride(3) != 1 or (H > 1 and x.stride(2) != D):
+        x = x.contiguous()
+    y = _rope_op(x.reshape(B, L, H * D), None, rope_cos_sin(freqs, x.device),
+                 _grid_on(grid_sizes, x.device), 0.0, D, None, token_offset)
+    return y.view(B, L, H, D)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, num_heads: int,
                   grid_sizes: torch.Tensor, freqs: torch.Tensor,
-                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  out_dtype: Optional[torch.dtype] = None, token_offset: int = 0) -> torch.Tensor:
     """Fused RMSNorm (full width) + head split + RoPE: x [B, L, C] -> [B, L, heads, C/heads],
-    float32 or `out_dtype`; `weight=None` skips the norm. Same as wan.dit.rms_norm_rope."""
-    if (x.dim() == 3 and num_heads > 0 and x.shape[-1] % num_heads == 0
-            and (out_dtype is None or out_dtype in (torch.float32, torch.bfloat16, torch.float16))
-            and use_triton(x, weight) and (weight is None or weight.numel() == x.shape[-1])
-            and _rope_ok(x, grid_sizes, freqs, x.shape[-1] // num_heads)):
-        B, L, C = x.shape
-        D = C // num_heads
-        y = _rope_op(x, weight, rope_cos_sin(freqs, x.device), _grid_on(grid_sizes, x.device),
-                     float(eps), D, out_dtype)
-        return y.view(B, L, num_heads, D)
-    return torch_rms_norm_rope(x, weight, eps, num_heads, grid_sizes, freqs, out_dtype)
+    float32 or `out_dtype`; `weight=None` skips the norm. Same as wan.dit.rms_norm_rope
+    (inputs as `rms_norm_rope_supports` accepts)."""
+    B, L, C = x.shape
+    D = C // num_heads
+    y = _rope_op(x, weight, rope_cos_sin(freqs, x.device), _grid_on(grid_sizes, x.device),
+                 float(eps), D, out_dtype, token_offset)
+    return y.view(B, L, num_heads, D)

@@ -1,7 +1,9 @@
 """Shared test settings: one tolerance table, fresh seeds, the gpu marker.
 
 Without CUDA, Triton kernels run on CPU tensors through the interpreter, so
-TRITON_INTERPRET=1 is set here before anything imports triton.
+TRITON_INTERPRET=1 is set here before anything imports triton. WAN_TRITON_STRICT=1 makes a
+patched op that falls back to the reference raise (with the reason) instead of silently
+running torch; tests that exercise a fallback on purpose unset it.
 """
 import os
 import random
@@ -11,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WAN_TRITON_STRICT", "1")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

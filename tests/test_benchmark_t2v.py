@@ -1,6 +1,7 @@
 """The end-to-end benchmark CLI on the tiny preset (CPU): outputs, one-mode runs, bad input."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def test_both_modes_write_json_md_png(tmp_path, capsys):
     assert rep["modes"]["optimized"]["settings"]["triton"] is False  # --no-triton
     c = rep["comparison"]
     assert c["speedup_total"] > 0 and c["speedup_per_step"] > 0 and c["speedup_extrapolated"] > 0
+    # --no-triton on CPU: nothing patched, same flags -> the same computation, no speed-up claimed
+    assert c["verdict"] == "same" and c["same_computation"] is True
+    assert set(c["spread"]) == {"reference", "optimized"} and c["spread"]["reference"]["basis"].startswith("IQR")
     assert c["psnr_db"] == "inf" or math.isfinite(c["psnr_db"])
     assert 0 <= c["latents_rel_err"] < 0.05
     env = rep["environment"]
@@ -41,7 +45,9 @@ def test_both_modes_write_json_md_png(tmp_path, capsys):
 
     md = (out / "b.md").read_text()
     header = "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |"
-    assert header in md and "| reference |" in md and "| optimized |" in md and "speedup" in md
+    assert header in md and "| reference |" in md and "| optimized |" in md
+    assert "no speed-up to report: both modes ran the same computation" in md and "run-to-run spread" in md
+    assert "x**" not in md and "speedup (median total)" not in md
     png = (out / "b.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
     assert header in capsys.readouterr().out  # the table is printed at the end
@@ -150,3 +156,120 @@ def test_metrics():
     assert psnr_uint8(a, b) == pytest.approx(10 * math.log10(255 ** 2 / (d ** 2 / a.numel())))
     x = torch.randn(100, dtype=torch.float64)
     assert rel_err(x, x) == 0 and rel_err(2 * x, x) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ speed-up wording and the chart
+
+def _mode(totals, steps, **settings):
+    runs = [dict(total=t, text_encode=0.1, steps=list(steps), decode=0.2, peak_mem_gb=0.0,
+                 experts=["high"] * len(steps)) for t in totals]
+    base = dict(triton=False, compile=False, tf32=False, use_batched_cfg=False, offload_model=False, t5_cpu=False,
+                attention="auto -> sdpa")
+    med = sorted(totals)[len(totals) // 2]
+    return dict(runs=runs, total=med, median_run=totals.index(med), settings={**base, **settings},
+                steps=list(steps), experts=["high"] * len(steps), text_encode=0.1, decode=0.2, step_mean=0.5,
+                extrapolated_s=1.0, extrapolated=False, full_steps=2)
+
+
+def _report(ref, opt):
+    from bench.benchmark_t2v import timing_verdict
+
+    cmp_ = dict(speedup_total=ref["total"] / opt["total"], speedup_per_step=1.0, speedup_extrapolated=1.0,
+                **timing_verdict(ref, opt))
+    config = dict(task="tiny", size="128*128", frame_num=5, sample_steps=2, full_steps=8)
+    return dict(config=config, modes=dict(reference=ref, optimized=opt), comparison=cmp_,
+                environment=dict(device_name="cpu"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_computation_never_claims_a_speedup(seed):
+    from bench.benchmark_t2v import speedup_text
+
+    g = torch.Generator().manual_seed(seed)
+    ref_t = (10 + 5 * torch.rand(3, generator=g)).tolist()
+    opt_t = (5 + 2 * torch.rand(3, generator=g)).tolist()        # "faster", but nothing differs
+    rep = _report(_mode(ref_t, [0.5, 0.6]), _mode(opt_t, [0.5, 0.6], triton=True, patched=0))
+    assert rep["comparison"]["verdict"] == "same"
+    for short in (False, True):
+        text = speedup_text(rep, short=short)
+        assert "same computation" in text and not re.search(r"\d\.\d+x", text)
+    assert "run-to-run spread" in speedup_text(rep)
+
+
+def test_overlapping_runs_are_no_measurable_difference():
+    from bench.benchmark_t2v import speedup_text
+
+    rep = _report(_mode([12.87, 12.0, 13.5], [0.5]), _mode([12.6, 11.8, 13.9], [0.5], triton=True, patched=6))
+    c = rep["comparison"]
+    assert c["verdict"] == "noise"
+    spread = 100 * (13.9 - 11.8) / 12.6
+    assert speedup_text(rep).startswith(f"no measurable difference (within run-to-run spread {spread:.1f}%: "
+                                        "min-max of 3 run totals)")
+    assert not re.search(r"\d\.\d+x", speedup_text(rep)) and not re.search(r"\d\.\d+x", speedup_text(rep, True))
+
+
+def test_disjoint_runs_give_the_ratio_with_the_spread():
+    from bench.benchmark_t2v import speedup_text
+
+    rep = _report(_mode([12.9, 12.8, 13.0], [0.5]), _mode([10.1, 10.0, 10.3], [0.4], triton=True, patched=6))
+    assert rep["comparison"]["verdict"] == "measured"
+    text = speedup_text(rep)
+    assert f"**{12.9 / 10.1:.2f}x**" in text and "run-to-run spread: reference 1.6%, optimized 3.0%" in text
+    assert speedup_text(rep, short=True) == f"speedup {12.9 / 10.1:.2f}x (spread 3%)"
+
+
+def test_one_run_uses_the_step_spread_or_says_untested():
+    from bench.benchmark_t2v import speedup_text
+
+    noisy = _report(_mode([10.0], [0.50, 0.9, 0.52, 0.55]), _mode([9.0], [0.49, 0.53, 0.51, 0.8], compile=True))
+    assert noisy["comparison"]["verdict"] == "noise" and "IQR of 4 per-step times" in speedup_text(noisy)
+    fast = _report(_mode([10.0], [0.50, 0.51, 0.52]), _mode([8.0], [0.40, 0.41, 0.42], use_batched_cfg=True))
+    assert fast["comparison"]["verdict"] == "measured"
+    one = _report(_mode([10.0], [0.5]), _mode([8.0], [0.4], tf32=True))
+    assert one["comparison"]["verdict"] == "untested" and "not tested against run-to-run noise" in speedup_text(one)
+
+
+def test_chart_title_and_bar_labels(tmp_path, monkeypatch):
+    """The title follows the speed-up rule; each bar's label is the number where the bar ends."""
+    import matplotlib.pyplot as plt
+
+    from bench.benchmark_t2v import plot, speedup_text
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    ref = _mode([12.87, 12.0, 13.5], [0.5, 0.6])
+    ref["runs"][0].update(total=12.87, text_encode=1.0, steps=[5.0, 6.0], decode=0.5)  # 0.37 s of other work
+    rep = _report(ref, _mode([12.6, 11.8, 13.9], [0.5, 0.6], triton=True, patched=6))
+    plot(rep, tmp_path / "c.png")
+    ax = figs[0].axes[0]
+    assert ax.get_title().endswith(": " + speedup_text(rep, short=True)) and "x (" not in ax.get_title()
+    ends = {}
+    for bar in ax.patches:
+        y = round(bar.get_y() + bar.get_height() / 2)
+        ends[y] = max(ends.get(y, 0.0), bar.get_x() + bar.get_width())
+    labels = {round(t.get_position()[1]): t for t in ax.texts}
+    assert sorted(ends) == sorted(labels) == [0, 1]
+    for y, end in ends.items():
+        assert labels[y].get_position()[0] == pytest.approx(end)
+        assert labels[y].get_text().strip() == f"{end:.2f} s"
+    assert ends[0] == pytest.approx(12.87)   # the reference's median run, all of it
+
+
+def test_out_dir_help_and_error_name_the_real_files(tmp_path, capsys):
+    from bench.benchmark_t2v import build_parser
+
+    assert "bench/out, relative to the current directory" in " ".join(build_parser().format_help().split())
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)   # the chart's path is taken by a folder
+    assert main(["--device", "cpu", "--quiet", "--out_dir", str(out), "--name", "b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"wan-benchmark: error: --out_dir: output path is a directory: {out / 'b.png'}"]
+
+
+def test_rel_err_is_shared():
+    import bench._util as util
+    import bench.benchmark_t2v as bt
+
+    assert bt.rel_err is util.rel_err
+    x = torch.randn(7, dtype=torch.float64)
+    assert util.rel_err(x, torch.zeros(7)) == math.inf and util.rel_err(torch.zeros(3), torch.zeros(3)) == 0

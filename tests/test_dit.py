@@ -1,4 +1,4 @@
-"""Reference DiT: official state-dict layout, API contracts, formulas from the spec in float64."""
+"""Reference DiT: official state-dict layout, API contracts, formulas (docs/) in float64."""
 import json
 import math
 
@@ -32,7 +32,7 @@ def tiny_inputs(B=2, F=3, H=8, W=12, text=(5, 7)):
 
 def test_a14b_state_dict_matches_official_layout():
     with torch.device("meta"):
-        m = WanModel(**T2V_A14B.dit.to_dict())
+        m = WanModel(T2V_A14B.dit)
     sd = m.state_dict()
     assert len(sd) == 1095
     assert sum(v.numel() for v in sd.values()) == 14_288_491_584
@@ -141,10 +141,67 @@ def test_bf16_autocast_close_to_fp32(tiny_model):
     assert rel_err(out, ref) < 5e-2
 
 
-# ---------------------------------------------------------------- formulas from the spec (float64)
+def test_fp32_regions_ignore_an_enclosing_autocast(tiny_model, device):
+    """Time embedding and head run fp32 GEMMs under the pipeline's bf16 autocast, as the official
+    autocast(float32) regions do: results equal the computation without autocast, bit for bit."""
+    m = tiny_model.to(device)
+    t = torch.tensor([950, 300], device=device)
+    x = torch.randn(2, 37, TINY.dit.dim, device=device)
+    e_ref, e0_ref = m.time_embed(t)
+    head_ref = m.head(x, e_ref)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        e, e0 = m.time_embed(t)
+        head = m.head(x, e)
+    assert e.dtype == e0.dtype == head.dtype == torch.float32
+    assert torch.equal(e, e_ref) and torch.equal(e0, e0_ref) and torch.equal(head, head_ref)
+
+
+class _GemmDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (innermost module name, input dtypes) of every GEMM / convolution that reaches
+    the kernels, i.e. after autocast has cast its inputs."""
+    GEMMS = {"addmm", "mm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention_for_cpu"}
+
+    def __init__(self, model):
+        super().__init__()
+        self.stack, self.seen, self.hooks = [""], [], []
+        for name, mod in model.named_modules():
+            self.hooks.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: self.stack.append(n)))
+            self.hooks.append(mod.register_forward_hook(self._pop))
+
+    def _pop(self, *_):
+        self.stack.pop()  # returns None: the module's output is kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.GEMMS:
+            dts = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.append((self.stack[-1], func.overloadpacket.__name__, dts))
+        return func(*args, **(kwargs or {}))
+
+
+def test_precision_map_under_bf16_autocast(tiny_model):
+    """The precision map (docs/precision.md): under autocast(bf16) the time embedding / projection
+    (at the model's top level) and the head GEMM take fp32 inputs; every other GEMM and the patch
+    convolution take bf16 inputs."""
+    x, t, ctx = tiny_inputs()
+    rec = _GemmDtypes(tiny_model)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), rec:
+            tiny_model(x, t, ctx)
+    finally:
+        for h in rec.hooks:
+            h.remove()
+    fp32 = [s for s in rec.seen if s[0] in ("", "head")]
+    assert len(fp32) == 4, fp32  # time_embedding x2, time_projection, head
+    assert all(dts == {torch.float32} for _, _, dts in fp32), fp32
+    rest = [s for s in rec.seen if s[0] not in ("", "head")]
+    assert rest and all(dts == {torch.bfloat16} for _, _, dts in rest), [s for s in rest if s[2] != {torch.bfloat16}]
+    assert any(n == "patch_embedding" for n, _, _ in rest) and any(n.endswith("ffn.2") for n, _, _ in rest)
+
+
+# ---------------------------------------------------------------- formulas (docs/rope.md, docs/precision.md) in float64
 
 def _rope_by_formula(x, grid, head_dim):
-    """Spec 2.6 written directly: per token (f,h,w), per pair j, angle = pos * 10000^(-2j'/D_axis)."""
+    """docs/rope.md written directly: per token (f,h,w), per pair j, angle = pos * 10000^(-2j'/D_axis)."""
     B, L, H, D = x.shape
     c = D // 2
     cf, ch = c - 2 * (c // 3), c // 3
@@ -183,6 +240,45 @@ def test_rope_matches_spec_formula(seed):
 
 def test_rope_a14b_split():
     assert dit.rope_split(128) == (22, 21, 21)
+
+
+@pytest.mark.parametrize("head_dim", [128, 32, 12])
+def test_rope_freqs_is_the_official_table(head_dim):
+    """Official construction: rope_params(1024, d - 4*(d//6)), then twice rope_params(1024, 2*(d//6))."""
+    d = head_dim
+    want = torch.cat([dit.rope_params(1024, d - 4 * (d // 6)), dit.rope_params(1024, 2 * (d // 6)),
+                      dit.rope_params(1024, 2 * (d // 6))], dim=1)
+    got = dit.rope_freqs(head_dim)
+    assert got.dtype == torch.complex128 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 23, 30])
+def test_rope_token_offset_is_a_slice_of_the_full_sequence(seed, offset):
+    """A sequence-parallel rank holding tokens [offset, offset + l) rotates them as the full
+    sequence does (padding past F*H*W included)."""
+    grid = torch.tensor([[2, 3, 4], [1, 2, 5]])
+    L, l, fr = 2 * 3 * 4 + 6, 6, dit.rope_freqs(32)
+    x = torch.randn(2, L, 3, 32)
+    full = dit.rope_apply(x, grid, fr)
+    part = dit.rope_apply(x[:, offset:offset + l], grid, fr, token_offset=offset)
+    assert torch.equal(part, full[:, offset:offset + l])
+    xc = torch.randn(2, L, 3 * 32)
+    w = torch.rand(96) + 0.5
+    full = dit.rms_norm_rope(xc, w, 1e-6, 3, grid, fr, torch.bfloat16)
+    part = dit.rms_norm_rope(xc[:, offset:offset + l], w, 1e-6, 3, grid, fr, torch.bfloat16, token_offset=offset)
+    assert torch.equal(part, full[:, offset:offset + l])
+    with pytest.raises(ValueError, match="token_offset"):
+        dit.rope_table(grid, l, fr, token_offset=-1)
+
+
+def test_constructor_takes_one_config():
+    cfg = TINY.dit
+    m = WanModel(cfg)
+    assert m.config is cfg
+    official = dict(cfg.to_dict(), _class_name="WanModel")
+    assert WanModel.from_kwargs(**official).config == cfg
+    with pytest.raises(TypeError, match="DiTConfig"):
+        WanModel(cfg.to_dict())
 
 
 def test_modulate_and_residual_match_spec_formula(seed):

@@ -184,3 +184,105 @@ def test_write_failure_at_the_end_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == f"wan-generate: error: cannot write {out}: No space left on device"
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ issue 11: what a new user hits
+
+def _fake_generate(seen):
+    import torch
+
+    from wan.timing import Timings
+
+    def fake(self, prompt, **kw):
+        seen.update(kw, prompt=prompt)
+        self.last_seed, self.last_timings = kw["seed"], Timings()
+        return torch.rand(3, kw["frame_num"], 128, 128) * 2 - 1
+    return fake
+
+
+def test_disk_full_on_the_trailer_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    """ffmpeg failing while it writes the trailer (disk full) is not reported by imageio's writer:
+    the CLI finds the broken file, exits 2 with one line, and leaves nothing behind."""
+    import imageio
+
+    from wan.pipeline import WanT2V
+
+    real_get_writer = imageio.get_writer
+
+    class Truncating:
+        def __init__(self, path, **kw):
+            self.path, self.real = path, real_get_writer(path, **kw)
+
+        def __enter__(self):
+            return self
+
+        def append_data(self, f):
+            self.real.append_data(f)
+
+        def __exit__(self, *exc):
+            self.real.close()
+            with open(self.path, "r+b") as f:
+                f.truncate(1500)  # the tail (the moov atom) never made it to the disk
+            return False
+
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    monkeypatch.setattr(imageio, "get_writer", Truncating)
+    out = tmp_path / "v.mp4"
+    rc = main(["--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5", "--no-triton"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"wan-generate: error: cannot write {out}: the finished MP4 does not decode")
+    assert not list(tmp_path.iterdir())
+
+
+def test_prompt_starting_with_a_dash_reaches_the_pipeline(tmp_path, monkeypatch):
+    from wan.pipeline import WanT2V
+
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    rc = main(["--prompt", "-v", "--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu",
+               "--frame_num", "5", "--no-triton"])
+    assert rc == 0 and seen["prompt"] == "-v"
+
+
+def test_empty_prompt_with_a_checkpoint_is_an_error(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc = main(["--task", "tiny", "--ckpt_dir", str(tmp_path), "--prompt", "", "--save_file", str(out),
+               "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["wan-generate: error: --prompt is empty; give a prompt, or leave --prompt out for "
+                               "the demo prompt"]
+
+
+def test_default_name_is_safe_and_startup_log_is_readable(tmp_path, monkeypatch, caplog):
+    import re
+
+    from wan.pipeline import WanT2V
+
+    caplog.set_level("INFO")
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--prompt", 'a "cat" <b>: c\\d*e\nf/g', "--quiet", "--device", "cpu", "--frame_num", "5",
+               "--no-triton"])
+    assert rc == 0
+    (f,) = tmp_path.iterdir()
+    assert re.fullmatch(r"tiny_128x128_1_a_cat_b_c_d_e_f_g_\d{8}_\d{6}\.mp4", f.name), f.name
+    msgs = [r.getMessage() for r in caplog.records]
+    line = next(m for m in msgs if m.startswith("preset "))
+    assert line.startswith("preset none (only the flags): Triton kernels off, torch.compile off, TF32 off, "
+                           "batched CFG off, idle expert offloaded to CPU: no, attention auto")
+    assert not any("{" in m or "'flags'" in m for m in msgs)
+
+
+def test_demo_without_prompt_says_it_uses_the_demo_prompt(tmp_path, monkeypatch, caplog):
+    from wan.pipeline import WanT2V
+
+    caplog.set_level("INFO")
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    assert main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu", "--no-triton"]) == 0
+    assert "the demo prompt" in caplog.text
+    from wan_triton.cli import DEMO_PROMPT
+    assert seen["prompt"] == DEMO_PROMPT

@@ -63,13 +63,6 @@ def _check_pairs(out, ref, *dtypes):
                            f"{float((err - bound).max()):.3g}, max err {float(err.max()):.3g}")
 
 
-def _freqs(head_dim):
-    """The model's complex128 RoPE table for this head_dim (WanModel.__init__)."""
-    d = head_dim
-    return torch.cat([wd.rope_params(1024, d - 4 * (d // 6)), wd.rope_params(1024, 2 * (d // 6)),
-                      wd.rope_params(1024, 2 * (d // 6))], dim=1)
-
-
 def _randn(*shape, dtype=F32, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
@@ -105,44 +98,75 @@ GRID_2 = torch.tensor([[3, 5, 7], [2, 3, 4]])  # 105 and 24 valid tokens; L=110 
 
 def test_triton_path_is_taken():
     x = _randn(2, 3, 96)
+    w = _randn(96)
     assert kernels.triton_available()
-    assert kernels.use_triton(x), "the kernel path must run on this machine (CUDA or interpreter)"
-    assert not kernels.use_triton(x.double()), "float64 goes to the torch fallback"
+    assert kernels.rms_norm_supports(x, w, EPS) == (True, ""), "the kernels must run here (CUDA or interpreter)"
+    ok, why = kernels.rms_norm_supports(x.double(), w.double(), EPS)
+    assert not ok and "float64" in why
+
+
+def test_kernels_is_a_leaf():
+    """kernels/ imports nothing of wan (and holds no reference math)."""
+    code = ("import sys, kernels; bad = [m for m in sys.modules if m == 'wan' or m.startswith(('wan.', "
+            "'wan_triton'))]; assert not bad, bad; assert not [n for n in dir(kernels) if n.startswith('torch_')]")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for path in (ROOT / "kernels").glob("*.py"):
+        src = path.read_text()
+        assert "import wan" not in src and "from wan" not in src, path
 
 
 def test_import_without_interpret_and_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import kernels; import torch; x = torch.randn(2, 8); print(kernels.rms_norm(x, torch.ones(8), 1e-6).dtype)"
+    code = ("import kernels, torch; x = torch.randn(2, 8)\n"
+            "ok, why = kernels.rms_norm_supports(x, torch.ones(8), 1e-6)\n"
+            "assert not ok and 'TRITON_INTERPRET' in why, why")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # triton missing: imports, every op falls back to torch
+    # triton missing: imports, every support check says why
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
             "import torch, kernels\n"
             "assert not kernels.triton_available()\n"
             "x = torch.randn(1, 4, 8); m = torch.randn(1, 6, 8)\n"
-            "y = kernels.modulate(x, m[:, 0:1], m[:, 1:2], 1e-6); z = kernels.gated_residual(x, y, m[:, 2:3])\n"
-            "print(z.dtype)")
+            "ok, why = kernels.modulate_supports(x, m[:, 0:1], m[:, 1:2], 1e-6)\n"
+            "assert not ok and why == 'Triton is not installed', why")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-def test_fallback_matches_reference(monkeypatch, seed):
-    """Interpreter off and CPU tensors (or float64 inputs): the torch fallback, reference results."""
+def test_supports_says_why(monkeypatch):
+    """Each check names what the kernel does not cover; a covered call says (True, '')."""
+    x, w = _randn(2, 5, 64), _randn(64)
+    g, fr = GRID_2, wd.rope_freqs(32)
+    xq = _randn(2, 110, 2, 32)
+    m = _randn(2, 6, 64)
+    cases = [
+        (kernels.rms_norm_supports(x, _randn(32), EPS), "weight"),
+        (kernels.modulate_supports(x[0], m[:, 0:1], m[:, 1:2], EPS), "[B, L, C]"),
+        (kernels.modulate_supports(x, m[:, 0:1], m[:, 1:2], EPS, torch.int8), "out_dtype"),
+        (kernels.modulate_supports(x, _randn(3, 1, 64), m[:, 1:2], EPS), "broadcast"),
+        (kernels.gated_residual_supports(x, x[:, :2], m[:, 2:3]), "same"),
+        (kernels.cfg_combine_supports(x, x[:1], 5.0), "shape"),
+        (kernels.rope_apply_supports(xq, g, wd.rope_freqs(64)), "freqs"),
+        (kernels.rope_apply_supports(xq, g[:1], fr), "grid_sizes"),
+        (kernels.rope_apply_supports(xq, g, fr, token_offset=-1), "token_offset"),
+        (kernels.rms_norm_rope_supports(x, w, EPS, 3, g, fr), "num_heads=3"),
+        (kernels.rms_norm_rope_supports(_randn(2, 5, 64, device="meta"), w, EPS, 2, g, fr), "meta"),
+    ]
+    for (ok, why), words in cases:
+        assert not ok and words in why, (why, words)
+    for ok_why in (kernels.rms_norm_supports(x, w, EPS), kernels.modulate_supports(x, m[:, 0:1], m[:, 1:2], EPS),
+                   kernels.gated_residual_supports(x, x, m[:, 2:3]), kernels.cfg_combine_supports(x, x, 5.0),
+                   kernels.rope_apply_supports(xq, g, fr, 7), kernels.rms_norm_rope_supports(x, w, EPS, 2, g, fr)):
+        assert ok_why == (True, "")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = _randn(2, 5, 64, device="cpu")
-    w = _randn(64, device="cpu")
-    assert not kernels.use_triton(x)
-    torch.testing.assert_close(kernels.rms_norm(x, w, EPS), wd.rms_norm(x, w, EPS), rtol=0, atol=0)
-    g = GRID_2[:, :]
-    xq = _randn(2, 110, 2, 32, device="cpu")
-    fr = _freqs(32)
-    torch.testing.assert_close(kernels.rope_apply(xq, g, fr), wd.rope_apply(xq, g, fr), rtol=0, atol=0)
-    x3 = _randn(2, 110, 64, device="cpu")
-    torch.testing.assert_close(kernels.rms_norm_rope(x3, w, EPS, 2, g, fr, BF16),
-                               wd.rms_norm_rope(x3, w, EPS, 2, g, fr, BF16), rtol=0, atol=0)
-    xd = x.double()  # float64 is not a kernel dtype: it takes the torch fallback
-    assert not kernels.use_triton(xd)
-    torch.testing.assert_close(kernels.rms_norm(xd, w.double(), EPS), wd.rms_norm(xd, w.double(), EPS), **tol(F32))
+    if DEVICE == "cpu":
+        assert "TRITON_INTERPRET" in kernels.rms_norm_supports(x, w, EPS)[1]
+
+
+@pytest.mark.parametrize("head_dim", [2, 12, 32, 96, 128])
+def test_rope_split_is_wans(head_dim):
+    assert kernels.rope_split(head_dim) == wd.rope_split(head_dim)[:2]
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,7 +206,7 @@ def test_rms_norm_strided_rows(seed):
 def test_rope_apply(seed, dtype, heads, head_dim):
     """Batch 2, different grids per sample, padding tokens past F*H*W in both samples."""
     x = _randn(2, 110, heads, head_dim, dtype=dtype, scale=2.0)
-    fr = _freqs(head_dim)
+    fr = wd.rope_freqs(head_dim)
     out = kernels.rope_apply(x, GRID_2, fr)
     assert out.dtype == torch.float32
     ref = wd.rope_apply(x.double(), GRID_2, fr)  # float64 inside
@@ -192,24 +216,40 @@ def test_rope_apply(seed, dtype, heads, head_dim):
     assert torch.equal(out[0, 105:], x[0, 105:].float()) and torch.equal(out[1, 24:], x[1, 24:].float())
 
 
+@pytest.mark.parametrize("offset", [0, 17, 100, 130])
+def test_rope_token_offset(seed, offset):
+    """A sequence-parallel slice: local token n is global token n + offset (100 and 130 run into
+    and past the padding of both samples)."""
+    x = _randn(2, 12, 2, 32, scale=2.0)
+    fr = wd.rope_freqs(32)
+    out = kernels.rope_apply(x, GRID_2, fr, token_offset=offset)
+    _check(out, wd.rope_apply(x.double(), GRID_2, fr, token_offset=offset), F32)
+    xc = _randn(2, 12, 64, dtype=BF16, scale=2.0)
+    w = 1 + _randn(64, scale=0.2)
+    out = kernels.rms_norm_rope(xc, w, EPS, 2, GRID_2, fr, BF16, token_offset=offset)
+    native = wd.rms_norm_rope(xc, w, EPS, 2, GRID_2, fr, BF16, token_offset=offset)
+    assert out.dtype == native.dtype == BF16
+    _check_pairs(out, wd.rms_norm_rope(xc.double(), w.double(), EPS, 2, GRID_2, fr, token_offset=offset), BF16)
+
+
 def test_rope_apply_noncontiguous_and_grid_on_device(seed):
     base = _randn(2, 4, 110, 64)                 # [B, H, L, D] -> view [B, L, H, D]
     x = base.transpose(1, 2)
-    fr = _freqs(64)
+    fr = wd.rope_freqs(64)
     g = torch.tensor([[2, 4, 5], [3, 2, 3]], device=DEVICE)
     _check(kernels.rope_apply(x, g, fr.to(DEVICE)), wd.rope_apply(x.double(), g.cpu(), fr), F32)
 
 
 def test_rope_large_positions(seed):
     """Positions up to the 720p grid's extents (f < 21, h < 45, w < 80) on short sequences."""
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[21, 2, 2], [2, 45, 2], [1, 1, 80]])
     x = _randn(3, 180, 1, 128)
     _check(kernels.rope_apply(x, g, fr), wd.rope_apply(x.double(), g, fr), F32)
 
 
 def test_rope_cos_sin_cached():
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     t1 = kernels.rope_cos_sin(fr, DEVICE)
     t2 = kernels.rope_cos_sin(fr, DEVICE)
     assert t1 is t2 and t1.dtype == torch.float32 and t1.shape == (1024, 64, 2)
@@ -229,7 +269,7 @@ def test_rms_norm_rope(seed, xdt, wdt, out_dtype):
     heads, hd = 3, 128
     x = _randn(2, 110, heads * hd, dtype=xdt, scale=2.0)
     w = None if wdt is None else (1 + _randn(heads * hd, scale=0.2)).to(wdt)
-    fr = _freqs(hd)
+    fr = wd.rope_freqs(hd)
     out = kernels.rms_norm_rope(x, w, EPS, heads, GRID_2, fr, out_dtype)
     native = wd.rms_norm_rope(x, w, EPS, heads, GRID_2, fr, out_dtype)
     assert out.dtype == native.dtype and out.shape == native.shape == (2, 110, heads, hd)
@@ -244,7 +284,7 @@ def test_rms_norm_rope_real_width(seed):
     """C = 5120 = 40 heads x 128, bf16 in / bf16 out as in the model, with padding tokens."""
     x = _randn(1, 14, 5120, dtype=BF16, scale=4.0)
     w = 1 + _randn(5120, scale=0.2)
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[1, 3, 4]])
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, BF16)
     _check_pairs(out, wd.rms_norm_rope(x.double(), w.double(), EPS, 40, g, fr), BF16)
@@ -254,7 +294,7 @@ def test_rms_norm_rope_wide_row_loops(seed):
     """C = 72 x 128 = 9216 > 8192: the looped path (two reads)."""
     x = _randn(1, 3, 72 * 128)
     w = _randn(72 * 128)
-    fr = _freqs(128)
+    fr = wd.rope_freqs(128)
     g = torch.tensor([[1, 1, 2]])
     out = kernels.rms_norm_rope(x, w, EPS, 72, g, fr)
     _check(out, wd.rms_norm_rope(x.double(), w.double(), EPS, 72, g, fr), F32)
@@ -266,7 +306,7 @@ def test_rms_norm_rope_is_composition(seed, xdt):
     heads, hd = 2, 64
     x = _randn(2, 110, heads * hd, dtype=xdt)
     w = _randn(heads * hd)
-    fr = _freqs(hd)
+    fr = wd.rope_freqs(hd)
     fused = kernels.rms_norm_rope(x, w, EPS, heads, GRID_2, fr)
     comp = kernels.rope_apply(kernels.rms_norm(x, w, EPS).unflatten(-1, (heads, hd)), GRID_2, fr)
     # Both round the normalised value to x's dtype; with bf16 x, a different fp32 reduction order
@@ -379,7 +419,7 @@ def test_torch_compile_fullgraph(seed):
     m = _randn(B, 6, C, scale=0.5)
     w = _randn(C)
     g = torch.tensor([[2, 3, 4], [1, 5, 5]], device=DEVICE)
-    fr = _freqs(32).to(DEVICE)
+    fr = wd.rope_freqs(32).to(DEVICE)
     eager = _block_like(x, y, m, w, g, fr)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(_block_like, backend=backend, fullgraph=True)
@@ -410,7 +450,7 @@ def test_gpu_rms_norm_real(seed):
 def test_gpu_rms_norm_rope_real(seed, out_dtype):
     x = _randn(1, L720, 5120, dtype=BF16, scale=3.0)
     w = 1 + _randn(5120, scale=0.2)
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[21, 45, 80]])
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, out_dtype)
     ref = wd.rms_norm_rope(x.double(), w.double(), EPS, 40, g, fr)
@@ -421,7 +461,7 @@ def test_gpu_rms_norm_rope_real(seed, out_dtype):
 def test_gpu_rope_apply_real_batched_cfg(seed):
     """q [2, 75600, 40, 128] fp32: batched CFG, the second sample a smaller grid with padding."""
     x = _randn(2, L720, 40, 128)
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[21, 45, 80], [21, 40, 80]])
     out = kernels.rope_apply(x, g, fr)
     for b in range(2):  # reference per sample to bound memory
@@ -489,7 +529,7 @@ def test_gpu_modulate_and_rms_norm_past_2_31(seed):
     _check(out[:, tail], wd.rms_norm(x[:, tail].double(), w.double(), EPS), BF16)
     del out
     # RoPE positions for every token (f < 410, h < 1024): the tail past 2^31 elements is rotated
-    fr = _freqs(128).to(DEVICE)
+    fr = wd.rope_freqs(128).to(DEVICE)
     g = torch.tensor([[410, 1024, 1]])
     assert 410 * 1024 >= R
     out = kernels.rms_norm_rope(x, w, EPS, 40, g, fr, BF16)

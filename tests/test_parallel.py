@@ -43,8 +43,8 @@ def _same_on_all_ranks(x: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- checks run inside the workers
 
-def _check_forward(ulysses: int, seed: int) -> dict:
-    """One DiT forward (random fp32 weights, a sequence U does not divide) with Ulysses U."""
+def _forward_case(ulysses: int, seed: int):
+    """A tiny fp32 DiT with random weights and inputs of 45 tokens (U does not divide them)."""
     from wan.configs import get_config
     from wan.dit import WanModel
 
@@ -57,7 +57,12 @@ def _check_forward(ulysses: int, seed: int) -> dict:
     x = torch.randn(1, 16, 3, 6, 10, generator=g)                    # 3*3*5 = 45 tokens
     t = torch.tensor([700.0])
     ctx = [torch.randn(7, cfg.text_dim, generator=g)]
-    padded = -(-45 // ulysses) * ulysses
+    return model, x, t, ctx, -(-45 // ulysses) * ulysses
+
+
+def _check_forward(ulysses: int, seed: int) -> dict:
+    """One DiT forward (random fp32 weights, a sequence U does not divide) with Ulysses U."""
+    model, x, t, ctx, padded = _forward_case(ulysses, seed)
     ref = model(x, t, ctx, seq_len=padded)     # one process at the length Ulysses pads to
     ref_padded = model(x, t, ctx, seq_len=50)  # official-style padding (seq_len given) too
     ref_unpadded = model(x, t, ctx)
@@ -67,6 +72,25 @@ def _check_forward(ulysses: int, seed: int) -> dict:
         out_padded = model(x, t, ctx, seq_len=50)
     return {"rel": _rel(out, ref), "rel_padded": _rel(out_padded, ref_padded),
             "rel_unpadded": _rel(out, ref_unpadded), "same": _same_on_all_ranks(out)}
+
+
+def _check_forward_patched(ulysses: int, seed: int) -> dict:
+    """The same forward with wan_triton.patch() (the Triton kernels; TRITON_INTERPRET=1 on CPU),
+    strict: a kernel fallback raises. Each rank's q/k RoPE runs the kernel at its token_offset."""
+    import wan_triton
+
+    model, x, t, ctx, padded = _forward_case(ulysses, seed)
+    ref = model(x, t, ctx, seq_len=padded)  # reference ops, one process
+    state = parallel.build_state(ulysses_size=ulysses)
+    with wan_triton.patched(strict=True):
+        one = model(x, t, ctx, seq_len=padded)  # kernels, one process
+        wan_triton.reset_kernel_stats()
+        with parallel.sequence_parallel(model, state.ulysses):
+            out = model(x, t, ctx)
+        stats = wan_triton.kernel_stats()
+    return {"rel_one_patched": _rel(out, one), "rel_reference": _rel(out, ref), "same": _same_on_all_ranks(out),
+            "rope_launches": stats["rms_norm_rope"]["launches"],
+            "fallbacks": sum(s["fallbacks"] for s in stats.values())}
 
 
 def _tiny_pipe():
@@ -118,6 +142,7 @@ def _check_generate(ulysses: int, cfg_parallel: bool, fsdp: bool = False, decode
 CHECKS = {
     2: {
         "forward_u2": lambda: _check_forward(2, seed=11),
+        "forward_u2_patched": lambda: _check_forward_patched(2, seed=13),
         "gen_u2_decode": lambda: _check_generate(2, False, decode=True),
         "gen_cfg2": lambda: _check_generate(1, True),
         "gen_u2_fsdp": lambda: _check_generate(2, False, fsdp=True),
@@ -149,6 +174,9 @@ def _worker(rank: int, world: int, port: int, out_path: str):
 def _warm_up():
     """Build and run the tiny pipeline once in the parent, so that forked workers inherit the
     imports (the first meta-device build alone imports for seconds)."""
+    import wan_triton.patch  # noqa: F401 - and the kernels' imports (triton: seconds)
+    from kernels import rope  # noqa: F401
+
     pipe = _tiny_pipe()
     pipe.generate("warm", seed=0, return_latents=True, **GEN)
 
@@ -187,6 +215,15 @@ def test_ulysses2_forward(two):
     assert r["rel"] < REL and r["rel_padded"] < REL and r["same"]
     # vs one process without padding: CPU SDPA itself moves by ~2e-5 when masked keys are appended
     assert r["rel_unpadded"] < 1e-4
+
+
+def test_ulysses2_forward_with_kernels(two):
+    """Ulysses under wan_triton.patch(): the kernels take each shard's token_offset (no fallback)."""
+    r = two["forward_u2_patched"]
+    print(r)
+    assert r["rope_launches"] == 2 * 2 and r["fallbacks"] == 0 and r["same"]  # q and k in each of 2 layers
+    assert r["rel_one_patched"] < REL
+    assert r["rel_reference"] < 1e-4  # kernels vs the float64-RoPE reference, fp32
 
 
 def test_ulysses4_forward_uneven_sequence(four):
@@ -259,6 +296,7 @@ TORCHRUN = lambda n: {"RANK": "0", "WORLD_SIZE": str(n), "MASTER_ADDR": "x", "LO
     (dict(ulysses_size=0), TORCHRUN(1), ">= 1"),
     (dict(ulysses_size=2, dit_fsdp=True, offload=True), TORCHRUN(2), "--offload_model"),
     (dict(ulysses_size=2, t5_fsdp=True, t5_cpu=True), TORCHRUN(2), "--t5_cpu"),
+    (dict(cfg_parallel=True, use_batched_cfg=True), TORCHRUN(2), "--use_batched_cfg"),
 ])
 def test_bad_combinations_rejected(kw, env, msg):
     offload, t5_cpu = kw.pop("offload", None), kw.pop("t5_cpu", False)
@@ -283,6 +321,36 @@ def test_cli_without_torchrun_is_one_line(capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "needs torchrun" in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_parse_request_checks_the_parallel_flags(monkeypatch):
+    """The group is registered in wan_triton.cli: both CLIs get its flags, parse_request checks them
+    (against the task's heads) before any model is built and fills Request.extra['parallel']."""
+    from bench.benchmark_t2v import build_parser as bench_parser
+    from wan_triton import cli
+    from wan_triton.generate import build_parser
+
+    for k, v in TORCHRUN(2).items():
+        monkeypatch.setenv(k, v)
+    args = build_parser().parse_args(["--ulysses_size", "2", "--device", "cpu"])
+    assert cli.parse_request(args, "tiny").extra["parallel"].ulysses_size == 2
+    args = bench_parser().parse_args(["--cfg_parallel", "--device", "cpu"])
+    assert cli.parse_request(args, "tiny").extra["parallel"].cfg_parallel
+    for argv, msg in ((["--ulysses_size", "2", "--cfg_parallel"], "needs 4"),
+                      (["--cfg_parallel", "--use_batched_cfg"], "--use_batched_cfg")):
+        with pytest.raises(cli.CLIError, match=msg):
+            cli.parse_request(build_parser().parse_args([*argv, "--device", "cpu"]), "tiny")
+
+
+def test_default_name_carries_the_ulysses_size():
+    from datetime import datetime
+
+    from wan_triton.cli import default_output_name
+
+    when = datetime(2026, 1, 2, 3, 4, 5)
+    assert default_output_name("t2v-A14B", "1280*720", "a cat", when, ulysses=4) == \
+        "t2v-A14B_1280x720_4_a_cat_20260102_030405.mp4"
+    assert "_1280x720_1_a_cat_" in default_output_name("t2v-A14B", "1280*720", "a cat", when)
 
 
 def test_one_process_path_unchanged(seed):

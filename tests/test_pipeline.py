@@ -123,3 +123,152 @@ def test_random_weights_with_the_real_umt5_vocab_build():
     p = WanT2V.from_preset(cfg, device="cpu")
     ctx = p.encode_text(["hello"])
     assert ctx[0].shape == (len("hello") + 1, TINY.t5.dim)
+
+
+# ------------------------------------------------------------------ lean pipeline: state, logs, precision
+
+def test_last_seed_and_timings_start_empty_and_drawn_seed_is_kept():
+    p = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    assert p.last_seed is None and p.last_timings is None
+    gen(p, seed=-1, sampling_steps=1, frame_num=1)
+    assert isinstance(p.last_seed, int) and p.last_seed >= 0
+    tm = p.last_timings
+    assert len(tm.steps) == 1 and tm.text_encode > 0 and tm.total >= tm.text_encode + tm.denoise
+
+
+def test_timings_measure_sets_floats_and_appends_lists():
+    from wan.timing import Timings
+
+    tm = Timings(device="cpu")
+    with tm.measure("decode"):
+        pass
+    with tm.measure("steps"):
+        pass
+    with tm.measure("steps"):
+        pass
+    assert tm.decode >= 0 and len(tm.steps) == 2 and "2 steps" in tm.summary()
+
+
+def test_long_prompt_is_cut_with_a_warning(pipe, caplog):
+    caplog.set_level("INFO", logger="wan.pipeline")
+    text_len = pipe.text_encoder.text_len
+    prompt = "a fox " * 20  # 120 bytes -> 120 byte tokens + </s> with the tiny byte tokenizer
+    n = pipe.prompt_tokens(prompt)
+    assert n > text_len
+    pipe.generate(prompt, size="128*128", frame_num=1, sampling_steps=1, seed=1, progress=False,
+                  return_latents=True)
+    warn = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warn == [f"the prompt is {n} tokens long; the text encoder keeps the first {text_len} (text_len) "
+                    "and ignores the rest"]
+    caplog.clear()
+    pipe.generate("short", size="128*128", frame_num=1, sampling_steps=1, seed=1, progress=False,
+                  return_latents=True)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_decode_is_announced_and_attention_is_resolved_before_the_bar(pipe, caplog, monkeypatch):
+    """The attention backend's log line comes before the progress bar starts (not inside it),
+    and the VAE decode, which shows no bar, is announced."""
+    from wan import attention as att
+
+    seen = []
+    real = wp._progress
+
+    def spy(it, enabled, desc):
+        seen.append(str(pipe.device) in att._state["resolved"])
+        return real(it, enabled, desc)
+
+    att.set_backend(att.get_backend())  # clears the per-device cache: the next call logs again
+    monkeypatch.setattr(wp, "_progress", spy)
+    caplog.set_level("INFO")
+    gen(pipe, sampling_steps=2, frame_num=5, return_latents=False)
+    assert seen == [True]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "decoding 5 frames with the VAE ..." in msgs
+    assert any(m.startswith("attention backend on cpu") for m in msgs)
+
+
+def test_cpu_runs_under_the_same_bf16_autocast_as_cuda(pipe, monkeypatch):
+    """The documented CPU precision: the DiT runs under bf16 autocast on CPU too (as on CUDA),
+    so CPU results follow the GPU's precision map (see the wan.pipeline docstring)."""
+    seen = []
+    real = type(pipe.low_noise_model).forward
+
+    def spy(self, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(pipe.low_noise_model), "forward", spy)
+    gen(pipe, sampling_steps=2, frame_num=1)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+
+
+# ------------------------------------------------------------------ video output never leaves a broken file
+
+class _Writer:
+    """Wraps imageio's writer: fail on frame `fail_at` (OSError, like a full disk during the
+    frames), or after closing cut the file to `cut_to` bytes (ffmpeg failing on the trailer,
+    which imageio does not report)."""
+
+    def __init__(self, real, path, fail_at=None, cut_to=None):
+        self.real, self.path, self.fail_at, self.cut_to, self.n = real, path, fail_at, cut_to, 0
+
+    def __enter__(self):
+        return self
+
+    def append_data(self, frame):
+        if self.n == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.n += 1
+        self.real.append_data(frame)
+
+    def __exit__(self, *exc):
+        self.real.close()
+        if self.cut_to is not None:
+            with open(self.path, "r+b") as f:
+                f.truncate(self.cut_to)
+        return False
+
+
+@pytest.mark.parametrize("how,msg", [
+    ("mid_file", "No space left on device"),
+    ("trailer", "the finished MP4 does not decode"),
+    ("empty", "ffmpeg wrote an empty file"),
+])
+def test_failing_writer_leaves_no_file(tmp_path, monkeypatch, how, msg):
+    import imageio
+
+    from wan.video import VideoWriterError
+
+    real_get_writer = imageio.get_writer
+
+    def get_writer(path, **kw):
+        real = real_get_writer(path, **kw)
+        if how == "mid_file":
+            return _Writer(real, path, fail_at=3)
+        return _Writer(real, path, cut_to=0 if how == "empty" else 2000)
+
+    monkeypatch.setattr(imageio, "get_writer", get_writer)
+    dest = tmp_path / "v.mp4"
+    video = torch.rand(3, 9, 64, 64) * 2 - 1
+    with pytest.raises(VideoWriterError, match=msg) as e:
+        save_video(video, dest, fps=16)
+    assert str(e.value).startswith(f"cannot write {dest}: ") and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_frames_are_caught(tmp_path, monkeypatch):
+    """A file that decodes but lacks frames is not a saved video either."""
+    from wan import video as wv
+
+    monkeypatch.setattr("imageio_ffmpeg.count_frames_and_secs", lambda p: (4, 0.25))
+    with pytest.raises(wv.VideoWriterError, match="holds 4 of 9 frames"):
+        save_video(torch.rand(3, 9, 32, 32) * 2 - 1, tmp_path / "v.mp4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_old_import_paths_still_work():
+    from wan import pipeline, requests, video
+
+    assert pipeline.save_video is video.save_video and pipeline.check_request is requests.check_request
+    assert pipeline.InputError is requests.InputError and issubclass(video.VideoWriterError, InputError)

@@ -1,4 +1,5 @@
-"""wan_triton: patch/unpatch exactness, patched model parity, switches reaching the pipeline."""
+"""wan_triton: patch/unpatch exactness, kernel-or-reference dispatch and its counters, patched model
+parity (with the kernels proven to have run), switches reaching the pipeline."""
 import importlib
 import logging
 
@@ -23,13 +24,27 @@ def originals():
     return {name: getattr(mod, name) for mod, name in NAMES}
 
 
+def kernel_of(fn):
+    """The Triton op a patched name dispatches to (None for a reference function)."""
+    return getattr(fn, "__wan_triton_kernel__", None)
+
+
+def launches():
+    return {op: s["launches"] for op, s in wan_triton.kernel_stats().items()}
+
+
+def fallbacks():
+    return {op: s["fallbacks"] for op, s in wan_triton.kernel_stats().items()}
+
+
 def test_patch_unpatch_restores_the_same_objects():
     before = originals()
     backend = att.get_backend()
     done = wan_triton.patch()
     assert len(done) == 6 and wan_triton.is_patched()
     for mod, name in NAMES:
-        assert getattr(mod, name) is getattr(kernels, name), name
+        assert kernel_of(getattr(mod, name)) is getattr(kernels, name), name
+        assert getattr(mod, name).__wan_triton_reference__ is before[name], name
     wan_triton.patch()  # twice is harmless: the originals are still remembered
     wan_triton.unpatch()
     after = originals()
@@ -43,7 +58,7 @@ def test_patch_subset_only_swaps_what_was_asked():
     before = originals()
     wan_triton.patch(rms_norm=False, modulation=False, cfg=False)
     assert dit.rms_norm is before["rms_norm"] and dit.modulate is before["modulate"]
-    assert dit.rope_apply is kernels.rope_apply and dit.gated_residual is kernels.gated_residual
+    assert kernel_of(dit.rope_apply) is kernels.rope_apply and kernel_of(dit.gated_residual) is kernels.gated_residual
     assert dit.rms_norm_rope is before["rms_norm_rope"]  # the fused op needs both halves
     wan_triton.unpatch()
 
@@ -51,11 +66,12 @@ def test_patch_subset_only_swaps_what_was_asked():
 def test_patched_context_manager():
     before = originals()
     with wan_triton.patched():
-        assert dit.modulate is kernels.modulate
+        assert kernel_of(dit.modulate) is kernels.modulate
     assert all(originals()[k] is before[k] for k in before)
 
 
 def test_fallback_and_strict(monkeypatch, caplog):
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
     monkeypatch.setattr(wpatch, "kernel_support", lambda: (False, "no CUDA device"))
     before = originals()
     with caplog.at_level(logging.WARNING, logger="wan_triton"):
@@ -67,45 +83,89 @@ def test_fallback_and_strict(monkeypatch, caplog):
     wan_triton.unpatch()
 
 
+# Where the kernels run: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(DEV == "cpu" and not kernels.interpret_mode(),
+                                   reason="no CUDA device and TRITON_INTERPRET is not set: the kernels cannot run")
+
+
 @pytest.fixture
 def tiny(seed):
-    return WanModel.from_config(TINY.dit, seed=seed, zero_head=False)
+    return WanModel.from_config(TINY.dit, device=DEV, seed=seed, zero_head=False)
 
 
 def _inputs():
-    x = torch.randn(2, 16, 3, 6, 10)
-    return x, torch.tensor([950, 300]), [torch.randn(5, 32), torch.randn(9, 32)]
+    x = torch.randn(2, 16, 3, 6, 10, device=DEV)
+    return (x, torch.tensor([950, 300], device=DEV),
+            [torch.randn(5, 32, device=DEV), torch.randn(9, 32, device=DEV)])
 
 
+@needs_kernels
 def test_patched_model_matches_reference(tiny):
+    """The kernels actually ran (launch counters), none fell back, and the output matches."""
     x, t, ctx = _inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         ref = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
-        with wan_triton.patched():
+        wan_triton.reset_kernel_stats()
+        with wan_triton.patched(strict=True):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
+    n = len(tiny.blocks)
+    assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
+                              gated_residual=2 * n, cfg_combine=0), wan_triton.kernel_stats()
+    assert not any(fallbacks().values()), wan_triton.kernel_stats()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
 
 
+def test_unsupported_input_falls_back_visibly(seed, monkeypatch):
+    """float64 is not a kernel dtype: the reference runs (same result), the fallback is counted
+    with its reason, and strict mode (patch(strict=True) or WAN_TRITON_STRICT=1) raises it."""
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
+    x, w = torch.randn(2, 5, 64, dtype=torch.float64), torch.rand(64, dtype=torch.float64) + 0.5
+    want = originals()["rms_norm"](x, w, 1e-6)
+    wan_triton.reset_kernel_stats()
+    with wan_triton.patched():
+        assert torch.equal(dit.rms_norm(x, w, 1e-6), want)
+        dit.rms_norm(x.float(), w.float(), 1e-6)
+        monkeypatch.setenv(wpatch.STRICT_ENV, "1")
+        with pytest.raises(wan_triton.KernelFallback, match="rms_norm .*float64"):
+            dit.rms_norm(x, w, 1e-6)
+    st = wan_triton.kernel_stats()["rms_norm"]
+    assert st["launches"] == 1 and st["fallbacks"] == 2 and "float64" in st["last_reason"]
+    monkeypatch.delenv(wpatch.STRICT_ENV)
+    with wan_triton.patched(strict=True):
+        with pytest.raises(wan_triton.KernelFallback, match="float64"):
+            dit.modulate(x, x[:, :1], x[:, :1], 1e-6)
+    assert wan_triton.kernel_stats()["modulate"]["fallbacks"] == 1
+    wan_triton.reset_kernel_stats()
+    assert not any(fallbacks().values()) and not any(launches().values())
+
+
+def test_fallback_reference_is_the_original_function(seed, monkeypatch):
+    """Unsupported shapes run the original wan.dit function object, whatever the patch state."""
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
+    ref = originals()["rms_norm_rope"]
+    x = torch.randn(2, 7, 64)
+    g, fr = torch.tensor([[1, 2, 3], [1, 1, 7]]), dit.rope_freqs(32)
+    with wan_triton.patched():
+        # num_heads=3 does not divide C=64 -> reference; the reference raises the same error
+        with pytest.raises(RuntimeError):
+            ref(x, None, 1e-6, 3, g, fr)
+        with pytest.raises(RuntimeError):
+            dit.rms_norm_rope(x, None, 1e-6, 3, g, fr)
+        assert "num_heads=3" in wan_triton.kernel_stats()["rms_norm_rope"]["last_reason"]
+
+
+@needs_kernels
 def test_instance_patch_leaves_globals_alone(tiny):
     before = originals()
     x, t, ctx = _inputs()
     ref = tiny(x, t, ctx)
     wan_triton.patch(tiny, attention=None)
     assert all(originals()[k] is before[k] for k in before)
-    calls = []
-    real = kernels.modulate
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    kernels.modulate = spy
-    try:
-        out = tiny(x, t, ctx)
-    finally:
-        kernels.modulate = real
-    assert calls, "the instance forward did not use the kernels"
+    wan_triton.reset_kernel_stats()
+    out = tiny(x, t, ctx)
+    assert launches()["modulate"] == 2 * len(tiny.blocks) + 1, "the instance forward did not use the kernels"
     assert all(originals()[k] is before[k] for k in before)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     wan_triton.unpatch(tiny)
@@ -136,7 +196,7 @@ def test_optimize_flags_reach_the_pipeline():
     pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
     applied = wan_triton.optimize(pipe, "cpu", triton=True, use_batched_cfg=True, attention="math")
     assert pipe.use_batched_cfg and applied["use_batched_cfg"]
-    assert dit.modulate is kernels.modulate and att.resolve_backend(torch.device("cpu")) == "math"
+    assert kernel_of(dit.modulate) is kernels.modulate and att.resolve_backend(torch.device("cpu")) == "math"
     assert applied["offload_model"] is False and applied["compile"] is False
     wan_triton.unpatch()
     att.set_backend("auto")
@@ -154,7 +214,7 @@ def test_resident_fit_at_a14b_sizes():
     from wan.t5 import T5Encoder
 
     with torch.device("meta"):
-        n_dit = sum(p.numel() for p in WanModel(**T2V_A14B.dit.to_dict()).parameters())
+        n_dit = sum(p.numel() for p in WanModel(T2V_A14B.dit).parameters())
         n_t5 = sum(p.numel() for p in T5Encoder(T2V_A14B.t5).parameters())
     h200, h100 = 143_771 * 2**20 / 1e9, 80.0
     bf16 = (2 * n_dit * 2 + n_t5 * 2) / 1e9
@@ -209,6 +269,7 @@ def test_reference_never_imports_triton():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@needs_kernels
 def test_patched_block_traces_without_graph_breaks(tiny):
     """Regional compile keeps the kernels: a patched DiT block is one dynamo graph."""
     x, t, ctx = _inputs()
@@ -221,10 +282,10 @@ def test_patched_block_traces_without_graph_breaks(tiny):
         return real_forward(*a, **k)
 
     blk.forward = grab
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         tiny(x, t, ctx, seq_len=3 * 3 * 5 + 4)  # padded: the masked-attention path too
     del blk.forward
-    with wan_triton.patched(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with wan_triton.patched(), torch.autocast(DEV, dtype=torch.bfloat16):
         ex = torch._dynamo.explain(tiny.blocks[1])(*seen["args"])
     assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
     assert ex.graph_count == 1
@@ -240,4 +301,26 @@ def test_patched_restores_attention_choice(tiny):
             assert att.get_backend() == "sdpa"
         assert att.get_backend() == "math" and not wan_triton.is_patched()
     finally:
+        att.set_backend("auto")
+
+
+def test_patch_leaves_the_attention_choice_alone():
+    """patch()'s default does not touch the backend; a backend patch set is restored exactly."""
+    att.set_backend("math")
+    try:
+        wan_triton.patch()
+        assert att.get_backend() == "math"
+        wan_triton.unpatch()
+        assert att.get_backend() == "math"
+        with wan_triton.patched():
+            att.set_backend("sdpa")  # the user's own choice inside the block is kept
+        assert att.get_backend() == "sdpa"
+        att.set_backend("math")
+        wan_triton.patch(attention="sdpa")
+        wan_triton.patch(attention="auto")  # twice: the first saved choice is what comes back
+        assert att.get_backend() == "auto"
+        wan_triton.unpatch()
+        assert att.get_backend() == "math"
+    finally:
+        wan_triton.unpatch()
         att.set_backend("auto")

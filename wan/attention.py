@@ -5,6 +5,7 @@ Backends, tried in this order by `auto`: flash-attn 3 (`flash_attn_interface`), 
 default SDPA. `math` is SDPA's math backend (any device). Inputs that are not fp16/bf16
 are cast to bf16 as the official code does; softmax scale 1/sqrt(head_dim), no dropout,
 not causal; keys at positions >= k_lens[b] are masked (the official varlen call).
+Where attention sits in the precision map: docs/precision.md.
 """
 from __future__ import annotations
 

@@ -5,12 +5,20 @@ DiT experts (`high_noise_model/`, `low_noise_model/`): `config.json` plus either
 with its shards. T5 and VAE: plain `torch.save`d state dicts (`.pth`).
 Models are built on `meta` and loaded with `assign=True`, one tensor at a time, so no
 second copy of the weights is ever materialised.
+
+`check_checkpoint(ckpt_dir, config)` is the pre-flight `WanT2V.from_pretrained` runs first: it
+reads only headers, the index and zip directories, and names every missing or corrupt file in
+one error, so a bad file is reported before minutes of loading.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import pickle
+import tarfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -140,7 +148,7 @@ def load_dit(folder, dtype=None, device="cpu", progress: bool = False):
     cfg = DiTConfig.from_dict(read_dit_config(folder))
     files = dit_weight_files(folder)
     with torch.device("meta"):
-        model = WanModel(**cfg.to_dict())
+        model = WanModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict = {}
     seen: set = set()
@@ -223,3 +231,214 @@ def save_dit(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:
             total += v.numel() * v.element_size()
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
+
+
+# ------------------------------------------------------------------ pre-flight check
+
+# bytes per element of the safetensors dtype names
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_MAX_HEADER = 100 * 2 ** 20      # safetensors itself refuses headers over 100 MB
+_TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # first object pickled by torch.save's legacy format
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"missing {path}"
+    if not path.is_file():
+        return f"{path} is not a file"
+    if path.stat().st_size == 0:
+        return f"{path} is empty"
+    return None
+
+
+def safetensors_keys(path) -> list[str]:
+    """Keys of a safetensors file, from its header alone; raises CheckpointError unless the header
+    parses and every tensor's byte range [begin, end) lies inside the file and matches its
+    dtype x shape. Layout: u64 little-endian header length N, N bytes of JSON, then the data,
+    whose ranges must tile [0, file_size - 8 - N) exactly. Reads only the header."""
+    path = Path(path)
+    bad = _file_problem(path)
+    if bad:
+        raise CheckpointError(bad)
+    size = path.stat().st_size
+    what = f"{path} is corrupt or truncated"
+    if size < 8:
+        raise CheckpointError(f"{what}: {size} bytes, shorter than a safetensors header")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > _ST_MAX_HEADER:
+            raise CheckpointError(f"{what}: header length {n} does not fit the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{what}: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{what}: its header is not a JSON object")
+    data_len = size - 8 - n
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{what}: bad header entry for {key}") from None
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{what}: tensor {key} needs bytes [{begin}, {end}) of the data, "
+                                  f"the file holds {data_len}")
+        if dtype in _ST_ITEMSIZE and end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{what}: tensor {key} ({dtype} {shape}) has {end - begin} bytes")
+        ranges.append((begin, end))
+    pos = 0
+    for begin, end in sorted(ranges):
+        if begin != pos:
+            break
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(f"{what}: the tensors do not cover its {data_len} data bytes exactly")
+    return [k for k in header if k != "__metadata__"]
+
+
+def _dit_problems(folder: Path) -> list[str]:
+    """config.json, then the index and every shard it names (each holds its keys), or the single file."""
+    if not folder.is_dir():
+        return [f"missing model folder {folder}"]
+    problems = []
+    cfg = folder / CONFIG_NAME
+    bad = _file_problem(cfg)
+    if bad is None:
+        try:
+            if not isinstance(json.loads(cfg.read_text()), dict):
+                bad = f"{cfg} is not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad = f"{cfg} is not valid JSON"
+    problems += [bad] if bad else []
+    index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
+    if not index.exists() and not single.exists():
+        return problems + [f"no weights in {folder}: expected {INDEX_NAME} with its shards, or {WEIGHTS_NAME}"]
+    if not index.exists():
+        try:
+            safetensors_keys(single)
+        except CheckpointError as err:
+            problems.append(str(err))
+        return problems
+    bad = _file_problem(index)
+    weight_map = None
+    if bad is None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            bad = f"{index} is not a valid index (JSON with a 'weight_map' of key -> shard file)"
+    if bad:
+        return problems + [bad]
+    by_shard: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        by_shard.setdefault(fname, []).append(key)
+    for fname, keys in by_shard.items():
+        try:
+            absent = set(keys) - set(safetensors_keys(folder / fname))
+        except CheckpointError as err:
+            problems.append(f"{err} (listed in {index.name})" if str(err).startswith("missing") else str(err))
+            continue
+        if absent:
+            problems.append(f"{folder / fname} lacks {len(absent)} key(s) that {index.name} puts there: "
+                            f"{_short(absent, 3)}")
+    return problems
+
+
+class _NoClasses(pickle.Unpickler):
+    def find_class(self, module, name):  # only plain values may be unpickled here
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+def _pth_problem(path: Path) -> str | None:
+    """A torch.save file that torch.load can open: zip (central directory, every member's local
+    header inside the file, data.pkl's CRC), legacy pickle (torch's magic number first) or legacy
+    tar. Reads directory records and a few small members only, never the tensor data."""
+    bad = _file_problem(path)
+    if bad:
+        return bad
+    size = path.stat().st_size
+    what = f"{path} is corrupt or truncated"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == b"PK\x03\x04":
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    infos = zf.infolist()
+                    for info in infos:
+                        if info.header_offset + 30 + len(info.filename.encode()) + info.compress_size > size:
+                            return f"{what}: member {info.filename} runs past the end of the file"
+                        f.seek(info.header_offset)
+                        if f.read(4) != b"PK\x03\x04":
+                            return f"{what}: member {info.filename} has no valid header"
+                    pkl = [i for i in infos if i.filename.endswith("data.pkl")]
+                    if not pkl:
+                        return f"{path} is a zip file but not a torch checkpoint (no data.pkl)"
+                    zf.read(pkl[0])
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:
+                return f"{what}: {err}"
+            return None
+        f.seek(0)
+        if head[:1] == b"\x80":
+            try:
+                magic = _NoClasses(f).load()
+            except Exception:  # noqa: BLE001 - any failure: not a legacy torch file
+                magic = None
+            return None if magic == _TORCH_LEGACY_MAGIC else f"{what}: not a torch checkpoint (bad magic number)"
+    if tarfile.is_tarfile(path):
+        return None
+    return f"{what}: not a torch checkpoint (neither a zip nor a pickle file)"
+
+
+def _tokenizer_problems(folder: Path) -> list[str]:
+    """The Hugging Face tokenizer folder: tokenizer_config.json and tokenizer.json or spiece.model,
+    non-empty, JSON files parsing."""
+    if not folder.is_dir():
+        return [f"missing tokenizer folder {folder}"]
+    problems = []
+    have = [n for n in ("tokenizer.json", "spiece.model") if (folder / n).exists()]
+    if not have:
+        problems.append(f"missing {folder / 'tokenizer.json'} (or spiece.model)")
+    for name in ["tokenizer_config.json"] + have:
+        p = folder / name
+        bad = _file_problem(p)
+        if bad is None and p.suffix == ".json":
+            try:
+                json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                bad = f"{p} is not valid JSON"
+        problems += [bad] if bad else []
+    return problems
+
+
+def checkpoint_problems(ckpt_dir, config) -> list[str]:
+    """Every problem with the files a run of `config` needs under `ckpt_dir`, in one list:
+    both expert folders, the T5 and VAE .pth files, the tokenizer folder (layout: docs/checkpoint.md)."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        return [f"checkpoint folder not found: {ckpt}"]
+    problems = []
+    for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
+        problems += _dit_problems(ckpt / sub)
+    for name in (config.t5_checkpoint, config.vae_checkpoint):
+        bad = _pth_problem(ckpt / name)
+        problems += [bad] if bad else []
+    problems += _tokenizer_problems(ckpt / config.t5_tokenizer)
+    return [" ".join(p.split()) for p in problems]  # one line each
+
+
+def check_checkpoint(ckpt_dir, config) -> None:
+    """Pre-flight: raise one CheckpointError naming every missing or corrupt file before any
+    weight is loaded (reads headers and directories only: well under a second for A14B)."""
+    problems = checkpoint_problems(ckpt_dir, config)
+    if len(problems) == 1:
+        raise CheckpointError(problems[0])
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {len(problems)} problems: " + "; ".join(problems))

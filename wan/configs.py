@@ -1,11 +1,11 @@
 """Frozen dataclass configs and named presets for the Wan 2.2 T2V stack.
 
-`PRESETS["t2v-A14B"]` is the official configuration (spec section 1.2); `PRESETS["tiny"]`
+`PRESETS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `PRESETS["tiny"]`
 has the same architecture at toy widths, for tests and the built-in demo.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -16,7 +16,7 @@ DEFAULT_NEG_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-# Official latent statistics of the Wan2.1 VAE (spec 4.4).
+# Official latent statistics of the Wan2.1 VAE (per channel; not stored in Wan2.1_VAE.pth).
 VAE_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 VAE_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -65,7 +65,7 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class T5Config:
-    """umT5 encoder hyper-parameters (spec 3.1)."""
+    """umT5 encoder hyper-parameters (official umt5-xxl encoder)."""
     vocab_size: int = 256384
     dim: int = 4096
     dim_attn: int = 4096
@@ -80,7 +80,7 @@ class T5Config:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Wan2.1 VAE hyper-parameters (spec 4.1)."""
+    """Wan2.1 VAE hyper-parameters."""
     dim: int = 96
     z_dim: int = 16
     dim_mult: tuple = (1, 2, 4, 4)
@@ -93,7 +93,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class T2VConfig:
-    """Everything the two-expert text-to-video pipeline needs (spec 1.2)."""
+    """Everything the two-expert text-to-video pipeline needs (official t2v-A14B values by default)."""
     name: str
     dit: DiTConfig
     t5: T5Config

@@ -1,7 +1,7 @@
 """Wan 2.2 DiT (`WanModel`), one expert of T2V-A14B, in pure PyTorch.
 
 Computes what the official `wan/modules/model.py` computes, op by op in the same precision
-(see shared spec section 2), with two waste cuts that cannot change the result beyond the
+(docs/precision.md; RoPE: docs/rope.md; weights: docs/checkpoint.md), with two waste cuts that cannot change the result beyond the
 last ulp of an fp32 GEMM row: one time embedding per sample instead of one per token, and
 no Python loop over the batch (RoPE positions are built for the whole batch at once).
 
@@ -15,7 +15,6 @@ The hot element-wise ops are module-level functions looked up at call time, so
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +25,7 @@ from .configs import DiTConfig
 
 __all__ = [
     "WanModel", "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual",
-    "rope_params", "rope_table", "sinusoidal_embedding_1d",
+    "rope_params", "rope_split", "rope_freqs", "rope_table", "sinusoidal_embedding_1d",
 ]
 
 
@@ -60,24 +59,37 @@ def rope_params(max_seq_len: int, dim: int, theta: float = 10000.0) -> torch.Ten
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
-    """Number of complex pairs for the (frame, height, width) axes: c-2(c//3), c//3, c//3."""
+    """Number of complex pairs for the (frame, height, width) axes: c-2(c//3), c//3, c//3, c = head_dim/2."""
     c = head_dim // 2
     return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_freqs(head_dim: int, max_pos: int = 1024, theta: float = 10000.0) -> torch.Tensor:
+    """The model's RoPE table, complex128 [max_pos, head_dim/2] (docs/rope.md).
+
+    Columns are three per-axis ladders side by side, each normalised by its own sub-dimension:
+    frames 2*cf, height 2*ch, width 2*cw pairs' worth, (cf, ch, cw) = rope_split(head_dim).
+    """
+    cf, ch, cw = rope_split(head_dim)
+    return torch.cat([rope_params(max_pos, 2 * cf, theta), rope_params(max_pos, 2 * ch, theta),
+                      rope_params(max_pos, 2 * cw, theta)], dim=1)
 
 
 def rope_table(grid_sizes: torch.Tensor, seq_len: int, freqs: torch.Tensor, token_offset: int = 0) -> torch.Tensor:
     """Per-token rotation multipliers for a batch: complex [B, seq_len, head_dim/2].
 
-    Token n of sample b sits at (f, h, w) with n = f*H*W + h*W + w for its grid (F, H, W);
-    its multiplier is concat(freqs_f[f], freqs_h[h], freqs_w[w]). Tokens past F*H*W
-    (padding) get 1+0i, i.e. pass through unrotated. No loop over the batch.
-    Row n of the table is global token n + token_offset (a sequence-parallel shard).
+    Local token n has global index g = n + token_offset (a sequence-parallel rank holds the slice
+    starting at token_offset). Token g of sample b sits at (f, h, w) with g = f*H*W + h*W + w for
+    its grid (F, H, W); its multiplier is concat(freqs_f[f], freqs_h[h], freqs_w[w]). Tokens with
+    g >= F*H*W (padding) get 1+0i, i.e. pass through unrotated. No loop over the batch.
     """
+    if token_offset < 0:
+        raise ValueError(f"token_offset must be >= 0, got {token_offset}")
     device = freqs.device
     g = grid_sizes.to(device=device, dtype=torch.long).reshape(-1, 3)
     cf, ch, cw = rope_split(2 * freqs.shape[1])
     fr_f, fr_h, fr_w = freqs.split([cf, ch, cw], dim=1)
-    n = torch.arange(token_offset, token_offset + seq_len, device=device)[None, :]
+    n = torch.arange(seq_len, device=device)[None, :] + int(token_offset)
     gf, gh, gw = g[:, 0:1], g[:, 1:2], g[:, 2:3]
     hw = gh * gw
     valid = n < gf * hw
@@ -92,8 +104,8 @@ def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, t
     """Wan 3-D RoPE on x [B, L, heads, head_dim]; adjacent pairs (x[2j], x[2j+1]) = re, im.
 
     out = x * exp(i*theta(token, j)) computed in float64/complex128, returned as float32,
-    same for every head; padding tokens unchanged (spec 2.6). Token n of x has global index
-    n + token_offset.
+    same for every head; padding tokens unchanged; local token n is global token
+    n + token_offset (docs/rope.md).
     """
     B, L, H, D = x.shape
     table = rope_table(grid_sizes, L, freqs.to(x.device), token_offset)
@@ -107,7 +119,8 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, num_
     """q/k path of self-attention: RMSNorm over the full width, split heads, RoPE.
 
     x [B, L, C] -> [B, L, num_heads, C/num_heads] in float32, or in `out_dtype` (the
-    dtype attention casts to anyway). `weight=None` skips the norm.
+    dtype attention casts to anyway). `weight=None` skips the norm. `token_offset` as in
+    rope_apply.
     """
     if weight is not None:
         x = rms_norm(x, weight, eps)
@@ -148,22 +161,17 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype an enclosing autocast casts matmul inputs to, or None when it is off."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
-    except TypeError:  # torch < 2.4 style API
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """An fp32 GEMM whatever the weight dtype (the official autocast(float32) regions)."""
+    """An fp32 GEMM whatever the weight dtype and whatever autocast encloses the call (the
+    official `autocast(dtype=float32)` regions: time embedding, time projection, head)."""
     b = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), b)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), b)
 
 
 # --------------------------------------------------------------------------------------
@@ -210,11 +218,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, seq_lens, grid_sizes, freqs, out_dtype):
         sp = self.sp
-        rope_kw = {} if sp is None else {"token_offset": sp.token_offset(x.shape[1])}
+        off = 0 if sp is None else sp.token_offset(x.shape[1])  # global index of this shard's first token
         q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
-                          **rope_kw)
+                          token_offset=off)
         k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
-                          **rope_kw)
+                          token_offset=off)
         v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
         if sp is None:
             o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
@@ -276,51 +284,55 @@ class Head(nn.Module):
 
 
 class WanModel(nn.Module):
-    """One Wan 2.2 DiT expert. Keyword arguments are the official config.json fields."""
+    """One Wan 2.2 DiT expert, built from a `DiTConfig` (fields = the official config.json keys)."""
 
     sp = None  # wan.parallel.Ulysses: set by wan.parallel.enable_sequence_parallel
 
-    def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120,
-                 ffn_dim=13824, freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40,
-                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        if model_type != "t2v":
-            raise ValueError(f"only model_type='t2v' is supported, got {model_type!r}")
-        if tuple(window_size) != (-1, -1):
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"WanModel takes a DiTConfig, got {type(config).__name__} "
+                            "(WanModel.from_kwargs(**official) accepts the official keyword arguments)")
+        c = config
+        if c.model_type != "t2v":
+            raise ValueError(f"only model_type='t2v' is supported, got {c.model_type!r}")
+        if tuple(c.window_size) != (-1, -1):
             raise ValueError("only global attention (window_size=(-1, -1)) is supported")
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
-        self.config = DiTConfig(model_type=model_type, patch_size=tuple(patch_size), text_len=text_len,
-                                in_dim=in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim, text_dim=text_dim,
-                                out_dim=out_dim, num_heads=num_heads, num_layers=num_layers,
-                                window_size=tuple(window_size), qk_norm=qk_norm,
-                                cross_attn_norm=cross_attn_norm, eps=eps)
-        self.patch_size, self.text_len, self.dim, self.freq_dim = tuple(patch_size), text_len, dim, freq_dim
-        self.out_dim, self.num_heads, self.eps = out_dim, num_heads, eps
+        if c.dim % c.num_heads or (c.dim // c.num_heads) % 2:
+            raise ValueError(f"dim {c.dim} must split into {c.num_heads} heads of even size")
+        self.config = c
+        self.patch_size, self.text_len, self.dim, self.freq_dim = tuple(c.patch_size), c.text_len, c.dim, c.freq_dim
+        self.out_dim, self.num_heads, self.eps = c.out_dim, c.num_heads, c.eps
+        dim, eps = c.dim, c.eps
 
-        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.patch_embedding = nn.Conv3d(c.in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList([
-            WanAttentionBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)
+            WanAttentionBlock(dim, c.ffn_dim, c.num_heads, c.qk_norm, c.cross_attn_norm, eps)
+            for _ in range(c.num_layers)
         ])
-        self.head = Head(dim, out_dim, self.patch_size, eps)
+        self.head = Head(dim, c.out_dim, self.patch_size, eps)
 
         # RoPE table: plain attribute (not a buffer) so .to(dtype) never touches it; complex128, CPU.
-        d = dim // num_heads
         with torch.device("cpu"):
-            self.freqs = torch.cat([rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)),
-                                    rope_params(1024, 2 * (d // 6))], dim=1)
+            self.freqs = rope_freqs(c.head_dim)
         self._freqs_on: dict = {}
 
     # ----- construction helpers -----
+    @classmethod
+    def from_kwargs(cls, **official) -> "WanModel":
+        """The official constructor's keyword arguments (config.json keys; unknown keys are ignored)."""
+        return cls(DiTConfig.from_dict(official))
+
     @classmethod
     def from_config(cls, config: DiTConfig, device="cpu", dtype=torch.float32, seed: int | None = 0,
                     zero_head: bool = True) -> "WanModel":
         """Random weights with the official init, materialised directly on `device` in `dtype`."""
         with torch.device("meta"):
-            model = cls(**config.to_dict())
+            model = cls(config)
         model.to_empty(device=device)
         model.init_weights(seed=seed, zero_head=zero_head)
         return model.to(dtype).eval().requires_grad_(False)
@@ -336,7 +348,7 @@ class WanModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = 0, zero_head: bool = True):
-        """Official init (spec 2.3). `zero_head=False` randomises the head so outputs are non-zero."""
+        """Official init (docs/checkpoint.md). `zero_head=False` randomises the head so outputs are non-zero."""
         dev = next(self.parameters()).device
         gen = torch.Generator(device=dev)
         if seed is None:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "ParallelError", "Ulysses", "ParallelState", "init_from_env", "build_state", "destroy",
+    "ParallelError", "Ulysses", "ParallelState", "init_from_env", "build_state", "start", "destroy",
     "under_torchrun", "add_parallel_flags", "check_parallel_args", "ParallelRequest",
     "sequence_parallel", "enable_sequence_parallel", "disable_sequence_parallel",
     "apply_to_pipeline", "shard_model", "seq_to_heads", "heads_to_seq", "all_gather_seq",
@@ -248,6 +248,14 @@ def init_from_env(ulysses_size: int = 1, cfg_parallel: bool = False, timeout: fl
     return state
 
 
+def start(req: ParallelRequest, device) -> ParallelState | None:
+    """For a checked request: join torchrun's group when it asks for more than one process (one
+    GPU per process, cuda:LOCAL_RANK), else None (the one-GPU path, nothing to set up)."""
+    if req.world == 1:
+        return None
+    return init_from_env(req.ulysses_size, req.cfg_parallel, req.timeout, device=torch.device(device).type)
+
+
 def destroy(state: ParallelState | None) -> None:
     """Tear down the process group that init_from_env created (safe to call twice)."""
     if state is not None and state.owns_group and dist.is_initialized():
@@ -344,6 +352,11 @@ class ParallelRequest:
     def world(self) -> int:
         return self.ulysses_size * (2 if self.cfg_parallel else 1)
 
+    def summary(self) -> str:
+        """One log line: '4 processes: ulysses 2 x cfg 2, dit_fsdp'."""
+        extra = "".join(f", {n}" for n, on in (("dit_fsdp", self.dit_fsdp), ("t5_fsdp", self.t5_fsdp)) if on)
+        return f"{self.world} processes: ulysses {self.ulysses_size} x cfg {2 if self.cfg_parallel else 1}{extra}"
+
 
 def check_parallel_args(args, num_heads: int, device: torch.device, offload_model=None, t5_cpu: bool = False,
                         env=None) -> ParallelRequest:
@@ -376,6 +389,9 @@ def check_parallel_args(args, num_heads: int, device: torch.device, offload_mode
     if req.dit_fsdp and offload_model:
         raise ParallelError("--offload_model True cannot be combined with --dit_fsdp (the sharded experts "
                             "stay on the GPUs); drop one of them")
+    if req.cfg_parallel and getattr(args, "use_batched_cfg", False):
+        raise ParallelError("--cfg_parallel already runs cond and uncond at once, on two halves of the GPUs; "
+                            "drop --use_batched_cfg")
     if req.t5_fsdp and t5_cpu:
         raise ParallelError("--t5_cpu cannot be combined with --t5_fsdp; drop one of them")
     if world > 1 and device.type == "cuda":  # the same verdict on every rank of a node

@@ -1,24 +1,37 @@
-"""Two-expert Wan 2.2 text-to-video pipeline with the official semantics (spec section 6).
+"""Two-expert Wan 2.2 text-to-video pipeline with the official semantics.
 
 prompt -> umT5 context; noise -> DiT (high-noise expert while t >= boundary * 1000, then the
 low-noise expert), classifier-free guidance, flow solver -> latents -> VAE decode -> video.
+The solver math is in docs/schedulers.md, the dtype of every stage in docs/precision.md.
 
-`cfg_combine` is a module-level function so `wan_triton.patch()` can swap it.
+Precision on CPU: the denoising loop runs under `torch.autocast(<device>, bf16)` on every
+device, CPU included. The official code autocasts with CUDA's autocast only (on a CPU it
+does nothing), but the official code has no CPU path at all; ours exists for the tiny demo
+and the tests, and is useful there only if it computes what the GPU computes. So a CPU run
+follows the CUDA precision map (bf16 matmuls, the fp32 regions of docs/precision.md), and
+CPU results match GPU results up to kernel rounding, not an fp32 variant of the model.
+
+`cfg_combine` is a module-level function so `wan_triton.patch()` can swap it. Request checks
+live in `wan.requests`, video output in `wan.video`, stage timing in `wan.timing`; their
+names are re-exported here for older imports.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .configs import T2VConfig, get_config, parse_size
+from .configs import T2VConfig, get_config
+from .requests import InputError, check_request
+from .timing import Timings, sync
+from .video import VideoWriterError, check_output_path, check_video_writer, save_video, video_to_uint8
+
+__all__ = ["WanT2V", "cfg_combine", "InputError", "check_request", "Timings", "VideoWriterError",
+           "check_output_path", "check_video_writer", "save_video", "video_to_uint8", "sync"]
 
 log = logging.getLogger("wan.pipeline")
 
@@ -26,51 +39,6 @@ log = logging.getLogger("wan.pipeline")
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond), float32."""
     return uncond + scale * (cond - uncond)
-
-
-class InputError(ValueError):
-    """Bad user input (size, frame count, solver, ...): reported as one line by the CLI."""
-
-
-def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc") -> tuple[int, int]:
-    """Validate a request; returns (width, height)."""
-    w, h = parse_size(size) if isinstance(size, str) else size
-    sz = f"{w}*{h}"
-    if w % 16 or h % 16:
-        raise InputError(f"size {sz}: width and height must be multiples of 16")
-    if sz not in config.sizes:
-        raise InputError(f"size {sz} is not supported by {config.name}; choose from {', '.join(config.sizes)}")
-    if frame_num < 1 or (frame_num - 1) % 4:
-        raise InputError(f"frame_num must be 4n+1 (e.g. 5, 17, 81), got {frame_num}")
-    if solver not in ("unipc", "dpm++"):
-        raise InputError(f"unknown solver {solver!r}; choose 'unipc' or 'dpm++'")
-    return w, h
-
-
-@dataclass
-class Timings:
-    """Per-stage wall times (seconds, device-synchronised) and peak GPU memory of one call."""
-    text_encode: float = 0.0
-    steps: list = field(default_factory=list)
-    decode: float = 0.0
-    total: float = 0.0
-    peak_mem_gb: float = 0.0
-    experts: list = field(default_factory=list)
-    device: str = ""
-
-    @property
-    def denoise(self) -> float:
-        return sum(self.steps)
-
-    def summary(self) -> str:
-        mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device == "cuda" else ""
-        return (f"text {self.text_encode:.2f}s | denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
-                f"decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class WanT2V:
@@ -91,7 +59,8 @@ class WanT2V:
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
-        self.last_timings: Timings | None = None
+        self.last_timings: Timings | None = None  # of the latest generate() call
+        self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -99,7 +68,7 @@ class WanT2V:
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False, **kw) -> "WanT2V":
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
         `convert_model_dtype` (then `config.param_dtype`, as the official flag does)."""
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointError, check_checkpoint
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
@@ -108,6 +77,7 @@ class WanT2V:
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {ckpt}")
+        check_checkpoint(ckpt, config)  # every file the run needs, checked before any is loaded
         device = torch.device(device)
         dit_dtype = config.param_dtype if convert_model_dtype else None
         dit_dev = "cpu" if init_on_cpu else device
@@ -186,6 +156,20 @@ class WanT2V:
     def text_encoder_device(self) -> torch.device:
         return torch.device("cpu") if self.t5_cpu else self.device
 
+    def prompt_tokens(self, text: str) -> int:
+        """Tokens the text encoder would see for `text` before truncation (</s> included)."""
+        from .t5 import clean_text
+
+        ids = self.text_encoder.tokenizer(clean_text(text), add_special_tokens=True, truncation=False,
+                                          verbose=False)["input_ids"]
+        return len(ids)
+
+    def _warn_if_cut(self, what: str, text: str) -> None:
+        n, keep = self.prompt_tokens(text), self.text_encoder.text_len
+        if n > keep:
+            log.warning("the %s is %d tokens long; the text encoder keeps the first %d (text_len) and "
+                        "ignores the rest", what, n, keep)
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompt: str, size=(1280, 720), frame_num: int = 81, shift: float | None = None,
@@ -194,8 +178,11 @@ class WanT2V:
                  return_latents: bool = False):
         """-> video [3, frame_num, height, width] float32 in [-1, 1] (or latents [16, F, H, W]).
 
-        size is (width, height). guide_scale: float (both experts) or (low-noise, high-noise).
+        size is (width, height) or 'W*H'. guide_scale: float (both experts) or (low-noise,
+        high-noise). seed < 0 draws one (kept in `last_seed`); per-stage times land in
+        `last_timings`.
         """
+        from . import attention
         from .schedulers import make_scheduler
 
         cfg = self.config
@@ -204,9 +191,10 @@ class WanT2V:
         guide_scale = cfg.sample_guide_scale if guide_scale is None else guide_scale
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
-        w, h = check_request(cfg, size, frame_num, sample_solver)
-        if sampling_steps < 1:
-            raise InputError(f"sampling_steps must be >= 1, got {sampling_steps}")
+        w, h = check_request(cfg, size, frame_num, sample_solver, sampling_steps)
+        self._warn_if_cut("prompt", prompt)
+        if n_prompt:
+            self._warn_if_cut("negative prompt", n_prompt)
         n_prompt = n_prompt or cfg.sample_neg_prompt
         if seed is None or seed < 0:
             seed = random.randint(0, sys.maxsize)
@@ -215,55 +203,47 @@ class WanT2V:
             seed = par.broadcast_seed(seed)
             progress = progress and par.is_main
         dev = self.device
-        tm = Timings(device=dev.type)
+        tm = Timings(device=str(dev))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        t_start = time.perf_counter()
 
-        # 1. text (two batch-1 calls, as the official pipeline does)
-        _sync(dev)
-        t0 = time.perf_counter()
-        context = self.encode_text([prompt])
-        context_null = self.encode_text([n_prompt])
-        _sync(dev)
-        tm.text_encode = time.perf_counter() - t0
+        with tm.measure("total"):
+            # 1. text (two batch-1 calls, as the official pipeline does)
+            with tm.measure("text_encode"):
+                context = self.encode_text([prompt])
+                context_null = self.encode_text([n_prompt])
 
-        # 2. noise: one float32 draw from a generator on the device
-        shape = self.latent_shape(w, h, frame_num)
-        seq_len = self.seq_len(shape)
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        latent = torch.randn(*shape, dtype=torch.float32, device=dev, generator=gen)
+            # 2. noise: one float32 draw from a generator on the device
+            shape = self.latent_shape(w, h, frame_num)
+            seq_len = self.seq_len(shape)
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            latent = torch.randn(*shape, dtype=torch.float32, device=dev, generator=gen)
 
-        scheduler = make_scheduler(sample_solver, sampling_steps, shift, dev, cfg.num_train_timesteps)
-        timesteps = scheduler.timesteps
-        autocast = torch.autocast(device_type=dev.type, dtype=cfg.param_dtype)
-        bar = _progress(timesteps, progress, desc="denoise")
-        with autocast:
-            for t in bar:
-                _sync(dev)
-                t0 = time.perf_counter()
-                model, gi = self._expert(int(t.item()), offload_model)
-                tm.experts.append("high" if gi == 1 else "low")
-                v = self._guided(model, latent, t, context, context_null, seq_len, guide_scale[gi])
-                latent = scheduler.step(v.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False,
-                                        generator=gen)[0].squeeze(0)
-                _sync(dev)
-                tm.steps.append(time.perf_counter() - t0)
-        if offload_model and dev.type == "cuda":
-            self.low_noise_model.to("cpu")
-            self.high_noise_model.to("cpu")
-            torch.cuda.empty_cache()
+            # 3. denoise: expert by timestep, CFG, one solver step (bf16 autocast on every device,
+            #    see the module docstring)
+            scheduler = make_scheduler(sample_solver, sampling_steps, shift, dev, cfg.num_train_timesteps)
+            attention.resolve_backend(dev)  # its log line comes before the progress bar, not inside it
+            with torch.autocast(device_type=dev.type, dtype=cfg.param_dtype):
+                for t in _progress(scheduler.timesteps, progress, desc="denoise"):
+                    with tm.measure("steps"):
+                        model, gi = self._expert(int(t.item()), offload_model)
+                        tm.experts.append("high" if gi == 1 else "low")
+                        v = self._guided(model, latent, t, context, context_null, seq_len, guide_scale[gi])
+                        latent = scheduler.step(v.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False,
+                                                generator=gen)[0].squeeze(0)
+            if offload_model and dev.type == "cuda":
+                self.low_noise_model.to("cpu")
+                self.high_noise_model.to("cpu")
+                torch.cuda.empty_cache()
 
-        if return_latents:
+            # 4. decode
             out = latent
-        elif par is not None and not par.is_main:
-            out = None
-        else:
-            t0 = time.perf_counter()
-            out = self.vae.decode(latent.unsqueeze(0))[0]
-            _sync(dev)
-            tm.decode = time.perf_counter() - t0
-        tm.total = time.perf_counter() - t_start
+            if par is not None and not par.is_main and not return_latents:
+                out = None  # rank 0 decodes
+            elif not return_latents:
+                log.info("decoding %d frames with the VAE ...", frame_num)
+                with tm.measure("decode"):
+                    out = self.vae.decode(latent.unsqueeze(0))[0]
         if dev.type == "cuda":
             tm.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9
         self.last_timings = tm
@@ -295,79 +275,3 @@ def _progress(it, enabled: bool, desc: str):
     except ImportError:
         return it
     return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
-
-
-# ------------------------------------------------------------------ video output
-
-def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8, exactly as the official save_video:
-    clamp, (x+1)/2, *255, truncate."""
-    x = video.detach().float().clamp(-1, 1)
-    x = (x + 1) / 2
-    return (x * 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
-
-
-class VideoWriterError(InputError):
-    """MP4 output is impossible in this environment (imageio or its ffmpeg binary missing)."""
-
-
-def check_video_writer() -> None:
-    """Raise VideoWriterError (one line) unless imageio can write MP4 here. The CLI calls this
-    before loading any model, so a long generation never ends without its file."""
-    hint = "pip install imageio imageio-ffmpeg"
-    try:
-        import imageio  # noqa: F401
-        import imageio_ffmpeg
-    except ImportError as err:
-        raise VideoWriterError(f"writing MP4 needs imageio and imageio-ffmpeg ({err.name or err} is missing; "
-                               f"{hint})") from None
-    try:
-        imageio_ffmpeg.get_ffmpeg_exe()
-    except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VideoWriterError(f"writing MP4 needs an ffmpeg binary: {first} ({hint}, or set "
-                               f"IMAGEIO_FFMPEG_EXE)") from None
-
-
-def check_output_path(path) -> Path:
-    """Raise InputError (one line) unless a file can be created at `path`: it is not a directory,
-    and its nearest existing ancestor is a writable directory. Creates nothing."""
-    import os
-
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"output path is a directory: {path}")
-    parent = path.parent
-    while not parent.exists():
-        if parent == parent.parent:
-            break
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot create {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot create {path}: no write permission in {parent}")
-    return path
-
-
-def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
-    """Write an MP4 (libx264, yuv420p, crf 10 via imageio quality 8) to a temporary name,
-    renamed on success so no half-written file is left behind. Raises VideoWriterError when
-    imageio-ffmpeg is missing."""
-    check_video_writer()
-    import imageio
-
-    path = check_output_path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix or '.mp4'}")
-    frames = video_to_uint8(video).numpy()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8, format="FFMPEG") as wr:
-            for f in frames:
-                wr.append_data(f)
-        tmp.replace(path)
-    except OSError as err:  # disk full, permissions changed meanwhile, ...
-        raise VideoWriterError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

@@ -1,4 +1,4 @@
-"""Flow-matching ODE samplers of the official Wan 2.2 T2V pipeline (spec section 5), without diffusers.
+"""Flow-matching ODE samplers of the official Wan 2.2 T2V pipeline, without diffusers (docs/schedulers.md).
 
 Noise model (rectified flow): ``x_σ = α·x0 + σ·ε`` with ``α = 1 − σ``; the network predicts the velocity
 ``v ≈ ε − x0`` ("flow_prediction"), so the data estimate is ``m = x − σ·v``.  Both solvers are exponential

@@ -1,8 +1,8 @@
-"""umT5-XXL text encoder (encoder only) of Wan 2.2, in pure PyTorch (shared spec section 3).
+"""umT5-XXL text encoder (encoder only) of Wan 2.2, in pure PyTorch (checkpoint keys: docs/checkpoint.md).
 
 `T5Encoder` has the official module names, so the official `models_t5_umt5-xxl-enc-bf16.pth`
 (242 tensors) loads with `strict=True`. It computes, op by op in the same precision, what
-the official `wan/modules/t5.py` computes (spec 3.3), which equals HF `UMT5EncoderModel`
+the official `wan/modules/t5.py` computes, which equals HF `UMT5EncoderModel`
 up to the softmax precision (the official softmax runs in fp32, HF's in the model dtype).
 
 Per layer l (x in the model dtype, e.g. bf16; no Python loop over the batch):
@@ -189,7 +189,7 @@ class T5Encoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "T5Encoder":
-        """Official init (spec 3.4), drawn in fp32 from `seed` then copied in (so the values do
+        """Official init, drawn in fp32 from `seed` then copied in (so the values do
         not depend on the dtype):
         RMS weights 1; token embedding N(0,1); gate/fc1 N(0, dim^-1/2), fc2 N(0, dim_ffn^-1/2);
         q N(0, (dim*dim_attn)^-1/2), k,v N(0, dim^-1/2), o N(0, (heads*dim_attn)^-1/2);
@@ -222,7 +222,7 @@ class T5Encoder(nn.Module):
 
 
 def hf_to_official(hf_state_dict: dict) -> dict:
-    """Map an HF `UMT5EncoderModel` state dict to the official key names (spec 3.4)."""
+    """Map an HF `UMT5EncoderModel` state dict to the official key names (docs/checkpoint.md)."""
     layer_map = {
         "layer.0.layer_norm.weight": "norm1.weight",
         "layer.0.SelfAttention.q.weight": "attn.q.weight",

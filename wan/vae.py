@@ -1,4 +1,4 @@
-"""Wan2.1 video VAE (z_dim 16, stride 4x8x8) in pure PyTorch (shared spec section 4).
+"""Wan2.1 video VAE (z_dim 16, stride 4x8x8) in pure PyTorch (checkpoint layout: docs/checkpoint.md).
 
 Same module tree and state-dict keys as the official `wan/modules/vae2_1.py`, so the official
 `Wan2.1_VAE.pth` loads strictly (194 tensors, 126,892,531 parameters at dim=96).

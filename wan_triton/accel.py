@@ -6,7 +6,7 @@ None of these re-implement the model: they flip switches on the `wan` objects.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -61,7 +61,8 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
 
 @dataclass(frozen=True)
 class Preset:
-    """What to turn on for a class of GPU (memory decides offloading and T5 placement)."""
+    """What to turn on for a class of GPU (memory decides offloading and T5 placement).
+    `note` is the one-line reason, shown in --help and in the start-up log."""
     name: str
     offload_model: bool
     t5_cpu: bool
@@ -83,18 +84,29 @@ class Preset:
 # So a preset decides what memory decides: whether the idle expert and the T5 leave the GPU.
 PRESETS = {p.name: p for p in (
     Preset("h200", offload_model=False, t5_cpu=False, min_mem_gb=120,
-           note="both bf16 experts (57 GB) and the T5 (11 GB) stay resident"),
+           note="both bf16 experts (57 GB) and the T5 (11 GB) stay on the GPU"),
     Preset("h100", offload_model=True, t5_cpu=False, min_mem_gb=75,
-           note="one expert resident; the idle one waits in CPU memory"),
-    Preset("a100-80g", offload_model=True, t5_cpu=False, min_mem_gb=75,
-           note="one expert resident; the idle one waits in CPU memory"),
+           note="one expert on the GPU; the idle one waits in CPU memory"),
     Preset("a100-40g", offload_model=True, t5_cpu=True, min_mem_gb=38,
-           note="one expert resident, T5 on CPU"),
-    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44, note="one expert resident, T5 on CPU"),
+           note="one expert on the GPU, T5 on the CPU"),
+    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44, note="one expert on the GPU, T5 on the CPU"),
     Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22,
            note="an A14B expert needs 28.6 GB in bf16: only smaller models fit in 24 GB"),
     Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
 )}
+# Other names for the same settings (an 80 GB A100 is an H100 for memory purposes): defined
+# once above, listed under both names.
+PRESET_ALIASES = {"a100-80g": "h100"}
+PRESETS.update({alias: replace(PRESETS[name], name=alias) for alias, name in PRESET_ALIASES.items()})
+# What --preset accepts: auto (detect the GPU), none (no preset: only the flags), then the presets.
+PRESET_CHOICES = ("auto", "none", *PRESETS)
+
+
+def preset_help() -> str:
+    """One line per preset, for --help."""
+    alias = {v: k for k, v in PRESET_ALIASES.items()}
+    return "; ".join(f"{n}{' (= ' + alias[n] + ')' if n in alias else ''}: {p.note}" for n, p in PRESETS.items()
+                     if n not in PRESET_ALIASES)
 
 
 def detect_preset(device=None) -> Preset:
@@ -114,21 +126,25 @@ def detect_preset(device=None) -> Preset:
     return PRESETS["rtx4090"]
 
 
-def flags_preset(device) -> Preset:
-    """No preset: only what the flags say, the official offloading default (on with CUDA), and
-    the kernels wherever they can run (CUDA, or the Triton interpreter on CPU)."""
+def no_preset(device) -> Preset:
+    """`--preset none`: only what the flags say, the official offloading default (on with CUDA),
+    and the kernels wherever they can run (CUDA, or the Triton interpreter on CPU)."""
     import os
 
     device = torch.device(device)
     kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return Preset("flags", offload_model=device.type == "cuda", t5_cpu=False, triton=kernels_here)
+    return Preset("none", offload_model=device.type == "cuda", t5_cpu=False, triton=kernels_here,
+                  note="only the flags")
 
 
 def get_preset(name: str = "auto", device=None) -> Preset:
+    """A preset by name: 'auto' detects the GPU, 'none' is `no_preset(device)`."""
     if name == "auto":
         return detect_preset(device)
+    if name == "none":
+        return no_preset(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if name not in PRESETS:
-        raise AccelError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
+        raise AccelError(f"unknown preset {name!r}; choose from {', '.join(PRESET_CHOICES)}")
     p = PRESETS[name]
     if p.name != "cpu" and not torch.cuda.is_available():
         raise AccelError(f"preset {name!r} needs a CUDA GPU, and none is available")
@@ -157,49 +173,82 @@ def fits_resident(weights_gb: float, gpu_gb: float, headroom_gb: float = RESIDEN
     return weights_gb + headroom_gb <= gpu_gb
 
 
+@dataclass(frozen=True)
+class Optimized:
+    """What `optimize()` applied. Pass `offload_model` to generate(); give `tf32_prev` to
+    restore_tf32() to undo the TF32 switch (None when TF32 was not touched)."""
+    preset: str
+    note: str
+    triton: bool
+    patched: tuple = ()
+    compile: bool = False
+    compile_mode: str = "default"
+    tf32: bool = False
+    use_batched_cfg: bool = False
+    offload_model: bool = False
+    attention: str | None = None
+    tf32_prev: dict | None = field(default=None, compare=False)
+
+    def summary(self) -> str:
+        """One readable line for the start-up log."""
+        onoff = {True: "on", False: "off"}
+        kern = f"on ({len(self.patched)} ops)" if self.patched else ("off" if not self.triton else "unavailable")
+        comp = f"on ({self.compile_mode})" if self.compile else "off"
+        att = f", attention {self.attention}" if self.attention else ""
+        return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
+                f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
+                f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}{att}")
+
+    def __getitem__(self, key):  # read access as in the former dict result, for older callers
+        return getattr(self, key)
+
+
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
-             attention: str = "auto", **patch_kw) -> dict:
-    """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns what was applied.
+             attention: str | None = None, **patch_kw) -> Optimized:
+    """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
-    The returned dict also carries `offload_model`, which the caller passes to generate().
+    attention: a backend name sets it (also with triton off); None leaves the current choice
+    alone. The result's `offload_model` is what the caller passes to generate().
     """
     from .patch import patch
 
     p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
     on_cuda = pipeline.device.type == "cuda"
-    applied = dict(preset=p.name,
-                   triton=p.triton if triton is None else triton,
-                   compile=p.compile if compile is None else compile,
-                   tf32=p.tf32 if tf32 is None else tf32,
-                   use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
-                   offload_model=p.offload_model and on_cuda,
-                   compile_mode=compile_mode, attention=attention)
+    want = dict(triton=p.triton if triton is None else triton,
+                compile=p.compile if compile is None else compile,
+                tf32=p.tf32 if tf32 is None else tf32,
+                use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
+                offload_model=p.offload_model and on_cuda)
     if not on_cuda:  # explicit CUDA-only requests are errors; preset defaults just turn off
         for opt, asked in (("compile", compile), ("tf32", tf32)):
             if asked:
                 raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
-            applied[opt] = False
-    if on_cuda and not applied["offload_model"]:
+            want[opt] = False
+    if on_cuda and not want["offload_model"]:
         need = resident_gb(pipeline)
         gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9
         if not fits_resident(need, gpu):
-            applied["offload_model"] = True
+            want["offload_model"] = True
             dt = next(pipeline.high_noise_model.parameters()).dtype
             log.warning("preset %s keeps both experts on the GPU, but the resident weights take %.1f GB "
                         "(experts in %s) and a generation needs ~%.0f GB more, over this GPU's %.1f GB: "
                         "the idle expert will wait in CPU memory (--convert_model_dtype stores the experts "
                         "in bf16; --offload_model False forces them resident)",
                         p.name, need, str(dt).replace("torch.", ""), RESIDENT_HEADROOM_GB, gpu)
-    if applied["tf32"]:
-        applied["tf32_prev"] = enable_tf32(True)
-    applied["patched"] = patch(attention=attention, **patch_kw) if applied["triton"] else []
-    if not applied["triton"]:
-        from wan import attention as att
-        att.set_backend(attention)
-    pipeline.use_batched_cfg = applied["use_batched_cfg"]
-    if applied["compile"]:
+    tf32_prev = enable_tf32(True) if want["tf32"] else None
+    if want["triton"]:  # patch() sets the backend and unpatch() restores the previous one
+        patched = tuple(patch(attention=attention, **patch_kw))
+    else:
+        patched = ()
+        if attention is not None:
+            from wan import attention as att
+            att.set_backend(attention)
+    pipeline.use_batched_cfg = want["use_batched_cfg"]
+    if want["compile"]:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, compile_mode)
-    log.info("wan_triton.optimize: %s", {k: v for k, v in applied.items() if k != "tf32_prev"})
-    return applied
+    res = Optimized(preset=p.name, note=p.note, patched=patched, compile_mode=compile_mode, attention=attention,
+                    tf32_prev=tf32_prev, **want)
+    log.info("%s", res.summary())
+    return res

@@ -5,54 +5,153 @@
     wan_triton.patch(model)       # only this model's forward
     with wan_triton.patched(): ...
     wan_triton.unpatch()          # the exact original function objects are restored
+    wan_triton.kernel_stats()     # per op: kernel launches, fallbacks, the last fallback's reason
 
-Patching never reloads a module: it rebinds module attributes (`wan.dit.rms_norm`, ...)
-that the reference looks up at call time, and remembers the originals.
+Patching never reloads a module: it rebinds module attributes (`wan.dit.rms_norm`, ...) that
+the reference looks up at call time, and remembers the originals. This is the one place that
+decides kernel or reference: each bound op asks the kernel's `*_supports(...)` check and runs
+the kernel when it covers the call, else the saved reference function (the original `wan.dit` /
+`wan.pipeline` object), counting both. `strict=True` (or WAN_TRITON_STRICT=1 in the
+environment) turns a fallback into a `KernelFallback` error that carries the reason.
+
+The attention backend is left alone unless `attention=` is given; unpatch()/patched() then
+restore the backend that was set before.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 
 log = logging.getLogger("wan_triton")
 
-# flag -> [(module name, attribute, kernel attribute in `kernels`)]
+STRICT_ENV = "WAN_TRITON_STRICT"
+
+# flag -> [(module name, attribute)]; the kernel op in `kernels` has the attribute's name
 _TARGETS = {
-    "rms_norm": [("wan.dit", "rms_norm", "rms_norm")],
-    "rope": [("wan.dit", "rope_apply", "rope_apply"), ("wan.dit", "rms_norm_rope", "rms_norm_rope")],
-    "modulation": [("wan.dit", "modulate", "modulate")],
-    "residual": [("wan.dit", "gated_residual", "gated_residual")],
-    "cfg": [("wan.pipeline", "cfg_combine", "cfg_combine")],
+    "rms_norm": [("wan.dit", "rms_norm")],
+    "rope": [("wan.dit", "rope_apply"), ("wan.dit", "rms_norm_rope")],
+    "modulation": [("wan.dit", "modulate")],
+    "residual": [("wan.dit", "gated_residual")],
+    "cfg": [("wan.pipeline", "cfg_combine")],
 }
+OPS = tuple(attr for targets in _TARGETS.values() for _, attr in targets)
 
 _originals: dict[tuple[str, str], object] = {}  # (module, attr) -> original, only while patched
-_prev_attention: list[str] = []
+_prev_attention: list[str] = []                 # the backend before patch(attention=...), while patched
+_state = {"strict": False}
+_dispatchers: dict[tuple[str, str], object] = {}
 
 
 class PatchError(RuntimeError):
-    """strict=True and a kernel cannot be used here."""
+    """strict=True and the kernels cannot be used here."""
+
+
+class KernelFallback(PatchError):
+    """Strict mode: a patched op met inputs its kernel does not cover."""
+
+
+@dataclass
+class OpStats:
+    launches: int = 0      # calls that ran the Triton kernel
+    fallbacks: int = 0     # calls that ran the reference instead
+    last_reason: str = ""  # why the last fallback happened
+
+
+_stats: dict[str, OpStats] = {op: OpStats() for op in OPS}
+
+
+def kernel_stats() -> dict[str, dict]:
+    """Per patched op: {'launches', 'fallbacks', 'last_reason'} since the last reset. Calls made
+    while torch.compile traces are not counted (the counters would break the graph)."""
+    return {op: asdict(s) for op, s in _stats.items()}
+
+
+def reset_kernel_stats() -> None:
+    for s in _stats.values():
+        s.launches, s.fallbacks, s.last_reason = 0, 0, ""
+
+
+def _strict() -> bool:
+    return _state["strict"] or os.environ.get(STRICT_ENV) == "1"
+
+
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
 
 
 def _module(name):
-    import importlib
     return importlib.import_module(name)
+
+
+def _reference(fn):
+    """The reference function behind `fn` (itself unless it is one of our dispatchers)."""
+    return getattr(fn, "__wan_triton_reference__", fn)
+
+
+def _make_dispatcher(name: str, reference):
+    import kernels
+
+    kernel = getattr(kernels, name)
+    supports = getattr(kernels, f"{name}_supports")
+    stats = _stats[name]
+
+    def op(*args, **kwargs):
+        ok, why = supports(*args, **kwargs)
+        if ok:
+            if not _compiling():
+                stats.launches += 1
+            return kernel(*args, **kwargs)
+        if not _compiling():
+            stats.fallbacks += 1
+            stats.last_reason = why
+        if _strict():
+            raise KernelFallback(f"wan_triton: {name} fell back to the reference: {why} "
+                                 f"(strict mode: patch(strict=True) or {STRICT_ENV}=1)")
+        return reference(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = f"Triton `kernels.{name}` when `kernels.{name}_supports` says yes, else the reference.\n\n" \
+                 + (kernel.__doc__ or "")
+    op.__wan_triton_reference__ = reference
+    op.__wan_triton_kernel__ = kernel
+    return op
+
+
+def _dispatcher(mod_name: str, attr: str):
+    """The bound op for (module, attr), around the reference function currently behind it."""
+    ref = _reference(getattr(_module(mod_name), attr))
+    op = _dispatchers.get((mod_name, attr))
+    if op is None or op.__wan_triton_reference__ is not ref:
+        op = _dispatchers[(mod_name, attr)] = _make_dispatcher(attr, ref)
+    return op
 
 
 def kernel_support() -> tuple[bool, str]:
     """(usable, reason): Triton importable and a CUDA device (or TRITON_INTERPRET=1)."""
-    from kernels import _utils
+    import kernels
 
-    if not _utils.triton_available():
+    if not kernels.triton_available():
         return False, "Triton is not installed"
     if torch.cuda.is_available():
         return True, "CUDA"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if kernels.interpret_mode():
         return True, "Triton interpreter on CPU"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+
+
+def _targets(flags):
+    for flag in flags:
+        for mod_name, attr in _TARGETS[flag]:
+            if attr == "rms_norm_rope" and "rms_norm" not in flags:
+                continue  # fused q/k kernel only when both halves are wanted
+            yield mod_name, attr
 
 
 def _wanted(rms_norm, rope, modulation, residual, cfg):
@@ -61,63 +160,70 @@ def _wanted(rms_norm, rope, modulation, residual, cfg):
 
 
 def _swap(flags) -> list[str]:
-    import kernels
-
     done = []
-    for flag in flags:
-        for mod_name, attr, kname in _TARGETS[flag]:
-            if flag == "rope" and kname == "rms_norm_rope" and "rms_norm" not in flags:
-                continue  # fused q/k kernel only when both halves are wanted
-            mod = _module(mod_name)
-            key = (mod_name, attr)
-            if key not in _originals:
-                _originals[key] = getattr(mod, attr)
-            setattr(mod, attr, getattr(kernels, kname))
-            done.append(f"{mod_name}.{attr}")
+    for mod_name, attr in _targets(flags):
+        mod = _module(mod_name)
+        key = (mod_name, attr)
+        if key not in _originals:
+            _originals[key] = getattr(mod, attr)
+        setattr(mod, attr, _dispatcher(mod_name, attr))
+        done.append(f"{mod_name}.{attr}")
     return done
 
 
+def _set_attention(name: str, saved: list) -> None:
+    from wan import attention as att
+
+    prev = att.set_backend(name)
+    if not saved:
+        saved.append(prev)
+
+
 def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=True, cfg=True,
-          attention: str | None = "auto", strict: bool = False):
+          attention: str | None = None, strict: bool = False):
     """Use the Triton kernels for the chosen ops. Returns the list of patched names.
 
     model=None patches globally; a model instance patches only that model's forward (the
     kernels are swapped in for the duration of each call). Calling twice is harmless.
     Falls back to the reference (and logs why) when the kernels cannot run here, unless
-    strict=True, which raises PatchError instead.
+    strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
+    call the kernel does not cover raises KernelFallback instead of running the reference.
+    `attention` (a wan.attention backend name) also sets the attention backend; None leaves
+    it alone.
     """
+    strict = strict or os.environ.get(STRICT_ENV) == "1"
     ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)
     if attention is not None:
-        from wan import attention as att
-
-        if not _prev_attention:
-            _prev_attention.append(att.get_backend())
-        att.set_backend(attention)
+        if model is None:
+            _set_attention(attention, _prev_attention)
+        else:
+            _set_attention(attention, model.__dict__.setdefault("_wan_triton_prev_attention", []))
     if not ok:
         if strict:
             raise PatchError(f"Triton kernels unavailable: {why}")
         log.warning("wan_triton: kernels not patched (%s); the reference ops stay in place", why)
         return []
     if model is not None:
-        return _patch_instance(model, flags)
+        return _patch_instance(model, flags, strict)
+    _state["strict"] = _state["strict"] or strict
     done = _swap(flags)
-    log.info("wan_triton: patched %s (%s)", ", ".join(done) or "nothing", why)
+    log.info("wan_triton: patched %s (%s%s)", ", ".join(done) or "nothing", why, ", strict" if strict else "")
     return done
 
 
-def _patch_instance(model, flags):
+def _patch_instance(model, flags, strict):
     if getattr(model, "_wan_triton_flags", None) is not None:
-        model._wan_triton_flags = flags
+        model._wan_triton_flags, model._wan_triton_strict = flags, strict
         return flags
     orig_forward = model.forward
 
     @functools.wraps(orig_forward)
     def forward(*args, **kw):
-        with _swapped(model._wan_triton_flags):
+        with _swapped(model._wan_triton_flags, model._wan_triton_strict):
             return orig_forward(*args, **kw)
 
-    model._wan_triton_flags = flags
+    model._wan_triton_flags, model._wan_triton_strict = flags, strict
     # an instance-level forward someone set before us, or None for the class's own
     model._wan_triton_orig_forward = vars(model).get("forward")
     model.forward = forward
@@ -126,27 +232,27 @@ def _patch_instance(model, flags):
 
 
 @contextlib.contextmanager
-def _swapped(flags):
+def _swapped(flags, strict=False):
     """Swap in for a region, restoring whatever was bound before (nesting-safe)."""
-    import kernels
-
     saved = []
+    prev_strict = _state["strict"]
     try:
-        for flag in flags:
-            for mod_name, attr, kname in _TARGETS[flag]:
-                if flag == "rope" and kname == "rms_norm_rope" and "rms_norm" not in flags:
-                    continue
-                mod = _module(mod_name)
-                saved.append((mod, attr, getattr(mod, attr)))
-                setattr(mod, attr, getattr(kernels, kname))
+        _state["strict"] = prev_strict or strict
+        for mod_name, attr in _targets(flags):
+            mod = _module(mod_name)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, _dispatcher(mod_name, attr))
         yield
     finally:
         for mod, attr, fn in reversed(saved):
             setattr(mod, attr, fn)
+        _state["strict"] = prev_strict
 
 
 def unpatch(model=None) -> None:
-    """Restore exactly the original function objects (and the attention choice)."""
+    """Restore exactly the original function objects, and the attention backend if patch set it."""
+    from wan import attention as att
+
     if model is not None:
         if getattr(model, "_wan_triton_flags", None) is not None:
             orig = model._wan_triton_orig_forward
@@ -156,13 +262,15 @@ def unpatch(model=None) -> None:
                 model.forward = orig
             del model._wan_triton_orig_forward
         model._wan_triton_flags = None
+        prev = model.__dict__.pop("_wan_triton_prev_attention", None)
+        if prev:
+            att.set_backend(prev[0])
         return
     for (mod_name, attr), fn in list(_originals.items()):
         setattr(_module(mod_name), attr, fn)
     _originals.clear()
+    _state["strict"] = False
     if _prev_attention:
-        from wan import attention as att
-
         att.set_backend(_prev_attention.pop())
 
 
@@ -172,11 +280,13 @@ def is_patched() -> bool:
 
 @contextlib.contextmanager
 def patched(model=None, **kw):
-    """Context manager form of patch()/unpatch(); the attention choice is restored too."""
+    """Context manager form of patch()/unpatch(): on exit everything patch changed is restored
+    (ops, strict mode, and the attention backend when `attention=` was given)."""
     from wan import attention as att
 
     was_patched = bool(_originals)
     backend = att.get_backend()
+    strict = _state["strict"]
     patch(model, **kw)
     try:
         yield
@@ -185,4 +295,6 @@ def patched(model=None, **kw):
             unpatch(model)
         elif not was_patched:
             unpatch()
-        att.set_backend(backend)
+        _state["strict"] = strict
+        if kw.get("attention") is not None:
+            att.set_backend(backend)

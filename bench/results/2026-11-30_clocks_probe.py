@@ -1,4 +1,5 @@
-# untracked device probe: SM clock and power per mode (reference vs patched), 720p forwards
+# one-off device probe kept with its results (2026-11-30_clocks_720p_h200.*): SM clock and power per mode
+# (reference vs patched), 720p forwards
 import json, os, sys, time
 import torch
 sys.path.insert(0, os.getcwd())

@@ -1,0 +1,224 @@
+"""wan_triton.cli: the request checks both CLIs share, and that the two tools answer alike.
+
+Every bad request ends in one line on stderr, exit 2 (or 1 for out-of-memory), before any
+model is built; nothing is written.
+"""
+import argparse
+import re
+from datetime import datetime
+
+import pytest
+import torch
+
+from bench import benchmark_t2v
+from wan_triton import accel, cli, generate
+
+TOOLS = {"wan-generate": generate, "wan-benchmark": benchmark_t2v}
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Any model construction fails the test: the checks must come first."""
+    from wan.pipeline import WanT2V
+
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built before the request was checked")
+
+    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_pretrained", must_not_build)
+
+
+def run_tool(tool, args, tmp_path):
+    out = ["--save_file", str(tmp_path / "v.mp4")] if tool == "wan-generate" else ["--out_dir", str(tmp_path / "o")]
+    try:
+        return TOOLS[tool].main(args + out + ["--quiet"])
+    except SystemExit as e:  # argparse errors exit from the parser
+        return e.code
+
+
+BAD = [
+    (["--device", "tpu"], "--device 'tpu' is not a device; use cuda, cuda:N, cpu"),
+    (["--device", "mps"], "--device mps: wan-triton runs on CUDA GPUs or the CPU; use cuda, cuda:N, cpu"),
+    (["--device", "meta"], "--device meta: wan-triton runs on CUDA GPUs or the CPU; use cuda, cuda:N, cpu"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device; use cuda, cuda:N, cpu"),
+    (["--device", "cpu", "--attention", "fa3"], "--attention fa3 is not available on cpu (available: sdpa, math)"),
+    (["--device", "cpu", "--attention", "sdpa-cudnn"],
+     "--attention sdpa-cudnn is not available on cpu (available: sdpa, math)"),
+    (["--device", "cpu", "--prompt", ""], "--prompt is empty; give a prompt, or leave --prompt out for the demo prompt"),
+    (["--device", "cpu", "--prompt", "  \n"], "--prompt is empty"),
+    (["--device", "cpu", "--sample_steps", "0"], "--sample_steps must be >= 1, got 0"),
+]
+if NO_CUDA:
+    BAD += [(["--device", "cuda"], "--device cuda: no CUDA device is available (use --device cpu)"),
+            (["--device", "cuda:1"], "--device cuda:1: no CUDA device is available (use --device cpu)")]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("args,msg", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_both_tools_one_line_before_any_model(tmp_path, capsys, no_build, tool, args, msg):
+    rc = run_tool(tool, args, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{tool}: error: ") and msg in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+HOST_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 57231000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("exc,msg", [
+    (RuntimeError(HOST_OOM), "out of host memory (RAM): [enforce fail"),
+    (MemoryError(), "out of host memory (RAM): MemoryError"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of GPU memory; try"),
+], ids=["DefaultCPUAllocator", "MemoryError", "cuda"])
+def test_out_of_memory_while_building_is_one_line(tmp_path, capsys, monkeypatch, tool, exc, msg):
+    from wan.pipeline import WanT2V
+
+    def oom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(WanT2V, "from_preset", oom)
+    rc = run_tool(tool, ["--device", "cpu", "--no-triton"], tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"{tool}: error: {msg}")
+    hint = cli.HOST_OOM_HINT if "host" in msg else cli.GPU_OOM_HINT
+    assert err[0].endswith(hint)
+
+
+def test_other_runtime_errors_still_raise():
+    def boom():
+        raise RuntimeError("a bug, not the user's input")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run_main("x", boom)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("argv,field,value", [
+    (["--prompt", "-v"], "prompt", "-v"),
+    (["--prompt=-v"], "prompt", "-v"),
+    (["--prompt", "--no-such-flag"], "prompt", "--no-such-flag"),
+    (["--prompt", "-- a dash first"], "prompt", "-- a dash first"),
+])
+def test_prompts_starting_with_a_dash(tool, argv, field, value):
+    assert getattr(TOOLS[tool].build_parser().parse_args(argv), field) == value
+
+
+def test_negative_prompt_with_a_dash_and_flags_stay_flags(capsys):
+    p = generate.build_parser()
+    assert p.parse_args(["--n_prompt", "-blurry"]).n_prompt == "-blurry"
+    with pytest.raises(SystemExit) as e:  # a real flag is never swallowed as the prompt
+        p.parse_args(["--prompt", "--quiet"])
+    assert e.value.code == 2 and "--prompt: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_gives_every_flag_text_and_default(tool):
+    p = TOOLS[tool].build_parser()
+    fmt = p._get_formatter()
+    for act in p._actions:
+        if not act.option_strings or act.dest == "help":
+            continue
+        text = fmt._get_help_string(act)
+        assert text and len(text) > 10, act.option_strings
+        if act.nargs != 0:  # a flag with a value says its default
+            assert "default" in text, (act.option_strings, text)
+    h = p.format_help()
+    assert "--task {t2v-A14B,tiny}" in h and "(default: unipc)" in h and "(default: None)" not in h
+
+
+def test_both_tools_accept_the_same_presets():
+    def choices(p):
+        return next(a.choices for a in p._actions if a.dest == "preset")
+
+    g, b = choices(generate.build_parser()), choices(benchmark_t2v.build_parser())
+    assert list(g) == list(b) == list(accel.PRESET_CHOICES)
+    assert {"auto", "none", "h100", "a100-80g", "cpu"} <= set(g)
+    assert generate.build_parser().parse_args([]).preset == "none"
+    assert benchmark_t2v.build_parser().parse_args([]).preset == "auto"
+
+
+def test_preset_aliases_are_defined_once():
+    from dataclasses import replace
+
+    assert accel.PRESETS["a100-80g"] == replace(accel.PRESETS["h100"], name="a100-80g")
+    assert all(p.note for p in accel.PRESETS.values())
+    h = generate.build_parser().format_help()
+    assert "h100 (= a100-80g)" in " ".join(h.split())
+    assert accel.get_preset("none", "cpu").name == "none"
+    if NO_CUDA:
+        assert accel.detect_preset().name == "cpu"
+
+
+@pytest.mark.parametrize("prompt", [
+    'a "quoted" <tag>: back\\slash */?|', "line one\nline two\r\t", "x" * 500, "日本語のプロンプト", "...", "../../etc/passwd",
+    "-v", "",
+])
+def test_default_output_names_are_safe_and_bounded(prompt):
+    name = cli.default_output_name("t2v-A14B", "1280*720", prompt, when=datetime(2026, 1, 2, 3, 4, 5))
+    print(repr(prompt), "->", name)
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.mp4", name), name
+    assert len(name) <= 110 and name.endswith("_20260102_030405.mp4")
+    assert name.startswith("t2v-A14B_1280x720_1_")
+
+
+def test_safe_name_keeps_readable_prompts():
+    assert cli.safe_name("a red fox, in snow!") == "a_red_fox_in_snow"
+    assert cli.safe_name("***") == "video"
+
+
+def _ns(**kw):
+    base = dict(task=None, device="cpu", attention="auto", size=None, frame_num=None, sample_steps=None,
+                sample_solver="unipc", prompt=None, preset="none", base_seed=-1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_parse_request_fills_the_request():
+    req = cli.parse_request(_ns(size="160x96", frame_num=9, sample_steps=3, prompt="a cat", base_seed=5,
+                                sample_solver="dpm++"), "tiny")
+    assert (req.task, str(req.device), req.size, req.width_height, req.frame_num, req.steps) == \
+        ("tiny", "cpu", "160*96", (160, 96), 9, 3)
+    assert req.prompt_given and req.prompt == "a cat" and req.seed == 5 and req.preset == "none"
+    kw = req.generate_kwargs()
+    assert kw["sample_solver"] == "dpm++" and kw["sampling_steps"] == 3 and kw["seed"] == 5
+    assert req.optimize_kwargs() == dict(triton=None, compile=None, compile_mode="default", tf32=None,
+                                         use_batched_cfg=None, attention="auto")
+    demo = cli.parse_request(_ns(), "tiny")
+    assert not demo.prompt_given and demo.prompt == cli.DEMO_PROMPT and demo.size == "128*128"
+
+
+def test_extra_flag_groups_reach_the_request(monkeypatch):
+    """How later features add a flag group: add_<group>_flags + an EXTRA_GROUPS entry."""
+    monkeypatch.setitem(cli.EXTRA_GROUPS, "lora", lambda args: getattr(args, "lora", None))
+    assert cli.parse_request(_ns(lora="x.safetensors"), "tiny").extra["lora"] == "x.safetensors"
+
+
+def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
+    import dataclasses
+
+    import wan_triton
+    from wan import attention as att
+    from wan.pipeline import WanT2V
+
+    caplog.set_level("INFO")
+    pipe = WanT2V.from_preset("tiny", device="cpu")
+    prev = att.set_backend("math")
+    try:
+        res = wan_triton.optimize(pipe, "none", triton=False)
+        assert isinstance(res, accel.Optimized) and att.get_backend() == "math"  # attention=None: untouched
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            res.offload_model = True
+        assert (res.preset, res.triton, res.patched, res.offload_model, res.tf32_prev) == \
+            ("none", False, (), False, None)
+        line = caplog.records[-1].getMessage()
+        assert line.startswith("preset none (only the flags): Triton kernels off") and "{" not in line
+        assert "flags'" not in line
+        res = wan_triton.optimize(pipe, "cpu", attention="sdpa")
+        assert att.get_backend() == "sdpa" and res.attention == "sdpa" and res["preset"] == "cpu"
+    finally:
+        wan_triton.unpatch()
+        att.set_backend(prev)

@@ -1,0 +1,56 @@
+"""Per-stage wall times of one generation, measured device-synchronised.
+
+    tm = Timings(device="cuda")
+    with tm.measure("text_encode"): ...     # a float field: set
+    with tm.measure("steps"): ...           # a list field: appended
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timings:
+    """Per-stage wall times (seconds, device-synchronised) and peak GPU memory of one call."""
+    text_encode: float = 0.0
+    steps: list = field(default_factory=list)
+    decode: float = 0.0
+    total: float = 0.0
+    peak_mem_gb: float = 0.0
+    experts: list = field(default_factory=list)
+    device: str = ""
+
+    @property
+    def denoise(self) -> float:
+        return sum(self.steps)
+
+    @contextlib.contextmanager
+    def measure(self, stage: str):
+        """Time the block between two device synchronisations and store it under `stage`."""
+        dev = self.device or "cpu"
+        sync(dev)
+        t0 = time.perf_counter()
+        yield
+        sync(dev)
+        dt = time.perf_counter() - t0
+        slot = getattr(self, stage)
+        if isinstance(slot, list):
+            slot.append(dt)
+        else:
+            setattr(self, stage, dt)
+
+    def summary(self) -> str:
+        mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device.startswith("cuda") else ""
+        return (f"text {self.text_encode:.2f}s | denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
+                f"decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")

@@ -1,0 +1,404 @@
+"""Command-line parsing and request checks shared by `wan-generate` and `wan-benchmark`.
+
+Each tool builds its parser from the flag groups below, then calls `parse_request(args, ...)`,
+which makes every check that needs no model (task, device, attention backend, size, frames,
+solver, steps, prompt, CUDA-only flags) and returns a `Request`. `run_main(prog, fn)` turns
+the errors a run can end in into one line on stderr and an exit code.
+
+Adding a flag group (e.g. LoRA, multi-GPU, block streaming) is one function here,
+`add_<group>_flags(parser)`, called from both tools' `build_parser`, plus one entry in
+`Request.extra` filled by `parse_request` (see `EXTRA_GROUPS`), with its checks in
+`_check_<group>` raising CLIError.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
+DEVICES = ("cuda", "cuda:N", "cpu")
+
+# flags whose value may itself start with '-' (a prompt): `--prompt -v` is read as `--prompt=-v`
+TEXT_FLAGS = ("--prompt", "--n_prompt")
+
+# Flag groups added by later features: name -> function(args) -> value stored in Request.extra[name].
+# A group registers itself here next to its add_<group>_flags(); parse_request fills them in order.
+EXTRA_GROUPS: dict[str, Callable] = {}
+
+
+class CLIError(Exception):
+    """Bad command line or request: reported as one line with exit code 2."""
+
+
+def parse_bool(v: str) -> bool:
+    """argparse type for True/False flags (the official CLI's `--offload_model True`)."""
+    s = str(v).lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: X)' to every flag whose help does not already say its default."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("default" in h or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings
+                or action.nargs == 0):  # switches: their help says what happens without them
+            return h
+        return f"{h} (default: %(default)s)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line on stderr (exit code 2) and accepts
+    prompts that start with '-' (`--prompt -v`)."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        out, i = [], 0
+        while i < len(args):
+            tok = args[i]
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if tok in TEXT_FLAGS and nxt is not None and nxt.startswith("-") and nxt not in self._option_string_actions:
+                out.append(f"{tok}={nxt}")
+                i += 2
+                continue
+            out.append(tok)
+            i += 1
+        return super().parse_known_args(out, namespace)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------ flag groups
+
+def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) -> None:
+    """What to build and where: --task, --ckpt_dir, --convert_model_dtype, --device, --t5_cpu."""
+    from wan.configs import PRESETS as TASKS
+
+    a = p.add_argument
+    a("--task", default=None, metavar="{" + ",".join(TASKS) + "}", help=task_help)
+    a("--ckpt_dir", default=None, help=ckpt_help)
+    a("--convert_model_dtype", action="store_true",
+      help="with --ckpt_dir: store the DiT weights in bf16 (official flag; default: as stored, fp32)")
+    a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    a("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+
+
+def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: str, guidance: bool = True) -> None:
+    """What to generate: prompt(s), size, frames, steps, solver, seed (+ shift and guidance)."""
+    from wan.requests import SOLVERS
+
+    a = p.add_argument
+    a("--prompt", default=None, help="text prompt (default: the demo prompt). A prompt starting with '-' "
+                                     "works: --prompt -v or --prompt=-v")
+    if guidance:
+        a("--n_prompt", default="", help="negative prompt (default: the official one)")
+    a("--size", default=None, help=f"WIDTH*HEIGHT, e.g. 1280*720 (default: the task's: {_per_task('default_size')})")
+    a("--frame_num", type=int, default=None, help=f"number of frames, 4n+1 (default: {_per_task('frame_num')})")
+    a("--sample_steps", type=int, default=None, help=f"denoising steps (default: {_per_task('sample_steps')})")
+    if guidance:
+        a("--sample_shift", type=float, default=None,
+          help=f"flow shift of the noise schedule (default: {_per_task('sample_shift')})")
+        a("--sample_guide_scale", type=float, default=None,
+          help="classifier-free guidance scale, one value for both experts (default: (low-noise, high-noise) "
+               f"{_per_task('sample_guide_scale')})")
+    a("--sample_solver", default="unipc", help=f"flow solver: {' or '.join(SOLVERS)}")
+    a("--base_seed", type=int, default=seed_default, help=seed_help)
+
+
+def _per_task(attr: str) -> str:
+    """'t2v-A14B: 1280*720, tiny: 128*128' -- a config default per task, for --help."""
+    from wan.configs import PRESETS as TASKS
+
+    return ", ".join(f"{n}: {getattr(c, attr)}" for n, c in TASKS.items())
+
+
+def add_preset_flags(p: argparse.ArgumentParser, default: str) -> None:
+    from .accel import PRESET_CHOICES, preset_help
+
+    p.add_argument("--preset", default=default, choices=PRESET_CHOICES,
+                   help=f"hardware preset (default: {default}). auto: detect the GPU; none: no preset, only "
+                        f"the flags (kernels where they run, official offloading); {preset_help()}")
+
+
+def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
+    """The opt-in switches shared by wan-generate and wan-benchmark."""
+    from wan.attention import BACKENDS
+
+    from .accel import COMPILE_MODES
+
+    a = p.add_argument
+    a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward (default: two "
+                                                     "batch-1 calls, official)")
+    a("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs (CUDA; default: off)")
+    a("--compile", dest="compile", action="store_true", default=None,
+      help="torch.compile each DiT block (CUDA; default: the preset's, off for every preset)")
+    a("--no-compile", dest="compile", action="store_false", help="never torch.compile (overrides a preset that compiles)")
+    a("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode, with --compile")
+    a("--attention", default="auto", choices=BACKENDS,
+      help="attention backend; auto: fa3, fa2, cuDNN SDPA, SDPA, the first available")
+    a("--no-triton", dest="no_triton", action="store_true",
+      help=f"{triton_help} (default: the Triton kernels wherever they run: CUDA, or TRITON_INTERPRET=1)")
+
+
+# ------------------------------------------------------------------ the request
+
+@dataclass(frozen=True)
+class AccelFlags:
+    """The acceleration flags as given (None: the preset decides)."""
+    triton: bool | None = None
+    compile: bool | None = None
+    compile_mode: str = "default"
+    tf32: bool | None = None
+    use_batched_cfg: bool | None = None
+    attention: str | None = "auto"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked command line: what to build, what to generate, how to accelerate it."""
+    task: str
+    config: object                   # wan.configs.T2VConfig
+    device: object                   # torch.device
+    size: str                        # 'W*H'
+    frame_num: int
+    steps: int
+    solver: str
+    seed: int
+    prompt: str
+    prompt_given: bool               # False: the demo prompt stands in
+    n_prompt: str = ""
+    shift: float | None = None
+    guide_scale: float | None = None
+    ckpt_dir: str | None = None
+    convert_model_dtype: bool = False
+    t5_cpu: bool = False             # the flag; a preset may add it
+    preset: str = "none"
+    offload_model: bool | None = None
+    accel: AccelFlags = field(default_factory=AccelFlags)
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)  # flag groups of later features, see EXTRA_GROUPS
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        w, h = self.size.split("*")
+        return int(w), int(h)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of WanT2V.generate (offload_model and progress are the caller's)."""
+        return dict(size=self.size, frame_num=self.frame_num, shift=self.shift, sample_solver=self.solver,
+                    sampling_steps=self.steps, guide_scale=self.guide_scale, n_prompt=self.n_prompt,
+                    seed=self.seed)
+
+    def optimize_kwargs(self) -> dict:
+        """Keyword arguments of wan_triton.optimize (after the preset)."""
+        a = self.accel
+        return dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
+                    use_batched_cfg=a.use_batched_cfg, attention=a.attention)
+
+
+def check_device(spec: str | None):
+    """--device -> torch.device: cpu, cuda or cuda:N that exists here; CLIError otherwise."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {spec!r} is not a device; use {', '.join(DEVICES)}") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise CLIError(f"--device {spec}: wan-triton runs on CUDA GPUs or the CPU; use {', '.join(DEVICES)}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {spec}: no CUDA device is available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def check_attention(name: str | None, device) -> None:
+    from wan import attention as att
+
+    if name in (None, "auto"):
+        return
+    avail = att.available_backends(device)
+    if name not in avail:
+        raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)})")
+
+
+def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
+    if prompt is not None and not prompt.strip():
+        raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the demo prompt")
+
+
+def parse_request(args: argparse.Namespace, default_task: str) -> Request:
+    """Every check that needs no model, in the order a user fixes them; raises CLIError.
+    `args` comes from a parser built with the flag groups above (missing groups read as unset)."""
+    from wan.configs import get_config
+    from wan.requests import InputError, check_request
+
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags a tool may not have
+    try:
+        config = get_config(g("task") or default_task)
+    except KeyError as err:
+        raise CLIError(str(err.args[0])) from None
+    device = check_device(g("device"))
+    check_attention(g("attention"), device)
+    size = g("size") or config.default_size
+    frame_num = config.frame_num if g("frame_num") is None else g("frame_num")
+    steps = config.sample_steps if g("sample_steps") is None else g("sample_steps")
+    try:
+        w, h = check_request(config, size, frame_num, g("sample_solver", "unipc"), steps)
+    except InputError as err:
+        msg = str(err).replace("sampling_steps", "--sample_steps")
+        raise CLIError(msg) from None
+    check_prompt(g("prompt"))
+    preset = g("preset") or "none"
+    cuda_only = [f for f, on in (("--offload_model True", g("offload_model")), ("--tf32", g("tf32")),
+                                 ("--compile", g("compile")), ("--no-offload", g("no_offload"))) if on]
+    if preset not in ("auto", "none", "cpu"):
+        cuda_only.append(f"--preset {preset}")
+    if device.type != "cuda" and cuda_only:
+        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
+    accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
+                       compile_mode=g("compile_mode", "default"), tf32=True if g("tf32") else None,
+                       use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"))
+    return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
+                   steps=steps, solver=g("sample_solver", "unipc"), seed=g("base_seed", -1),
+                   prompt=g("prompt") or DEMO_PROMPT, prompt_given=g("prompt") is not None,
+                   n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
+                   ckpt_dir=g("ckpt_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
+                   t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"), accel=accel,
+                   quiet=bool(g("quiet")), extra={name: fn(args) for name, fn in EXTRA_GROUPS.items()})
+
+
+# ------------------------------------------------------------------ multi-GPU (wan.parallel)
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """--ulysses_size, --cfg_parallel, --dit_fsdp, --t5_fsdp, --dist_timeout (under torchrun).
+    Checked by `_check_parallel` (Request.extra["parallel"])."""
+    from wan.parallel import add_parallel_flags as add
+
+    add(p)
+
+
+def _check_parallel(args):
+    """The multi-GPU flags against torchrun's environment, the task's attention heads and the
+    other flags -> wan.parallel.ParallelRequest (world 1 without them); CLIError otherwise."""
+    from wan.configs import get_config
+    from wan.parallel import ParallelError, check_parallel_args
+
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
+    task = g("task") or ("t2v-A14B" if g("ckpt_dir") or g("random_weights") else "tiny")  # both tools' default
+    try:
+        return check_parallel_args(args, get_config(task).dit.num_heads, check_device(g("device")),
+                                   g("offload_model"), bool(g("t5_cpu")))
+    except ParallelError as err:
+        raise CLIError(str(err)) from None
+
+
+EXTRA_GROUPS["parallel"] = _check_parallel
+
+
+# ------------------------------------------------------------------ outputs
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str, max_len: int = 50, fallback: str = "video") -> str:
+    """`text` reduced to [A-Za-z0-9._-] (other runs -> '_'), at most `max_len` characters,
+    never empty, never hidden (no leading '.')."""
+    s = _UNSAFE.sub("_", text).strip("._-")[:max_len].strip("._-")
+    return s or fallback
+
+
+def default_output_name(task: str, size: str, prompt: str, when: datetime | None = None, ulysses: int = 1) -> str:
+    """'<task>_<W>x<H>_<ulysses>_<prompt>_<YYYYmmdd_HHMMSS>.mp4' from a safe character set (the official
+    pattern, with '*' -> 'x' and the prompt cut to 50 safe characters); at most ~100 characters."""
+    stamp = (when or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    return (f"{safe_name(task, 20)}_{safe_name(size.replace('*', 'x'), 12)}_{int(ulysses)}_{safe_name(prompt)}_"
+            f"{stamp}.mp4")
+
+
+# ------------------------------------------------------------------ running
+
+GPU_OOM_HINT = "try --preset auto, --offload_model True or --t5_cpu"
+HOST_OOM_HINT = ("the models are built in CPU memory first (an A14B expert takes 28.6 GB in bf16); "
+                 "close other programs or use a machine with more RAM")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def is_host_oom(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, MemoryError) or "DefaultCPUAllocator" in text or "can't allocate memory" in text
+
+
+def run_main(prog: str, fn: Callable[[], object]) -> int:
+    """Run `fn()` and map how it ends to an exit code, errors as one line on stderr:
+    bad input 2, out of (GPU or host) memory 1, Ctrl-C 130, success 0."""
+    import torch
+
+    from wan.checkpoint import CheckpointError
+    from wan.parallel import ParallelError
+    from wan.requests import InputError
+
+    from .accel import AccelError
+    from .patch import PatchError
+
+    rank = _rank()
+
+    def fail(msg: str, code: int) -> int:
+        print(f"{prog}: error{f' (rank {rank})' if rank else ''}: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        fn()
+    except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
+        return fail(str(err), 2)
+    except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
+        return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
+    except torch.cuda.OutOfMemoryError:
+        return fail(f"out of GPU memory; {GPU_OOM_HINT}", 1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as err:
+        if is_host_oom(err):
+            return fail(f"out of host memory (RAM): {_first_line(err)}; {HOST_OOM_HINT}", 1)
+        if "out of memory" in str(err).lower():
+            return fail(f"out of GPU memory: {_first_line(err)}; {GPU_OOM_HINT}", 1)
+        raise
+    return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", 0) or 0)
+
+
+def setup_logging() -> None:
+    """INFO on stderr; under torchrun only rank 0 logs INFO (the others warnings and errors)."""
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
