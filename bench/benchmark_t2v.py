@@ -18,9 +18,11 @@ and adding it to the run's total. That way each timed run both counts the decode
 the final latents, so parity needs no extra generation: the last timed run of each mode gives
 the latents (relative error) and the decoded frames (PSNR over all uint8 frames).
 
-Offloading: unless `--offload_model` is given (then it applies to both modes), the reference
-uses the official single-GPU default (offload on CUDA) and the optimized mode the preset's
-choice. The text encoder placement (`--t5_cpu` or the preset's) is shared by both modes.
+Offloading: unless `--offload_model` or `--offload none|model` is given (then it applies to both
+modes), the reference uses the official single-GPU default (offload on CUDA) and the optimized
+mode the preset's choice. `--offload blocks` (or a preset that streams) makes only the optimized
+mode stream the DiT blocks from CPU memory; the reference keeps the official default. The
+text encoder placement (`--t5_cpu` or the preset's) is shared by both modes.
 
 Outputs, written only at the very end (temporary names, then renamed): `<out_dir>/<name>.json`,
 `<name>.md` and `<name>.png`. Bad input: one line on stderr, exit code 2, no file.
@@ -54,8 +56,8 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_parallel_flags,
-                                add_preset_flags, add_request_flags, parse_bool)
+    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_offload_flags,
+                                add_parallel_flags, add_preset_flags, add_request_flags, parse_bool)
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
            "reference, preset for optimized)")
+    add_offload_flags(p)
     add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
@@ -254,7 +257,7 @@ def _psnr_json(p):
 
 # settings that change what is computed or where it runs; with none of them different and nothing
 # patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
-_SAME_FLAGS = ("use_batched_cfg", "offload_model", "t5_cpu", "attention")
+_SAME_FLAGS = ("use_batched_cfg", "offload_model", "offload", "t5_cpu", "attention")
 
 
 def same_computation(ref: dict, opt: dict) -> bool:
@@ -510,8 +513,7 @@ def run(args, argv) -> tuple[dict, dict]:
     if state is not None:
         parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
         log.info("%s", par.summary())
-        if par.dit_fsdp:
-            args.offload_model = False  # the sharded experts stay on the GPUs
+    asked = "none" if par.dit_fsdp else request.extra["offload"]  # --dit_fsdp: the shards stay on the GPUs
 
     req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
@@ -520,24 +522,25 @@ def run(args, argv) -> tuple[dict, dict]:
     try:
         tf32_saved.append(to_reference(pipe))  # the reference state, also the start of a lone optimized run
         if "reference" in modes:
-            offload = (args.offload_model if args.offload_model is not None else on_cuda) and on_cuda
+            # the flags as one mode (asked, above); blocks stream in the optimized mode only
+            offload = (asked == "model" if asked in ("none", "model") else on_cuda) and on_cuda
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
-                            use_batched_cfg=False, offload_model=offload, t5_cpu=t5_cpu,
-                            attention=_attention_in_use(device))
+                            use_batched_cfg=False, offload_model=offload, offload="model" if offload else "none",
+                            t5_cpu=t5_cpu, attention=_attention_in_use(device))
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, config.sample_steps, decode)
         if "optimized" in modes:
-            applied = accel.optimize(pipe, preset, **request.optimize_kwargs())
+            applied = accel.optimize(pipe, preset, offload=asked, **request.optimize_kwargs())
             if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
             if applied.tf32_prev is not None:
                 tf32_saved.append(applied.tf32_prev)
-            offload = (applied.offload_model if args.offload_model is None else args.offload_model) and on_cuda
+            offload = applied.offload_model  # the flags' mode, else the preset's; False when the blocks stream
             settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
                             tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
-                            t5_cpu=t5_cpu, attention=_attention_in_use(device))
+                            offload=applied.offload, t5_cpu=t5_cpu, attention=_attention_in_use(device))
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, config.sample_steps, decode)

@@ -84,7 +84,7 @@ def test_out_of_memory_while_building_is_one_line(tmp_path, capsys, monkeypatch,
     rc = run_tool(tool, ["--device", "cpu", "--no-triton"], tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"{tool}: error: {msg}")
-    hint = cli.HOST_OOM_HINT if "host" in msg else cli.GPU_OOM_HINT
+    hint = cli.HOST_OOM_HINT if "host" in msg else cli.gpu_oom_hint()
     assert err[0].endswith(hint)
 
 

@@ -387,8 +387,8 @@ def check_parallel_args(args, num_heads: int, device: torch.device, offload_mode
     if (req.dit_fsdp or req.t5_fsdp) and world == 1:
         raise ParallelError("--dit_fsdp/--t5_fsdp need more than one process")
     if req.dit_fsdp and offload_model:
-        raise ParallelError("--offload_model True cannot be combined with --dit_fsdp (the sharded experts "
-                            "stay on the GPUs); drop one of them")
+        raise ParallelError("--offload_model True / --offload model|blocks cannot be combined with --dit_fsdp "
+                            "(the sharded experts stay on the GPUs); drop one of them")
     if req.cfg_parallel and getattr(args, "use_batched_cfg", False):
         raise ParallelError("--cfg_parallel already runs cond and uncond at once, on two halves of the GPUs; "
                             "drop --use_batched_cfg")

@@ -59,6 +59,7 @@ class WanT2V:
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
+        self.offload = "none"  # "blocks" after enable_block_streaming (wan.offload)
         self.last_timings: Timings | None = None  # of the latest generate() call
         self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
 
@@ -114,6 +115,12 @@ class WanT2V:
         high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
         return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
 
+    def enable_block_streaming(self, ring: int = 2, pin: bool | None = None):
+        """Stream both experts' DiT blocks from (pinned) host memory through a ring of `ring`
+        device buffers (wan.offload); returns the two handles. Bit-identical output."""
+        from .offload import enable_pipeline_streaming
+        return enable_pipeline_streaming(self, ring=ring, pin=pin)
+
     def save_pretrained(self, ckpt_dir, max_shard_bytes: int = 5 * 2 ** 30):
         """Write the official layout (tests use this to make small checkpoints)."""
         ckpt = Path(ckpt_dir)
@@ -140,6 +147,10 @@ class WanT2V:
             use, idle, g = self.high_noise_model, self.low_noise_model, 1
         else:
             use, idle, g = self.low_noise_model, self.high_noise_model, 0
+        if self.offload == "blocks":  # the blocks stream; only the small non-block parts move
+            from .offload import switch_experts
+            switch_experts(use, idle, self.device)
+            return use, g
         if offload and self.device.type == "cuda":
             if next(idle.parameters()).device.type != "cpu":
                 idle.to("cpu")
@@ -231,6 +242,9 @@ class WanT2V:
                         v = self._guided(model, latent, t, context, context_null, seq_len, guide_scale[gi])
                         latent = scheduler.step(v.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False,
                                                 generator=gen)[0].squeeze(0)
+            if self.offload == "blocks":  # the rings free their memory for the decode
+                from .offload import park_all
+                park_all(self.low_noise_model, self.high_noise_model)
             if offload_model and dev.type == "cuda":
                 self.low_noise_model.to("cpu")
                 self.high_noise_model.to("cpu")

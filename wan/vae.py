@@ -77,9 +77,10 @@ def _cached_conv(conv: "CausalConv3d", x: torch.Tensor, cache: FeatureCache | No
         keep = torch.cat([past[:, :, -1:], keep], dim=2)
     else:
         keep = keep.clone()  # a slice would pin the whole chunk in memory
-    out = conv(x, past)
-    cache.write(keep)
-    return out
+    cache.write(keep)  # the slot lets go of the previous frames before the conv runs
+    x = conv.causal_input(x, past)  # [zeros, past, x]; the chunk and `past` are no longer held here
+    del past
+    return nn.Conv3d.forward(conv, x)  # a module call would keep its arguments alive during the conv
 
 
 # --------------------------------------------------------------------------------------
@@ -100,14 +101,19 @@ class CausalConv3d(nn.Conv3d):
         self.front_pad = 2 * pt
         self.padding = (0, ph, pw)  # spatial padding inside the conv: no padded copy
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
-        front = self.front_pad
+    def causal_input(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """What the conv sees: [zeros, past, x] (2*pt frames in front of x), built in one
+        allocation (a cat then a pad would hold two copies of the chunk at once)."""
+        front, parts = self.front_pad, [x]
         if past is not None and front > 0:
-            x = torch.cat([past.to(x.device, x.dtype), x], dim=2)
+            parts.insert(0, past.to(x.device, x.dtype))
             front -= past.shape[2]
         if front > 0:
-            x = F.pad(x, (0, 0, 0, 0, front, 0))
-        return super().forward(x)
+            parts.insert(0, x.new_zeros(*x.shape[:2], front, *x.shape[3:]))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else x
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(self.causal_input(x, past))
 
 
 class RMSNorm(nn.Module):

@@ -52,6 +52,8 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
     so it compiles once). The patched Triton kernels are custom ops, traced without breaks."""
     if mode not in COMPILE_MODES:
         raise AccelError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
+    if getattr(model, "_block_streamer", None) is not None:
+        raise AccelError("--compile does not work with --offload blocks: use one or the other")
     for blk in model.blocks:
         blk.compile(mode=mode, dynamic=dynamic)
     return model
@@ -72,6 +74,7 @@ class Preset:
     triton: bool = True
     min_mem_gb: float = 0.0
     note: str = ""
+    offload: str = ""  # "blocks": stream the DiT blocks (wan.offload); "" follows offload_model
 
 
 # Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
@@ -86,12 +89,16 @@ PRESETS = {p.name: p for p in (
     Preset("h200", offload_model=False, t5_cpu=False, min_mem_gb=120,
            note="both bf16 experts (57 GB) and the T5 (11 GB) stay on the GPU"),
     Preset("h100", offload_model=True, t5_cpu=False, min_mem_gb=75,
-           note="one expert on the GPU; the idle one waits in CPU memory"),
-    Preset("a100-40g", offload_model=True, t5_cpu=True, min_mem_gb=38,
-           note="one expert on the GPU, T5 on the CPU"),
-    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44, note="one expert on the GPU, T5 on the CPU"),
-    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22,
-           note="an A14B expert needs 28.6 GB in bf16: only smaller models fit in 24 GB"),
+           note="one expert on the GPU (28.6 GB + 12.5 GB of 720p activations + T5 11 GB); the idle one waits "
+                "in CPU memory"),
+    Preset("a100-40g", offload_model=True, t5_cpu=False, min_mem_gb=38, offload="blocks",
+           note="one expert on the GPU at 720p needs 41.1 GB: DiT blocks stream from pinned CPU memory (~15 GB "
+                "on the GPU), T5 stays on the GPU"),
+    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44,
+           note="one expert on the GPU (41.1 GB at 720p), T5 on the CPU"),
+    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22, offload="blocks",
+           note="A14B at 720p in 24 GB: DiT blocks stream from pinned CPU memory (57 GB of host RAM for both "
+                "experts), T5 on the CPU"),
     Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
 )}
 # Other names for the same settings (an 80 GB A100 is an H100 for memory purposes): defined
@@ -124,6 +131,30 @@ def detect_preset(device=None) -> Preset:
         if mem >= p.min_mem_gb:
             return p
     return PRESETS["rtx4090"]
+
+
+def preset_offload(p: Preset) -> str:
+    """A preset's offload mode: 'blocks' (stream the DiT blocks), 'model' (the idle expert in CPU
+    memory) or 'none'."""
+    return p.offload or ("model" if p.offload_model else "none")
+
+
+def preset_flags(p: Preset) -> str:
+    """The CLI flags a preset amounts to, for messages."""
+    return f"--offload {preset_offload(p)}" + (" --t5_cpu" if p.t5_cpu else "")
+
+
+def oom_hint(device=None) -> str:
+    """What to try after an out-of-memory error: the preset that fits this GPU, else the
+    smallest footprint (block streaming, T5 on CPU: 1280*720 fits 24 GB)."""
+    try:
+        p = detect_preset(device)
+    except (RuntimeError, AssertionError):
+        p = PRESETS["cpu"]
+    small = "--offload blocks --t5_cpu (fits 24 GB at 1280*720)"
+    if p.name == "cpu":
+        return f"try {small}"
+    return f"try --preset {p.name} ({preset_flags(p)}), or if that ran, {small}"
 
 
 def no_preset(device) -> Preset:
@@ -185,7 +216,8 @@ class Optimized:
     compile_mode: str = "default"
     tf32: bool = False
     use_batched_cfg: bool = False
-    offload_model: bool = False
+    offload_model: bool = False      # offload == "model"
+    offload: str = "none"            # 'none', 'model' (the idle expert in CPU memory) or 'blocks' (streamed)
     attention: str | None = None
     tf32_prev: dict | None = field(default=None, compare=False)
 
@@ -195,21 +227,44 @@ class Optimized:
         kern = f"on ({len(self.patched)} ops)" if self.patched else ("off" if not self.triton else "unavailable")
         comp = f"on ({self.compile_mode})" if self.compile else "off"
         att = f", attention {self.attention}" if self.attention else ""
+        where = ("DiT blocks streamed from CPU memory" if self.offload == "blocks"
+                 else f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}")
         return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
-                f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}{att}")
+                f"{where}{att}")
 
     def __getitem__(self, key):  # read access as in the former dict result, for older callers
         return getattr(self, key)
 
 
+def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
+    """The offload mode optimize() applies: the explicit one, else the preset's; 'none' off CUDA.
+    A pipeline that already streams its blocks keeps streaming."""
+    from wan.offload import OFFLOAD_MODES
+
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise AccelError(f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
+    if getattr(pipeline, "offload", "none") == "blocks":
+        if offload not in (None, "blocks"):
+            raise AccelError(f"the pipeline already streams its DiT blocks; --offload {offload} would need "
+                             "wan.offload.disable_pipeline_streaming(pipe) first")
+        return "blocks"
+    if offload not in (None, "none") and not on_cuda:
+        raise AccelError(f"--offload {offload} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
+    if not on_cuda:
+        return "none"
+    return offload or preset_offload(p)
+
+
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
-             attention: str | None = None, **patch_kw) -> Optimized:
+             attention: str | None = None, offload: str | None = None, **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
-    alone. The result's `offload_model` is what the caller passes to generate().
+    alone. offload: 'none', 'model' or 'blocks' (None: the preset's; on CUDA only); 'blocks'
+    turns on block streaming here (`WanT2V.enable_block_streaming`). The result's
+    `offload_model` is what the caller passes to generate().
     """
     from .patch import patch
 
@@ -219,17 +274,22 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
                 compile=p.compile if compile is None else compile,
                 tf32=p.tf32 if tf32 is None else tf32,
                 use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
-                offload_model=p.offload_model and on_cuda)
+                offload=_offload_mode(pipeline, p, offload, on_cuda))
     if not on_cuda:  # explicit CUDA-only requests are errors; preset defaults just turn off
         for opt, asked in (("compile", compile), ("tf32", tf32)):
             if asked:
                 raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
             want[opt] = False
-    if on_cuda and not want["offload_model"]:
+    if want["offload"] == "blocks":  # compiled blocks would run the streaming hooks inside the graph
+        if compile:
+            raise AccelError(f"--compile does not work with block streaming (--offload blocks or preset "
+                             f"{p.name}): use one or the other")
+        want["compile"] = False
+    if on_cuda and want["offload"] == "none" and offload is None:
         need = resident_gb(pipeline)
         gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9
         if not fits_resident(need, gpu):
-            want["offload_model"] = True
+            want["offload"] = "model"
             dt = next(pipeline.high_noise_model.parameters()).dtype
             log.warning("preset %s keeps both experts on the GPU, but the resident weights take %.1f GB "
                         "(experts in %s) and a generation needs ~%.0f GB more, over this GPU's %.1f GB: "
@@ -245,10 +305,12 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             from wan import attention as att
             att.set_backend(attention)
     pipeline.use_batched_cfg = want["use_batched_cfg"]
+    if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
+        pipeline.enable_block_streaming()
     if want["compile"]:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, compile_mode)
     res = Optimized(preset=p.name, note=p.note, patched=patched, compile_mode=compile_mode, attention=attention,
-                    tf32_prev=tf32_prev, **want)
+                    tf32_prev=tf32_prev, offload_model=want["offload"] == "model", **want)
     log.info("%s", res.summary())
     return res

@@ -156,6 +156,48 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
       help=f"{triton_help} (default: the Triton kernels wherever they run: CUDA, or TRITON_INTERPRET=1)")
 
 
+def add_offload_flags(p: argparse.ArgumentParser) -> None:
+    """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
+    official --offload_model True; `blocks` streams each block from pinned host memory
+    (wan.offload). Checked by `_check_offload` (Request.extra["offload"])."""
+    from wan.offload import OFFLOAD_MODES
+
+    p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
+                   help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
+                        "True); blocks: stream the DiT blocks from pinned CPU memory (fits 24 GB at 720p) "
+                        "(CUDA only; default: the preset's)")
+
+
+def _check_offload(args) -> str | None:
+    """--offload, --offload_model and --no-offload as one mode ('none', 'model', 'blocks'), or None
+    when none of them is given (then the preset decides, in optimize()). Flags that disagree, a
+    mode other than none without CUDA, and block streaming with --compile (asked, or from the
+    preset) are CLIErrors."""
+    from wan.offload import OffloadError, resolve_offload
+
+    g = lambda name: getattr(args, name, None)  # noqa: E731 - a tool may not have every flag
+    asked = g("offload") is not None or g("offload_model") is not None or bool(g("no_offload"))
+    device = check_device(g("device"))
+    try:
+        mode = resolve_offload(g("offload"), g("offload_model"), bool(g("no_offload")), "none", device.type,
+                               g("compile"))
+    except OffloadError as err:
+        raise CLIError(str(err)) from None
+    if asked:
+        return mode
+    if g("compile") and device.type == "cuda":
+        from .accel import get_preset, preset_offload
+
+        p = get_preset(g("preset") or "none", device)
+        if preset_offload(p) == "blocks":
+            raise CLIError(f"preset {p.name} streams the DiT blocks, which does not work with --compile: "
+                           "add --offload model, or leave --compile out")
+    return None
+
+
+EXTRA_GROUPS["offload"] = _check_offload
+
+
 # ------------------------------------------------------------------ the request
 
 @dataclass(frozen=True)
@@ -307,8 +349,9 @@ def _check_parallel(args):
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
     task = g("task") or ("t2v-A14B" if g("ckpt_dir") or g("random_weights") else "tiny")  # both tools' default
     try:
-        return check_parallel_args(args, get_config(task).dit.num_heads, check_device(g("device")),
-                                   g("offload_model"), bool(g("t5_cpu")))
+        offload = g("offload_model") or g("offload") in ("model", "blocks")
+        return check_parallel_args(args, get_config(task).dit.num_heads, check_device(g("device")), offload,
+                                   bool(g("t5_cpu")))
     except ParallelError as err:
         raise CLIError(str(err)) from None
 
@@ -338,9 +381,19 @@ def default_output_name(task: str, size: str, prompt: str, when: datetime | None
 
 # ------------------------------------------------------------------ running
 
-GPU_OOM_HINT = "try --preset auto, --offload_model True or --t5_cpu"
+GPU_OOM_HINT = "try --preset auto, --offload blocks or --t5_cpu"  # when the GPU cannot be asked
 HOST_OOM_HINT = ("the models are built in CPU memory first (an A14B expert takes 28.6 GB in bf16); "
                  "close other programs or use a machine with more RAM")
+
+
+def gpu_oom_hint() -> str:
+    """The preset (and flags) that fit this GPU, else block streaming (accel.oom_hint)."""
+    from .accel import oom_hint
+
+    try:
+        return oom_hint()
+    except Exception:  # noqa: BLE001 - a hint must never hide the error it explains
+        return GPU_OOM_HINT
 
 
 def _first_line(err: BaseException) -> str:
@@ -378,7 +431,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
         return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
     except torch.cuda.OutOfMemoryError:
-        return fail(f"out of GPU memory; {GPU_OOM_HINT}", 1)
+        return fail(f"out of GPU memory; {gpu_oom_hint()}", 1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -386,7 +439,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
         if is_host_oom(err):
             return fail(f"out of host memory (RAM): {_first_line(err)}; {HOST_OOM_HINT}", 1)
         if "out of memory" in str(err).lower():
-            return fail(f"out of GPU memory: {_first_line(err)}; {GPU_OOM_HINT}", 1)
+            return fail(f"out of GPU memory: {_first_line(err)}; {gpu_oom_hint()}", 1)
         raise
     return 0
 

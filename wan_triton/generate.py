@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from .cli import (DEMO_PROMPT, CLIError, OneLineParser, Request, add_accel_flags, add_model_flags,  # noqa: F401
-                  add_parallel_flags, add_preset_flags, add_request_flags, default_output_name, parse_bool,
-                  parse_request, run_main, setup_logging)
+                  add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
+                  parse_bool, parse_request, run_main, setup_logging)
 
 PROG = "wan-generate"
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's, on with CUDA "
            "without a preset)")
     a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
@@ -82,10 +83,10 @@ def run(args) -> Path | None:
     if state is not None:
         parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
         logging.info("%s", par.summary())
-    applied = accel.optimize(pipe, preset, **req.optimize_kwargs())
-    offload = applied.offload_model if req.offload_model is None else req.offload_model
-    if args.no_offload or par.dit_fsdp:
-        offload = False
+    # the offload flags, checked and made one mode by parse_request, win over the preset's
+    offload_mode = "none" if par.dit_fsdp else req.extra["offload"]  # sharded experts stay on the GPUs
+    applied = accel.optimize(pipe, preset, offload=offload_mode, **req.optimize_kwargs())
+    offload = applied.offload_model  # False when the blocks stream (optimize() turned that on)
 
     video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), offload_model=offload,
                           progress=not req.quiet)

@@ -1,0 +1,265 @@
+"""Block streaming (wan.offload) on the tiny model: bit-identical to the resident model, the ring
+never holds more than its size, the expert switch under streaming, remove() restores exactly,
+bad combinations are one line with exit 2. On CPU the copies are plain tensor copies through
+the same ring, hooks and bookkeeping; the CUDA path (copy stream, events, pinned memory) runs in
+the GPU test and in bench/bench_offload.py."""
+import dataclasses
+
+import pytest
+import torch
+
+from wan.configs import get_config
+from wan.dit import WanModel
+from wan.offload import OffloadError, enable_block_streaming, resolve_offload, streamer_of
+
+LAYERS = 5  # not a multiple of 2 or 3: the ring wraps unevenly across forwards
+
+
+def _cfg(layers=LAYERS):
+    return dataclasses.replace(get_config("tiny").dit, num_layers=layers)
+
+
+def _pair(dtype, seed, layers=LAYERS, device="cpu"):
+    """Two identical models (same init seed): one stays resident, one will stream."""
+    cfg = _cfg(layers)
+    make = lambda: WanModel.from_config(cfg, device=device, dtype=dtype, seed=seed, zero_head=False)  # noqa: E731
+    return make(), make()
+
+
+def _inputs(seed, device="cpu", batch=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = _cfg()
+    x = torch.randn(batch, cfg.in_dim, 3, 8, 8, generator=g).to(device)
+    ctx = [torch.randn(5 + b, cfg.text_dim, generator=g).to(device) for b in range(batch)]
+    t = (torch.rand(batch, generator=g) * 1000).to(device)
+    return x, t, ctx
+
+
+def _run(model, dtype, x, t, ctx):
+    dev = x.device.type
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        return model(x, t, ctx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ring", [1, 2, 3])
+def test_streaming_equals_resident_bit_for_bit(seed, dtype, ring):
+    ref, m = _pair(dtype, seed)
+    h = enable_block_streaming(m, "cpu", ring=ring)
+    for call in range(3):  # several calls: the ring wraps across forwards
+        x, t, ctx = _inputs(seed + call, batch=1 + call % 2)
+        assert torch.equal(_run(m, dtype, x, t, ctx), _run(ref, dtype, x, t, ctx)), f"call {call}"
+    assert h.stats.forwards == 3 and h.stats.copies == 3 * LAYERS
+    assert h.stats.max_in_ring <= ring
+
+
+@pytest.mark.parametrize("ring", [1, 2, 3])
+def test_ring_never_holds_more_than_its_size(seed, ring):
+    _, m = _pair(torch.float32, seed)
+    h = enable_block_streaming(m, "cpu", ring=ring, trace=True)
+    seen = []
+
+    def spy(i):
+        def pre(mod, args):  # registered after the streamer's hook: sees the bound weights
+            ptrs = {p.data_ptr() for p in mod.parameters()}
+            slot = h.ring[i % ring]
+            lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
+            assert all(lo <= q < hi for q in ptrs), f"block {i} does not run from its slot"
+            assert h.in_ring() <= ring
+            seen.append(i)
+        return pre
+
+    spies = [b.register_forward_pre_hook(spy(i)) for i, b in enumerate(m.blocks)]
+    for call in range(2):
+        _run(m, torch.float32, *_inputs(seed + call))
+    for s in spies:
+        s.remove()
+    assert seen == list(range(LAYERS)) * 2
+    # outside a block's forward its weights point at host memory, never at the ring
+    ring_ptrs = {r.data_ptr() for r in h.ring}
+    assert all(p.data_ptr() not in ring_ptrs for p in m.blocks.parameters())
+    # replay the trace: a copy never lands in the running block's slot, a block runs from the
+    # copy made for it, and at most `ring` blocks are live (copied, not yet overwritten)
+    owner, running = {}, None
+    for ev, i, s in h.stats.log:
+        if ev == "copy":
+            assert running is None or owner.get(s) != running
+            owner[s] = i
+        elif ev == "run":
+            assert owner[s] == i
+            running = i
+        else:
+            running = None
+        assert len(owner) <= ring
+    assert h.stats.max_in_ring == min(ring, LAYERS)
+
+
+def test_remove_restores_exactly(seed):
+    ref, m = _pair(torch.bfloat16, seed)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    params_before = [id(p) for p in m.parameters()]
+    h = enable_block_streaming(m, "cpu", ring=2)
+    _run(m, torch.bfloat16, *_inputs(seed))
+    h.remove()
+    assert streamer_of(m) is None
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in m.blocks) and not m._forward_pre_hooks
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert [id(p) for p in m.parameters()] == params_before  # same Parameter objects
+    for p in m.blocks.parameters():  # each back in a storage of its own (no flat buffer kept alive)
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    x, t, ctx = _inputs(seed + 1)
+    assert torch.equal(_run(m, torch.bfloat16, x, t, ctx), _run(ref, torch.bfloat16, x, t, ctx))
+    enable_block_streaming(m, "cpu", ring=3).remove()  # can be enabled again
+
+
+def test_refuses_bad_requests(seed):
+    _, m = _pair(torch.float32, seed, layers=2)
+    with pytest.raises(OffloadError, match="ring"):
+        enable_block_streaming(m, "cpu", ring=0)
+    h = enable_block_streaming(m, "cpu", ring=5)  # clamped to the block count
+    assert h.k == 2
+    with pytest.raises(OffloadError, match="already enabled"):
+        enable_block_streaming(m, "cpu")
+    h.remove()
+    m.blocks[0].compile()  # only marks the block; nothing is compiled until a call
+    with pytest.raises(OffloadError, match="compile"):
+        enable_block_streaming(m, "cpu")
+
+
+def test_with_triton_patch_interpreted(seed, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import wan_triton
+
+    ref, m = _pair(torch.float32, seed, layers=2)
+    enable_block_streaming(m, "cpu", ring=1)
+    x, t, ctx = _inputs(seed)
+    with wan_triton.patched():
+        assert torch.equal(_run(m, torch.float32, x, t, ctx), _run(ref, torch.float32, x, t, ctx))
+
+
+def test_expert_switch_in_pipeline_equals_resident(seed):
+    from wan.pipeline import WanT2V
+
+    args = dict(size="128*128", frame_num=5, sampling_steps=2, shift=3.0, seed=seed % 1000, progress=False,
+                return_latents=True, offload_model=False)
+    ref = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    a = ref.generate("a red fox runs through snow", **args)
+    assert ref.last_timings.experts == ["high", "low"]  # the switch happens inside the 2 steps
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    handles = pipe.enable_block_streaming(ring=2)
+    b = pipe.generate("a red fox runs through snow", **args)
+    assert pipe.last_timings.experts == ["high", "low"]
+    assert torch.equal(a, b)
+    assert all(h.stats.forwards == 2 and h.ring is None for h in handles)  # one CFG pair each, parked after
+    assert pipe.high_noise_model.patch_embedding.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(offload="blocks", offload_model=True), "conflicts"),
+    (dict(offload="none", offload_model=True), "conflicts"),
+    (dict(offload="blocks", no_offload=True), "conflicts"),
+    (dict(offload="blocks", device_type="cpu"), "needs a CUDA GPU"),
+    (dict(offload="model", device_type="cpu"), "needs a CUDA GPU"),
+    (dict(offload="blocks", compile=True), "compile"),
+])
+def test_resolve_offload_rejects(kw, msg):
+    args = dict(offload=None, offload_model=None, no_offload=False, preset_mode="none", device_type="cuda",
+                compile=None)
+    args.update(kw)
+    with pytest.raises(OffloadError, match=msg):
+        resolve_offload(**args)
+
+
+def test_resolve_offload_choices():
+    base = dict(offload=None, offload_model=None, no_offload=False, device_type="cuda", compile=None)
+    assert resolve_offload(**base, preset_mode="blocks") == "blocks"
+    assert resolve_offload(**{**base, "offload_model": True}, preset_mode="blocks") == "model"
+    assert resolve_offload(**{**base, "offload": "model", "offload_model": True}, preset_mode="none") == "model"
+    assert resolve_offload(**{**base, "no_offload": True}, preset_mode="model") == "none"
+    assert resolve_offload(**{**base, "device_type": "cpu"}, preset_mode="none") == "none"
+
+
+@pytest.mark.parametrize("tool", ["wan-generate", "wan-benchmark"])
+@pytest.mark.parametrize("args,msg", [
+    (["--offload", "blocks"], "--offload blocks needs a CUDA GPU"),
+    (["--offload", "model", "--offload_model", "False"], "conflicts"),
+    (["--offload", "sideways"], "invalid choice"),
+])
+def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, args, msg):
+    """Both CLIs take --offload (wan_triton.cli.add_offload_flags); parse_request checks it
+    (EXTRA_GROUPS["offload"]) before any model is built: one line, exit 2, no file."""
+    from wan.pipeline import WanT2V
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(WanT2V, "from_preset", no_build)
+    if tool == "wan-generate":
+        from wan_triton.generate import main
+        out = ["--save_file", str(tmp_path / "x.mp4")]
+    else:
+        from bench.benchmark_t2v import main
+        out = ["--out_dir", str(tmp_path / "o")]
+    try:
+        rc = main(args + ["--device", "cpu", "--quiet"] + out)
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_parse_request_offload_mode():
+    """Request.extra["offload"]: the flags as one mode, None when none is given (the preset decides)."""
+    import argparse
+
+    from wan_triton import cli
+
+    def req(**kw):
+        base = dict(device="cpu", preset="none", offload=None, offload_model=None, no_offload=False, compile=None)
+        return cli.parse_request(argparse.Namespace(**{**base, **kw}), "tiny").extra["offload"]
+
+    assert req() is None
+    assert req(offload="none") == "none" and req(offload_model=False) == "none"
+
+
+def test_optimize_offload_field():
+    """optimize() reports the offload decision in the frozen Optimized (a field, not a dict key);
+    asking for streaming without CUDA is an AccelError (one line, exit 2 in the CLIs)."""
+    import wan_triton
+    from wan.pipeline import WanT2V
+    from wan_triton.accel import AccelError, Optimized
+
+    pipe = WanT2V.from_preset("tiny", device="cpu")
+    try:
+        res = wan_triton.optimize(pipe, "none", triton=False)
+        assert isinstance(res, Optimized) and (res.offload, res.offload_model) == ("none", False)
+        assert "idle expert offloaded to CPU: no" in res.summary()
+        with pytest.raises(AccelError, match="--offload blocks needs a CUDA GPU"):
+            wan_triton.optimize(pipe, "none", triton=False, offload="blocks")
+        pipe.enable_block_streaming()  # on CPU the ring is plain tensors: optimize() keeps it and says so
+        res = wan_triton.optimize(pipe, "none", triton=False)
+        assert res.offload == "blocks" and not res.offload_model and "DiT blocks streamed" in res.summary()
+        with pytest.raises(AccelError, match="already streams"):
+            wan_triton.optimize(pipe, "none", triton=False, offload="model")
+    finally:
+        wan_triton.unpatch()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ring", [1, 2])
+def test_cuda_streaming_bit_identical_and_bounded(seed, ring):
+    ref, m = _pair(torch.bfloat16, seed, device="cuda")
+    _, host = _pair(torch.bfloat16, seed)
+    h = enable_block_streaming(host, "cuda", ring=ring)
+    assert all(p.is_pinned() for p in host.blocks.parameters())
+    for call in range(3):
+        x, t, ctx = _inputs(seed + call, device="cuda")
+        assert torch.equal(_run(host, torch.bfloat16, x, t, ctx), _run(ref, torch.bfloat16, x, t, ctx))
+    assert h.stats.max_in_ring <= ring
+    h.remove("cuda")
+    assert all(p.device.type == "cuda" for p in host.parameters())
