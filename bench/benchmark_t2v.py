@@ -57,7 +57,7 @@ log = logging.getLogger("wan.benchmark")
 
 def build_parser() -> argparse.ArgumentParser:
     from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_offload_flags,
-                                add_preset_flags, add_request_flags, parse_bool)
+                                add_parallel_flags, add_preset_flags, add_request_flags, parse_bool)
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
            "reference, preset for optimized)")
     add_offload_flags(p)
+    add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
     a("--no-decode", dest="no_decode", action="store_true", help="skip the VAE decode (per-step timing at full size)")
     a("--out_dir", default=DEFAULT_OUT_DIR,
@@ -484,6 +485,7 @@ def run(args, argv) -> tuple[dict, dict]:
     """Validate, build once, run the modes, compare, write. Returns (report, written paths)."""
     import torch
 
+    from wan import parallel
     from wan.lora import apply_loras
     from wan.pipeline import WanT2V
     from wan_triton import accel, restore_tf32, unpatch
@@ -494,9 +496,12 @@ def run(args, argv) -> tuple[dict, dict]:
                                                     request.frame_num, request.steps)
     loras = lora_specs(request)  # keys and shapes checked before any model is built
     full_steps = steps if args.recipe else config.sample_steps  # what "full length" means for this run
+    par = request.extra["parallel"]
+    state = args._parallel_state = parallel.start(par, device)  # torchrun: one GPU per process
+    device = state.device if state is not None else device
     modes = MODES if args.mode == "both" else (args.mode,)
     preset = accel.get_preset(request.preset, device) if "optimized" in modes else None
-    t5_cpu = args.t5_cpu or bool(preset and preset.t5_cpu)
+    t5_cpu = (args.t5_cpu or bool(preset and preset.t5_cpu)) and not par.t5_fsdp
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
     check_out_dir(Path(args.out_dir), name)
     on_cuda = device.type == "cuda"
@@ -512,8 +517,12 @@ def run(args, argv) -> tuple[dict, dict]:
     build_s = time.perf_counter() - t0
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
     t0 = time.perf_counter()
-    apply_loras(pipe, loras)  # before either mode: both run the merged weights
+    apply_loras(pipe, loras)  # before either mode: both run the merged weights; FSDP then shards them
     lora_s = time.perf_counter() - t0
+    if state is not None:
+        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
+        log.info("%s", par.summary())
+    asked = "none" if par.dit_fsdp else request.extra["offload"]  # --dit_fsdp: the shards stay on the GPUs
 
     req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
@@ -522,7 +531,7 @@ def run(args, argv) -> tuple[dict, dict]:
     try:
         tf32_saved.append(to_reference(pipe))  # the reference state, also the start of a lone optimized run
         if "reference" in modes:
-            asked = request.extra["offload"]  # the flags as one mode; blocks stream in the optimized mode only
+            # the flags as one mode (asked, above); blocks stream in the optimized mode only
             offload = (asked == "model" if asked in ("none", "model") else on_cuda) and on_cuda
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
                             use_batched_cfg=False, offload_model=offload, offload="model" if offload else "none",
@@ -531,7 +540,7 @@ def run(args, argv) -> tuple[dict, dict]:
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
         if "optimized" in modes:
-            applied = accel.optimize(pipe, preset, offload=request.extra["offload"], **request.optimize_kwargs())
+            applied = accel.optimize(pipe, preset, offload=asked, **request.optimize_kwargs())
             if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
             if applied.tf32_prev is not None:
@@ -568,11 +577,15 @@ def run(args, argv) -> tuple[dict, dict]:
                     decode=decode, device=str(device), build_s=build_s, recipe=args.recipe,
                     loras=[vars(sp) for sp in loras], lora_merge_s=lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,
-                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num))),
+                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num)),
+                    parallel=dict(world=par.world, ulysses_size=par.ulysses_size, cfg_parallel=par.cfg_parallel,
+                                  dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)),
         modes={k: v.to_dict() for k, v in results.items()},
         comparison=cmp_,
         environment=environment(device, argv),
     )
+    if state is not None and not state.is_main:
+        return report, {}  # rank 0 writes
     try:
         paths = write_outputs(report, Path(args.out_dir), name)
     except CLIError:
@@ -594,8 +607,13 @@ def main(argv=None) -> int:
     def go():
         done["report"], done["paths"] = run(args, argv)
 
-    rc = run_main(PROG, go)
-    if rc == 0:
+    try:
+        rc = run_main(PROG, go)
+    finally:
+        from wan.parallel import destroy
+
+        destroy(getattr(args, "_parallel_state", None))
+    if rc == 0 and done["paths"]:  # under torchrun only rank 0 writes and prints
         print(markdown(done["report"]))
         log.info("wrote %s", ", ".join(str(p.resolve()) for p in done["paths"].values()))
     return rc

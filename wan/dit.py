@@ -201,6 +201,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
+    sp = None  # wan.parallel.Ulysses while sequence parallel is on (x is then this rank's token shard)
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, dim // num_heads, eps
@@ -215,10 +217,17 @@ class SelfAttention(nn.Module):
         return getattr(norm, "weight", None)
 
     def forward(self, x, seq_lens, grid_sizes, freqs, out_dtype):
-        q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
-        k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype)
+        sp = self.sp
+        off = 0 if sp is None else sp.token_offset(x.shape[1])  # global index of this shard's first token
+        q = rms_norm_rope(self.q(x), self._w(self.norm_q), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
+                          token_offset=off)
+        k = rms_norm_rope(self.k(x), self._w(self.norm_k), self.eps, self.num_heads, grid_sizes, freqs, out_dtype,
+                          token_offset=off)
         v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
-        o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
+        if sp is None:
+            o = _attention.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
+        else:  # all-to-all to all tokens x heads/U, attention, all-to-all back
+            o = sp.attention(q, k, v, k_lens=seq_lens, out_dtype=out_dtype)
         return self.o(o.flatten(2))
 
 
@@ -276,6 +285,8 @@ class Head(nn.Module):
 
 class WanModel(nn.Module):
     """One Wan 2.2 DiT expert, built from a `DiTConfig` (fields = the official config.json keys)."""
+
+    sp = None  # wan.parallel.Ulysses: set by wan.parallel.enable_sequence_parallel
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -459,6 +470,9 @@ class WanModel(nn.Module):
             if seq_len < L:
                 raise ValueError(f"seq_len={seq_len} is shorter than the {L} video tokens")
             tokens = F.pad(tokens, (0, 0, 0, seq_len - L))
+        sp = self.sp
+        if sp is not None:  # Ulysses: pad to a multiple of U; this rank keeps its chunk of tokens
+            tokens = sp.pad(tokens)
         seq_lens = seq_lens.to(device)
 
         t = torch.as_tensor(t, device=device)
@@ -473,9 +487,11 @@ class WanModel(nn.Module):
 
         # mask padded keys only when a sample actually has padding
         k_lens = seq_lens if bool((seq_lens < tokens.shape[1]).any()) else None
-        h = tokens
+        h = tokens if sp is None else sp.shard(tokens)
         for block in self.blocks:
             h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
         out = self.head(h, e)
+        if sp is not None:
+            out = sp.gather(out)
         outs = [u.float() for u in self._unpatchify(out, grid_sizes)]
         return outs if is_list else torch.stack(outs)

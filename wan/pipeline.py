@@ -47,6 +47,8 @@ class WanT2V:
     Build with `from_pretrained(ckpt_dir)` (official layout) or `from_preset(name)` (random weights).
     """
 
+    parallel = None  # wan.parallel.ParallelState under torchrun (set by wan.parallel.apply_to_pipeline)
+
     def __init__(self, config: T2VConfig, text_encoder, vae, low_noise_model, high_noise_model,
                  device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False):
         self.config = config
@@ -148,7 +150,8 @@ class WanT2V:
     def seq_len(self, latent_shape) -> int:
         _, f, h, w = latent_shape
         pt, ph, pw = self.config.dit.patch_size
-        return math.ceil((h * w) / (ph * pw) * f / pt)
+        u = self.parallel.ulysses_size if self.parallel is not None else 1  # official: a multiple of U
+        return math.ceil((h * w) / (ph * pw) * f / pt / u) * u
 
     def _expert(self, t: int, offload: bool):
         boundary = self.config.boundary * self.config.num_train_timesteps
@@ -218,6 +221,10 @@ class WanT2V:
         n_prompt = n_prompt or cfg.sample_neg_prompt
         if seed is None or seed < 0:
             seed = random.randint(0, sys.maxsize)
+        par = self.parallel
+        if par is not None:  # every rank draws rank 0's noise; only rank 0 shows progress and decodes
+            seed = par.broadcast_seed(seed)
+            progress = progress and par.is_main
         dev = self.device
         tm = Timings(device=str(dev))
         if dev.type == "cuda":
@@ -258,7 +265,9 @@ class WanT2V:
 
             # 4. decode
             out = latent
-            if not return_latents:
+            if par is not None and not par.is_main and not return_latents:
+                out = None  # rank 0 decodes
+            elif not return_latents:
                 log.info("decoding %d frames with the VAE ...", frame_num)
                 with tm.measure("decode"):
                     out = self.vae.decode(latent.unsqueeze(0))[0]
@@ -272,9 +281,13 @@ class WanT2V:
         """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2.
         At scale exactly 1, uncond + 1*(cond - uncond) is cond: one forward, no unconditional pass."""
         tt = t.reshape(1).to(self.device)
-        if scale == 1.0:
+        if scale == 1.0:  # guidance 1: the combined velocity is the conditional one (also under CFG-parallel)
             return model([latent], tt, context, seq_len=seq_len)[0]
-        if self.use_batched_cfg:
+        par = self.parallel
+        if par is not None and par.cfg_parallel:  # this half runs one branch; one exchange per step
+            mine = model([latent], tt, context if par.cfg_rank == 0 else context_null, seq_len=seq_len)[0]
+            cond, uncond = par.exchange_cfg(mine)
+        elif self.use_batched_cfg:
             both = model(latent.unsqueeze(0).expand(2, *latent.shape), tt.expand(2),
                          [context[0], context_null[0]], seq_len=seq_len)
             cond, uncond = both[0], both[1]

@@ -336,6 +336,35 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
                    quiet=bool(g("quiet")), extra={name: fn(args) for name, fn in EXTRA_GROUPS.items()})
 
 
+# ------------------------------------------------------------------ multi-GPU (wan.parallel)
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """--ulysses_size, --cfg_parallel, --dit_fsdp, --t5_fsdp, --dist_timeout (under torchrun).
+    Checked by `_check_parallel` (Request.extra["parallel"])."""
+    from wan.parallel import add_parallel_flags as add
+
+    add(p)
+
+
+def _check_parallel(args):
+    """The multi-GPU flags against torchrun's environment, the task's attention heads and the
+    other flags -> wan.parallel.ParallelRequest (world 1 without them); CLIError otherwise."""
+    from wan.configs import get_config
+    from wan.parallel import ParallelError, check_parallel_args
+
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
+    task = g("task") or ("t2v-A14B" if g("ckpt_dir") or g("random_weights") else "tiny")  # both tools' default
+    try:
+        offload = g("offload_model") or g("offload") in ("model", "blocks")
+        return check_parallel_args(args, get_config(task).dit.num_heads, check_device(g("device")), offload,
+                                   bool(g("t5_cpu")))
+    except ParallelError as err:
+        raise CLIError(str(err)) from None
+
+
+EXTRA_GROUPS["parallel"] = _check_parallel
+
+
 # ------------------------------------------------------------------ outputs
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -348,11 +377,12 @@ def safe_name(text: str, max_len: int = 50, fallback: str = "video") -> str:
     return s or fallback
 
 
-def default_output_name(task: str, size: str, prompt: str, when: datetime | None = None) -> str:
-    """'<task>_<W>x<H>_1_<prompt>_<YYYYmmdd_HHMMSS>.mp4' from a safe character set (the official
+def default_output_name(task: str, size: str, prompt: str, when: datetime | None = None, ulysses: int = 1) -> str:
+    """'<task>_<W>x<H>_<ulysses>_<prompt>_<YYYYmmdd_HHMMSS>.mp4' from a safe character set (the official
     pattern, with '*' -> 'x' and the prompt cut to 50 safe characters); at most ~100 characters."""
     stamp = (when or datetime.now()).strftime("%Y%m%d_%H%M%S")
-    return f"{safe_name(task, 20)}_{safe_name(size.replace('*', 'x'), 12)}_1_{safe_name(prompt)}_{stamp}.mp4"
+    return (f"{safe_name(task, 20)}_{safe_name(size.replace('*', 'x'), 12)}_{int(ulysses)}_{safe_name(prompt)}_"
+            f"{stamp}.mp4")
 
 
 # ------------------------------------------------------------------ running
@@ -388,19 +418,24 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     import torch
 
     from wan.checkpoint import CheckpointError
+    from wan.parallel import ParallelError
     from wan.requests import InputError
 
     from .accel import AccelError
     from .patch import PatchError
 
+    rank = _rank()
+
     def fail(msg: str, code: int) -> int:
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error{f' (rank {rank})' if rank else ''}: {msg}", file=sys.stderr)
         return code
 
     try:
         fn()
-    except (CLIError, InputError, CheckpointError, AccelError, PatchError) as err:
+    except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
         return fail(str(err), 2)
+    except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
+        return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
     except torch.cuda.OutOfMemoryError:
         return fail(f"out of GPU memory; {gpu_oom_hint()}", 1)
     except KeyboardInterrupt:
@@ -415,6 +450,14 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     return 0
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", 0) or 0)
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    """INFO on stderr; under torchrun only rank 0 logs INFO (the others warnings and errors)."""
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)

@@ -9,14 +9,15 @@ no file is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 
 from .cli import (DEMO_PROMPT, CLIError, OneLineParser, Request, add_accel_flags, add_model_flags,  # noqa: F401
-                  add_offload_flags, add_preset_flags, add_request_flags, default_output_name, parse_bool,
-                  parse_request, run_main, setup_logging)
+                  add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
+                  parse_bool, parse_request, run_main, setup_logging)
 
 PROG = "wan-generate"
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
     add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
+    add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
     from .lora_flags import add_lora_flags
     add_lora_flags(p)
@@ -44,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(req: Request, save_file: str | None) -> Path:
-    save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt))
+    ulysses = getattr(req.extra.get("parallel"), "ulysses_size", 1)  # the official name carries it
+    save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt, ulysses=ulysses))
     if save.suffix.lower() != ".mp4":
         raise CLIError(f"--save_file must end in .mp4, got {save}")
     return save
 
 
-def run(args) -> Path:
+def run(args) -> Path | None:
+    from wan import parallel
     from wan.lora import apply_loras
     from wan.pipeline import WanT2V
     from wan.video import check_output_path, check_video_writer, save_video
@@ -67,7 +71,11 @@ def run(args) -> Path:
 
     seed = req.seed if req.seed >= 0 or not demo else req.config.seed
     preset = accel.get_preset(req.preset, req.device)
-    t5_cpu = req.t5_cpu or preset.t5_cpu
+    par = req.extra["parallel"]
+    t5_cpu = (req.t5_cpu or preset.t5_cpu) and not par.t5_fsdp
+    state = args._parallel_state = parallel.start(par, req.device)  # torchrun: one GPU per process
+    if state is not None:
+        req = dataclasses.replace(req, device=state.device)
     t0 = time.perf_counter()
     if demo:
         prompt_note = "" if req.prompt_given else ", the demo prompt"
@@ -79,12 +87,18 @@ def run(args) -> Path:
                                       convert_model_dtype=req.convert_model_dtype, progress=not req.quiet)
     logging.info("loaded %s in %.1fs on %s", req.task, time.perf_counter() - t0, req.device)
     apply_loras(pipe, loras)  # merged before optimize: kernels, compile and block streaming see the merged weights
+    if state is not None:
+        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
+        logging.info("%s", par.summary())
     # the offload flags, checked and made one mode by parse_request, win over the preset's
-    applied = accel.optimize(pipe, preset, offload=req.extra["offload"], **req.optimize_kwargs())
+    offload_mode = "none" if par.dit_fsdp else req.extra["offload"]  # sharded experts stay on the GPUs
+    applied = accel.optimize(pipe, preset, offload=offload_mode, **req.optimize_kwargs())
     offload = applied.offload_model  # False when the blocks stream (optimize() turned that on)
 
     video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), offload_model=offload,
                           progress=not req.quiet)
+    if state is not None and not state.is_main:
+        return None  # rank 0 decodes and writes
     save_video(video, save, fps=req.config.sample_fps)
     logging.info("seed %d | %s", pipe.last_seed, pipe.last_timings.summary())
     logging.info("saved %s (%d frames, %s)", save, video.shape[1], req.size)
@@ -94,7 +108,12 @@ def run(args) -> Path:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    return run_main(PROG, lambda: run(args))
+    try:
+        return run_main(PROG, lambda: run(args))
+    finally:
+        from wan.parallel import destroy
+
+        destroy(getattr(args, "_parallel_state", None))
 
 
 if __name__ == "__main__":

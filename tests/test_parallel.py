@@ -1,0 +1,362 @@
+"""Multi-process generation (wan.parallel) on CPU with gloo, against one process on the same inputs.
+
+One spawn of 2 processes and one of 4 each run several checks (spawning costs seconds per
+process, the checks themselves are small). Every rank also computes the one-process result
+itself, so the comparison needs no extra communication; rank 0 writes the relative errors to
+a JSON file that the tests read. fp32 throughout: tolerance 1e-5 relative.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+
+from wan import parallel
+from wan.parallel import ParallelError, check_parallel_args
+
+REL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _same_on_all_ranks(x: torch.Tensor) -> bool:
+    import torch.distributed as dist
+
+    xs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(xs, x.contiguous())
+    return all(torch.equal(xs[0], y) for y in xs)
+
+
+# ---------------------------------------------------------------- checks run inside the workers
+
+def _forward_case(ulysses: int, seed: int):
+    """A tiny fp32 DiT with random weights and inputs of 45 tokens (U does not divide them)."""
+    from wan.configs import get_config
+    from wan.dit import WanModel
+
+    cfg = get_config("tiny").dit
+    if cfg.num_heads % ulysses:
+        from dataclasses import replace
+        cfg = replace(cfg, num_heads=ulysses * 2)  # head_dim 64 / 8 = 8 pairs, still a 3-axis split
+    model = WanModel.from_config(cfg, dtype=torch.float32, seed=seed, zero_head=False)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 6, 10, generator=g)                    # 3*3*5 = 45 tokens
+    t = torch.tensor([700.0])
+    ctx = [torch.randn(7, cfg.text_dim, generator=g)]
+    return model, x, t, ctx, -(-45 // ulysses) * ulysses
+
+
+def _check_forward(ulysses: int, seed: int) -> dict:
+    """One DiT forward (random fp32 weights, a sequence U does not divide) with Ulysses U."""
+    model, x, t, ctx, padded = _forward_case(ulysses, seed)
+    ref = model(x, t, ctx, seq_len=padded)     # one process at the length Ulysses pads to
+    ref_padded = model(x, t, ctx, seq_len=50)  # official-style padding (seq_len given) too
+    ref_unpadded = model(x, t, ctx)
+    state = parallel.build_state(ulysses_size=ulysses)
+    with parallel.sequence_parallel(model, state.ulysses):
+        out = model(x, t, ctx)
+        out_padded = model(x, t, ctx, seq_len=50)
+    return {"rel": _rel(out, ref), "rel_padded": _rel(out_padded, ref_padded),
+            "rel_unpadded": _rel(out, ref_unpadded), "same": _same_on_all_ranks(out)}
+
+
+def _check_forward_patched(ulysses: int, seed: int) -> dict:
+    """The same forward with wan_triton.patch() (the Triton kernels; TRITON_INTERPRET=1 on CPU),
+    strict: a kernel fallback raises. Each rank's q/k RoPE runs the kernel at its token_offset."""
+    import wan_triton
+
+    model, x, t, ctx, padded = _forward_case(ulysses, seed)
+    ref = model(x, t, ctx, seq_len=padded)  # reference ops, one process
+    state = parallel.build_state(ulysses_size=ulysses)
+    with wan_triton.patched(strict=True):
+        one = model(x, t, ctx, seq_len=padded)  # kernels, one process
+        wan_triton.reset_kernel_stats()
+        with parallel.sequence_parallel(model, state.ulysses):
+            out = model(x, t, ctx)
+        stats = wan_triton.kernel_stats()
+    return {"rel_one_patched": _rel(out, one), "rel_reference": _rel(out, ref), "same": _same_on_all_ranks(out),
+            "rope_launches": stats["rms_norm_rope"]["launches"],
+            "fallbacks": sum(s["fallbacks"] for s in stats.values())}
+
+
+def _tiny_pipe():
+    from wan.configs import get_config
+    from wan.pipeline import WanT2V
+
+    cfg = get_config("tiny").replace(param_dtype=torch.float32)
+    return WanT2V.from_preset(cfg, device="cpu", seed=0)
+
+
+GEN = dict(size=(160, 96), frame_num=5, sampling_steps=2, progress=False)
+_REF: dict = {}  # the one-process pipeline, built once per worker
+
+
+def _fake_decode(z):
+    """Stands in for the VAE (seconds on CPU): what matters here is who decodes."""
+    return z.unsqueeze(0).mul(0.5).tanh()
+
+
+def _check_generate(ulysses: int, cfg_parallel: bool, fsdp: bool = False, decode: bool = False,
+                    seed: int = 0) -> dict:
+    """A 2-step generation (latents; or the decoded video) against one process."""
+    import torch.distributed as dist
+
+    ref_pipe = _REF.get("pipe") or _REF.setdefault("pipe", _tiny_pipe())
+    state = parallel.build_state(ulysses_size=ulysses, cfg_parallel=cfg_parallel)
+    pipe = _tiny_pipe()
+    parallel.apply_to_pipeline(pipe, state, dit_fsdp=fsdp, t5_fsdp=fsdp)
+    if decode:
+        pipe.vae.decode = ref_pipe.vae.decode = _fake_decode
+    # seed -1 on every rank: each draws its own random seed, rank 0's is broadcast
+    out = pipe.generate("a red fox", seed=-1, return_latents=not decode, **GEN)
+    ref = ref_pipe.generate("a red fox", seed=pipe.last_seed, return_latents=not decode, **GEN)
+    res = {"seed_same": _same_on_all_ranks(torch.tensor([pipe.last_seed]))}
+    if decode:
+        res["none_off_rank0"] = (out is None) == (dist.get_rank() != 0)
+        if out is not None:
+            res["rel"] = _rel(out, ref)
+    else:
+        res["rel"] = _rel(out, ref)
+        res["same"] = _same_on_all_ranks(out)
+    if fsdp:
+        from torch.distributed.tensor import DTensor
+        w = pipe.low_noise_model.blocks[0].ffn[0].weight
+        res["sharded"] = isinstance(w, DTensor) and w.to_local().shape[0] * state.world == w.shape[0]
+    return res
+
+
+CHECKS = {
+    2: {
+        "forward_u2": lambda: _check_forward(2, seed=11),
+        "forward_u2_patched": lambda: _check_forward_patched(2, seed=13),
+        "gen_u2_decode": lambda: _check_generate(2, False, decode=True),
+        "gen_cfg2": lambda: _check_generate(1, True),
+        "gen_u2_fsdp": lambda: _check_generate(2, False, fsdp=True),
+    },
+    4: {
+        "forward_u4": lambda: _check_forward(4, seed=12),
+        "gen_cfg2_u2": lambda: _check_generate(2, True),
+    },
+}
+
+
+def _worker(rank: int, world: int, port: int, out_path: str):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    random.seed(1000 + rank)  # different local seeds: the broadcast must make them agree
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        results = {name: fn() for name, fn in CHECKS[world].items()}
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _warm_up():
+    """Build and run the tiny pipeline once in the parent, so that forked workers inherit the
+    imports (the first meta-device build alone imports for seconds)."""
+    import wan_triton.patch  # noqa: F401 - and the kernels' imports (triton: seconds)
+    from kernels import rope  # noqa: F401
+
+    pipe = _tiny_pipe()
+    pipe.generate("warm", seed=0, return_latents=True, **GEN)
+
+
+def _spawn(world: int, tmp_path_factory) -> dict:
+    """Run the checks in `world` processes: forked from this warmed-up process where the platform
+    allows (no re-import, ~10x cheaper than spawn), else spawned. Workers use one thread each."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        _warm_up()
+    out = tmp_path_factory.mktemp(f"par{world}") / "results.json"
+    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True,
+                       start_method=method)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return _spawn(4, tmp_path_factory)
+
+
+# ---------------------------------------------------------------- multi-process tests
+
+def test_ulysses2_forward(two):
+    r = two["forward_u2"]
+    print(r)
+    assert r["rel"] < REL and r["rel_padded"] < REL and r["same"]
+    # vs one process without padding: CPU SDPA itself moves by ~2e-5 when masked keys are appended
+    assert r["rel_unpadded"] < 1e-4
+
+
+def test_ulysses2_forward_with_kernels(two):
+    """Ulysses under wan_triton.patch(): the kernels take each shard's token_offset (no fallback)."""
+    r = two["forward_u2_patched"]
+    print(r)
+    assert r["rope_launches"] == 2 * 2 and r["fallbacks"] == 0 and r["same"]  # q and k in each of 2 layers
+    assert r["rel_one_patched"] < REL
+    assert r["rel_reference"] < 1e-4  # kernels vs the float64-RoPE reference, fp32
+
+
+def test_ulysses4_forward_uneven_sequence(four):
+    r = four["forward_u4"]
+    print(r)
+    assert r["rel"] < REL and r["rel_padded"] < REL and r["same"]
+    # vs one process without padding: CPU SDPA itself moves by ~2e-5 when masked keys are appended
+    assert r["rel_unpadded"] < 1e-4
+
+
+def test_ulysses2_generate_decodes_on_rank0_only(two):
+    r = two["gen_u2_decode"]
+    print(r)
+    assert r["seed_same"] and r["none_off_rank0"] and r["rel"] < REL
+
+
+def test_cfg_parallel2_generate(two):
+    r = two["gen_cfg2"]
+    print(r)
+    assert r["seed_same"] and r["same"] and r["rel"] < REL
+
+
+def test_cfg_parallel2_x_ulysses2_generate(four):
+    r = four["gen_cfg2_u2"]
+    print(r)
+    assert r["seed_same"] and r["same"] and r["rel"] < REL
+
+
+def test_fsdp_ulysses2_generate(two):
+    r = two["gen_u2_fsdp"]
+    print(r)
+    assert r["sharded"] and r["same"] and r["rel"] < REL
+
+
+# ---------------------------------------------------------------- one process: pieces and validation
+
+def test_rope_token_offset_matches_slice(seed):
+    """Rows [o, o+n) of the full table == the table of n tokens at offset o (padding included)."""
+    from wan.dit import rope_apply, rope_params, rope_table
+
+    d = 32
+    freqs = torch.cat([rope_params(64, d - 4 * (d // 6)), rope_params(64, 2 * (d // 6)),
+                       rope_params(64, 2 * (d // 6))], dim=1)
+    grid = torch.tensor([[3, 3, 5]])
+    full = rope_table(grid, 48, freqs)
+    for off in (0, 12, 36):
+        assert torch.equal(rope_table(grid, 12, freqs, token_offset=off), full[:, off:off + 12])
+    x = torch.randn(1, 48, 2, d)
+    assert torch.equal(rope_apply(x[:, 36:], grid, freqs, token_offset=36), rope_apply(x, grid, freqs)[:, 36:])
+
+
+class _Args:
+    def __init__(self, **kw):
+        self.ulysses_size, self.cfg_parallel, self.dit_fsdp, self.t5_fsdp, self.dist_timeout = 1, False, False, \
+            False, 600.0
+        self.__dict__.update(kw)
+
+
+TORCHRUN = lambda n: {"RANK": "0", "WORLD_SIZE": str(n), "MASTER_ADDR": "x", "LOCAL_WORLD_SIZE": str(n)}  # noqa
+
+
+@pytest.mark.parametrize("kw, env, msg", [
+    (dict(ulysses_size=2), {}, "needs torchrun"),
+    (dict(cfg_parallel=True), {}, "needs torchrun"),
+    (dict(dit_fsdp=True), {}, "needs torchrun"),
+    (dict(ulysses_size=2), TORCHRUN(4), "needs 2"),
+    (dict(ulysses_size=2, cfg_parallel=True), TORCHRUN(2), "needs 4"),
+    (dict(), TORCHRUN(2), "needs 1"),
+    (dict(ulysses_size=3), TORCHRUN(3), "must divide"),
+    (dict(ulysses_size=0), TORCHRUN(1), ">= 1"),
+    (dict(ulysses_size=2, dit_fsdp=True, offload=True), TORCHRUN(2), "--offload_model"),
+    (dict(ulysses_size=2, t5_fsdp=True, t5_cpu=True), TORCHRUN(2), "--t5_cpu"),
+    (dict(cfg_parallel=True, use_batched_cfg=True), TORCHRUN(2), "--use_batched_cfg"),
+])
+def test_bad_combinations_rejected(kw, env, msg):
+    offload, t5_cpu = kw.pop("offload", None), kw.pop("t5_cpu", False)
+    with pytest.raises(ParallelError, match=msg.replace("-", r"\-")) as e:
+        check_parallel_args(_Args(**kw), 40, torch.device("cpu"), offload, t5_cpu, env=env)
+    assert "\n" not in str(e.value)
+
+
+def test_good_combinations_accepted():
+    assert check_parallel_args(_Args(), 40, torch.device("cpu"), env={}).world == 1
+    r = check_parallel_args(_Args(ulysses_size=4, cfg_parallel=True, dit_fsdp=True, t5_fsdp=True), 40,
+                            torch.device("cpu"), env=TORCHRUN(8))
+    assert r.world == 8
+
+
+def test_cli_without_torchrun_is_one_line(capsys, monkeypatch, tmp_path):
+    from wan_triton.generate import main
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    rc = main(["--ulysses_size", "2", "--device", "cpu", "--save_file", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs torchrun" in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_parse_request_checks_the_parallel_flags(monkeypatch):
+    """The group is registered in wan_triton.cli: both CLIs get its flags, parse_request checks them
+    (against the task's heads) before any model is built and fills Request.extra['parallel']."""
+    from bench.benchmark_t2v import build_parser as bench_parser
+    from wan_triton import cli
+    from wan_triton.generate import build_parser
+
+    for k, v in TORCHRUN(2).items():
+        monkeypatch.setenv(k, v)
+    args = build_parser().parse_args(["--ulysses_size", "2", "--device", "cpu"])
+    assert cli.parse_request(args, "tiny").extra["parallel"].ulysses_size == 2
+    args = bench_parser().parse_args(["--cfg_parallel", "--device", "cpu"])
+    assert cli.parse_request(args, "tiny").extra["parallel"].cfg_parallel
+    for argv, msg in ((["--ulysses_size", "2", "--cfg_parallel"], "needs 4"),
+                      (["--cfg_parallel", "--use_batched_cfg"], "--use_batched_cfg")):
+        with pytest.raises(cli.CLIError, match=msg):
+            cli.parse_request(build_parser().parse_args([*argv, "--device", "cpu"]), "tiny")
+
+
+def test_default_name_carries_the_ulysses_size():
+    from datetime import datetime
+
+    from wan_triton.cli import default_output_name
+
+    when = datetime(2026, 1, 2, 3, 4, 5)
+    assert default_output_name("t2v-A14B", "1280*720", "a cat", when, ulysses=4) == \
+        "t2v-A14B_1280x720_4_a_cat_20260102_030405.mp4"
+    assert "_1280x720_1_a_cat_" in default_output_name("t2v-A14B", "1280*720", "a cat", when)
+
+
+def test_one_process_path_unchanged(seed):
+    """Without a parallel state the DiT runs exactly as before (no SP attribute anywhere)."""
+    from wan.configs import get_config
+    from wan.dit import WanModel
+
+    m = WanModel.from_config(get_config("tiny").dit, dtype=torch.float32, seed=seed, zero_head=False)
+    assert m.sp is None and all(b.self_attn.sp is None for b in m.blocks)
