@@ -27,12 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from wan.timing import sync as _sync
 
 
 def write_random_lora(model, path: Path, rank: int, seed: int, dtype) -> tuple[int, int]:

@@ -31,10 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from bench._util import rel_err
+from wan.timing import sync as _sync
 
 
 def _timed(fn, runs, warmup, dev, barrier=True):
@@ -60,11 +58,6 @@ def _max_over_ranks(x: float, dev) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=dev if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _checksum(model) -> float:
