@@ -303,6 +303,9 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
         patched = ()
         if attention is not None:
             from wan import attention as att
+
+            from .fp8_attention import ensure_registered
+            ensure_registered(attention)
             att.set_backend(attention)
     pipeline.use_batched_cfg = want["use_batched_cfg"]
     if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":

@@ -144,6 +144,7 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
     from wan.attention import BACKENDS
 
     from .accel import COMPILE_MODES
+    from .fp8_attention import NAME as FP8_ATTENTION
 
     a = p.add_argument
     a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward (default: two "
@@ -153,8 +154,9 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
       help="torch.compile each DiT block (CUDA; default: the preset's, off for every preset)")
     a("--no-compile", dest="compile", action="store_false", help="never torch.compile (overrides a preset that compiles)")
     a("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode, with --compile")
-    a("--attention", default="auto", choices=BACKENDS,
-      help="attention backend; auto: fa3, fa2, cuDNN SDPA, SDPA, the first available")
+    a("--attention", default="auto", choices=BACKENDS + (FP8_ATTENTION,),
+      help="attention backend; auto: fa4, fa3, fa2, cuDNN SDPA, SDPA, the first available; "
+           "fp8: opt-in, lossy fp8 attention on Hopper (cuDNN; docs/attention.md)")
     a("--no-triton", dest="no_triton", action="store_true",
       help=f"{triton_help} (default: the Triton kernels wherever they run: CUDA, or TRITON_INTERPRET=1)")
 
@@ -282,6 +284,9 @@ def check_attention(name: str | None, device) -> None:
 
     if name in (None, "auto"):
         return
+    from .fp8_attention import ensure_registered
+
+    ensure_registered(name)
     avail = att.available_backends(device)
     if name not in avail:
         raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)})")

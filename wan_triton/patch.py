@@ -174,6 +174,9 @@ def _swap(flags) -> list[str]:
 def _set_attention(name: str, saved: list) -> None:
     from wan import attention as att
 
+    from .fp8_attention import ensure_registered
+
+    ensure_registered(name)  # attention="fp8": the opt-in lossy backend (wan_triton/fp8_attention.py)
     prev = att.set_backend(name)
     if not saved:
         saved.append(prev)
