@@ -19,19 +19,19 @@ ALL_FLASH = {"flash_attn.cute", "flash_attn_interface", "flash_attn.flash_attn_i
 @pytest.fixture(autouse=True)
 def clean_attention():
     """Each test starts from 'auto', no registered backends, no cached probes; all restored after."""
-    saved = (att.get_backend(), dict(att._registry), dict(att._probes), dict(att._eager_fns))
+    backend, registry, probes, eager = att.get_backend(), dict(att._registry), dict(att._probes), dict(att._eager_fns)
     att._registry.clear()
     att._reset_probes()
     att._eager_fns.clear()
     att.set_backend("auto")
     yield
     att._registry.clear()
-    att._registry.update(saved[0 + 1])
+    att._registry.update(registry)
     att._reset_probes()
-    att._probes.update(saved[2])
+    att._probes.update(probes)
     att._eager_fns.clear()
-    att._eager_fns.update(saved[3])
-    att.set_backend(saved[0])
+    att._eager_fns.update(eager)
+    att.set_backend(backend)
 
 
 # --- fakes: the official flash semantics in float64, recording what they were given ---------------
