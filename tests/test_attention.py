@@ -262,6 +262,23 @@ def test_flash_paths_match_math(fake_flash, seed, backend, padded):
         assert call["max_q"] == Lq and call["max_k"] == Lk and call["k"] == (Lk + 3, H, D)
 
 
+def test_fa4_and_registered_backends_trace_without_graph_breaks(fake_flash, seed):
+    """They run as torch custom ops: torch.compile keeps them as one node."""
+    att.register_backend("mine", lambda q, k, v, k_lens: _ref(q, k, v, k_lens).float())
+    q, k, v = (torch.randn(2, 6, 2, 8) for _ in range(3))
+    k_lens = torch.tensor([6, 4])
+    for name in ("fa4", "mine"):
+        att._eager(name)  # made outside the traced region, as resolve_backend does
+
+        def f(q, k, v, k_lens, name=name):
+            return att.attention(q * 2, k, v, k_lens=k_lens, backend=name) + 1
+
+        ex = torch._dynamo.explain(f)(q, k, v, k_lens)
+        assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
+        torch.testing.assert_close(f(q, k, v, k_lens).double(), _ref(*(t.bfloat16() for t in (q * 2, k, v)), k_lens) + 1,
+                                   atol=3e-2, rtol=3e-2)
+
+
 def test_padded_keys_change_the_result(seed):
     """The math reference itself: masking keys is not a no-op (so the tests above can fail)."""
     q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))

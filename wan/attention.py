@@ -51,7 +51,7 @@ _probes: dict[str, tuple[bool, str]] = {}  # flash backend -> (imports, why not)
 @dataclass(frozen=True)
 class ExternalBackend:
     """A backend another package registered: fn(q, k, v, k_lens) -> o, all [B, L, H, D]
-    (q/k/v in fp16 or bf16, o in any float dtype). available(device) -> (ok, reason)."""
+    (q/k/v in fp16 or bf16; o is cast to q's dtype). available(device) -> (ok, reason)."""
     name: str
     fn: Callable
     available: Callable
@@ -60,7 +60,7 @@ class ExternalBackend:
 
 
 _registry: dict[str, ExternalBackend] = {}
-_eager_fns: dict[str, Callable] = {}  # backend -> its call wrapped in torch.compiler.disable
+_eager_fns: dict[str, Callable] = {}  # backend -> its call as a torch custom op (see _eager)
 
 
 def register_backend(name: str, fn: Callable, *, available: Callable | None = None, lossy: bool = False,
@@ -70,13 +70,11 @@ def register_backend(name: str, fn: Callable, *, available: Callable | None = No
     if name in BACKENDS:
         raise ValueError(f"attention backend {name!r} is built in; register another name")
     _registry[name] = ExternalBackend(name, fn, available or (lambda device: (True, "")), lossy, note)
-    _eager_fns.pop(name, None)
     _state["resolved"].clear()
 
 
 def unregister_backend(name: str) -> None:
     """Remove a registered backend (the choice falls back to 'auto' if it was the one set)."""
-    _eager_fns.pop(name, None)
     if _registry.pop(name, None) is not None:
         if _state["backend"] == name:
             _state["backend"] = "auto"
@@ -241,15 +239,29 @@ def _compiling() -> bool:
 
 
 def _eager(name: str) -> Callable:
-    """The call of backend fa4 / a registered one, kept out of torch.compile's tracing (a graph
-    break: dynamo cannot trace these kernels). Wrapped on first use, which resolve_backend makes
-    happen outside any compiled region (importing torch._dynamo at wan import would pull in
-    triton)."""
+    """The call of backend fa4 / a registered one as a torch custom op `wan_attention::<name>`
+    (fake: an empty tensor like q), so torch.compile keeps it as one opaque node instead of
+    tracing into kernels dynamo cannot follow. The op looks the backend up at call time, so
+    re-registering a name reuses it. Made on first use, which resolve_backend makes happen
+    outside any compiled region; without torch.library.custom_op, the plain call."""
     fn = _eager_fns.get(name)
     if fn is None:
-        raw = _registry[name].fn if name in _registry else _fa4
-        disable = getattr(getattr(torch, "compiler", None), "disable", None)
-        fn = disable(raw) if disable is not None and torch.cuda.is_available() else raw
+        def call(q, k, v, k_lens):
+            raw = _registry[name].fn if name in _registry else _fa4
+            o = raw(q, k, v, k_lens)
+            return o if o.dtype == q.dtype else o.to(q.dtype)
+
+        fn = call
+        custom_op = getattr(torch.library, "custom_op", None)
+        if custom_op is not None:
+            qual = "wan_attention::" + "".join(c if c.isalnum() else "_" for c in name)
+            try:
+                schema = "(Tensor q, Tensor k, Tensor v, Tensor? k_lens) -> Tensor"
+                op = custom_op(qual, mutates_args=(), schema=schema)(call)
+                op.register_fake(lambda q, k, v, k_lens: torch.empty_like(q))
+                fn = op
+            except RuntimeError:  # defined before (a registry entry replaced): the existing op
+                fn = getattr(torch.ops.wan_attention, qual.split("::")[1], call)
         _eager_fns[name] = fn
     return fn
 

@@ -85,7 +85,7 @@ def _handle(device: torch.device):
 _UID = dict(q=1, k=2, v=3, o=4, dq=5, dk=6, dv=7, ds=8, ss=9, so=10, amax_s=11, amax_o=12, sq=13, skv=14)
 
 
-def _build(B, H, Lq, Lk, D, padded, out_type, device, p_scale) -> _Graph:
+def _build(B, H, Lq, Lk, D, padded, out_type, device) -> _Graph:
     cudnn = _cudnn()
     dt = cudnn.data_type
     otype = {"bf16": dt.BFLOAT16, "fp16": dt.HALF, "fp8": dt.FP8_E4M3}[out_type]
@@ -124,13 +124,13 @@ def _build(B, H, Lq, Lk, D, padded, out_type, device, p_scale) -> _Graph:
 
 
 def _graph(B, H, Lq, Lk, D, padded, device, s: Settings) -> _Graph:
-    key = (B, H, Lq, Lk, D, padded, str(device), s.out_types)
+    key = (B, H, Lq, Lk, D, padded, str(device), s.out_types)  # scales are runtime tensors: not in the key
     got = _graphs.get(key)
     if got is None:
         errors = []
         for ot in s.out_types:
             try:
-                got = _build(B, H, Lq, Lk, D, padded, ot, device, s.p_scale)
+                got = _build(B, H, Lq, Lk, D, padded, ot, device)
                 break
             except Exception as err:  # noqa: BLE001 - try the next output type, report all
                 errors.append(f"{ot} output: {type(err).__name__}: {_line(err)}")
