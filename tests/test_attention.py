@@ -171,7 +171,10 @@ def test_unknown_names_are_errors():
 
 
 def test_registered_lossy_backend_is_never_auto(caplog):
-    att.register_backend("lossy8", lambda q, k, v, k_lens: q, lossy=True, note="test fp8")
+    probed = []
+    att.register_backend("lossy8", lambda q, k, v, k_lens: q, lossy=True, note="test fp8",
+                         available=lambda d: probed.append(d) or (True, ""))
+    assert att.resolve_backend(torch.device("cpu")) == "sdpa" and not probed  # auto does not even probe it
     att.register_backend("exact-x", lambda q, k, v, k_lens: q, available=lambda d: (False, "not here"))
     assert "lossy8" in att.backend_names() and att.available_backends("cpu") == ["lossy8", "sdpa", "math"]
     assert att.resolve_backend(torch.device("cpu")) == "sdpa"
@@ -275,8 +278,8 @@ def test_fa4_and_registered_backends_trace_without_graph_breaks(fake_flash, seed
 
         ex = torch._dynamo.explain(f)(q, k, v, k_lens)
         assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
-        torch.testing.assert_close(f(q, k, v, k_lens).double(), _ref(*(t.bfloat16() for t in (q * 2, k, v)), k_lens) + 1,
-                                   atol=3e-2, rtol=3e-2)
+        exact = _ref(*(t.bfloat16() for t in (q * 2, k, v)), k_lens) + 1
+        torch.testing.assert_close(f(q, k, v, k_lens).double(), exact, atol=3e-2, rtol=3e-2)
 
 
 def test_padded_keys_change_the_result(seed):

@@ -211,15 +211,15 @@ def resolve_backend(device: torch.device) -> str:
     got = _state["resolved"].get(key)
     if got is None:
         name = _state["backend"]
-        avail = available_backends(device)
-        if name == "auto":
-            got = next(b for b in avail if not is_lossy(b))
-        elif name in avail:
+        if name == "auto":  # lossy backends are not even probed
+            order = [b for b in _registry if not is_lossy(b)] + [b for b in BACKENDS if b != "auto"]
+            got = next(b for b in order if not unavailable_reason(b, device))
+        elif not unavailable_reason(name, device):
             got = name
         else:
             why = unavailable_reason(name, device)
-            raise RuntimeError(f"attention backend {name!r} is not available on {device} (available: {avail})"
-                               + (f": {why}" if why else ""))
+            raise RuntimeError(f"attention backend {name!r} is not available on {device} "
+                               f"(available: {available_backends(device)}): {why}")
         _state["resolved"][key] = got
         if got in _registry or got == "fa4":
             _eager(got)
