@@ -61,6 +61,8 @@ def main(argv=None):
     model = build_expert(dev, args.layers)
     print(f"built expert ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, bf16) "
           f"in {time.perf_counter() - t0:.1f}s on {torch.cuda.get_device_name()}", flush=True)
+    from wan_triton.fp8_attention import ensure_registered
+    ensure_registered(args.attention)  # --attention fp8: the opt-in lossy backend
     att.set_backend(args.attention)
     modes = args.modes.split(",")
     results = []
