@@ -236,7 +236,7 @@ def test_cli_attention_fp8_without_cuda_is_one_line(tool, tmp_path, capsys):
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert "--attention fp8 is not available on cpu (available: sdpa, math)" in err[0]
+    assert "--attention fp8 is not available on cpu (available: sdpa, math): fp8 attention needs a CUDA GPU" in err[0]
     assert not list(tmp_path.iterdir())
 
 

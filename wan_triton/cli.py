@@ -289,7 +289,8 @@ def check_attention(name: str | None, device) -> None:
     ensure_registered(name)
     avail = att.available_backends(device)
     if name not in avail:
-        raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)})")
+        raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)}): "
+                       f"{att.unavailable_reason(name, device)}")
 
 
 def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
