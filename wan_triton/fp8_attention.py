@@ -215,7 +215,7 @@ def _check(device: torch.device) -> tuple[bool, str]:
                        f"import cudnn failed ({type(err).__name__}: {_line(err)})")
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(3, 1, 128, 2, 64, device=device, generator=gen).to(torch.bfloat16)
+        x = torch.randn(3, 1, 256, 2, 128, device=device, generator=gen).to(torch.bfloat16)  # the DiT head dim
         o = attention_fp8(x[0], x[1], x[2])
         ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in x)).transpose(1, 2)
         err = ((o.float() - ref).norm() / ref.norm()).item()
