@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from wan import attention as att
-from tests.conftest import HAS_CUDA
+from tests.conftest import DEVICE, HAS_CUDA
+
+# fp8 attention on Hopper writes an e4m3 output: one e4m3 rounding alone is ~3.6 % RMS; measured
+# 5.8e-2..6.1e-2 on random inputs (H200, cuDNN 9.19). Exact backends stay under 1e-2 here.
+FP8_TOL = 8e-2
 
 ALL_FLASH = {"flash_attn.cute", "flash_attn_interface", "flash_attn.flash_attn_interface"}
 
@@ -309,13 +313,13 @@ def test_quant_kernel_matches_float64(seed, dtype, subtract_mean, shape):
     from kernels.attn_quant_fp8 import quantize_fp8
 
     offset = torch.randn(shape[2], shape[3]) * 4  # per-channel offsets, as k carries
-    x = (torch.randn(shape) * 2 + offset).to(dtype)
+    x = (torch.randn(shape) * 2 + offset).to(dtype).to(DEVICE)
     r = quantize_fp8(x, subtract_mean=subtract_mean, out_dtype=torch.float32)
-    ref, s, m = _quant_ref(x, subtract_mean)
-    torch.testing.assert_close(r.scale.double(), s.reshape(1), rtol=1e-6, atol=0)
-    torch.testing.assert_close(r.descale.double(), 1 / s.reshape(1), rtol=1e-6, atol=0)
-    torch.testing.assert_close(r.mean.double(), m, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r.data.double(), ref, rtol=1e-5, atol=448 * 1e-6)
+    ref, s, m = _quant_ref(x.cpu(), subtract_mean)
+    torch.testing.assert_close(r.scale.double().cpu(), s.reshape(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.descale.double().cpu(), 1 / s.reshape(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.mean.double().cpu(), m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.data.double().cpu(), ref, rtol=1e-5, atol=448 * 1e-6)
     assert r.data.abs().max().item() <= 448.0 and r.data.abs().max().item() > 447.9  # amax lands on 448
     if subtract_mean:  # the k range shrinks
         assert r.scale.item() > 448.0 / x.double().abs().max().item()
@@ -324,7 +328,7 @@ def test_quant_kernel_matches_float64(seed, dtype, subtract_mean, shape):
 def test_quant_kernel_constant_input_has_unit_scale():
     from kernels.attn_quant_fp8 import quantize_fp8
 
-    x = torch.full((1, 5, 2, 8), 3.25)
+    x = torch.full((1, 5, 2, 8), 3.25, device=DEVICE)
     r = quantize_fp8(x, subtract_mean=True, out_dtype=torch.float32)
     assert r.scale.item() == 1.0 and r.data.abs().max().item() == 0.0
 
@@ -338,10 +342,10 @@ def test_mean_subtraction_is_exact_under_softmax(seed):
 def test_quant_kernel_rejects_bad_input():
     from kernels.attn_quant_fp8 import quantize_fp8, quantize_fp8_supports
 
-    assert not quantize_fp8_supports(torch.randn(3, 4))[0]
-    assert not quantize_fp8_supports(torch.randn(1, 2, 3, 4, dtype=torch.float64))[0]
+    assert not quantize_fp8_supports(torch.randn(3, 4, device=DEVICE))[0]
+    assert not quantize_fp8_supports(torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))[0]
     with pytest.raises(ValueError, match="quantize_fp8: x must be"):
-        quantize_fp8(torch.randn(3, 4))
+        quantize_fp8(torch.randn(3, 4, device=DEVICE))
 
 
 # --- GPU ----------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ def test_gpu_every_available_backend_vs_float64(seed, padded):
         err = _rel(o, exact)
         print(name, f"rel err {err:.2e}")
         assert o.shape == q.shape and o.dtype == q.dtype
-        assert err < (3e-2 if att.is_lossy(name) else 1e-2), (name, err)
+        assert err < (FP8_TOL if att.is_lossy(name) else 1e-2), (name, err)
 
 
 @pytest.mark.gpu
