@@ -43,7 +43,9 @@ def main(argv=None):
     ap.add_argument("--modes", default="reference,patched,compiled,cfg")
     ap.add_argument("--compile_mode", default="default")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick smoke run")
-    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--attention", default="auto", help="backend of every mode (reference included)")
+    ap.add_argument("--backends", default="", help="comma list: one extra patched forward per attention backend "
+                    "(e.g. sdpa-cudnn,fa4,fp8), same weights and inputs, rel. err vs the reference mode")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cfg_warmup", type=int, default=0, help="warm-up calls for the CFG pair (the patched "
                     "forwards before it have already warmed the kernels)")
@@ -103,6 +105,25 @@ def main(argv=None):
                 row["patched_rel_err"] = rel_err(out, ref)
             print(f"[{size}] patched {row['patched_s']:.3f}s peak {row['patched_peak_gb']:.1f} GB "
                   f"rel_err {row.get('patched_rel_err', float('nan')):.2e}", flush=True)
+        for b in filter(None, args.backends.split(",")):
+            ensure_registered(b)
+            wan_triton.patch(attention=b, strict=True)
+            try:
+                outb, row[f"patched[{b}]_s"], row[f"patched[{b}]_runs"], row[f"patched[{b}]_peak_gb"] = _timed(
+                    fwd, args.runs, args.warmup)
+            except Exception as err:  # an unavailable backend: say so, keep the other figures
+                row[f"patched[{b}]_error"] = f"{type(err).__name__}: {err}"[:500]
+                print(f"[{size}] patched[{b}] FAILED: {row[f'patched[{b}]_error']}", flush=True)
+                continue
+            finally:
+                wan_triton.unpatch()
+            if ref is not None:
+                row[f"patched[{b}]_rel_err"] = rel_err(outb, ref)
+            print(f"[{size}] patched[{b}] {row[f'patched[{b}]_s']:.3f}s peak {row[f'patched[{b}]_peak_gb']:.1f} GB "
+                  f"rel_err {row.get(f'patched[{b}]_rel_err', float('nan')):.2e}", flush=True)
+            del outb
+        if args.backends:
+            wan_triton.patch(attention=args.attention, strict=True)
         if "cfg" in modes:
             _, row["cfg_two_calls_s"], _, row["cfg_two_calls_peak_gb"] = _timed(cfg_two, args.runs, args.cfg_warmup)
             outb, row["cfg_batched_s"], _, row["cfg_batched_peak_gb"] = _timed(cfg_batched, args.runs,
@@ -128,7 +149,7 @@ def main(argv=None):
     print("\n| size | tokens | mode | s/forward | peak GB | rel. err vs reference |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        for m in ("reference", "patched", "compiled"):
+        for m in ("reference", "patched", "compiled") + tuple(f"patched[{b}]" for b in filter(None, args.backends.split(","))):
             if f"{m}_s" in r:
                 print(f"| {r['size']} | {r['tokens']} | {m} | {r[m + '_s']:.3f} | {r[m + '_peak_gb']:.1f} | "
                       f"{r.get(m + '_rel_err', 0.0):.2e} |")

@@ -121,7 +121,9 @@ def test_unsupported_input_falls_back_visibly(seed, monkeypatch):
     """float64 is not a kernel dtype: the reference runs (same result), the fallback is counted
     with its reason, and strict mode (patch(strict=True) or WAN_TRITON_STRICT=1) raises it."""
     monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
-    x, w = torch.randn(2, 5, 64, dtype=torch.float64), torch.rand(64, dtype=torch.float64) + 0.5
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors on a GPU machine would fall back too
+    x = torch.randn(2, 5, 64, dtype=torch.float64, device=dev)
+    w = torch.rand(64, dtype=torch.float64, device=dev) + 0.5
     want = originals()["rms_norm"](x, w, 1e-6)
     wan_triton.reset_kernel_stats()
     with wan_triton.patched():
