@@ -29,7 +29,7 @@ __all__ = ["gelu_quant_fp8", "gelu_quant_fp8_supports", "supports"]
 @jit
 def _gelu_tanh(x):
     z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    t = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(z)) + 1.0)
+    t = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * tl.abs(z), 80.0)) + 1.0)  # exp(80) ~ 5.5e34: t = 1 exactly
     t = tl.where(z < 0, -t, t)
     return 0.5 * x * (1.0 + t)
 

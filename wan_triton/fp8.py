@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .accel import AccelError
+
 log = logging.getLogger("wan_triton")
 
 __all__ = ["Fp8Linear", "GeluQuantFp8", "QuantizedInput", "Fp8Error", "Fp8Summary", "LOSSY_NOTE", "BLOCK_LINEARS",
@@ -60,7 +62,7 @@ FORMAT_NAME = "wan-triton-fp8"
 FORMAT_VERSION = 1
 
 
-class Fp8Error(ValueError):
+class Fp8Error(AccelError):
     """fp8 cannot be switched on or off as asked (reported as one line by the CLIs)."""
 
 
@@ -225,13 +227,16 @@ class Fp8Linear(nn.Module):
         return self._kept[0] if self._kept else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep_original: bool = False, fast_accum: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, keep_original: bool = False, fast_accum: bool = False,
+                    compute_device=None) -> "Fp8Linear":
+        """Quantize `linear` (on `compute_device` when given, e.g. a GPU for CPU-resident weights;
+        the result lives where the weight lives)."""
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                 bias_dtype=w.dtype, fast_accum=fast_accum)
-        q, s = quantize_weight(w)
-        m.weight = nn.Parameter(q, requires_grad=False)
-        m.weight_scale = nn.Parameter(s, requires_grad=False)
+        q, s = quantize_weight(w if compute_device is None else w.to(compute_device))
+        m.weight = nn.Parameter(q.to(w.device), requires_grad=False)
+        m.weight_scale = nn.Parameter(s.to(w.device), requires_grad=False)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         if keep_original:
@@ -334,8 +339,8 @@ class Fp8Summary:
 
     def line(self) -> str:
         how = "torch._scaled_mm" if self.native else f"EMULATED (dequantize + matmul: {self.reason})"
-        return (f"{LOSSY_NOTE}: {self.layers} linears, {self.bytes_before / 1e9:.2f} -> "
-                f"{self.bytes_after / 1e9:.2f} GB in {self.seconds:.1f} s; products via {how}")
+        return (f"{LOSSY_NOTE}: {self.layers} linears, {self.bytes_before / 1e6:.1f} -> "
+                f"{self.bytes_after / 1e6:.1f} MB in {self.seconds:.1f} s; products via {how}")
 
 
 def _block_targets(model):
@@ -359,11 +364,14 @@ def _set_child(parent: nn.Module, attr: str, mod: nn.Module) -> None:
     setattr(parent, attr, mod)  # nn.Sequential children are attributes "0", "1", ... too
 
 
-def quantize_model(model, progress: bool = True, keep_original: bool = False, fast_accum: bool = False) -> Fp8Summary:
+def quantize_model(model, progress: bool = True, keep_original: bool = False, fast_accum: bool = False,
+                   compute_device=None) -> Fp8Summary:
     """Replace the 10 linears of every DiT block with Fp8Linear in place (and ffn.1 with
     GeluQuantFp8). The bf16 weights are freed unless `keep_original` (then they wait on the CPU,
     for dequantize_model, which restores the exact bf16 path). Quantizing is per-row torch math on
-    the weights' device. Logs the lossy note and whether products are native or emulated.
+    `compute_device` (default: the GPU when the weights wait on the CPU and CUDA is there, else
+    the weights' device; the bits are the same). Logs the lossy note and whether products are
+    native or emulated.
     `fast_accum`: _scaled_mm's faster, less exact accumulation (off by default)."""
     if FP8_DTYPE is None:
         raise Fp8Error(f"torch {torch.__version__} has no float8_e4m3fn")
@@ -374,7 +382,10 @@ def quantize_model(model, progress: bool = True, keep_original: bool = False, fa
     targets = [t for t in _block_targets(model) if type(getattr(t[1], t[2])) is nn.Linear]
     summ = Fp8Summary(kept_original=keep_original)
     dev = next(model.parameters()).device
-    summ.native, summ.reason = fp8_support(dev)
+    if compute_device is None and dev.type == "cpu" and torch.cuda.is_available():
+        compute_device = "cuda"
+    # an expert waiting on the CPU runs on the GPU: report the products where they will run
+    summ.native, summ.reason = fp8_support("cuda" if dev.type == "cpu" and torch.cuda.is_available() else dev)
     t0 = time.perf_counter()
     bar = None
     if progress and targets:
@@ -385,7 +396,8 @@ def quantize_model(model, progress: bool = True, keep_original: bool = False, fa
             for blk, parent, attr, _path in targets:
                 lin = getattr(parent, attr)
                 summ.bytes_before += _nbytes(lin)
-                q = Fp8Linear.from_linear(lin, keep_original=keep_original, fast_accum=fast_accum)
+                q = Fp8Linear.from_linear(lin, keep_original=keep_original, fast_accum=fast_accum,
+                                          compute_device=compute_device)
                 _set_child(parent, attr, q)
                 summ.bytes_after += _nbytes(q)
                 summ.layers += 1
