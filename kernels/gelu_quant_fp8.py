@@ -4,7 +4,7 @@ the second FFN layer when it runs in fp8.
 For one row x of width K (x32 = x.float()), all in fp32:
 
     g[k]  = 0.5 * x32[k] * (1 + tanh( sqrt(2/pi) * (x32[k] + 0.044715 * x32[k]^3) ))
-            (torch's GELU(approximate="tanh"); tanh(z) = sign(z) * (1 - 2 / (exp(2|z|) + 1)))
+            (torch's GELU(approximate="tanh"); tanh(z) = sign(z) * (1 - 2 / (exp(min(2|z|, 80)) + 1)))
     amax  = max_k |g[k]|,   scale = max(amax, AMAX_FLOOR) / 448
     q[k]  = e4m3( clamp(g[k] / scale, -448, 448) )          round to nearest even
 
