@@ -257,8 +257,9 @@ class Request:
     def optimize_kwargs(self) -> dict:
         """Keyword arguments of wan_triton.optimize (after the preset)."""
         a = self.accel
-        return dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
-                    use_batched_cfg=a.use_batched_cfg, attention=a.attention, fp8=a.fp8)
+        kw = dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
+                  use_batched_cfg=a.use_batched_cfg, attention=a.attention)
+        return kw if a.fp8 is None else dict(kw, fp8=a.fp8)  # --fp8 only when given
 
 
 def check_device(spec: str | None):
