@@ -184,17 +184,27 @@ def fp8_support(device=None) -> tuple[bool, str]:
             _native[key] = (False, f"{torch.cuda.get_device_name(idx)} is compute capability {cap[0]}.{cap[1]}; "
                                    "fp8 matrix products need >= 8.9 (Ada, Hopper or newer)")
         else:
-            try:
-                dev = torch.device(key)
-                a = torch.ones(32, 32, device=dev).to(FP8_DTYPE)
-                torch._scaled_mm(a, a.t(), scale_a=torch.ones(32, 1, device=dev),
-                                 scale_b=torch.ones(1, 32, device=dev),
-                                 bias=torch.zeros(32, device=dev, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
-                _native[key] = (True, "")
-            except (RuntimeError, TypeError) as err:
-                msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                _native[key] = (False, f"torch {torch.__version__}: _scaled_mm with row-wise scales failed ({msg})")
+            _native[key] = _probe(torch.device(key))
     return _native[key]
+
+
+_bias_epilogue: dict = {}  # device key -> whether _scaled_mm takes the bias with row-wise scales
+
+
+def _probe(dev) -> tuple[bool, str]:
+    """One 32x32 row-wise-scaled product (with the bias in the epilogue, else without)."""
+    a = torch.ones(32, 32, device=dev).to(FP8_DTYPE)
+    kw = dict(scale_a=torch.ones(32, 1, device=dev), scale_b=torch.ones(1, 32, device=dev), out_dtype=torch.bfloat16)
+    err = None
+    for bias in (torch.zeros(32, device=dev, dtype=torch.bfloat16), None):
+        try:
+            torch._scaled_mm(a, a.t(), bias=bias, **kw)
+            _bias_epilogue[str(dev)] = bias is not None
+            return True, ""
+        except (RuntimeError, TypeError) as e:
+            err = err or e
+    msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return False, f"torch {torch.__version__}: _scaled_mm with row-wise scales failed ({msg})"
 
 
 def _autocast_dtype(device_type: str):
@@ -287,7 +297,8 @@ class Fp8Linear(nn.Module):
 
     def _scaled_mm(self, a, sa, out_dtype):
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        if out_dtype != torch.bfloat16:
+        dev = a.device if a.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        if out_dtype != torch.bfloat16 or (bias is not None and not _bias_epilogue.get(str(dev), True)):
             y = torch._scaled_mm(a, self.weight.t(), scale_a=sa, scale_b=self.weight_scale.view(1, -1),
                                  out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum).to(out_dtype)
             return y if self.bias is None else y + self.bias.to(out_dtype)
