@@ -4,7 +4,8 @@ bf16/fp32 model; off: bit-exact), pre-quantized checkpoints (bit-identical round
 CLI refusing --fp8 without an fp8 GPU. CPU tests run the kernels in the Triton interpreter.
 
 Tolerances (stated here, checked below):
-- scales: exactly the fp32 rounding of the float64 formula max(amax, 1e-12) / 448.
+- scales: exactly the fp32 rounding of the float64 formula max(amax, 1e-12) / 448 (GELU: 2e-6
+  relative, fp32 tanh; modulate: 1e-5, or two ulps of x's dtype, to which LayerNorm rounds).
 - codes: e4m3 of the float64 value x / scale (torch's own float8 cast, round to nearest even,
   saturated at +-448). Plain quantization: at most 1e-5 of the codes (a float64 value within an
   fp32 ulp of an e4m3 tie) may sit one e4m3 step away; GELU and modulate (fp32 tanh / LayerNorm
@@ -130,6 +131,12 @@ def test_gelu_quant_fp8_matches_float64(seed, dtype, shape, max_block):
     torch.testing.assert_close(F.gelu(x.double(), approximate="tanh"), g64, rtol=1e-12, atol=1e-12)
 
 
+def _mod_scale_rtol(dtype):
+    """The official LayerNorm output is rounded to x's dtype: fp32 statistics vs float64 may round
+    a row's largest element the other way (one ulp of that dtype), which moves the scale by it."""
+    return 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+
+
 def _modulate64(x, shift, scale, eps):
     """float64 LayerNorm, rounded to x.dtype (official), then n * (1 + scale) + shift."""
     n = F.layer_norm(x.double(), (x.shape[-1],), eps=eps).to(x.dtype).double()
@@ -151,7 +158,7 @@ def test_modulate_quant_fp8_matches_float64(seed, dtype, B, L, C, per_token, max
     q, s = modulate_quant_fp8(x, shift, scale, 1e-6, **kw)
     y64 = _modulate64(x, shift, scale, 1e-6)
     assert q.shape == (B, L, C) and s.shape == (B, L, 1)
-    torch.testing.assert_close(s, _ref_scale(y64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(s, _ref_scale(y64), rtol=_mod_scale_rtol(dtype), atol=0)
     _check_codes(q, _ref_codes(y64, s), 1e-3)
 
 
@@ -348,7 +355,7 @@ def test_gpu_kernels_match_torch_formula_bits():
     mod = torch.randn(2, 6, 5120, device="cuda", generator=g)
     q, s = modulate_quant_fp8(xm, mod[:, 0:1], mod[:, 1:2], 1e-6)
     y64 = _modulate64(xm.cpu(), mod[:, 0:1].cpu(), mod[:, 1:2].cpu(), 1e-6)
-    torch.testing.assert_close(s.cpu(), _ref_scale(y64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(s.cpu(), _ref_scale(y64), rtol=_mod_scale_rtol(torch.bfloat16), atol=0)
     _check_codes(q.cpu(), _ref_codes(y64, s.cpu()), 1e-3)
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
     qc, sc = fp8.quantize_weight(w)
