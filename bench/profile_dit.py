@@ -21,7 +21,7 @@ import torch
 CATEGORIES = ("attention", "matmul", "wan_triton", "other")
 _ATTENTION = re.compile(r"sdpa|fmha|flash|attention|attn|fprop", re.I)
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|wgmma", re.I)
-_OURS = re.compile(r"^_(rms_norm|rope|modulate|gated_residual|residual|cfg)\w*_kernel")
+_OURS = re.compile(r"^_(rms_norm|rope|modulate|gated_residual|residual|cfg|quant|gelu_quant)\w*_kernel")
 
 
 def categorize(kernel_name: str) -> str:
