@@ -336,6 +336,8 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
         ok, why = fp8_support(device)
         if not ok:
             raise CLIError(f"--fp8: {why}")
+        if g("dit_fsdp"):
+            raise CLIError("--fp8 does not work with --dit_fsdp (the shards hold the bf16 weights): use one or the other")
     accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
                        compile_mode=g("compile_mode", "default"), tf32=True if g("tf32") else None,
                        use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
