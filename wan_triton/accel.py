@@ -299,11 +299,14 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
         from . import fp8 as _fp8
 
+        done = []
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             if fp8 and not _fp8.is_quantized(m):
-                _fp8.quantize_model(m, progress=getattr(pipeline, "progress", True))
+                done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
             elif not fp8 and _fp8.is_quantized(m):
                 _fp8.dequantize_model(m)
+        if done:  # one line for both experts: lossy, and native or emulated
+            log.warning("%s", _fp8.Fp8Summary.total(done).line())
     if on_cuda and want["offload"] == "none" and offload is None:
         need = resident_gb(pipeline)
         gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9

@@ -348,10 +348,26 @@ class Fp8Summary:
     kept_original: bool = False
     extra: dict = field(default_factory=dict)
 
+    models: int = 1
+
     def line(self) -> str:
         how = "torch._scaled_mm" if self.native else f"EMULATED (dequantize + matmul: {self.reason})"
-        return (f"{LOSSY_NOTE}: {self.layers} linears, {self.bytes_before / 1e6:.1f} -> "
+        who = f"{self.models} models, " if self.models > 1 else ""
+        return (f"{LOSSY_NOTE}: {who}{self.layers} linears, {self.bytes_before / 1e6:.1f} -> "
                 f"{self.bytes_after / 1e6:.1f} MB in {self.seconds:.1f} s; products via {how}")
+
+    @staticmethod
+    def total(summaries: list) -> "Fp8Summary":
+        """Several models' summaries as one (for one log line)."""
+        out = Fp8Summary(native=all(s.native for s in summaries), models=len(summaries),
+                         reason=next((s.reason for s in summaries if not s.native), ""),
+                         kept_original=all(s.kept_original for s in summaries))
+        for s in summaries:
+            out.layers += s.layers
+            out.bytes_before += s.bytes_before
+            out.bytes_after += s.bytes_after
+            out.seconds += s.seconds
+        return out
 
 
 def _block_targets(model):
@@ -376,13 +392,13 @@ def _set_child(parent: nn.Module, attr: str, mod: nn.Module) -> None:
 
 
 def quantize_model(model, progress: bool = True, keep_original: bool = False, fast_accum: bool = False,
-                   compute_device=None) -> Fp8Summary:
+                   compute_device=None, log_line: bool = True) -> Fp8Summary:
     """Replace the 10 linears of every DiT block with Fp8Linear in place (and ffn.1 with
     GeluQuantFp8). The bf16 weights are freed unless `keep_original` (then they wait on the CPU,
     for dequantize_model, which restores the exact bf16 path). Quantizing is per-row torch math on
     `compute_device` (default: the GPU when the weights wait on the CPU and CUDA is there, else
     the weights' device; the bits are the same). Logs the lossy note and whether products are
-    native or emulated.
+    native or emulated (`log_line=False`: the caller logs `summary.line()` itself).
     `fast_accum`: _scaled_mm's faster, less exact accumulation (off by default)."""
     if FP8_DTYPE is None:
         raise Fp8Error(f"torch {torch.__version__} has no float8_e4m3fn")
@@ -420,7 +436,7 @@ def quantize_model(model, progress: bool = True, keep_original: bool = False, fa
         if bar is not None:
             bar.close()
     summ.seconds = time.perf_counter() - t0
-    if summ.layers:
+    if summ.layers and log_line:
         log.warning("%s", summ.line())
     return summ
 
