@@ -549,7 +549,8 @@ def run(args, argv) -> tuple[dict, dict]:
             settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
                             tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
-                            offload=applied.offload, t5_cpu=t5_cpu, attention=_attention_in_use(device))
+                            offload=applied.offload, t5_cpu=t5_cpu, attention=_attention_in_use(device),
+                            fp8=applied.fp8)
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, full_steps, decode)

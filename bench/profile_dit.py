@@ -21,7 +21,7 @@ import torch
 CATEGORIES = ("attention", "matmul", "wan_triton", "other")
 _ATTENTION = re.compile(r"sdpa|fmha|flash|attention|attn|fprop", re.I)
 _MATMUL = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|wgmma", re.I)
-_OURS = re.compile(r"^_(rms_norm|rope|modulate|gated_residual|residual|cfg)\w*_kernel")
+_OURS = re.compile(r"^_(rms_norm|rope|modulate|gated_residual|residual|cfg|quant|gelu_quant)\w*_kernel")
 
 
 def categorize(kernel_name: str) -> str:
@@ -89,8 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if any(m not in ("reference", "patched") for m in modes):
-        print(f"profile_dit: error: --modes takes reference and/or patched, got {args.modes!r}", file=sys.stderr)
+    if any(m not in ("reference", "patched", "fp8") for m in modes):
+        print(f"profile_dit: error: --modes takes reference and/or patched (and fp8), got {args.modes!r}",
+              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("profile_dit: error: needs a CUDA GPU (it profiles device kernels)", file=sys.stderr)
@@ -112,9 +113,12 @@ def main(argv=None) -> int:
 
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=args.size,
                   frame_num=args.frame_num, tokens=L, layers=len(model.blocks), modes={})
-    for mode in modes:
+    for mode in sorted(modes, key=lambda m: m == "fp8"):  # fp8 last: it replaces the block weights in place
         wan_triton.unpatch()
-        if mode == "patched":
+        if mode == "fp8":  # patched + the blocks' linears in e4m3 (wan_triton.fp8)
+            from wan_triton.fp8 import quantize_model
+            quantize_model(model, progress=False)
+        if mode in ("patched", "fp8"):
             wan_triton.patch(strict=True)
         rows, wall_ms = _profile_one(fwd)
         report["modes"][mode] = dict(summarize(rows, wall_ms), kernels=rows)

@@ -141,6 +141,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def modulate_into(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype | None = None):
+    """modulate() for the input of `layer`; a layer with a `modulate_input` method (the fp8
+    linears of wan_triton.fp8) builds its own input form from the same arguments instead."""
+    own = getattr(layer, "modulate_input", None)
+    return modulate(x, shift, scale, eps, out_dtype) if own is None else own(x, shift, scale, eps, out_dtype)
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + y * gate with type promotion (bf16 y, fp32 gate -> fp32 result)."""
     return x + y * gate
@@ -260,11 +268,11 @@ class WanAttentionBlock(nn.Module):
         # attention casts q/k to the matmul dtype and its output is re-cast by the `o` Linear:
         # hand tensors over in that dtype directly (identical values, fewer bytes)
         attn_out = mm_dtype
-        y = self.self_attn(modulate(x, shift_msa, scale_msa, self.eps, mm_dtype), seq_lens, grid_sizes, freqs,
-                           attn_out)
+        y = self.self_attn(modulate_into(self.self_attn.q, x, shift_msa, scale_msa, self.eps, mm_dtype), seq_lens,
+                           grid_sizes, freqs, attn_out)
         x = gated_residual(x, y, gate_msa)
         x = x + self.cross_attn(self.norm3(x), context, attn_out)
-        y = self.ffn(modulate(x, shift_ffn, scale_ffn, self.eps, mm_dtype))
+        y = self.ffn(modulate_into(self.ffn[0], x, shift_ffn, scale_ffn, self.eps, mm_dtype))
         return gated_residual(x, y, gate_ffn)
 
 

@@ -219,6 +219,7 @@ class Optimized:
     offload_model: bool = False      # offload == "model"
     offload: str = "none"            # 'none', 'model' (the idle expert in CPU memory) or 'blocks' (streamed)
     attention: str | None = None
+    fp8: bool = False                # the experts' block linears in e4m3 (wan_triton.fp8; lossy)
     tf32_prev: dict | None = field(default=None, compare=False)
 
     def summary(self) -> str:
@@ -231,10 +232,16 @@ class Optimized:
                  else f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}")
         return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
-                f"{where}{att}")
+                f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
 
     def __getitem__(self, key):  # read access as in the former dict result, for older callers
         return getattr(self, key)
+
+
+def _is_fp8(model) -> bool:
+    from .fp8 import is_quantized
+
+    return is_quantized(model)
 
 
 def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
@@ -258,13 +265,17 @@ def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> st
 
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
-             attention: str | None = None, offload: str | None = None, **patch_kw) -> Optimized:
+             attention: str | None = None, offload: str | None = None, fp8: bool | None = None,
+             **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
     alone. offload: 'none', 'model' or 'blocks' (None: the preset's; on CUDA only); 'blocks'
     turns on block streaming here (`WanT2V.enable_block_streaming`). The result's
-    `offload_model` is what the caller passes to generate().
+    `offload_model` is what the caller passes to generate(). fp8: True quantizes both experts'
+    block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy, the bf16 weights are
+    freed: reload to go back), False switches fp8 off where the bf16 layers were kept
+    (quantize_model(keep_original=True)), None leaves the experts as they are.
     """
     from .patch import patch
 
@@ -285,6 +296,17 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             raise AccelError(f"--compile does not work with block streaming (--offload blocks or preset "
                              f"{p.name}): use one or the other")
         want["compile"] = False
+    if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
+        from . import fp8 as _fp8
+
+        done = []
+        for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+            if fp8 and not _fp8.is_quantized(m):
+                done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
+            elif not fp8 and _fp8.is_quantized(m):
+                _fp8.dequantize_model(m)
+        if done:  # one line for both experts: lossy, and native or emulated
+            log.warning("%s", _fp8.Fp8Summary.total(done).line())
     if on_cuda and want["offload"] == "none" and offload is None:
         need = resident_gb(pipeline)
         gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9
@@ -314,6 +336,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, compile_mode)
     res = Optimized(preset=p.name, note=p.note, patched=patched, compile_mode=compile_mode, attention=attention,
+                    fp8=any(_is_fp8(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
                     tf32_prev=tf32_prev, offload_model=want["offload"] == "model", **want)
     log.info("%s", res.summary())
     return res

@@ -159,6 +159,9 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
            "fp8: opt-in, lossy fp8 attention on Hopper (cuDNN; docs/attention.md)")
     a("--no-triton", dest="no_triton", action="store_true",
       help=f"{triton_help} (default: the Triton kernels wherever they run: CUDA, or TRITON_INTERPRET=1)")
+    a("--fp8", action="store_true", help="lossy: the DiT blocks' linears in fp8 e4m3 (per-channel weights, per-token "
+                                         "activations; half the expert weight bytes; GPUs of compute capability "
+                                         ">= 8.9; docs/fp8.md) (default: off, bf16 as official)")
 
 
 def add_offload_flags(p: argparse.ArgumentParser) -> None:
@@ -214,6 +217,7 @@ class AccelFlags:
     tf32: bool | None = None
     use_batched_cfg: bool | None = None
     attention: str | None = "auto"
+    fp8: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +259,9 @@ class Request:
     def optimize_kwargs(self) -> dict:
         """Keyword arguments of wan_triton.optimize (after the preset)."""
         a = self.accel
-        return dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
-                    use_batched_cfg=a.use_batched_cfg, attention=a.attention)
+        kw = dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
+                  use_batched_cfg=a.use_batched_cfg, attention=a.attention)
+        return kw if a.fp8 is None else dict(kw, fp8=a.fp8)  # --fp8 only when given
 
 
 def check_device(spec: str | None):
@@ -325,14 +330,24 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     check_prompt(g("prompt"))
     preset = g("preset") or "none"
     cuda_only = [f for f, on in (("--offload_model True", g("offload_model")), ("--tf32", g("tf32")),
-                                 ("--compile", g("compile")), ("--no-offload", g("no_offload"))) if on]
+                                 ("--compile", g("compile")), ("--no-offload", g("no_offload")),
+                                 ("--fp8", g("fp8"))) if on]
     if preset not in ("auto", "none", "cpu"):
         cuda_only.append(f"--preset {preset}")
     if device.type != "cuda" and cuda_only:
         raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
+    if g("fp8"):
+        from .fp8 import fp8_support
+
+        ok, why = fp8_support(device)
+        if not ok:
+            raise CLIError(f"--fp8: {why}")
+        if g("dit_fsdp"):
+            raise CLIError("--fp8 does not work with --dit_fsdp (the shards hold the bf16 weights): use one or the other")
     accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
                        compile_mode=g("compile_mode", "default"), tf32=True if g("tf32") else None,
-                       use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"))
+                       use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
+                       fp8=True if g("fp8") else None)
     return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
                    steps=steps, solver=solver, seed=g("base_seed", -1),
                    prompt=g("prompt") or DEMO_PROMPT, prompt_given=g("prompt") is not None,

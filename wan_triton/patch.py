@@ -183,7 +183,7 @@ def _set_attention(name: str, saved: list) -> None:
 
 
 def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=True, cfg=True,
-          attention: str | None = None, strict: bool = False):
+          attention: str | None = None, strict: bool = False, fp8: bool = False):
     """Use the Triton kernels for the chosen ops. Returns the list of patched names.
 
     model=None patches globally; a model instance patches only that model's forward (the
@@ -192,8 +192,12 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
     call the kernel does not cover raises KernelFallback instead of running the reference.
     `attention` (a wan.attention backend name) also sets the attention backend; None leaves
-    it alone.
+    it alone. `fp8=True` is refused: fp8 replaces weights, which patch() does not own (use
+    wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model); docs/fp8.md).
     """
+    if fp8:
+        raise PatchError("patch() swaps functions and never touches weights: switch fp8 on with "
+                         "wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model)")
     strict = strict or os.environ.get(STRICT_ENV) == "1"
     ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)

@@ -1,0 +1,138 @@
+"""adaLN modulation (wan.dit.modulate) with the result quantized per row to e4m3, in one kernel:
+the input of the q/k/v and first-FFN matrix products when they run in fp8.
+
+For one row x of width C (x32 = x.float()), with the per-sample or per-token shift/scale rows:
+
+    mean = sum(x32) / C,   var = sum((x32 - mean)^2) / C        (biased, as F.layer_norm)
+    n    = cast_to(x.dtype)( (x32 - mean) * rsqrt(var + eps) )   # official WanLayerNorm rounding
+    y    = n * (1 + scale) + shift                               # fp32, as wan.dit.modulate
+    amax = max |y|,   s = max(amax, AMAX_FLOOR) / 448
+    q    = e4m3( clamp(y / s, -448, 448) )                       # round to nearest even
+
+y is quantized straight from fp32 (modulate's optional `out_dtype` rounding is skipped: the
+product reads q, not y). Returns (q float8_e4m3fn [B, L, C], s fp32 [B, L, 1]). shift/scale are
+[B, 1, C] (any batch stride) or [B, L, C], addressed by (batch, token) strides as in
+kernels/modulate.py. One program per row; rows up to 16384 wide are held in registers (one
+read of x), wider rows loop (mean, variance, amax, write: four reads).
+
+`modulate_quant_fp8` launches the kernel; call it only where `modulate_quant_fp8_supports` says yes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import broadcast_rows, broadcasts_to, jit, launchable, num_warps_for, register_op, round_to, tl, \
+    unsupported_tensors, verdict
+from .quant_fp8 import AMAX_FLOOR, FP8_DTYPE, MAX_FP8_ROW_BLOCK, e4m3_store, fp8_row_block, row_scale
+
+__all__ = ["modulate_quant_fp8", "modulate_quant_fp8_supports", "supports"]
+
+
+@jit
+def _modulated(d, rstd, sh_ptrs, sc_ptrs, mask, X_DT: tl.constexpr):
+    """Centred row d -> n * (1 + scale) + shift in fp32 (0 outside the mask)."""
+    n = round_to(d * rstd, X_DT)
+    sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, n * (1.0 + sc) + sh, 0.0)
+
+
+@jit
+def _modulate_quant_fp8_kernel(X, SHIFT, SCALE,  # x [B, L, C]; shift/scale addressed [B, L, C]
+                               Q,                # out [B, L, C] float8_e4m3fn, contiguous
+                               S,                # out [B * L] fp32 scales
+                               seq_len, stride_xb, stride_xl, stride_hb, stride_hl, stride_cb, stride_cl,
+                               n_cols, eps, amax_floor,
+                               BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    bi = row // seq_len
+    li = row - bi * seq_len
+    x_row = X + bi * stride_xb + li * stride_xl
+    sh_row = SHIFT + bi * stride_hb + li * stride_hl
+    sc_row = SCALE + bi * stride_cb + li * stride_cl
+    q_row = Q + row * n_cols
+    cols = tl.arange(0, BLOCK)
+    XDT = X.dtype.element_ty
+    if ONE_PASS:
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+        y = _modulated(d, rstd, sh_row + cols, sc_row + cols, mask, XDT)
+        scale = row_scale(tl.max(tl.abs(y), axis=0), amax_floor)
+        tl.store(S + row, scale)
+        e4m3_store(y, scale, q_row + cols, mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            acc += tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / n_cols
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            mask = c < n_cols
+            d = tl.where(mask, tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += d * d
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            mask = c < n_cols
+            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            y = _modulated(x - mean, rstd, sh_row + c, sc_row + c, mask, XDT)
+            acc = tl.maximum(acc, tl.abs(y))
+        scale = row_scale(tl.max(acc, axis=0), amax_floor)
+        tl.store(S + row, scale)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            mask = c < n_cols
+            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            y = _modulated(x - mean, rstd, sh_row + c, sc_row + c, mask, XDT)
+            e4m3_store(y, scale, q_row + c, mask)
+
+
+def _fake(x, shift, scale, eps: float, max_block: int):
+    return (x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+@register_op("modulate_quant_fp8", _modulate_quant_fp8_kernel, _fake)
+def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    B, L, C = x.shape
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((B, L, 1), dtype=torch.float32, device=x.device)
+    if B * L and C:
+        sh, sc = broadcast_rows(shift, x.shape), broadcast_rows(scale, x.shape)
+        block, one_pass = fp8_row_block(C, max_block)
+        launchable(_modulate_quant_fp8_kernel)[(B * L,)](
+            x, sh, sc, q, s, L, x.stride(0), x.stride(1), sh.stride(0), sh.stride(1), sc.stride(0), sc.stride(1),
+            C, eps, AMAX_FLOOR, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block, max_warps=8))
+    return q, s
+
+
+def modulate_quant_fp8_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                eps: float = 1e-6) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, shift, scale)
+    if not why:
+        if FP8_DTYPE is None:
+            why = f"torch {torch.__version__} has no float8_e4m3fn"
+        elif x.dim() != 3:
+            why = f"x {tuple(x.shape)} is not [B, L, C]"
+        elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
+            why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
+    return verdict(why)
+
+
+supports = modulate_quant_fp8_supports
+
+
+def modulate_quant_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       max_block: int = MAX_FP8_ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (no affine, rounded to x.dtype) * (1 + scale) + shift in fp32, quantized per row
+    to e4m3: (q float8_e4m3fn [B, L, C], s fp32 [B, L, 1]) (math in the module docstring)."""
+    return _modulate_quant_op(x, shift, scale, float(eps), int(max_block))
