@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"folder for <name>.json/.md/.png (default: {DEFAULT_OUT_DIR}, relative to the current directory)")
     a("--name", default=None, help="file stem (default: benchmark_<task>_<W>x<H>_<timestamp>)")
     a("--quiet", action="store_true", help="no progress bars")
+    a("--save_frames", action="store_true",
+      help="also write <out_dir>/<name>.frames.pt: each mode's final latents and uint8 frames, to compare "
+           "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
     from wan_triton.lora_flags import add_lora_flags
     add_lora_flags(p)
     return p
@@ -458,6 +461,23 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
     return final
 
 
+def save_frames(path: Path, latents: dict, frames: dict, report: dict) -> Path:
+    """Each mode's final latents (fp32) and decoded uint8 frames, with the run's config, in one file."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save(dict(config=report["config"], modes={m: dict(latents=latents[m], frames=frames.get(m))
+                                                        for m in latents}), tmp)
+        tmp.replace(path)
+    except OSError as err:
+        raise CLIError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 # ------------------------------------------------------------------ main flow
 
 def _validate(args):
@@ -589,6 +609,8 @@ def run(args, argv) -> tuple[dict, dict]:
         return report, {}  # rank 0 writes
     try:
         paths = write_outputs(report, Path(args.out_dir), name)
+        if args.save_frames:
+            paths["frames"] = save_frames(Path(args.out_dir) / f"{name}.frames.pt", latents, frames, report)
     except CLIError:
         print(markdown(report))  # the measurements are not lost when the files cannot be written
         raise

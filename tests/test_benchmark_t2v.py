@@ -273,3 +273,23 @@ def test_rel_err_is_shared():
     assert bt.rel_err is util.rel_err
     x = torch.randn(7, dtype=torch.float64)
     assert util.rel_err(x, torch.zeros(7)) == math.inf and util.rel_err(torch.zeros(3), torch.zeros(3)) == 0
+
+
+def test_save_frames_and_compare_across_runs(tmp_path, capsys):
+    """Two separate runs with --save_frames (same seed) compare as identical; a different seed does not."""
+    from bench.compare_frames import main as compare
+
+    out = tmp_path / "out"
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert main(FAST + ["--mode", "optimized", "--out_dir", str(out), "--name", name, "--save_frames",
+                            "--base_seed", seed]) == 0
+    assert (out / "a.frames.pt").is_file() and not list(out.glob(".*partial*"))
+    saved = torch.load(out / "a.frames.pt", weights_only=False)
+    fr = saved["modes"]["optimized"]["frames"]
+    assert fr.dtype == torch.uint8 and fr.shape[0] == 5 and fr.shape[-1] == 3  # [T, H, W, C] uint8, 5 frames
+    capsys.readouterr()
+    assert compare([str(out / "a.frames.pt"), str(out / "b.frames.pt"), "--out", str(tmp_path / "ab.json")]) == 0
+    ab = json.loads((tmp_path / "ab.json").read_text())
+    assert ab["psnr_db"] == "inf" and ab["latents_rel_err"] == 0.0
+    with pytest.raises(SystemExit, match="base_seed"):
+        compare([str(out / "a.frames.pt"), str(out / "c.frames.pt")])
