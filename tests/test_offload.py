@@ -266,3 +266,195 @@ def test_cuda_streaming_bit_identical_and_bounded(seed, ring):
     assert h.stats.max_in_ring <= ring
     h.remove("cuda")
     assert all(p.device.type == "cuda" for p in host.parameters())
+
+
+# ------------------------------------------------------------------ host RAM short (host_ram="low")
+
+def _low_ram_args(seed):
+    return dict(size="128*128", frame_num=5, sampling_steps=2, shift=3.0, seed=seed % 1000, progress=False,
+                return_latents=True, offload_model=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny pipeline's random weights in the official layout, experts sharded (several files)."""
+    from wan.pipeline import WanT2V
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    WanT2V.from_preset("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
+    return folder
+
+
+def test_low_ram_equals_resident_across_switches_and_one_expert_held(seed, tiny_ckpt, caplog):
+    """host_ram low: latents bit-identical to the resident run over two videos (each crosses the
+    switch); the streamers' own ledger never holds more than one expert's blocks."""
+    import logging
+
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    ref = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    a = ref.generate("a red fox runs through snow", **args)
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    with caplog.at_level(logging.INFO, logger="wan.offload"):
+        hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low", ckpt_dir=tiny_ckpt)
+    assert pipe.host_plan.mode == "low"
+    line = [r.getMessage() for r in caplog.records if "host RAM: low" in r.getMessage()]
+    assert len(line) == 1 and "forced" in line[0] and "GB available" in line[0], line
+    one = max(hi.blocks_bytes, lo.blocks_bytes)
+    assert hi.resident and not lo.resident and pipe.host_ledger.current == hi.blocks_bytes
+    for video in range(2):
+        b = pipe.generate("a red fox runs through snow", **args)
+        assert pipe.last_timings.experts == ["high", "low"]
+        assert torch.equal(a, b), f"video {video}"
+        assert pipe.host_ledger.peak <= one
+        assert lo.resident and not hi.resident  # after the switch, only the low-noise expert is held
+    assert lo.stats.reloads == 2 and hi.stats.reloads == 1 and hi.stats.evictions == 2
+    for p in hi.model.blocks.parameters():  # evicted: one element of storage, shape kept
+        assert p.untyped_storage().nbytes() <= p.element_size()
+    disable = __import__("wan.offload", fromlist=["x"]).disable_pipeline_streaming
+    disable(pipe)  # the evicted expert comes back from its files, exactly
+    assert all(torch.equal(x, y) for x, y in zip(ref.high_noise_model.state_dict().values(),
+                                                 pipe.high_noise_model.state_dict().values()))
+
+
+def test_low_ram_reload_casts_like_load_dit(seed, tmp_path):
+    """A float32 checkpoint streamed in bf16 (convert_model_dtype): the re-read block equals the
+    block load_dit produced (same cast)."""
+    from wan.checkpoint import load_dit
+    from wan.offload import ExpertSource
+
+    m = WanModel.from_config(_cfg(2), seed=seed, zero_head=False)  # float32
+    m.save_pretrained(tmp_path)
+    bf = load_dit(tmp_path, dtype=torch.bfloat16)
+    want = {k: v.clone() for k, v in bf.state_dict().items()}
+    h = enable_block_streaming(bf, "cpu", ring=1, source=ExpertSource(tmp_path, bf))
+    h.evict()
+    assert h.host_bytes == 0 and h.ledger.current == 0
+    h.reload()
+    assert h.ledger.current == h.blocks_bytes
+    got = bf.state_dict()
+    assert all(torch.equal(want[k], got[k]) and got[k].dtype == torch.bfloat16 for k in want)
+
+
+def test_low_ram_forward_on_evicted_expert_reloads(seed, tiny_ckpt):
+    ref, m = _pair(torch.bfloat16, seed, layers=2)
+    ref.save_pretrained(tiny_ckpt.parent / f"one_{seed}")
+    from wan.offload import ExpertSource
+
+    h = enable_block_streaming(m, "cpu", ring=2, source=ExpertSource(tiny_ckpt.parent / f"one_{seed}", m),
+                               load=False)
+    assert h.host_bytes == 0
+    x, t, ctx = _inputs(seed)
+    assert torch.equal(_run(m, torch.bfloat16, x, t, ctx), _run(ref, torch.bfloat16, x, t, ctx))
+    assert h.stats.reloads == 1
+
+
+def test_host_plan_auto_and_refusals():
+    from wan.offload import HostMemory, host_plan
+
+    gb = 10 ** 9
+    short, ample = HostMemory(30 * gb, "test"), HostMemory(200 * gb, "test")
+    p = host_plan(57 * gb, 29 * gb, "auto", held_bytes=0, memory=short)
+    assert p.mode == "low" and "57.2" not in p.reason and "57.0 GB" in p.reason and "30.0 GB available" in p.reason
+    assert host_plan(57 * gb, 29 * gb, "auto", memory=ample).mode == "high"
+    # both experts already in host memory: pinning needs only the headroom more
+    assert host_plan(57 * gb, 29 * gb, "auto", held_bytes=57 * gb, memory=short).mode == "high"
+    p = host_plan(57 * gb, 29 * gb, "auto", can_reload=False, why_not="no folder", memory=short)
+    assert p.mode == "high" and "no folder" in p.reason
+    assert host_plan(57 * gb, 29 * gb, "high", memory=short).mode == "high"
+    with pytest.raises(OffloadError, match="--host_ram low re-reads"):
+        host_plan(57 * gb, 29 * gb, "low", can_reload=False, why_not="random weights", memory=ample)
+    with pytest.raises(OffloadError, match="unknown host RAM mode"):
+        host_plan(1, 1, "medium", memory=ample)
+
+
+def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt):
+    from wan.pipeline import WanT2V
+
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    with pytest.raises(OffloadError, match="random weights"):
+        pipe.enable_block_streaming(host_ram="low")
+    with pytest.raises(OffloadError, match="not this expert"):  # a folder of another architecture
+        other = WanModel.from_config(_cfg(1), seed=seed)
+        other.save_pretrained(tiny_ckpt.parent / "other" / "high_noise_model")
+        other.save_pretrained(tiny_ckpt.parent / "other" / "low_noise_model")
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt.parent / "other")
+
+
+def test_host_memory_reads_cgroup_limit(monkeypatch):
+    from wan import offload
+
+    files = {"/sys/fs/cgroup/memory.max": "64000000000\n", "/sys/fs/cgroup/memory.current": "10000000000\n"}
+    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if p in files else None)
+    mem = offload.host_memory()
+    assert mem.available == 54 * 10 ** 9 and "cgroup memory.max 64.0 GB" in mem.source
+    files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: MemAvailable
+    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if files.get(p, "x").strip().isdigit() else None)
+    assert offload.host_memory().source in ("MemAvailable", "unknown")
+
+
+def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
+    """from_preset(offload="blocks"): the model is materialised on the device without its blocks,
+    then each block alone (to_empty per block, then to host memory); the blocks end in host
+    memory, streaming is on, and the run is deterministic. (The GPU test measures the peak.)"""
+    from wan.pipeline import WanT2V
+
+    calls = []
+    real = torch.nn.Module.to_empty
+
+    def spy(self, *, device, recurse=True):
+        name = type(self).__name__
+        if name == "WanModel":
+            calls.append(("model", len(self.blocks)))
+        elif name == "WanAttentionBlock":
+            calls.append(("block", sum(not p.is_meta for p in self.parameters())))
+        return real(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks")
+    monkeypatch.undo()
+    layers = pipe.config.dit.num_layers
+    assert calls == [("model", 0), *[("block", 0)] * layers] * 2  # per expert: no block rides with the model
+    assert pipe.offload == "blocks" and all(streamer_of(m) is not None
+                                            for m in (pipe.high_noise_model, pipe.low_noise_model))
+    for m in (pipe.high_noise_model, pipe.low_noise_model):
+        assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in m.blocks.parameters())
+        assert all(p.float().std() > 0 for n, p in m.blocks.named_parameters() if n.endswith("attn.q.weight"))
+    args = _low_ram_args(seed)
+    a = pipe.generate("a red fox", **args)
+    b = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks").generate("a red fox", **args)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+@pytest.mark.gpu
+def test_cuda_low_ram_equals_resident(seed, tiny_ckpt):
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    ref = WanT2V.from_preset("tiny", device="cuda", seed=0)
+    a = ref.generate("a red fox runs through snow", **args)
+    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cuda")
+    hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low")
+    assert all(p.is_pinned() for p in hi.model.blocks.parameters())
+    for _ in range(2):
+        assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+        assert pipe.host_ledger.peak <= max(hi.blocks_bytes, lo.blocks_bytes)
+    assert all(p.is_pinned() for p in lo.model.blocks.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_from_preset_blocks_never_holds_an_expert(seed):
+    from wan.pipeline import WanT2V
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    pipe = WanT2V.from_preset("tiny", device="cuda", seed=0, offload="blocks")
+    one_block = max(streamer_of(pipe.high_noise_model).sizes) * 2  # a block in float32
+    blocks = streamer_of(pipe.high_noise_model).blocks_bytes
+    vae_t5 = sum(p.numel() * p.element_size() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    nonblock = sum(p.numel() * p.element_size() for m in (pipe.high_noise_model, pipe.low_noise_model)
+                   for n, p in m.named_parameters() if not n.startswith("blocks."))
+    assert torch.cuda.max_memory_allocated() - base <= vae_t5 + 2 * nonblock + one_block + 2 ** 20 < vae_t5 + blocks
+    assert all(p.device.type == "cpu" for p in pipe.high_noise_model.blocks.parameters())

@@ -60,6 +60,7 @@ class WanT2V:
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
         self.offload = "none"  # "blocks" after enable_block_streaming (wan.offload)
+        self.ckpt_dir = None   # the checkpoint folder (from_pretrained)
         self.last_timings: Timings | None = None  # of the latest generate() call
         self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
 
@@ -89,13 +90,17 @@ class WanT2V:
                                        progress=progress)
         high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
                                         progress=progress)
-        return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
+        return pipe
 
     @classmethod
     def from_preset(cls, config: T2VConfig | str = "tiny", device="cpu", dtype=None, seed: int = 0,
-                    t5_cpu=False, **kw) -> "WanT2V":
+                    t5_cpu=False, offload: str | None = None, **kw) -> "WanT2V":
         """Random weights at the preset's real shapes (official init, head randomised so the
-        output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`."""
+        output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`.
+        offload="blocks": the experts' blocks are built one at a time and go to host memory, and
+        block streaming is on (a 24 GB card never holds an expert; other random values)."""
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
@@ -111,15 +116,25 @@ class WanT2V:
         t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed,
                                        tokenizer=tok)
         vae = WanVAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
+        if offload == "blocks":
+            from .offload import build_streamable_expert
+            low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
+            high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
+            pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+            pipe.enable_block_streaming()
+            return pipe
         low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
         high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
         return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
 
-    def enable_block_streaming(self, ring: int = 2, pin: bool | None = None):
+    def enable_block_streaming(self, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
+                               ckpt_dir=None):
         """Stream both experts' DiT blocks from (pinned) host memory through a ring of `ring`
-        device buffers (wan.offload); returns the two handles. Bit-identical output."""
+        device buffers (wan.offload); returns the two handles. Bit-identical output.
+        host_ram "low" keeps only the active expert's blocks in host memory and re-reads the other
+        from `ckpt_dir` (default: the folder it was loaded from) at the switch; "auto" decides."""
         from .offload import enable_pipeline_streaming
-        return enable_pipeline_streaming(self, ring=ring, pin=pin)
+        return enable_pipeline_streaming(self, ring=ring, pin=pin, host_ram=host_ram, ckpt_dir=ckpt_dir)
 
     def save_pretrained(self, ckpt_dir, max_shard_bytes: int = 5 * 2 ** 30):
         """Write the official layout (tests use this to make small checkpoints)."""
