@@ -190,6 +190,9 @@ def test_resolve_offload_choices():
     (["--offload", "blocks"], "--offload blocks needs a CUDA GPU"),
     (["--offload", "model", "--offload_model", "False"], "conflicts"),
     (["--offload", "sideways"], "invalid choice"),
+    (["--host_ram", "low"], "--host_ram low applies to block streaming"),
+    (["--host_ram", "high", "--offload", "model"], "needs a CUDA GPU"),
+    (["--host_ram", "medium"], "invalid choice"),
 ])
 def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, args, msg):
     """Both CLIs take --offload (wan_triton.cli.add_offload_flags); parse_request checks it
@@ -458,3 +461,28 @@ def test_cuda_from_preset_blocks_never_holds_an_expert(seed):
                    for n, p in m.named_parameters() if not n.startswith("blocks."))
     assert torch.cuda.max_memory_allocated() - base <= vae_t5 + 2 * nonblock + one_block + 2 ** 20 < vae_t5 + blocks
     assert all(p.device.type == "cpu" for p in pipe.high_noise_model.blocks.parameters())
+
+
+def test_check_host_ram_on_cuda(monkeypatch):
+    """--host_ram as the CLIs check it on a CUDA machine (device check faked): low needs --ckpt_dir,
+    any value needs block streaming (asked, or from the preset)."""
+    import argparse
+
+    from wan_triton import cli
+
+    monkeypatch.setattr(cli, "check_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # presets ask; nothing runs on it
+
+    def chk(**kw):
+        base = dict(device="cuda", preset="none", offload="blocks", offload_model=None, no_offload=False,
+                    compile=None, host_ram="low", ckpt_dir="/ckpt")
+        return cli._check_host_ram(argparse.Namespace(**{**base, **kw}))
+
+    assert chk() == "low" and chk(host_ram="auto", ckpt_dir=None) == "auto" and chk(host_ram=None) is None
+    assert chk(offload=None, preset="rtx4090") == "low"  # the preset streams
+    with pytest.raises(cli.CLIError, match="give --ckpt_dir"):
+        chk(ckpt_dir=None)
+    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+        chk(offload="model")
+    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+        chk(offload=None, preset="h200")
