@@ -55,7 +55,8 @@ def _gb(n: int) -> float:
 
 
 def _sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def h2d_bandwidth(nbytes: int, reps: int = 10) -> dict:
@@ -97,11 +98,20 @@ def _reset_peaks():
 
 
 def _peaks() -> dict:
+    if not torch.cuda.is_available():  # the CPU smoke run of --video
+        return dict(peak_alloc_gb=0.0, peak_reserved_gb=0.0)
     return dict(peak_alloc_gb=_gb(torch.cuda.max_memory_allocated()),
                 peak_reserved_gb=_gb(torch.cuda.max_memory_reserved()))
 
 
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _set_cap(cap_gb: float | None, total: int) -> None:
+    if not torch.cuda.is_available():
+        return
     torch.cuda.empty_cache()
     frac = 1.0 if cap_gb is None else min(1.0, cap_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(frac)
@@ -131,7 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reload_blocks", type=int, default=4,
                     help="--video: blocks re-read to time the host-RAM-low switch (40 = a whole expert; 0 skips)")
     ap.add_argument("--tmp", default=None, help="--video: local-disk folder for the re-read files (default: $TMPDIR)")
+    ap.add_argument("--smoke_cpu", action="store_true", help=argparse.SUPPRESS)  # --video's flow on the tiny model
     args = ap.parse_args(argv)
+    if args.video and args.smoke_cpu:
+        return run_video(args)
     if not torch.cuda.is_available():
         print("bench_offload: error: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -321,7 +334,7 @@ def _phase(res: dict, name: str, t0: float) -> None:
     """Record a phase's seconds, GPU peaks (since the last reset) and host RSS, then reset."""
     _sync()
     res["phases"][name] = dict(s=time.perf_counter() - t0, **_peaks(), host_rss_gb=_host_status("VmRSS"))
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
 
 
 def time_reload(high_or_low, dit, n: int, tmp: str | None, device="cuda") -> dict:
@@ -374,8 +387,8 @@ def time_reload(high_or_low, dit, n: int, tmp: str | None, device="cuda") -> dic
         h.remove("cpu")
     full = dit.num_layers / n
     out.update(expert_blocks=dit.num_layers, cold_gbps=out["gb"] / out["cold_s"], warm_gbps=out["gb"] / out["warm_s"],
-               switch_cold_s=(out["cold_s"] + out["evict_s"]) * full, switch_warm_s=(out["warm_s"] + out["evict_s"]) * full,
-               extrapolated=n < dit.num_layers)
+               switch_cold_s=(out["cold_s"] + out["evict_s"]) * full,
+               switch_warm_s=(out["warm_s"] + out["evict_s"]) * full, extrapolated=n < dit.num_layers)
     return out
 
 
@@ -385,7 +398,7 @@ def run_video(args) -> int:
     import statistics
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    from wan.configs import T2V_A14B
+    from wan.configs import T2V_A14B, get_config
     from wan.offload import build_streamable_expert, streamer_of
     from wan.pipeline import WanT2V
     from wan.schedulers import make_scheduler
@@ -397,36 +410,43 @@ def run_video(args) -> int:
     if args.triton:
         import wan_triton
         wan_triton.patch()
-    total = torch.cuda.get_device_properties(0).total_memory
+    smoke = args.smoke_cpu  # the same flow on the tiny model on the CPU (tests); no cap, no GPU figures
+    dev = "cpu" if smoke else "cuda"
+    total = 0 if smoke else torch.cuda.get_device_properties(0).total_memory
     _set_cap(args.cap, total)  # before anything is built: every phase runs under it
-    w, h, frames, steps = 1280, 720, args.frame_num, args.video_steps
-    ts = make_scheduler("unipc", steps, T2V_A14B.sample_shift, "cpu", T2V_A14B.num_train_timesteps).timesteps
+    base = get_config("tiny") if smoke else T2V_A14B
+    (w, h), frames, steps = ((128, 128), 5, args.video_steps) if smoke else ((1280, 720), args.frame_num,
+                                                                              args.video_steps)
+    ts = make_scheduler("unipc", steps, base.sample_shift, "cpu", base.num_train_timesteps).timesteps
     half = steps // 2
-    boundary = (float(ts[half - 1]) + float(ts[half])) / 2 / T2V_A14B.num_train_timesteps
-    cfg = dataclasses.replace(T2V_A14B, boundary=boundary)
+    boundary = (float(ts[half - 1]) + float(ts[half])) / 2 / base.num_train_timesteps
+    cfg = dataclasses.replace(base, boundary=boundary)
     if args.layers is not None:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=args.layers))
-    res = dict(gpu=torch.cuda.get_device_name(0), total_gb=_gb(total), cap_gb=args.cap, torch=torch.__version__,
+    res = dict(gpu="cpu (smoke)" if smoke else torch.cuda.get_device_name(0), total_gb=_gb(total), cap_gb=args.cap,
+               torch=torch.__version__,
                triton=args.triton, ring=args.ring, layers=cfg.dit.num_layers, size=f"{w}*{h}", frame_num=frames,
-               steps=steps, timesteps=[int(t) for t in ts], boundary=boundary, official_boundary=T2V_A14B.boundary,
+               steps=steps, timesteps=[int(t) for t in ts], boundary=boundary, official_boundary=base.boundary,
                phases={})
     print(f"cap {args.cap:g} GB of {_gb(total):.1f}; {steps} steps {res['timesteps']}, boundary {boundary:.4f} "
-          f"(official {T2V_A14B.boundary}) -> {half} high-noise + {steps - half} low-noise", flush=True)
+          f"(official {base.boundary}) -> {half} high-noise + {steps - half} low-noise", flush=True)
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     t0 = time.perf_counter()
     # random umT5-xxl: initialised on the GPU (fast; 11 GB fits the cap), then moved to the CPU where it runs
-    t5 = T5TextEncoder.from_config(cfg, device="cuda", dtype=cfg.t5_dtype, seed=0,
+    t5 = T5TextEncoder.from_config(cfg, device=dev, dtype=cfg.t5_dtype, seed=0,
                                    tokenizer=byte_tokenizer(cfg.t5.text_len))
     t5.model.to("cpu")
-    torch.cuda.empty_cache()
-    vae = WanVAE.from_config(cfg.vae, device="cuda", dtype=torch.float32, seed=0)
-    low = build_streamable_expert(cfg.dit, "cuda", torch.bfloat16, seed=1)
-    high = build_streamable_expert(cfg.dit, "cuda", torch.bfloat16, seed=2)
-    pipe = WanT2V(cfg, t5, vae, low, high, device="cuda", t5_cpu=True)
+    if not smoke:
+        torch.cuda.empty_cache()
+    vae = WanVAE.from_config(cfg.vae, device=dev, dtype=torch.float32, seed=0)
+    low = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=1)
+    high = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=2)
+    pipe = WanT2V(cfg, t5, vae, low, high, device=dev, t5_cpu=True)
     pipe._warn_if_cut = lambda what, text: None  # the byte tokenizer stands in for umT5's
     handles = pipe.enable_block_streaming(ring=args.ring)
-    torch.cuda.empty_cache()
+    if not smoke:
+        torch.cuda.empty_cache()
     _phase(res, "build", t0)
     res["host_plan"] = pipe.host_plan.mode
     res["pinned_gb"] = _gb(sum(x.host_bytes for x in handles))
@@ -443,13 +463,13 @@ def run_video(args) -> int:
         marks.setdefault("t5_calls", []).append(time.perf_counter() - t)
         if len(marks["t5_calls"]) == 2:  # both prompts done: the DiT phase starts here
             res["phases"]["t5"] = dict(s=sum(marks["t5_calls"]), **_peaks(), host_rss_gb=_host_status("VmRSS"))
-            torch.cuda.reset_peak_memory_stats()
+            _reset_peak()
         return out
 
     def decode(z):  # the DiT phase ends where the decode starts
         _sync()
         res["phases"]["denoise"] = dict(**_peaks(), host_rss_gb=_host_status("VmRSS"))
-        torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
         t = time.perf_counter()
         v = dec(z)
         _phase(res, "decode", t)
@@ -482,13 +502,13 @@ def run_video(args) -> int:
     if args.reload_blocks:
         n = min(args.reload_blocks, cfg.dit.num_layers)
         try:
-            res["reload"] = time_reload(low, cfg.dit, n, args.tmp)
+            res["reload"] = time_reload(low, cfg.dit, n, args.tmp, device=dev)
         except OSError as err:
             res["reload"] = dict(error=str(err)[:300])
         print("reload", res["reload"], flush=True)
     _set_cap(None, total)
 
-    print(f"\n{res['gpu']} under a {args.cap:g} GB cap | A14B 1280x720x{frames}, {steps} steps "
+    print(f"\n{res['gpu']} under a {args.cap:g} GB cap | {cfg.name} {w}x{h}x{frames}, {steps} steps "
           f"{res.get('experts')} (boundary {boundary:.3f}) | block streaming ring {args.ring}, host RAM "
           f"{res['host_plan']} ({res['pinned_gb']:.1f} GB pinned)")
     print(f"{'phase':<10}{'time s':>9}{'alloc GB':>10}{'resv GB':>9}{'host RSS GB':>12}")

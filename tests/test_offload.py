@@ -486,3 +486,19 @@ def test_check_host_ram_on_cuda(monkeypatch):
         chk(offload="model")
     with pytest.raises(cli.CLIError, match="add --offload blocks"):
         chk(offload=None, preset="h200")
+
+
+def test_bench_offload_video_flow_on_cpu(tmp_path):
+    """bench_offload --video's flow (cap, T5 on CPU, 4 steps across the switch, decode, JSON, the
+    re-read timing) on the tiny model on the CPU: the GPU run fails for no reason of flow."""
+    import json
+
+    from bench.bench_offload import main
+
+    out = tmp_path / "v.json"
+    assert main(["--video", "--smoke_cpu", "--no-triton", "--reload_blocks", "1", "--tmp", str(tmp_path),
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["experts"] == ["high", "high", "low", "low"] and res["finite"]
+    assert set(res["phases"]) == {"build", "t5", "denoise", "decode"}
+    assert res["reload"]["equal"] and res["reload"]["extrapolated"] and "projected_40_step_s" in res
