@@ -372,9 +372,18 @@ def test_host_plan_auto_and_refusals():
         host_plan(1, 1, "medium", memory=ample)
 
 
-def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt):
+def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt, monkeypatch):
+    from wan import lora
     from wan.pipeline import WanT2V
 
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    monkeypatch.setattr(lora, "loaded_loras", lambda m: [("x.safetensors", 1.0)])
+    with pytest.raises(OffloadError, match="LoRAs are merged"):
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt)
+    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt) and pipe.host_plan.mode == "high"
+    with pytest.raises(lora.LoraError, match="before block streaming"):
+        pipe.load_lora("x.safetensors")
+    monkeypatch.undo()
     pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
     with pytest.raises(OffloadError, match="random weights"):
         pipe.enable_block_streaming(host_ram="low")

@@ -149,7 +149,10 @@ class WanT2V:
     def load_lora(self, path, strength: float = 1.0, expert: str = "both", keep: str = "cpu") -> dict:
         """Merge a LoRA file into the high-noise, low-noise or both experts (wan.lora); the
         originals are kept (`keep`: cpu / device / none) so unload_loras() restores them exactly."""
-        from .lora import load_lora_into_pipeline
+        from .lora import LoraError, load_lora_into_pipeline
+        if self.offload == "blocks":  # the streamer owns the block storage (and may have evicted it)
+            raise LoraError("LoRAs merge before block streaming starts: call "
+                            "wan.offload.disable_pipeline_streaming(pipe) first, or load them before streaming")
         return load_lora_into_pipeline(self, path, strength, expert, keep)
 
     def unload_loras(self) -> int:
