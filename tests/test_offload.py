@@ -321,6 +321,31 @@ def test_low_ram_equals_resident_across_switches_and_one_expert_held(seed, tiny_
                                                  pipe.high_noise_model.state_dict().values()))
 
 
+def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplog):
+    """from_pretrained(offload="blocks", host_ram="low"): the plan is made from the file headers,
+    the low-noise expert's blocks are first read at the switch; same latents as resident."""
+    import logging
+
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    a = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu").generate("a red fox runs through snow", **args)
+    with caplog.at_level(logging.INFO, logger="wan.offload"):
+        pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="low")
+    assert any("read at the expert switch, not now" in r.getMessage() for r in caplog.records)
+    hi, lo = streamer_of(pipe.high_noise_model), streamer_of(pipe.low_noise_model)
+    assert pipe.offload == "blocks" and pipe.host_plan.mode == "low" and not lo.resident and lo.stats.reloads == 0
+    assert all(p.untyped_storage().nbytes() <= p.element_size() for p in pipe.low_noise_model.blocks.parameters())
+    assert pipe.host_ledger.peak == hi.blocks_bytes
+    assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+    assert lo.stats.reloads == 1 and pipe.host_ledger.peak <= max(hi.blocks_bytes, lo.blocks_bytes)
+    # high: both read, as before (the deferred path is not taken)
+    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="high")
+    assert pipe.host_plan.mode == "high" and all(streamer_of(m).resident for m in (pipe.high_noise_model,
+                                                                                   pipe.low_noise_model))
+    assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+
+
 def test_low_ram_reload_casts_like_load_dit(seed, tmp_path):
     """A float32 checkpoint streamed in bf16 (convert_model_dtype): the re-read block equals the
     block load_dit produced (same cast)."""

@@ -217,7 +217,11 @@ class _Entry:
 def _placeholder(e: _Entry) -> torch.Tensor:
     """What an evicted parameter points at: its shape and dtype over one element of storage
     (a CPU tensor, so `.data` may be swapped back; its values are not the weights)."""
-    return torch.zeros((), dtype=e.dtype).expand(e.shape)
+    return placeholder(e.shape, e.dtype)
+
+
+def placeholder(shape, dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
 
 
 def _align(n: int) -> int:
@@ -274,7 +278,7 @@ class BlockStreamer:
         for i, blk in enumerate(blocks):
             entries, off = [], 0
             for name, t in [*blk.named_parameters(), *blk.named_buffers()]:
-                if not t.is_contiguous():
+                if load and not t.is_contiguous():
                     raise OffloadError(f"block tensor {name} is not contiguous; streaming keeps strides as they are")
                 n = t.numel() * t.element_size()
                 entries.append(_Entry(t, off, n, t.dtype, tuple(t.shape), f"blocks.{i}.{name}"))
@@ -699,28 +703,39 @@ def _expert_folders(pipe, ckpt_dir) -> tuple[dict | None, str]:
 
 
 def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
-                              ckpt_dir=None) -> list[BlockStreamer]:
+                              ckpt_dir=None, plan: HostPlan | None = None) -> list[BlockStreamer]:
     """`WanT2V.enable_block_streaming`: stream both experts; both start idle (nothing on the
     device) and the pipeline's expert switch places the active one's non-block parts.
 
     host_ram: "high" keeps both experts' blocks in pinned host memory; "low" keeps the one in
     use only and re-reads the other from `ckpt_dir` (default: the folder the pipeline was loaded
-    from) at the switch; "auto" picks low when the host is short (`host_plan`, logged)."""
+    from) at the switch; "auto" picks low when the host is short (`host_plan`, logged). `plan`:
+    one made already (`load_experts_for_streaming`, before the experts were read)."""
     if pipe.device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadError("block streaming on CUDA needs a CUDA device")
     experts = (("high", pipe.high_noise_model), ("low", pipe.low_noise_model))
     sizes = [sum(p.numel() * p.element_size() for p in m.blocks.parameters()) for _, m in experts]
     held = sum(n for n, (_, m) in zip(sizes, experts) if next(m.blocks.parameters()).device.type == "cpu")
     folders, why_not = _expert_folders(pipe, ckpt_dir)
-    plan = host_plan(sum(sizes), max(sizes), host_ram, held, folders is not None, why_not)
+    deferred = {label for label, m in experts if getattr(m, "_blocks_deferred", False)}
+    if deferred and folders is None:
+        raise OffloadError(f"the {'/'.join(sorted(deferred))}-noise expert's blocks were not read, and they cannot "
+                           f"be: {why_not}")
+    if plan is None:
+        held -= sum(n for n, (label, _) in zip(sizes, experts) if label in deferred)
+        plan = host_plan(sum(sizes), max(sizes), host_ram, held, folders is not None, why_not)
     log.info("block streaming host RAM: %s (%s)", plan.mode, plan.reason)
     ledger, handles = HostLedger(), []
     for label, m in experts:
         low = plan.mode == "low"
-        src = ExpertSource(folders[label], m) if low else None
+        src = ExpertSource(folders[label], m) if low or label in deferred else None
         # low: the high-noise expert (the first a video uses) stays in host memory, the other waits in its files
-        h = enable_block_streaming(m, pipe.device, ring=ring, pin=pin, source=src, load=not low or label == "high",
-                                   ledger=ledger, label=f"{label}-noise")
+        load = (not low or label == "high") and label not in deferred
+        h = enable_block_streaming(m, pipe.device, ring=ring, pin=pin, source=src, load=load, ledger=ledger,
+                                   label=f"{label}-noise")
+        if not low and not h.resident:  # read lazily, but both are to be held: read it now
+            h.reload()
+        m._blocks_deferred = False
         h.park("cpu")
         handles.append(h)
     if pipe.device.type == "cuda":
@@ -782,3 +797,82 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
         blk.modulation.normal_(generator=gen).div_(model.dim ** 0.5)
         blk.to(dtype).to("cpu")
     return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------ loading for streaming
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _block_bytes_in_files(folder, dtype) -> int:
+    """Bytes the expert's blocks take in `dtype` (None: as stored), from the safetensors headers."""
+    import math
+
+    from safetensors import safe_open
+
+    from .checkpoint import dit_weight_files
+
+    total = 0
+    for fname in dit_weight_files(folder):
+        with safe_open(fname, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                if k.startswith("blocks."):
+                    sl = f.get_slice(k)
+                    dt = dtype or _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+                    total += math.prod(sl.get_shape()) * torch.empty((), dtype=dt).element_size()
+    return total
+
+
+def load_dit_without_blocks(folder, dtype=None) -> nn.Module:
+    """`load_dit` (on the CPU) that reads only what is outside the blocks: every block parameter is
+    a placeholder (right shape and dtype, one element of storage), to be read later by a
+    `BlockStreamer` with `load=False` (`model._blocks_deferred` is True until then)."""
+    from safetensors import safe_open
+
+    from .checkpoint import CheckpointError, check_keys, check_shape, dit_weight_files, read_dit_config
+    from .configs import DiTConfig
+    from .dit import WanModel
+
+    cfg = DiTConfig.from_dict(read_dit_config(folder))
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd: dict = {}
+    for fname in dit_weight_files(folder):
+        with safe_open(fname, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                if k not in expected or k in sd:
+                    raise CheckpointError(f"{fname}: unexpected or duplicate key {k}")
+                if k.startswith("blocks."):
+                    sl = f.get_slice(k)
+                    check_shape(k, tuple(sl.get_shape()), expected[k], fname)
+                    sd[k] = placeholder(expected[k], dtype or _ST_DTYPES.get(sl.get_dtype(), torch.float32))
+                    continue
+                t = f.get_tensor(k)
+                check_shape(k, t.shape, expected[k], fname)
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    check_keys(expected, sd.keys(), folder)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model._blocks_deferred = True
+    return model.eval().requires_grad_(False)
+
+
+def load_experts_for_streaming(ckpt, config, dtype=None, host_ram: str = "auto", progress: bool = False):
+    """(low, high, plan): both experts of an official folder, for block streaming. The host-memory
+    plan is made first, from the files' headers (nothing read yet): in low mode the low-noise
+    expert's blocks are not read at all (the switch reads them), so loading never holds both."""
+    from pathlib import Path
+
+    from .checkpoint import load_dit
+
+    ckpt = Path(ckpt)
+    folders = {"high": ckpt / config.high_noise_checkpoint, "low": ckpt / config.low_noise_checkpoint}
+    sizes = [_block_bytes_in_files(folders[e], dtype) for e in ("high", "low")]
+    plan = host_plan(sum(sizes), max(sizes), host_ram, held_bytes=0)
+    high = load_dit(folders["high"], dtype=dtype, device="cpu", progress=progress)
+    if plan.mode == "low":
+        log.info("host RAM low: the low-noise expert's blocks are read at the expert switch, not now")
+        low = load_dit_without_blocks(folders["low"], dtype=dtype)
+    else:
+        low = load_dit(folders["low"], dtype=dtype, device="cpu", progress=progress)
+    return low, high, plan

@@ -67,9 +67,13 @@ class WanT2V:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
-                        convert_model_dtype=False, init_on_cpu=True, progress: bool = False, **kw) -> "WanT2V":
+                        convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
+                        offload: str | None = None, host_ram: str = "auto", **kw) -> "WanT2V":
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
-        `convert_model_dtype` (then `config.param_dtype`, as the official flag does)."""
+        `convert_model_dtype` (then `config.param_dtype`, as the official flag does).
+        offload="blocks": block streaming is on when it returns; the host-memory mode (`host_ram`,
+        wan.offload.host_plan) is chosen before the experts are read, and in low mode the
+        low-noise expert's blocks are only read at the expert switch."""
         from .checkpoint import CheckpointError, check_checkpoint
         from .dit import WanModel
         from .t5 import T5TextEncoder
@@ -86,12 +90,20 @@ class WanT2V:
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
-        low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
-                                       progress=progress)
-        high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
-                                        progress=progress)
+        plan = None
+        if offload == "blocks":
+            from .offload import load_experts_for_streaming
+            low, high, plan = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
+        else:
+            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                           progress=progress)
+            high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                            progress=progress)
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
         pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
+        if plan is not None:
+            from .offload import enable_pipeline_streaming
+            enable_pipeline_streaming(pipe, plan=plan)
         return pipe
 
     @classmethod
