@@ -3,6 +3,18 @@ peak GPU memory, peak host RSS, H2D bandwidth, and a 2-step generation bit-ident
 
     python -m bench.bench_offload --out bench/out/offload_h200.json                  # ~5-6 min on an H200
     python -m bench.bench_offload --layers 4 --sizes 832*480 --caps 24 --gen_size 832*480   # ~1 min smoke
+    python -m bench.bench_offload --video --out bench/out/offload_video24.json          # ~4 min on an H200
+
+`--video`: the whole pipeline under one 24 GB cap, set before anything is built: T5 on the CPU
+(`t5_cpu`, timed), a 4-step 1280x720x81 generation through `WanT2V.generate` with block
+streaming that crosses the expert switch (2 high-noise + 2 low-noise steps: the boundary is
+moved for this, the official 0.875 gives 3 + 1 at 4 steps), then the fp32 VAE decode within the
+cap; per phase max_memory_allocated / max_memory_reserved, time per step, peak host RSS, and the
+40-step video time PROJECTED from the measured step time (T5 + 40 x median step + decode). Then the
+host-RAM-low switch: `--reload_blocks` blocks of the low-noise expert are written in the official
+layout to a temp folder on local disk (`--tmp`), dropped from the page cache (fadvise), and
+re-read into pinned memory through `wan.offload.ExpertSource` (cold, then warm); the 40-block
+switch time is extrapolated from them (labelled so) unless `--reload_blocks 40`.
 
 Random A14B weights (bf16, both experts built on the GPU, then their blocks move to pinned host
 memory). Text contexts are random tensors of the T5's width: the text encoder is not part of the
@@ -43,7 +55,8 @@ def _gb(n: int) -> float:
 
 
 def _sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def h2d_bandwidth(nbytes: int, reps: int = 10) -> dict:
@@ -85,11 +98,20 @@ def _reset_peaks():
 
 
 def _peaks() -> dict:
+    if not torch.cuda.is_available():  # the CPU smoke run of --video
+        return dict(peak_alloc_gb=0.0, peak_reserved_gb=0.0)
     return dict(peak_alloc_gb=_gb(torch.cuda.max_memory_allocated()),
                 peak_reserved_gb=_gb(torch.cuda.max_memory_reserved()))
 
 
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _set_cap(cap_gb: float | None, total: int) -> None:
+    if not torch.cuda.is_available():
+        return
     torch.cuda.empty_cache()
     frac = 1.0 if cap_gb is None else min(1.0, cap_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(frac)
@@ -111,11 +133,28 @@ def main(argv=None) -> int:
     ap.add_argument("--gen_steps", type=int, default=2)
     ap.add_argument("--no-decode", dest="decode", action="store_false", help="skip the capped VAE decode")
     ap.add_argument("--no-triton", dest="triton", action="store_false", help="reference ops (no kernels)")
-    ap.add_argument("--out", default="bench/out/offload.json")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/out/offload.json, "
+                                               "bench/out/offload_video.json with --video)")
+    ap.add_argument("--video", action="store_true", help="the whole 720p pipeline under one cap (see the docstring)")
+    ap.add_argument("--cap", type=float, default=24.0, help="--video: the emulated GPU size in GB")
+    ap.add_argument("--video_steps", type=int, default=4, help="--video: steps run (half high-noise, half low)")
+    ap.add_argument("--reload_blocks", type=int, default=4,
+                    help="--video: blocks re-read to time the host-RAM-low switch (40 = a whole expert; 0 skips)")
+    ap.add_argument("--tmp", default=None, help="--video: local-disk folder for the re-read files (default: $TMPDIR)")
+    ap.add_argument("--smoke_cpu", action="store_true", help=argparse.SUPPRESS)  # --video's flow on the tiny model
     args = ap.parse_args(argv)
+    if args.video and args.smoke_cpu:
+        return run_video(args)
     if not torch.cuda.is_available():
         print("bench_offload: error: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.video:
+        if args.video_steps < 2 or args.reload_blocks < 0:
+            print("bench_offload: error: --video_steps must be >= 2 and --reload_blocks >= 0", file=sys.stderr)
+            return 2
+        return run_video(args)
+    if args.out is None:
+        args.out = "bench/out/offload.json"
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -289,6 +328,209 @@ def main(argv=None) -> int:
     out_path.write_text(json.dumps(res, indent=2))
     print(f"wrote {out_path}")
     return 0
+
+
+def _phase(res: dict, name: str, t0: float) -> None:
+    """Record a phase's seconds, GPU peaks (since the last reset) and host RSS, then reset."""
+    _sync()
+    res["phases"][name] = dict(s=time.perf_counter() - t0, **_peaks(), host_rss_gb=_host_status("VmRSS"))
+    _reset_peak()
+
+
+def time_reload(high_or_low, dit, n: int, tmp: str | None, device="cuda") -> dict:
+    """The host-RAM-low switch on `n` blocks: write them (official layout: config-less single
+    safetensors file of `blocks.*` keys, all ExpertSource reads), drop them from the page cache,
+    re-read into pinned memory (cold), evict, re-read again (warm)."""
+    import tempfile
+
+    import torch.nn as nn
+    from safetensors.torch import save_file
+
+    from wan.checkpoint import WEIGHTS_NAME
+    from wan.dit import WanModel
+    from wan.offload import BlockStreamer, ExpertSource
+
+    out = dict(blocks=n)
+    with tempfile.TemporaryDirectory(dir=tmp, prefix="wan_reload_") as folder:
+        t0 = time.perf_counter()
+        sd = {}
+        for i in range(n):
+            for name, p in high_or_low.blocks[i].named_parameters():
+                sd[f"blocks.{i}.{name}"] = p.detach().clone()  # views of one flat buffer cannot be saved as is
+        path = os.path.join(folder, WEIGHTS_NAME)
+        save_file(sd, path, metadata={"format": "pt"})
+        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        del sd
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: the next read comes from the disk
+        finally:
+            os.close(fd)
+        out.update(write_s=time.perf_counter() - t0, gb=_gb(nbytes), folder=folder)
+        with torch.device("meta"):  # the blocks' structure (dtype as streamed); storage comes from the files
+            holder = nn.Module()
+            holder.blocks = WanModel(dataclasses.replace(dit, num_layers=n)).blocks.to(next(
+                high_or_low.blocks.parameters()).dtype)
+        holder.blocks.to_empty(device="cpu")
+        h = BlockStreamer(holder, device, ring=1, source=ExpertSource(folder, holder), load=False,
+                          label="reload-test")
+        out["cold_s"] = h.reload()
+        t0 = time.perf_counter()
+        h.evict()
+        out["evict_s"] = time.perf_counter() - t0
+        out["warm_s"] = h.reload()
+        ok = all(torch.equal(p, high_or_low.blocks[i].get_parameter(name))
+                 for i in range(n) for name, p in holder.blocks[i].named_parameters())
+        out["equal"] = bool(ok)
+        out["ledger_peak_gb"] = _gb(h.ledger.peak)
+        h.remove("cpu")
+    full = dit.num_layers / n
+    out.update(expert_blocks=dit.num_layers, cold_gbps=out["gb"] / out["cold_s"], warm_gbps=out["gb"] / out["warm_s"],
+               switch_cold_s=(out["cold_s"] + out["evict_s"]) * full,
+               switch_warm_s=(out["warm_s"] + out["evict_s"]) * full, extrapolated=n < dit.num_layers)
+    return out
+
+
+def run_video(args) -> int:
+    """--video (see the module docstring)."""
+    import logging
+    import statistics
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    from wan.configs import T2V_A14B, get_config
+    from wan.offload import build_streamable_expert, streamer_of
+    from wan.pipeline import WanT2V
+    from wan.schedulers import make_scheduler
+    from wan.t5 import T5TextEncoder, byte_tokenizer
+    from wan.vae import WanVAE
+
+    out_path = Path(args.out or "bench/out/offload_video.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.triton:
+        import wan_triton
+        wan_triton.patch()
+    smoke = args.smoke_cpu  # the same flow on the tiny model on the CPU (tests); no cap, no GPU figures
+    dev = "cpu" if smoke else "cuda"
+    total = 0 if smoke else torch.cuda.get_device_properties(0).total_memory
+    _set_cap(args.cap, total)  # before anything is built: every phase runs under it
+    base = get_config("tiny") if smoke else T2V_A14B
+    (w, h), frames, steps = ((128, 128), 5, args.video_steps) if smoke else ((1280, 720), args.frame_num,
+                                                                              args.video_steps)
+    ts = make_scheduler("unipc", steps, base.sample_shift, "cpu", base.num_train_timesteps).timesteps
+    half = steps // 2
+    boundary = (float(ts[half - 1]) + float(ts[half])) / 2 / base.num_train_timesteps
+    cfg = dataclasses.replace(base, boundary=boundary)
+    if args.layers is not None:
+        cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=args.layers))
+    res = dict(gpu="cpu (smoke)" if smoke else torch.cuda.get_device_name(0), total_gb=_gb(total), cap_gb=args.cap,
+               torch=torch.__version__,
+               triton=args.triton, ring=args.ring, layers=cfg.dit.num_layers, size=f"{w}*{h}", frame_num=frames,
+               steps=steps, timesteps=[int(t) for t in ts], boundary=boundary, official_boundary=base.boundary,
+               phases={})
+    print(f"cap {args.cap:g} GB of {_gb(total):.1f}; {steps} steps {res['timesteps']}, boundary {boundary:.4f} "
+          f"(official {base.boundary}) -> {half} high-noise + {steps - half} low-noise", flush=True)
+
+    _reset_peak()
+    t0 = time.perf_counter()
+    # random umT5-xxl: initialised on the GPU (fast; 11 GB fits the cap), then moved to the CPU where it runs
+    t5 = T5TextEncoder.from_config(cfg, device=dev, dtype=cfg.t5_dtype, seed=0,
+                                   tokenizer=byte_tokenizer(cfg.t5.text_len))
+    t5.model.to("cpu")
+    if not smoke:
+        torch.cuda.empty_cache()
+    vae = WanVAE.from_config(cfg.vae, device=dev, dtype=torch.float32, seed=0)
+    low = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=1)
+    high = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=2)
+    pipe = WanT2V(cfg, t5, vae, low, high, device=dev, t5_cpu=True)
+    pipe._warn_if_cut = lambda what, text: None  # the byte tokenizer stands in for umT5's
+    handles = pipe.enable_block_streaming(ring=args.ring)
+    if not smoke:
+        torch.cuda.empty_cache()
+    _phase(res, "build", t0)
+    res["host_plan"] = pipe.host_plan.mode
+    res["pinned_gb"] = _gb(sum(x.host_bytes for x in handles))
+    print("build", res["phases"]["build"], f"pinned {res['pinned_gb']:.1f} GB", flush=True)
+
+    marks = {}
+    enc, dec = pipe.encode_text, pipe.vae.decode
+
+    def encode_text(prompts):  # T5 phase (on the CPU), timed per call
+        _sync()
+        t = time.perf_counter()
+        out = enc(prompts)
+        _sync()
+        marks.setdefault("t5_calls", []).append(time.perf_counter() - t)
+        if len(marks["t5_calls"]) == 2:  # both prompts done: the DiT phase starts here
+            res["phases"]["t5"] = dict(s=sum(marks["t5_calls"]), **_peaks(), host_rss_gb=_host_status("VmRSS"))
+            _reset_peak()
+        return out
+
+    def decode(z):  # the DiT phase ends where the decode starts
+        _sync()
+        res["phases"]["denoise"] = dict(**_peaks(), host_rss_gb=_host_status("VmRSS"))
+        _reset_peak()
+        t = time.perf_counter()
+        v = dec(z)
+        _phase(res, "decode", t)
+        return v
+
+    pipe.encode_text, pipe.vae.decode = encode_text, decode
+    prompt = "a red fox runs through fresh snow at dawn, cinematic, 4k"
+    try:
+        video = pipe.generate(prompt, size=(w, h), frame_num=frames, sampling_steps=steps, seed=0, offload_model=False,
+                              progress=True)
+        tm = pipe.last_timings
+        res.update(ok=True, experts=tm.experts, step_s=tm.steps, text_encode_s=tm.text_encode, decode_s=tm.decode,
+                   total_s=tm.total, video_shape=list(video.shape), finite=bool(torch.isfinite(video).all()))
+        res["phases"]["denoise"]["s"] = tm.denoise
+        del video
+    except torch.cuda.OutOfMemoryError as err:
+        res.update(ok=False, oom=str(err).splitlines()[0][:300])
+        print("OOM:", res["oom"], flush=True)
+    res["fits"] = all(ph.get("peak_reserved_gb", 0) <= args.cap for ph in res["phases"].values())
+    if res.get("ok"):
+        med = statistics.median(res["step_s"])
+        res["projected_40_step_s"] = res["text_encode_s"] + 40 * med + res["decode_s"]
+        res["projection"] = "PROJECTED: T5 + 40 x median measured step + decode (not a 40-step run)"
+        res["median_step_s"] = med
+        s0 = streamer_of(high)
+        res["h2d_streamed_gb"] = _gb(sum(streamer_of(m).stats.bytes for m in (high, low)))
+        res["copies"] = s0.stats.copies
+    res["host_peak_rss_gb"] = _host_status("VmHWM")
+
+    if args.reload_blocks:
+        n = min(args.reload_blocks, cfg.dit.num_layers)
+        try:
+            res["reload"] = time_reload(low, cfg.dit, n, args.tmp, device=dev)
+        except OSError as err:
+            res["reload"] = dict(error=str(err)[:300])
+        print("reload", res["reload"], flush=True)
+    _set_cap(None, total)
+
+    print(f"\n{res['gpu']} under a {args.cap:g} GB cap | {cfg.name} {w}x{h}x{frames}, {steps} steps "
+          f"{res.get('experts')} (boundary {boundary:.3f}) | block streaming ring {args.ring}, host RAM "
+          f"{res['host_plan']} ({res['pinned_gb']:.1f} GB pinned)")
+    print(f"{'phase':<10}{'time s':>9}{'alloc GB':>10}{'resv GB':>9}{'host RSS GB':>12}")
+    for name, ph in res["phases"].items():
+        print(f"{name:<10}{ph.get('s', math.nan):>9.1f}{ph.get('peak_alloc_gb', math.nan):>10.1f}"
+              f"{ph.get('peak_reserved_gb', math.nan):>9.1f}{ph.get('host_rss_gb', math.nan):>12.1f}")
+    if res.get("ok"):
+        print(f"steps s: {', '.join(f'{x:.2f}' for x in res['step_s'])} (median {res['median_step_s']:.2f}) | "
+              f"T5 on CPU {res['text_encode_s']:.1f} s | decode {res['decode_s']:.1f} s | fits the cap: {res['fits']}")
+        print(f"40-step video, PROJECTED from the measured step: {res['projected_40_step_s']:.0f} s "
+              f"(= {res['text_encode_s']:.1f} + 40 x {res['median_step_s']:.2f} + {res['decode_s']:.1f})")
+    print(f"host peak RSS {res['host_peak_rss_gb']:.1f} GB")
+    r = res.get("reload")
+    if r and "error" not in r:
+        label = f"EXTRAPOLATED from {r['blocks']} blocks" if r["extrapolated"] else "measured"
+        print(f"host-RAM-low switch ({label}): re-read {r['gb']:.2f} GB cold {r['cold_s']:.2f} s "
+              f"({r['cold_gbps']:.1f} GB/s), warm {r['warm_s']:.2f} s ({r['warm_gbps']:.1f} GB/s), evict "
+              f"{r['evict_s']:.2f} s -> one {r['expert_blocks']}-block expert: {r['switch_cold_s']:.0f} s cold, "
+              f"{r['switch_warm_s']:.0f} s warm; bit-identical {r['equal']}")
+    out_path.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out_path}")
+    return 0 if res.get("ok") else 1
 
 
 if __name__ == "__main__":

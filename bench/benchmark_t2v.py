@@ -533,7 +533,10 @@ def run(args, argv) -> tuple[dict, dict]:
                                       convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
     else:
         weights = "random"
-        pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu)
+        # streamed optimized run only: the blocks are built one at a time, never a whole expert on the GPU
+        blocks = on_cuda and modes == ("optimized",) and not par.dit_fsdp and (
+            request.extra["offload"] or accel.preset_offload(preset)) == "blocks"
+        pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu, offload="blocks" if blocks else None)
     build_s = time.perf_counter() - t0
     log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
     t0 = time.perf_counter()

@@ -190,6 +190,9 @@ def test_resolve_offload_choices():
     (["--offload", "blocks"], "--offload blocks needs a CUDA GPU"),
     (["--offload", "model", "--offload_model", "False"], "conflicts"),
     (["--offload", "sideways"], "invalid choice"),
+    (["--host_ram", "low"], "--host_ram low applies to block streaming"),
+    (["--host_ram", "high", "--offload", "model"], "needs a CUDA GPU"),
+    (["--host_ram", "medium"], "invalid choice"),
 ])
 def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, args, msg):
     """Both CLIs take --offload (wan_triton.cli.add_offload_flags); parse_request checks it
@@ -266,3 +269,280 @@ def test_cuda_streaming_bit_identical_and_bounded(seed, ring):
     assert h.stats.max_in_ring <= ring
     h.remove("cuda")
     assert all(p.device.type == "cuda" for p in host.parameters())
+
+
+# ------------------------------------------------------------------ host RAM short (host_ram="low")
+
+def _low_ram_args(seed):
+    return dict(size="128*128", frame_num=5, sampling_steps=2, shift=3.0, seed=seed % 1000, progress=False,
+                return_latents=True, offload_model=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny pipeline's random weights in the official layout, experts sharded (several files)."""
+    from wan.pipeline import WanT2V
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    WanT2V.from_preset("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
+    return folder
+
+
+def test_low_ram_equals_resident_across_switches_and_one_expert_held(seed, tiny_ckpt, caplog):
+    """host_ram low: latents bit-identical to the resident run over two videos (each crosses the
+    switch); the streamers' own ledger never holds more than one expert's blocks."""
+    import logging
+
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    ref = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    a = ref.generate("a red fox runs through snow", **args)
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    with caplog.at_level(logging.INFO, logger="wan.offload"):
+        hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low", ckpt_dir=tiny_ckpt)
+    assert pipe.host_plan.mode == "low"
+    line = [r.getMessage() for r in caplog.records if "host RAM: low" in r.getMessage()]
+    assert len(line) == 1 and "forced" in line[0] and "GB available" in line[0], line
+    one = max(hi.blocks_bytes, lo.blocks_bytes)
+    assert hi.resident and not lo.resident and pipe.host_ledger.current == hi.blocks_bytes
+    for video in range(2):
+        b = pipe.generate("a red fox runs through snow", **args)
+        assert pipe.last_timings.experts == ["high", "low"]
+        assert torch.equal(a, b), f"video {video}"
+        assert pipe.host_ledger.peak <= one
+        assert lo.resident and not hi.resident  # after the switch, only the low-noise expert is held
+    assert lo.stats.reloads == 2 and hi.stats.reloads == 1 and hi.stats.evictions == 2
+    for p in hi.model.blocks.parameters():  # evicted: one element of storage, shape kept
+        assert p.untyped_storage().nbytes() <= p.element_size()
+    disable = __import__("wan.offload", fromlist=["x"]).disable_pipeline_streaming
+    disable(pipe)  # the evicted expert comes back from its files, exactly
+    assert all(torch.equal(x, y) for x, y in zip(ref.high_noise_model.state_dict().values(),
+                                                 pipe.high_noise_model.state_dict().values()))
+
+
+def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplog):
+    """from_pretrained(offload="blocks", host_ram="low"): the plan is made from the file headers,
+    the low-noise expert's blocks are first read at the switch; same latents as resident."""
+    import logging
+
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    a = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu").generate("a red fox runs through snow", **args)
+    with caplog.at_level(logging.INFO, logger="wan.offload"):
+        pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="low")
+    assert any("read at the expert switch, not now" in r.getMessage() for r in caplog.records)
+    hi, lo = streamer_of(pipe.high_noise_model), streamer_of(pipe.low_noise_model)
+    assert pipe.offload == "blocks" and pipe.host_plan.mode == "low" and not lo.resident and lo.stats.reloads == 0
+    assert all(p.untyped_storage().nbytes() <= p.element_size() for p in pipe.low_noise_model.blocks.parameters())
+    assert pipe.host_ledger.peak == hi.blocks_bytes
+    assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+    assert lo.stats.reloads == 1 and pipe.host_ledger.peak <= max(hi.blocks_bytes, lo.blocks_bytes)
+    # high: both read, as before (the deferred path is not taken)
+    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="high")
+    assert pipe.host_plan.mode == "high" and all(streamer_of(m).resident for m in (pipe.high_noise_model,
+                                                                                   pipe.low_noise_model))
+    assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+
+
+def test_low_ram_reload_casts_like_load_dit(seed, tmp_path):
+    """A float32 checkpoint streamed in bf16 (convert_model_dtype): the re-read block equals the
+    block load_dit produced (same cast)."""
+    from wan.checkpoint import load_dit
+    from wan.offload import ExpertSource
+
+    m = WanModel.from_config(_cfg(2), seed=seed, zero_head=False)  # float32
+    m.save_pretrained(tmp_path)
+    bf = load_dit(tmp_path, dtype=torch.bfloat16)
+    want = {k: v.clone() for k, v in bf.state_dict().items()}
+    h = enable_block_streaming(bf, "cpu", ring=1, source=ExpertSource(tmp_path, bf))
+    h.evict()
+    assert h.host_bytes == 0 and h.ledger.current == 0
+    h.reload()
+    assert h.ledger.current == h.blocks_bytes
+    got = bf.state_dict()
+    assert all(torch.equal(want[k], got[k]) and got[k].dtype == torch.bfloat16 for k in want)
+
+
+def test_low_ram_forward_on_evicted_expert_reloads(seed, tiny_ckpt):
+    ref, m = _pair(torch.bfloat16, seed, layers=2)
+    ref.save_pretrained(tiny_ckpt.parent / f"one_{seed}")
+    from wan.offload import ExpertSource
+
+    h = enable_block_streaming(m, "cpu", ring=2, source=ExpertSource(tiny_ckpt.parent / f"one_{seed}", m),
+                               load=False)
+    assert h.host_bytes == 0
+    x, t, ctx = _inputs(seed)
+    assert torch.equal(_run(m, torch.bfloat16, x, t, ctx), _run(ref, torch.bfloat16, x, t, ctx))
+    assert h.stats.reloads == 1
+
+
+def test_host_plan_auto_and_refusals():
+    from wan.offload import HostMemory, host_plan
+
+    gb = 10 ** 9
+    short, ample = HostMemory(30 * gb, "test"), HostMemory(200 * gb, "test")
+    p = host_plan(57 * gb, 29 * gb, "auto", held_bytes=0, memory=short)
+    assert p.mode == "low" and "57.2" not in p.reason and "57.0 GB" in p.reason and "30.0 GB available" in p.reason
+    assert host_plan(57 * gb, 29 * gb, "auto", memory=ample).mode == "high"
+    # both experts already in host memory: pinning needs only the headroom more
+    assert host_plan(57 * gb, 29 * gb, "auto", held_bytes=57 * gb, memory=short).mode == "high"
+    p = host_plan(57 * gb, 29 * gb, "auto", can_reload=False, why_not="no folder", memory=short)
+    assert p.mode == "high" and "no folder" in p.reason
+    assert host_plan(57 * gb, 29 * gb, "high", memory=short).mode == "high"
+    with pytest.raises(OffloadError, match="--host_ram low re-reads"):
+        host_plan(57 * gb, 29 * gb, "low", can_reload=False, why_not="random weights", memory=ample)
+    with pytest.raises(OffloadError, match="unknown host RAM mode"):
+        host_plan(1, 1, "medium", memory=ample)
+
+
+def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt, monkeypatch):
+    from wan import lora
+    from wan.pipeline import WanT2V
+
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    monkeypatch.setattr(lora, "loaded_loras", lambda m: [("x.safetensors", 1.0)])
+    with pytest.raises(OffloadError, match="LoRAs are merged"):
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt)
+    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt) and pipe.host_plan.mode == "high"
+    with pytest.raises(lora.LoraError, match="before block streaming"):
+        pipe.load_lora("x.safetensors")
+    monkeypatch.undo()
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    with pytest.raises(OffloadError, match="random weights"):
+        pipe.enable_block_streaming(host_ram="low")
+    with pytest.raises(OffloadError, match="not this expert"):  # a folder of another architecture
+        other = WanModel.from_config(_cfg(1), seed=seed)
+        other.save_pretrained(tiny_ckpt.parent / "other" / "high_noise_model")
+        other.save_pretrained(tiny_ckpt.parent / "other" / "low_noise_model")
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt.parent / "other")
+
+
+def test_host_memory_reads_cgroup_limit(monkeypatch):
+    from wan import offload
+
+    files = {"/sys/fs/cgroup/memory.max": "64000000000\n", "/sys/fs/cgroup/memory.current": "10000000000\n"}
+    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if p in files else None)
+    mem = offload.host_memory()
+    assert mem.available == 54 * 10 ** 9 and "cgroup memory.max 64.0 GB" in mem.source
+    files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: MemAvailable
+    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if files.get(p, "x").strip().isdigit() else None)
+    assert offload.host_memory().source in ("MemAvailable", "unknown")
+
+
+def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
+    """from_preset(offload="blocks"): the model is materialised on the device without its blocks,
+    then each block alone (to_empty per block, then to host memory); the blocks end in host
+    memory, streaming is on, and the run is deterministic. (The GPU test measures the peak.)"""
+    from wan.pipeline import WanT2V
+
+    calls = []
+    real = torch.nn.Module.to_empty
+
+    def spy(self, *, device, recurse=True):
+        name = type(self).__name__
+        if name == "WanModel":
+            calls.append(("model", len(self.blocks)))
+        elif name == "WanAttentionBlock":
+            calls.append(("block", sum(not p.is_meta for p in self.parameters())))
+        return real(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks")
+    monkeypatch.undo()
+    layers = pipe.config.dit.num_layers
+    assert calls == [("model", 0), *[("block", 0)] * layers] * 2  # per expert: no block rides with the model
+    assert pipe.offload == "blocks" and all(streamer_of(m) is not None
+                                            for m in (pipe.high_noise_model, pipe.low_noise_model))
+    for m in (pipe.high_noise_model, pipe.low_noise_model):
+        assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in m.blocks.parameters())
+        assert all(p.float().std() > 0 for n, p in m.blocks.named_parameters() if n.endswith("attn.q.weight"))
+    args = _low_ram_args(seed)
+    a = pipe.generate("a red fox", **args)
+    b = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks").generate("a red fox", **args)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+@pytest.mark.gpu
+def test_cuda_low_ram_equals_resident(seed, tiny_ckpt):
+    from wan.pipeline import WanT2V
+
+    args = _low_ram_args(seed)
+    ref = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cuda")  # the same weights, resident
+    a = ref.generate("a red fox runs through snow", **args)
+    del ref
+    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cuda")
+    hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low")
+    assert all(p.is_pinned() for p in hi.model.blocks.parameters())
+    for _ in range(2):
+        assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
+        assert pipe.host_ledger.peak <= max(hi.blocks_bytes, lo.blocks_bytes)
+    assert all(p.is_pinned() for p in lo.model.blocks.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_from_preset_blocks_never_holds_an_expert(monkeypatch):
+    """from_preset(device="cuda", offload="blocks"): whenever a block is materialised, it is the
+    only block on the GPU; afterwards every block is in pinned host memory."""
+    from wan.pipeline import WanT2V
+
+    seen, most = [], [0]
+    real = torch.nn.Module.to_empty
+
+    def spy(self, *, device, recurse=True):
+        out = real(self, device=device, recurse=recurse)
+        if type(self).__name__ == "WanAttentionBlock":
+            seen.append(self)
+            most[0] = max(most[0], sum(next(b.parameters()).device.type == "cuda" for b in seen))
+        return out
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    cfg = get_config("tiny")
+    cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=6))
+    pipe = WanT2V.from_preset(cfg, device="cuda", seed=0, offload="blocks")
+    monkeypatch.undo()
+    assert len(seen) == 12 and most[0] == 1
+    for m in (pipe.high_noise_model, pipe.low_noise_model):
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in m.blocks.parameters())
+
+
+def test_check_host_ram_on_cuda(monkeypatch):
+    """--host_ram as the CLIs check it on a CUDA machine (device check faked): low needs --ckpt_dir,
+    any value needs block streaming (asked, or from the preset)."""
+    import argparse
+
+    from wan_triton import cli
+
+    monkeypatch.setattr(cli, "check_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # presets ask; nothing runs on it
+
+    def chk(**kw):
+        base = dict(device="cuda", preset="none", offload="blocks", offload_model=None, no_offload=False,
+                    compile=None, host_ram="low", ckpt_dir="/ckpt")
+        return cli._check_host_ram(argparse.Namespace(**{**base, **kw}))
+
+    assert chk() == "low" and chk(host_ram="auto", ckpt_dir=None) == "auto" and chk(host_ram=None) is None
+    assert chk(offload=None, preset="rtx4090") == "low"  # the preset streams
+    with pytest.raises(cli.CLIError, match="give --ckpt_dir"):
+        chk(ckpt_dir=None)
+    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+        chk(offload="model")
+    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+        chk(offload=None, preset="h200")
+
+
+def test_bench_offload_video_flow_on_cpu(tmp_path):
+    """bench_offload --video's flow (cap, T5 on CPU, 4 steps across the switch, decode, JSON, the
+    re-read timing) on the tiny model on the CPU: the GPU run fails for no reason of flow."""
+    import json
+
+    from bench.bench_offload import main
+
+    out = tmp_path / "v.json"
+    assert main(["--video", "--smoke_cpu", "--no-triton", "--reload_blocks", "1", "--tmp", str(tmp_path),
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["experts"] == ["high", "high", "low", "low"] and res["finite"]
+    assert set(res["phases"]) == {"build", "t5", "denoise", "decode"}
+    assert res["reload"]["equal"] and res["reload"]["extrapolated"] and "projected_40_step_s" in res

@@ -60,15 +60,20 @@ class WanT2V:
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
         self.offload = "none"  # "blocks" after enable_block_streaming (wan.offload)
+        self.ckpt_dir = None   # the checkpoint folder (from_pretrained)
         self.last_timings: Timings | None = None  # of the latest generate() call
         self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
-                        convert_model_dtype=False, init_on_cpu=True, progress: bool = False, **kw) -> "WanT2V":
+                        convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
+                        offload: str | None = None, host_ram: str = "auto", **kw) -> "WanT2V":
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
-        `convert_model_dtype` (then `config.param_dtype`, as the official flag does)."""
+        `convert_model_dtype` (then `config.param_dtype`, as the official flag does).
+        offload="blocks": block streaming is on when it returns; the host-memory mode (`host_ram`,
+        wan.offload.host_plan) is chosen before the experts are read, and in low mode the
+        low-noise expert's blocks are only read at the expert switch."""
         from .checkpoint import CheckpointError, check_checkpoint
         from .dit import WanModel
         from .t5 import T5TextEncoder
@@ -85,17 +90,29 @@ class WanT2V:
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
-        low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
-                                       progress=progress)
-        high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
-                                        progress=progress)
-        return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        plan = None
+        if offload == "blocks":
+            from .offload import load_experts_for_streaming
+            low, high, plan = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
+        else:
+            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                           progress=progress)
+            high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+                                            progress=progress)
+        pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
+        if plan is not None:
+            from .offload import enable_pipeline_streaming
+            enable_pipeline_streaming(pipe, plan=plan)
+        return pipe
 
     @classmethod
     def from_preset(cls, config: T2VConfig | str = "tiny", device="cpu", dtype=None, seed: int = 0,
-                    t5_cpu=False, **kw) -> "WanT2V":
+                    t5_cpu=False, offload: str | None = None, **kw) -> "WanT2V":
         """Random weights at the preset's real shapes (official init, head randomised so the
-        output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`."""
+        output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`.
+        offload="blocks": the experts' blocks are built one at a time and go to host memory, and
+        block streaming is on (a 24 GB card never holds an expert; other random values)."""
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
@@ -111,15 +128,25 @@ class WanT2V:
         t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed,
                                        tokenizer=tok)
         vae = WanVAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
+        if offload == "blocks":
+            from .offload import build_streamable_expert
+            low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
+            high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
+            pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+            pipe.enable_block_streaming()
+            return pipe
         low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
         high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
         return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
 
-    def enable_block_streaming(self, ring: int = 2, pin: bool | None = None):
+    def enable_block_streaming(self, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
+                               ckpt_dir=None):
         """Stream both experts' DiT blocks from (pinned) host memory through a ring of `ring`
-        device buffers (wan.offload); returns the two handles. Bit-identical output."""
+        device buffers (wan.offload); returns the two handles. Bit-identical output.
+        host_ram "low" keeps only the active expert's blocks in host memory and re-reads the other
+        from `ckpt_dir` (default: the folder it was loaded from) at the switch; "auto" decides."""
         from .offload import enable_pipeline_streaming
-        return enable_pipeline_streaming(self, ring=ring, pin=pin)
+        return enable_pipeline_streaming(self, ring=ring, pin=pin, host_ram=host_ram, ckpt_dir=ckpt_dir)
 
     def save_pretrained(self, ckpt_dir, max_shard_bytes: int = 5 * 2 ** 30):
         """Write the official layout (tests use this to make small checkpoints)."""
@@ -134,7 +161,10 @@ class WanT2V:
     def load_lora(self, path, strength: float = 1.0, expert: str = "both", keep: str = "cpu") -> dict:
         """Merge a LoRA file into the high-noise, low-noise or both experts (wan.lora); the
         originals are kept (`keep`: cpu / device / none) so unload_loras() restores them exactly."""
-        from .lora import load_lora_into_pipeline
+        from .lora import LoraError, load_lora_into_pipeline
+        if self.offload == "blocks":  # the streamer owns the block storage (and may have evicted it)
+            raise LoraError("LoRAs merge before block streaming starts: call "
+                            "wan.offload.disable_pipeline_streaming(pipe) first, or load them before streaming")
         return load_lora_into_pipeline(self, path, strength, expert, keep)
 
     def unload_loras(self) -> int:

@@ -265,17 +265,19 @@ def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> st
 
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
-             attention: str | None = None, offload: str | None = None, fp8: bool | None = None,
+             attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
+             fp8: bool | None = None,
              **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
     alone. offload: 'none', 'model' or 'blocks' (None: the preset's; on CUDA only); 'blocks'
     turns on block streaming here (`WanT2V.enable_block_streaming`). The result's
-    `offload_model` is what the caller passes to generate(). fp8: True quantizes both experts'
-    block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy, the bf16 weights are
-    freed: reload to go back), False switches fp8 off where the bf16 layers were kept
-    (quantize_model(keep_original=True)), None leaves the experts as they are.
+    `offload_model` is what the caller passes to generate(). host_ram: 'auto', 'high' or 'low',
+    the host-memory mode of block streaming (wan.offload.host_plan; None: auto). fp8: True
+    quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy,
+    the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
+    were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
     """
     from .patch import patch
 
@@ -291,6 +293,9 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             if asked:
                 raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
             want[opt] = False
+    if host_ram not in (None, "auto") and want["offload"] != "blocks":
+        raise AccelError(f"--host_ram {host_ram} applies to block streaming (--offload blocks), and the offload "
+                         f"mode here is {want['offload']}")
     if want["offload"] == "blocks":  # compiled blocks would run the streaming hooks inside the graph
         if compile:
             raise AccelError(f"--compile does not work with block streaming (--offload blocks or preset "
@@ -331,7 +336,11 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             att.set_backend(attention)
     pipeline.use_batched_cfg = want["use_batched_cfg"]
     if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
-        pipeline.enable_block_streaming()
+        from wan.offload import OffloadError
+        try:
+            pipeline.enable_block_streaming(host_ram=host_ram or "auto")
+        except OffloadError as err:
+            raise AccelError(str(err)) from None
     if want["compile"]:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, compile_mode)

@@ -168,12 +168,16 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
     """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
     official --offload_model True; `blocks` streams each block from pinned host memory
     (wan.offload). Checked by `_check_offload` (Request.extra["offload"])."""
-    from wan.offload import OFFLOAD_MODES
+    from wan.offload import HOST_RAM_MODES, OFFLOAD_MODES
 
     p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
                    help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
                         "True); blocks: stream the DiT blocks from pinned CPU memory (fits 24 GB at 720p) "
                         "(CUDA only; default: the preset's)")
+    p.add_argument("--host_ram", default=None, choices=HOST_RAM_MODES,
+                   help="with --offload blocks: high keeps both experts' blocks in pinned CPU memory (~57 GB for "
+                        "A14B in bf16); low keeps the active expert's only and re-reads the other from --ckpt_dir "
+                        "at the expert switch; auto (default) picks low when the host is short (logged)")
 
 
 def _check_offload(args) -> str | None:
@@ -204,6 +208,31 @@ def _check_offload(args) -> str | None:
 
 
 EXTRA_GROUPS["offload"] = _check_offload
+
+
+def _check_host_ram(args) -> str | None:
+    """--host_ram {auto,high,low} (block streaming's host memory mode), or None. Without block
+    streaming it is an error; low needs checkpoint files (--ckpt_dir) to re-read an expert from."""
+    g = lambda name: getattr(args, name, None)  # noqa: E731
+    mode = g("host_ram")
+    if mode is None:
+        return None
+    offload = _check_offload(args)
+    if offload is None and check_device(g("device")).type == "cuda":
+        from .accel import get_preset, preset_offload
+        offload = preset_offload(get_preset(g("preset") or "none", check_device(g("device"))))
+    if offload != "blocks":
+        raise CLIError(f"--host_ram {mode} applies to block streaming: add --offload blocks (CUDA only)")
+    if mode == "low" and not g("ckpt_dir"):
+        raise CLIError("--host_ram low re-reads the idle expert from its checkpoint files: give --ckpt_dir "
+                       "(random weights have none)")
+    if mode == "low" and g("fp8"):
+        raise CLIError("--host_ram low re-reads the idle expert from its bf16 files, which would undo --fp8: use "
+                       "--host_ram high (fp8 experts need half the host memory)")
+    return mode
+
+
+EXTRA_GROUPS["host_ram"] = _check_host_ram
 
 
 # ------------------------------------------------------------------ the request
@@ -261,6 +290,8 @@ class Request:
         a = self.accel
         kw = dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
                   use_batched_cfg=a.use_batched_cfg, attention=a.attention)
+        if self.extra.get("host_ram"):
+            kw["host_ram"] = self.extra["host_ram"]
         return kw if a.fp8 is None else dict(kw, fp8=a.fp8)  # --fp8 only when given
 
 

@@ -83,8 +83,15 @@ def run(args) -> Path | None:
                      prompt_note)
         pipe = WanT2V.from_preset(req.config, device=req.device, t5_cpu=t5_cpu)
     else:
+        # block streaming (asked, or the preset's) starts at load: with host RAM low the low-noise expert is
+        # read at the switch only. LoRAs merge first and --fp8 quantizes first, so with either optimize() turns
+        # streaming on after them.
+        stream = (req.device.type == "cuda" and not par.dit_fsdp and not loras and not req.accel.fp8
+                  and (req.extra["offload"] or accel.preset_offload(preset)) == "blocks")
         pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=req.device, t5_cpu=t5_cpu,
-                                      convert_model_dtype=req.convert_model_dtype, progress=not req.quiet)
+                                      convert_model_dtype=req.convert_model_dtype, progress=not req.quiet,
+                                      offload="blocks" if stream else None,
+                                      host_ram=req.extra.get("host_ram") or "auto")
     logging.info("loaded %s in %.1fs on %s", req.task, time.perf_counter() - t0, req.device)
     apply_loras(pipe, loras)  # merged before optimize: kernels, compile and block streaming see the merged weights
     if state is not None:
