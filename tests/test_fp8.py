@@ -1,7 +1,8 @@
 """fp8 linears (wan_triton.fp8, kernels/*quant_fp8.py): the quantize kernels against float64
 formulas, the emulated fp8 product against the reference, the model switch (on: close to the
 bf16/fp32 model; off: bit-exact), pre-quantized checkpoints (bit-identical round trip), and the
-CLI refusing --fp8 without an fp8 GPU. CPU tests run the kernels in the Triton interpreter.
+CLI refusing --fp8 without an fp8 GPU. The kernel tests run on DEVICE: the compiled kernels on
+a CUDA GPU, the Triton interpreter on the CPU; the float64 references are always on the CPU.
 
 Tolerances (stated here, checked below):
 - scales: exactly the fp32 rounding of the float64 formula max(amax, 1e-12) / 448 (GELU: 2e-6
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from kernels.gelu_quant_fp8 import gelu_quant_fp8
 from kernels.modulate_quant_fp8 import modulate_quant_fp8
 from kernels.quant_fp8 import quant_fp8
+from tests.conftest import DEVICE, HAS_CUDA, tol
 from wan_triton import fp8
 
-HAS_CUDA = torch.cuda.is_available()
 E4M3 = torch.float8_e4m3fn
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -46,6 +47,17 @@ def _rows(m, k, dtype, gen, zero_row=True):
 def _ref_scale(v64):
     """float64 formula -> fp32 scale [.., 1]."""
     return (v64.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0).float()
+
+
+def _native_here() -> bool:
+    """Whether fp8 linears on DEVICE use torch._scaled_mm (CUDA, capability >= 8.9) or are emulated."""
+    return fp8.fp8_support(DEVICE)[0]
+
+
+def _products_via() -> str:
+    """What quantize_model's log line says for a model on DEVICE (a CPU-resident model on a machine
+    with CUDA reports the GPU, where it will run: also fp8_support(DEVICE))."""
+    return "torch._scaled_mm" if _native_here() else "EMULATED"
 
 
 def _ref_codes(v64, scale32):
@@ -80,7 +92,8 @@ def test_quant_fp8_matches_float64(seed, dtype, shape, max_block):
     g = torch.Generator().manual_seed(seed)
     x = _rows(*shape, dtype, g)
     kw = {} if max_block is None else {"max_block": max_block}
-    q, s = quant_fp8(x, **kw)
+    q, s = quant_fp8(x.to(DEVICE), **kw)
+    q, s = q.cpu(), s.cpu()
     x64 = x.double()
     s_ref = _ref_scale(x64)
     assert s.dtype == torch.float32 and s.shape == (shape[0], 1)
@@ -101,7 +114,8 @@ def test_quant_fp8_rounding_ties_subnormals_and_saturation():
     vals = [448.0, -448.0, 17.0, 19.0, 18.5, -17.0, 2 ** -10, 3 * 2 ** -10, -5 * 2 ** -10, 2 ** -7 + 2 ** -11,
             0.0013, 240.0, 232.0, 1e-9, 300.0]
     x = torch.tensor([vals], dtype=torch.float32)
-    q, s = quant_fp8(x)
+    q, s = quant_fp8(x.to(DEVICE))
+    q, s = q.cpu(), s.cpu()
     assert s.item() == 1.0
     want = torch.tensor([448, -448, 16, 20, 18, -16, 0, 2 ** -8, -2 ** -8, 2 ** -7, 2 ** -9, 240, 224, 0, 288.0])
     assert torch.equal(q.float()[0], want)
@@ -121,7 +135,8 @@ def test_gelu_quant_fp8_matches_float64(seed, dtype, shape, max_block):
     if shape[0] > 1:
         x[1] = -30.0  # GELU ~ 0 (underflows to zero): a zero row after the activation
     kw = {} if max_block is None else {"max_block": max_block}
-    q, s = gelu_quant_fp8(x, **kw)
+    q, s = gelu_quant_fp8(x.to(DEVICE), **kw)
+    q, s = q.cpu(), s.cpu()
     g64 = _gelu64(x.double())
     s_ref = _ref_scale(g64)
     torch.testing.assert_close(s, s_ref, rtol=2e-6, atol=0)
@@ -151,11 +166,15 @@ def test_modulate_quant_fp8_matches_float64(seed, dtype, B, L, C, per_token, max
     x = (torch.randn(B, L, C, generator=g) * 4 + 1).to(dtype)
     if per_token:
         shift, scale = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g) * 0.5
-    else:  # views of a [B, 6, C] modulation tensor, as in the block
+        shift_d, scale_d = shift.to(DEVICE), scale.to(DEVICE)
+    else:  # views of a [B, 6, C] modulation tensor, as in the block (strided views on DEVICE too)
         m = torch.randn(B, 6, C, generator=g)
         shift, scale = m[:, 0:1], m[:, 1:2]
+        m_d = m.to(DEVICE)
+        shift_d, scale_d = m_d[:, 0:1], m_d[:, 1:2]
     kw = {} if max_block is None else {"max_block": max_block}
-    q, s = modulate_quant_fp8(x, shift, scale, 1e-6, **kw)
+    q, s = modulate_quant_fp8(x.to(DEVICE), shift_d, scale_d, 1e-6, **kw)
+    q, s = q.cpu(), s.cpu()
     y64 = _modulate64(x, shift, scale, 1e-6)
     assert q.shape == (B, L, C) and s.shape == (B, L, 1)
     torch.testing.assert_close(s, _ref_scale(y64), rtol=_mod_scale_rtol(dtype), atol=0)
@@ -165,35 +184,46 @@ def test_modulate_quant_fp8_matches_float64(seed, dtype, B, L, C, per_token, max
 # ------------------------------------------------------------------ one fp8 linear (emulated on CPU)
 
 def test_fp8_linear_emulated_vs_reference(seed):
+    """On DEVICE: the CPU emulates in fp32 (within 1e-5 of the formula); on CUDA the product passes
+    through bf16 (torch._scaled_mm's bf16 output, or the emulation's bf16 matmul on GPUs without
+    fp8), so both paths there are held to the bf16 tolerance (conftest) against the same formula."""
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(96, 80)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(80, 96, generator=g) * 0.05)
         lin.bias.copy_(torch.randn(80, generator=g) * 0.1)
     x = torch.randn(3, 7, 96, generator=g)
-    f = fp8.Fp8Linear.from_linear(lin)
+    w64, b64 = lin.weight.detach().double(), lin.bias.detach().double()
+    f = fp8.Fp8Linear.from_linear(lin.to(DEVICE))
     assert f.weight.dtype == E4M3 and f.weight_scale.shape == (80, 1) and f.weight_scale.dtype == torch.float32
-    y = f(x)
+    assert f.weight.device.type == torch.device(DEVICE).type
+    xd = x.to(DEVICE)
+    y = f(xd)
     assert y.shape == (3, 7, 80) and y.dtype == torch.float32
-    # the bookkeeping: exactly the stated formula, evaluated in float64
-    qa, sa = quant_fp8(x)
-    formula = ((qa.double() * sa.double()).reshape(-1, 96) @ (f.weight.double() * f.weight_scale.double()).t()
-               + lin.bias.double()).reshape(3, 7, 80)
-    torch.testing.assert_close(y.double(), formula, rtol=1e-5, atol=1e-6)
+    # the bookkeeping: exactly the stated formula, evaluated in float64 on the CPU
+    qa, sa = quant_fp8(xd)
+    qa, sa, w8, ws = qa.cpu(), sa.cpu(), f.weight.cpu(), f.weight_scale.cpu()
+    formula = ((qa.double() * sa.double()).reshape(-1, 96) @ (w8.double() * ws.double()).t()
+               + b64).reshape(3, 7, 80)
+    close = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else tol(torch.bfloat16)
+    torch.testing.assert_close(y.cpu().double(), formula, **close)
+    if DEVICE != "cpu":  # the emulated path on the GPU as well (f(x) above may have been _scaled_mm)
+        emu = f._emulated(qa.to(DEVICE).reshape(-1, 96), sa.to(DEVICE).reshape(-1, 1), torch.float32)
+        torch.testing.assert_close(emu.cpu().double().reshape(3, 7, 80), formula, **tol(torch.bfloat16))
     # the error of fp8 itself, against the unquantized product
-    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    rel = ((y.double() - ref).norm() / ref.norm()).item()
-    print(f"fp8 linear rel. error {rel:.4f}")
+    ref = F.linear(x.double(), w64, b64)
+    rel = ((y.cpu().double() - ref).norm() / ref.norm()).item()
+    print(f"fp8 linear rel. error {rel:.4f} on {DEVICE}")
     assert 0 < rel < 0.06
     # a QuantizedInput gives the same result as the tensor it came from
-    assert torch.equal(f(fp8.quantize_input(x)), y)
+    assert torch.equal(f(fp8.quantize_input(xd)), y)
 
 
 def test_fp8_linear_autocast_output_dtype_and_dtype_guard():
-    lin = nn.Linear(32, 16)
+    lin = nn.Linear(32, 16, device=DEVICE)
     f = fp8.Fp8Linear.from_linear(lin)
-    x = torch.randn(4, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(4, 32, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         assert f(x).dtype == torch.bfloat16
     w, s = f.weight.clone(), f.weight_scale.clone()
     f.to(torch.bfloat16)  # a model-wide dtype change must not touch the e4m3 weight or its scales
@@ -229,8 +259,9 @@ def _same_state(a: dict, b: dict) -> bool:
 
 def test_quantize_model_close_and_switch_off_exact(seed, caplog):
     cfg, model = _tiny()
+    model = model.to(DEVICE)  # the activation kernels run on DEVICE (a CPU model needs the interpreter)
     g = torch.Generator().manual_seed(seed)
-    x, t, ctx = _inputs(cfg, g)
+    x, t, ctx = (a.to(DEVICE) for a in _inputs(cfg, g))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(x, t, ctx)
@@ -239,7 +270,9 @@ def test_quantize_model_close_and_switch_off_exact(seed, caplog):
             summ = fp8.quantize_model(model, progress=False, keep_original=True)
         assert summ.layers == 10 * cfg.dit.num_layers and summ.bytes_after < summ.bytes_before
         lines = [r.getMessage() for r in caplog.records if "fp8 linears: lossy" in r.getMessage()]
-        assert len(lines) == 1 and "EMULATED" in lines[0]  # one line says it is lossy and emulated here
+        # one line says it is lossy, and how the products run here: EMULATED on the CPU (and on GPUs
+        # without fp8), torch._scaled_mm on an fp8 GPU
+        assert len(lines) == 1 and _products_via() in lines[0], lines
         assert fp8.is_quantized(model)
         # embeddings, time projection and head untouched
         assert type(model.head.head) is nn.Linear and type(model.text_embedding[0]) is nn.Linear
@@ -301,7 +334,9 @@ def test_optimize_fp8_switch_and_patch_refuses(monkeypatch, caplog):
     assert applied.fp8 and "fp8 linears on (lossy)" in applied.summary()
     assert fp8.is_quantized(pipe.high_noise_model) and fp8.is_quantized(pipe.low_noise_model)
     lines = [r.getMessage() for r in caplog.records if "fp8 linears: lossy" in r.getMessage()]
-    assert len(lines) == 1 and "2 models" in lines[0] and "EMULATED" in lines[0]  # one line for both experts
+    # one line for both experts; CPU-resident experts on a machine with an fp8 GPU report _scaled_mm
+    # (they run there), else EMULATED
+    assert len(lines) == 1 and "2 models" in lines[0] and _products_via() in lines[0], lines
     assert wan_triton.optimize(pipe, "cpu").fp8  # fp8=None leaves the experts quantized
     with pytest.raises(fp8.Fp8Error):
         wan_triton.optimize(pipe, "cpu", fp8=False)  # the bf16 weights were freed: reload
@@ -337,17 +372,35 @@ def test_cli_fp8_without_fp8_gpu_is_one_line(tmp_path, capsys, monkeypatch):
 
 # ------------------------------------------------------------------ GPU (H200 / Ada or newer)
 
+def _rows_ieee(x):
+    """The kernels' formula in torch ops, op for op: fp32 amax, fp32 max with the floor, IEEE fp32
+    division by 448, then IEEE x32 / scale, clamp, round-to-nearest-even e4m3.
+
+    The divisors are CUDA tensors on purpose: PyTorch's CUDA `tensor / python_scalar` computes
+    tensor * (1 / scalar) (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu, "may lose one bit of
+    precision"), and fp32(1/448) is inexact, so `amax / 448.0` can be one ulp off the kernel's
+    tl.math.div_rn(amax, 448.0) - the last-bit scale mismatch this test used to report."""
+    x32 = x.float()
+    amax = x32.abs().amax(-1, keepdim=True)
+    s = torch.maximum(amax, torch.full_like(amax, fp8.AMAX_FLOOR)) / torch.full_like(amax, fp8.E4M3_MAX)
+    return (x32 / s).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(E4M3), s
+
+
+def _same_bits(q, s, qr, sr):
+    assert s.dtype == sr.dtype == torch.float32
+    n_s = int((s.view(torch.int32) != sr.view(torch.int32)).sum())
+    assert n_s == 0, f"{n_s} of {s.numel()} scales differ from max(amax, 1e-12) / 448 (IEEE fp32)"
+    n_q = int((q.view(torch.uint8) != qr.view(torch.uint8)).sum())
+    assert n_q == 0, f"{n_q} of {q.numel()} e4m3 codes differ bit-wise from the torch formula"
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_match_torch_formula_bits():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(333, 5120, device="cuda", generator=g, dtype=torch.bfloat16) * 3
-    q, s = quant_fp8(x)
-    qr, sr = fp8.quantize_rows_reference(x)
-    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    _same_bits(*quant_fp8(x), *_rows_ieee(x))
     x = torch.randn(64, 13824, device="cuda", generator=g, dtype=torch.bfloat16) * 3  # the ffn.2 width, one pass
-    q, s = quant_fp8(x)
-    qr, sr = fp8.quantize_rows_reference(x)
-    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    _same_bits(*quant_fp8(x), *_rows_ieee(x))
     q, s = gelu_quant_fp8(x)
     g64 = _gelu64(x.double().cpu())
     torch.testing.assert_close(s.cpu(), _ref_scale(g64), rtol=2e-6, atol=0)
@@ -358,10 +411,19 @@ def test_gpu_kernels_match_torch_formula_bits():
     y64 = _modulate64(xm.cpu(), mod[:, 0:1].cpu(), mod[:, 1:2].cpu(), 1e-6)
     torch.testing.assert_close(s.cpu(), _ref_scale(y64), rtol=_mod_scale_rtol(torch.bfloat16), atol=0)
     _check_codes(q.cpu(), _ref_codes(y64, s.cpu()), 1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_weight_same_bits_on_cpu_and_gpu():
+    """quantize_model quantizes CPU-resident weights on the GPU and promises the same bits. The CPU
+    divides by 448 exactly (IEEE); if this fails on the scales, fp8.quantize_rows_reference divides
+    by the Python scalar 448.0, which CUDA computes as * (1 / 448) (see _rows_ieee): divide by a
+    tensor there instead."""
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
     qc, sc = fp8.quantize_weight(w)
+    _same_bits(qc, sc, *_rows_ieee(w))  # the CPU formula is the kernels' formula
     qg, sg = fp8.quantize_weight(w.cuda())  # weights quantize to the same bits on either device
-    assert torch.equal(sc, sg.cpu()) and torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8))
+    _same_bits(qg.cpu(), sg.cpu(), qc, sc)
 
 
 @pytest.mark.gpu
