@@ -147,8 +147,9 @@ def test_fallback_reference_is_the_original_function(seed, monkeypatch):
     """Unsupported shapes run the original wan.dit function object, whatever the patch state."""
     monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
     ref = originals()["rms_norm_rope"]
-    x = torch.randn(2, 7, 64)
-    g, fr = torch.tensor([[1, 2, 3], [1, 1, 7]]), dit.rope_freqs(32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors on a GPU machine fall back for that reason
+    x = torch.randn(2, 7, 64, device=dev)
+    g, fr = torch.tensor([[1, 2, 3], [1, 1, 7]]), dit.rope_freqs(32).to(dev)
     with wan_triton.patched():
         # num_heads=3 does not divide C=64 -> reference; the reference raises the same error
         with pytest.raises(RuntimeError):

@@ -72,7 +72,9 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """Per-row e4m3 in torch ops: (q float8_e4m3fn [..., K], scale fp32 [..., 1]); the formula the
     kernels implement (fp32 math, IEEE division, round to nearest even)."""
     x32 = x.float()
-    s = x32.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / E4M3_MAX
+    # divide by a tensor: CUDA divides by a Python scalar through its reciprocal (1/448 is inexact in fp32),
+    # which would make GPU and CPU (and the kernels' IEEE division) differ in the last bit
+    s = x32.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / torch.full((), E4M3_MAX, device=x32.device)
     return (x32 / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE), s
 
 
