@@ -35,6 +35,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "flash": ["flash-attn"],
+        "fa4": ["flash-attn-4"],                  # CUDA 13 torch: pip install "flash-attn-4[cu13]"
+        "fp8-attention": ["nvidia-cudnn-frontend"],
     },
     entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
                                       "wan-benchmark = bench.benchmark_t2v:main"]},
