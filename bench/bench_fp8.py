@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._util import rel_err
+from bench.bench_dit import _timed  # median of runs after warm-up, peak memory: the same timing as bench_dit
 
 _VIDEO = ("python -m bench.benchmark_t2v --task t2v-A14B --random-weights --size 832*480 --frame_num 81 "
           "--sample_steps 40 --preset h200 --num_runs 1 --warmup 0 --out_dir bench/out")
@@ -115,21 +116,6 @@ def bench_matmuls(cfg, tokens: int, iters: int, dev) -> dict:
         out["speedup_gemm_with_quant"] = out["per_forward_bf16_s"] / (out["per_forward_fp8_s"]
                                                                       + out["per_forward_quant_s"])
     return out
-
-
-def _timed(fn, runs: int, warmup: int):
-    for _ in range(warmup):
-        out = fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times), times, torch.cuda.max_memory_allocated() / 1e9
 
 
 def _weight_gb(model) -> float:

@@ -167,6 +167,22 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
 # Precision helpers
 # --------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def init_linears_and_norms_(root: nn.Module, gen: torch.Generator) -> None:
+    """The official init of every Linear / LayerNorm / RMSNorm under `root`: Xavier-uniform
+    weights (a = sqrt(6 / (fan_in + fan_out))) from `gen`, zero biases, unit norm weights."""
+    for mod in root.modules():
+        if isinstance(mod, nn.Linear):
+            a = math.sqrt(6.0 / (mod.in_features + mod.out_features))
+            mod.weight.uniform_(-a, a, generator=gen)
+            mod.bias.zero_()
+        elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+            mod.weight.fill_(1.0)
+            mod.bias.zero_()
+        elif isinstance(mod, RMSNorm):
+            mod.weight.fill_(1.0)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype an enclosing autocast casts matmul inputs to, or None when it is off."""
     if torch.is_autocast_enabled(device_type):
@@ -368,15 +384,7 @@ class WanModel(nn.Module):
             a = math.sqrt(6.0 / (fan_in + fan_out))
             w.uniform_(-a, a, generator=gen)
 
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                xavier_(mod.weight, mod.in_features, mod.out_features)
-                mod.bias.zero_()
-            elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.weight.fill_(1.0)
+        init_linears_and_norms_(self, gen)
         pe = self.patch_embedding
         xavier_(pe.weight, math.prod(pe.weight.shape[1:]), pe.weight.shape[0])
         bound = 1.0 / math.sqrt(math.prod(pe.weight.shape[1:]))

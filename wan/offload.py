@@ -769,9 +769,7 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
     modulation ~ N(0, 1) / sqrt(dim)) from a generator seeded (seed, block), cast to `dtype`
     and moved to host memory. Its values differ from `WanModel.from_config(seed=seed)` (another
     random stream), its distribution does not. Used by `WanT2V.from_preset(offload="blocks")`."""
-    import math
-
-    from .dit import RMSNorm, WanModel
+    from .dit import WanModel, init_linears_and_norms_
 
     device = torch.device(device)
     with torch.device("meta"):
@@ -788,16 +786,7 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
         blk.to_empty(device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed * 1_000_003 + i + 1)
-        for mod in blk.modules():
-            if isinstance(mod, nn.Linear):
-                a = math.sqrt(6.0 / (mod.in_features + mod.out_features))
-                mod.weight.uniform_(-a, a, generator=gen)
-                mod.bias.zero_()
-            elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.weight.fill_(1.0)
+        init_linears_and_norms_(blk, gen)
         blk.modulation.normal_(generator=gen).div_(model.dim ** 0.5)
         blk.to(dtype).to("cpu")
     return model.eval().requires_grad_(False)
