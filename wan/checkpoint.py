@@ -149,6 +149,15 @@ def load_dit(folder, dtype=None, device="cpu", progress: bool = False):
     files = dit_weight_files(folder)
     with torch.device("meta"):
         model = WanModel(cfg)
+    return load_weights_into(model, folder, files, device, dtype, progress)
+
+
+def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, progress: bool = False):
+    """Fill a `meta`-built model from the safetensors `files` of `folder` (as `dit_weight_files`
+    lists them), with assign=True: every key checked (unexpected, duplicate, index vs file, shape,
+    missing), floating tensors cast to `dtype` when given (None keeps them as stored, fp8 included).
+    Returns the model in eval mode without gradients. Shared by `load_dit` and the fp8 loader."""
+    folder = Path(folder)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict = {}
     seen: set = set()

@@ -496,9 +496,7 @@ def _fp8_shells(model) -> None:
 
 def load_fp8(folder, device="cpu", progress: bool = False):
     """A quantized WanModel from save_fp8's folder, bit-identical to what was saved."""
-    from safetensors import SafetensorError, safe_open
-
-    from wan.checkpoint import CheckpointError, check_keys, check_shape, dit_weight_files, read_dit_config
+    from wan.checkpoint import CheckpointError, dit_weight_files, load_weights_into, read_dit_config
     from wan.configs import DiTConfig
     from wan.dit import WanModel
 
@@ -514,29 +512,4 @@ def load_fp8(folder, device="cpu", progress: bool = False):
     with torch.device("meta"):
         model = WanModel(DiTConfig.from_dict(raw))
     _fp8_shells(model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = dit_weight_files(folder)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(expected), desc=f"load {folder.name}", unit="tensor", leave=False, dynamic_ncols=True)
-    loaded = {}
-    try:
-        for fname in files:
-            with safe_open(fname, framework="pt", device=str(device)) as f:
-                for k in f.keys():
-                    if k not in expected:
-                        raise CheckpointError(f"{fname}: unexpected key {k}")
-                    t = f.get_tensor(k)
-                    check_shape(k, t.shape, expected[k], fname)
-                    loaded[k] = t
-                    if bar is not None:
-                        bar.update(1)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read {folder} (corrupt or truncated?): {err}") from None
-    finally:
-        if bar is not None:
-            bar.close()
-    check_keys(expected, loaded.keys(), folder)
-    model.load_state_dict(loaded, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_weights_into(model, folder, dit_weight_files(folder), device, None, progress)
