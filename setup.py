@@ -28,8 +28,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["wan", "wan.*", "kernels", "kernels.*", "wan_triton", "wan_triton.*",
-                                    "bench", "bench.*"]),
+    # The installed import names are ours alone: `wan` and `wan_triton` (the Triton kernels are
+    # `wan_triton.kernels`; a top-level `kernels` is Hugging Face's, and `bench` is a PyPI name).
+    # The scripts in bench/ run from a clone (python -m bench.<name>) and are not installed.
+    packages=find_packages(include=["wan", "wan.*", "wan_triton", "wan_triton.*"]),
     install_requires=install_requires,
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib"],
@@ -39,5 +41,5 @@ setup(
         "fp8-attention": ["nvidia-cudnn-frontend"],
     },
     entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
-                                      "wan-benchmark = bench.benchmark_t2v:main"]},
+                                      "wan-benchmark = wan_triton.benchmark:main"]},
 )

@@ -178,7 +178,7 @@ def main(argv=None):
 
     if "quant" in parts:
         try:
-            from kernels.attn_quant_fp8 import quantize_fp8
+            from wan_triton.kernels.attn_quant_fp8 import quantize_fp8
 
             x = _inputs(1, args.seq, args.heads, args.head_dim, args, gen)[1]
             floor = x.numel() * 5 / PEAK_HBM

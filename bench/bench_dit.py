@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench._util import rel_err
+from wan_triton.metrics import rel_err
 
 
 def _timed(fn, runs: int, warmup: int):

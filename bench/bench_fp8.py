@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench._util import rel_err
+from wan_triton.metrics import rel_err
 from bench.bench_dit import _timed  # median of runs after warm-up, peak memory: the same timing as bench_dit
 
-_VIDEO = ("python -m bench.benchmark_t2v --task t2v-A14B --random-weights --size 832*480 --frame_num 81 "
+_VIDEO = ("python -m wan_triton.benchmark --task t2v-A14B --random-weights --size 832*480 --frame_num 81 "
           "--sample_steps 40 --preset h200 --num_runs 1 --warmup 0 --out_dir bench/out")
 VIDEO_CMDS = (  # same seed and weights: the reference frames are the same in both runs
     f"{_VIDEO} --mode both --name video480_bf16      # reference vs optimized bf16: time, PSNR",
@@ -72,7 +72,7 @@ def block_shapes(cfg, tokens: int) -> list[tuple[str, int, int, int]]:
 
 def bench_matmuls(cfg, tokens: int, iters: int, dev) -> dict:
     """(a): per shape, bf16 vs fp8 (GEMM alone, and with the activation quantization)."""
-    from kernels.quant_fp8 import quant_fp8
+    from wan_triton.kernels.quant_fp8 import quant_fp8
     from wan_triton.fp8 import fp8_support, quantize_weight
 
     native, why = fp8_support(dev)

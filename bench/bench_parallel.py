@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench._util import rel_err
+from wan_triton.metrics import rel_err
 from wan.timing import sync as _sync
 
 
@@ -186,7 +186,7 @@ def part_video(config, args, dev, state_sp, state_cfg, log, is_main):
     from wan import parallel
     from wan.pipeline import WanT2V, video_to_uint8
 
-    from .benchmark_t2v import psnr_uint8
+    from wan_triton.metrics import psnr_uint8
 
     t0 = time.perf_counter()
     pipe = WanT2V.from_preset(config, device=dev, seed=0)

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from bench._util import rel_err
-from bench.benchmark_t2v import psnr_uint8
+from wan_triton.metrics import rel_err
+from wan_triton.metrics import psnr_uint8
 
 
 def _pick(saved: dict, mode: str | None, path: str) -> dict:

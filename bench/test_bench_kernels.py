@@ -17,7 +17,7 @@ import importlib.util
 import pytest
 import torch
 
-import kernels
+from wan_triton import kernels
 import wan.dit as wd
 import wan.pipeline as wp
 

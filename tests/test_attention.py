@@ -229,7 +229,7 @@ def test_patch_attention_fp8_registers_it():
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU-only message")
 @pytest.mark.parametrize("tool", ["generate", "benchmark"])
 def test_cli_attention_fp8_without_cuda_is_one_line(tool, tmp_path, capsys):
-    from bench import benchmark_t2v
+    from wan_triton import benchmark as benchmark_t2v
     from wan_triton import generate
 
     mod = generate if tool == "generate" else benchmark_t2v
@@ -310,7 +310,7 @@ def _quant_ref(x, subtract_mean):
 @pytest.mark.parametrize("subtract_mean", [False, True])
 @pytest.mark.parametrize("shape", [(1, 37, 3, 16), (2, 1100, 1, 32)], ids=["small", "multi-chunk"])
 def test_quant_kernel_matches_float64(seed, dtype, subtract_mean, shape):
-    from kernels.attn_quant_fp8 import quantize_fp8
+    from wan_triton.kernels.attn_quant_fp8 import quantize_fp8
 
     offset = torch.randn(shape[2], shape[3]) * 4  # per-channel offsets, as k carries
     x = (torch.randn(shape) * 2 + offset).to(dtype).to(DEVICE)
@@ -326,7 +326,7 @@ def test_quant_kernel_matches_float64(seed, dtype, subtract_mean, shape):
 
 
 def test_quant_kernel_constant_input_has_unit_scale():
-    from kernels.attn_quant_fp8 import quantize_fp8
+    from wan_triton.kernels.attn_quant_fp8 import quantize_fp8
 
     x = torch.full((1, 5, 2, 8), 3.25, device=DEVICE)
     r = quantize_fp8(x, subtract_mean=True, out_dtype=torch.float32)
@@ -340,7 +340,7 @@ def test_mean_subtraction_is_exact_under_softmax(seed):
 
 
 def test_quant_kernel_rejects_bad_input():
-    from kernels.attn_quant_fp8 import quantize_fp8, quantize_fp8_supports
+    from wan_triton.kernels.attn_quant_fp8 import quantize_fp8, quantize_fp8_supports
 
     assert not quantize_fp8_supports(torch.randn(3, 4, device=DEVICE))[0]
     assert not quantize_fp8_supports(torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE))[0]
@@ -377,7 +377,7 @@ def test_gpu_every_available_backend_vs_float64(seed, padded):
 
 @pytest.mark.gpu
 def test_gpu_quant_kernel_fp8_codes(seed):
-    from kernels.attn_quant_fp8 import quantize_fp8
+    from wan_triton.kernels.attn_quant_fp8 import quantize_fp8
 
     x = torch.randn(2, 3000, 4, 128, device="cuda", dtype=torch.bfloat16) * 3
     for sub in (False, True):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.benchmark_t2v import main, psnr_uint8, rel_err
+from wan_triton.benchmark import main, psnr_uint8, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--size", "128*128", "--frame_num", "5", "--sample_steps", "2", "--num_runs", "1", "--warmup", "0",
@@ -123,7 +123,7 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
 
 def test_unwritable_results_keep_the_table(tmp_path, capsys, monkeypatch):
     """If the files cannot be written at the end, the table still reaches stdout and the error is one line."""
-    import bench.benchmark_t2v as bt
+    import wan_triton.benchmark as bt
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
@@ -140,7 +140,7 @@ def test_unwritable_results_keep_the_table(tmp_path, capsys, monkeypatch):
 
 
 def test_module_entry_point_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench.benchmark_t2v", "--num_runs", "0", "--device", "cpu",
+    r = subprocess.run([sys.executable, "-m", "wan_triton.benchmark", "--num_runs", "0", "--device", "cpu",
                         "--out_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["wan-benchmark: error: --num_runs must be >= 1, got 0"]
@@ -172,7 +172,7 @@ def _mode(totals, steps, **settings):
 
 
 def _report(ref, opt):
-    from bench.benchmark_t2v import timing_verdict
+    from wan_triton.benchmark import timing_verdict
 
     cmp_ = dict(speedup_total=ref["total"] / opt["total"], speedup_per_step=1.0, speedup_extrapolated=1.0,
                 **timing_verdict(ref, opt))
@@ -183,7 +183,7 @@ def _report(ref, opt):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_same_computation_never_claims_a_speedup(seed):
-    from bench.benchmark_t2v import speedup_text
+    from wan_triton.benchmark import speedup_text
 
     g = torch.Generator().manual_seed(seed)
     ref_t = (10 + 5 * torch.rand(3, generator=g)).tolist()
@@ -197,7 +197,7 @@ def test_same_computation_never_claims_a_speedup(seed):
 
 
 def test_overlapping_runs_are_no_measurable_difference():
-    from bench.benchmark_t2v import speedup_text
+    from wan_triton.benchmark import speedup_text
 
     rep = _report(_mode([12.87, 12.0, 13.5], [0.5]), _mode([12.6, 11.8, 13.9], [0.5], triton=True, patched=6))
     c = rep["comparison"]
@@ -209,7 +209,7 @@ def test_overlapping_runs_are_no_measurable_difference():
 
 
 def test_disjoint_runs_give_the_ratio_with_the_spread():
-    from bench.benchmark_t2v import speedup_text
+    from wan_triton.benchmark import speedup_text
 
     rep = _report(_mode([12.9, 12.8, 13.0], [0.5]), _mode([10.1, 10.0, 10.3], [0.4], triton=True, patched=6))
     assert rep["comparison"]["verdict"] == "measured"
@@ -219,7 +219,7 @@ def test_disjoint_runs_give_the_ratio_with_the_spread():
 
 
 def test_one_run_uses_the_step_spread_or_says_untested():
-    from bench.benchmark_t2v import speedup_text
+    from wan_triton.benchmark import speedup_text
 
     noisy = _report(_mode([10.0], [0.50, 0.9, 0.52, 0.55]), _mode([9.0], [0.49, 0.53, 0.51, 0.8], compile=True))
     assert noisy["comparison"]["verdict"] == "noise" and "IQR of 4 per-step times" in speedup_text(noisy)
@@ -233,7 +233,7 @@ def test_chart_title_and_bar_labels(tmp_path, monkeypatch):
     """The title follows the speed-up rule; each bar's label is the number where the bar ends."""
     import matplotlib.pyplot as plt
 
-    from bench.benchmark_t2v import plot, speedup_text
+    from wan_triton.benchmark import plot, speedup_text
 
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)
@@ -256,7 +256,7 @@ def test_chart_title_and_bar_labels(tmp_path, monkeypatch):
 
 
 def test_out_dir_help_and_error_name_the_real_files(tmp_path, capsys):
-    from bench.benchmark_t2v import build_parser
+    from wan_triton.benchmark import build_parser
 
     assert "bench/out, relative to the current directory" in " ".join(build_parser().format_help().split())
     out = tmp_path / "out"
@@ -267,8 +267,8 @@ def test_out_dir_help_and_error_name_the_real_files(tmp_path, capsys):
 
 
 def test_rel_err_is_shared():
-    import bench._util as util
-    import bench.benchmark_t2v as bt
+    import wan_triton.metrics as util
+    import wan_triton.benchmark as bt
 
     assert bt.rel_err is util.rel_err
     x = torch.randn(7, dtype=torch.float64)

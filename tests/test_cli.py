@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 import torch
 
-from bench import benchmark_t2v
+from wan_triton import benchmark as benchmark_t2v
 from wan_triton import accel, cli, generate
 
 TOOLS = {"wan-generate": generate, "wan-benchmark": benchmark_t2v}

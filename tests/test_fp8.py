@@ -1,4 +1,4 @@
-"""fp8 linears (wan_triton.fp8, kernels/*quant_fp8.py): the quantize kernels against float64
+"""fp8 linears (wan_triton.fp8, wan_triton/kernels/*quant_fp8.py): the quantize kernels against float64
 formulas, the emulated fp8 product against the reference, the model switch (on: close to the
 bf16/fp32 model; off: bit-exact), pre-quantized checkpoints (bit-identical round trip), and the
 CLI refusing --fp8 without an fp8 GPU. The kernel tests run on DEVICE: the compiled kernels on
@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.gelu_quant_fp8 import gelu_quant_fp8
-from kernels.modulate_quant_fp8 import modulate_quant_fp8
-from kernels.quant_fp8 import quant_fp8
+from wan_triton.kernels.gelu_quant_fp8 import gelu_quant_fp8
+from wan_triton.kernels.modulate_quant_fp8 import modulate_quant_fp8
+from wan_triton.kernels.quant_fp8 import quant_fp8
 from tests.conftest import DEVICE, HAS_CUDA, tol
 from wan_triton import fp8
 
@@ -345,7 +345,7 @@ def test_optimize_fp8_switch_and_patch_refuses(monkeypatch, caplog):
 
 
 def test_cli_fp8_without_fp8_gpu_is_one_line(tmp_path, capsys, monkeypatch):
-    from bench import benchmark_t2v
+    from wan_triton import benchmark as benchmark_t2v
     from wan.pipeline import WanT2V
     from wan_triton import generate
 

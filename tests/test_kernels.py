@@ -1,4 +1,4 @@
-"""Parity of the Triton kernels (kernels/) with the wan reference ops.
+"""Parity of the Triton kernels (wan_triton/kernels/) with the wan reference ops.
 
 Without CUDA the kernels run on CPU tensors through the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), so CPU shapes stay small; tests marked `gpu` run the real 720p sizes and a
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from wan_triton import kernels
 import wan.dit as wd
 import wan.pipeline as wp
 from conftest import DEVICE, TOLERANCES, tol
@@ -106,26 +106,32 @@ def test_triton_path_is_taken():
 
 
 def test_kernels_is_a_leaf():
-    """kernels/ imports nothing of wan (and holds no reference math)."""
-    code = ("import sys, kernels; bad = [m for m in sys.modules if m == 'wan' or m.startswith(('wan.', "
-            "'wan_triton'))]; assert not bad, bad; assert not [n for n in dir(kernels) if n.startswith('torch_')]")
+    """wan_triton/kernels imports nothing of wan or of the rest of wan_triton (and holds no reference
+    math): loaded on its own, as a top-level package under another name, it pulls in neither."""
+    pkg = ROOT / "wan_triton" / "kernels"
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('leaf', {str(pkg / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(pkg)!r}])\n"
+            "leaf = importlib.util.module_from_spec(spec); sys.modules['leaf'] = leaf; spec.loader.exec_module(leaf)\n"
+            "bad = [m for m in sys.modules if m == 'wan' or m.startswith(('wan.', 'wan_triton'))]; assert not bad, bad\n"
+            "assert leaf.rms_norm and not [n for n in dir(leaf) if n.startswith('torch_')]")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    for path in (ROOT / "kernels").glob("*.py"):
+    for path in pkg.glob("*.py"):
         src = path.read_text()
         assert "import wan" not in src and "from wan" not in src, path
 
 
 def test_import_without_interpret_and_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import kernels, torch; x = torch.randn(2, 8)\n"
+    code = ("import torch; from wan_triton import kernels; x = torch.randn(2, 8)\n"
             "ok, why = kernels.rms_norm_supports(x, torch.ones(8), 1e-6)\n"
             "assert not ok and 'TRITON_INTERPRET' in why, why")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     # triton missing: imports, every support check says why
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
-            "import torch, kernels\n"
+            "import torch; from wan_triton import kernels\n"
             "assert not kernels.triton_available()\n"
             "x = torch.randn(1, 4, 8); m = torch.randn(1, 6, 8)\n"
             "ok, why = kernels.modulate_supports(x, m[:, 0:1], m[:, 1:2], 1e-6)\n"

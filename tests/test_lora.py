@@ -398,7 +398,7 @@ def test_bad_lora_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypatch
 
 
 def test_bad_lora_benchmark_cli(tmp_path, capsys, seed):
-    from bench.benchmark_t2v import main
+    from wan_triton.benchmark import main
 
     path, msg = _bad_files(tmp_path, torch.Generator().manual_seed(seed))["shape"]
     out = tmp_path / "bench_out"

@@ -130,7 +130,7 @@ def test_refuses_bad_requests(seed):
 
 def test_with_triton_patch_interpreted(seed):
     pytest.importorskip("triton")
-    import kernels
+    from wan_triton import kernels
     import wan_triton
 
     if not kernels.interpret_mode():  # the CPU kernels need the interpreter from the start of the process
@@ -207,7 +207,7 @@ def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, ar
         from wan_triton.generate import main
         out = ["--save_file", str(tmp_path / "x.mp4")]
     else:
-        from bench.benchmark_t2v import main
+        from wan_triton.benchmark import main
         out = ["--out_dir", str(tmp_path / "o")]
     try:
         rc = main(args + ["--device", "cpu", "--quiet"] + out)

@@ -175,7 +175,7 @@ def _warm_up():
     """Build and run the tiny pipeline once in the parent, so that forked workers inherit the
     imports (the first meta-device build alone imports for seconds)."""
     import wan_triton.patch  # noqa: F401 - and the kernels' imports (triton: seconds)
-    from kernels import rope  # noqa: F401
+    from wan_triton.kernels import rope  # noqa: F401
 
     pipe = _tiny_pipe()
     pipe.generate("warm", seed=0, return_latents=True, **GEN)
@@ -326,7 +326,7 @@ def test_cli_without_torchrun_is_one_line(capsys, monkeypatch, tmp_path):
 def test_parse_request_checks_the_parallel_flags(monkeypatch):
     """The group is registered in wan_triton.cli: both CLIs get its flags, parse_request checks them
     (against the task's heads) before any model is built and fills Request.extra['parallel']."""
-    from bench.benchmark_t2v import build_parser as bench_parser
+    from wan_triton.benchmark import build_parser as bench_parser
     from wan_triton import cli
     from wan_triton.generate import build_parser
 

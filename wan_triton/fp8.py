@@ -114,7 +114,7 @@ def _compiling() -> bool:
 def _kernel(name: str, *args):
     """The Triton op `name` when its support check covers `args`, else None (counted, logged once)."""
     try:
-        mod = importlib.import_module(f"kernels.{name}")
+        mod = importlib.import_module(f"wan_triton.kernels.{name}")
         ok, why = getattr(mod, f"{name}_supports")(*args)
     except ImportError as err:  # pragma: no cover - kernels ship with the package
         mod, ok, why = None, False, f"kernels unavailable: {err}"

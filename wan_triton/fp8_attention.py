@@ -5,7 +5,7 @@
 
 Per-tensor scales s = 448 / amax (computed on the GPU; no host sync). The k mean (per batch
 entry and channel, over all tokens) is exact under softmax (a per-query constant; see
-kernels/attn_quant_fp8.py) and on by default. Inside cuDNN the probabilities P (unnormalised,
+wan_triton/kernels/attn_quant_fp8.py) and on by default. Inside cuDNN the probabilities P (unnormalised,
 in [0, 1]) are stored in e4m3 with `scale_s` (default 448: P = 1 -> 448; small P fall to e4m3's
 subnormals, the main error term at long sequences) before the P V matmul.
 
@@ -157,7 +157,7 @@ def _line(err: BaseException) -> str:
 
 def quantize(q, k, v, subtract_k_mean: bool = True):
     """(q8, k8, v8) as kernels.attn_quant_fp8.QuantFP8 tuples."""
-    from kernels.attn_quant_fp8 import quantize_fp8
+    from wan_triton.kernels.attn_quant_fp8 import quantize_fp8
 
     return (quantize_fp8(q), quantize_fp8(k, subtract_mean=subtract_k_mean), quantize_fp8(v))
 
@@ -211,7 +211,7 @@ def _check(device: torch.device) -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return False, f"fp8 attention needs Hopper (sm90) or newer; this GPU is sm{major}{minor}"
-    import kernels
+    from wan_triton import kernels
 
     if not kernels.triton_available():
         return False, "fp8 attention needs Triton (for the quantization kernel)"

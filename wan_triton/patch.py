@@ -96,7 +96,7 @@ def _reference(fn):
 
 
 def _make_dispatcher(name: str, reference):
-    import kernels
+    from wan_triton import kernels
 
     kernel = getattr(kernels, name)
     supports = getattr(kernels, f"{name}_supports")
@@ -135,7 +135,7 @@ def _dispatcher(mod_name: str, attr: str):
 
 def kernel_support() -> tuple[bool, str]:
     """(usable, reason): Triton importable and a CUDA device (or TRITON_INTERPRET=1)."""
-    import kernels
+    from wan_triton import kernels
 
     if not kernels.triton_available():
         return False, "Triton is not installed"

@@ -16,7 +16,7 @@ whether the kernel covers a call (device or interpreter, dtype, shapes, strides,
 rejects is an error; `wan_triton.patch()` is the one place that picks "kernel when supported,
 else the reference", and counts both. Triton runs for CUDA tensors (and CPU tensors under
 TRITON_INTERPRET=1). GPU paths are torch custom ops in the `wan_kernels` namespace (see
-kernels._utils), so torch.compile traces them without graph breaks.
+wan_triton.kernels._utils), so torch.compile traces them without graph breaks.
 """
 from ._utils import interpret_mode, triton_available, unsupported_tensors
 from .cfg import cfg_combine, cfg_combine_supports

@@ -1,7 +1,7 @@
 """End-to-end Wan 2.2 T2V benchmark: reference vs optimized, same pipeline, same seed.
 
-    python -m bench.benchmark_t2v                                  # tiny preset, CPU-friendly
-    python -m bench.benchmark_t2v --random-weights --size 1280*720 --sample_steps 4 --no-decode
+    python -m wan_triton.benchmark                                  # tiny preset, CPU-friendly
+    python -m wan_triton.benchmark --random-weights --size 1280*720 --sample_steps 4 --no-decode
     wan-benchmark --ckpt_dir ./Wan2.2-T2V-A14B --preset h200 --num_runs 3
 
 Method
@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench._util import band, rel_err
+from wan_triton.metrics import band, psnr_uint8, rel_err
 from wan_triton.cli import CLIError, parse_request
 
 PROG = "wan-benchmark"
@@ -120,12 +120,6 @@ class ModeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def psnr_uint8(a, b) -> float:
-    """PSNR in dB between two uint8 frame stacks (all frames, all channels); inf when identical."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def _median_index(values) -> int:

@@ -12,7 +12,7 @@ For one row x of width C (x32 = x.float()), with the per-sample or per-token shi
 y is quantized straight from fp32 (modulate's optional `out_dtype` rounding is skipped: the
 product reads q, not y). Returns (q float8_e4m3fn [B, L, C], s fp32 [B, L, 1]). shift/scale are
 [B, 1, C] (any batch stride) or [B, L, C], addressed by (batch, token) strides as in
-kernels/modulate.py. One program per row; rows up to 16384 wide are held in registers (one
+wan_triton/kernels/modulate.py. One program per row; rows up to 16384 wide are held in registers (one
 read of x), wider rows loop (mean, variance, amax, write: four reads).
 
 `modulate_quant_fp8` launches the kernel; call it only where `modulate_quant_fp8_supports` says yes.

@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmark scripts."""
+"""Error and spread measures shared by wan-benchmark and the scripts in bench/."""
 from __future__ import annotations
 
 import math
@@ -23,3 +23,9 @@ def band(values, robust: bool = False) -> tuple[float, float]:
         return values[0], values[-1]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
+
+
+def psnr_uint8(a, b) -> float:
+    """PSNR in dB between two uint8 frame stacks (all frames, all channels); inf when identical."""
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
