@@ -110,7 +110,9 @@ def _reset_peak() -> None:
 
 
 def _set_cap(cap_gb: float | None, total: int) -> None:
-    if not torch.cuda.is_available():
+    """Cap this process's GPU memory at `cap_gb` of `total` bytes (None: lift the cap). total 0: no
+    GPU in this run (the CPU smoke of --video, also on a machine that has CUDA): nothing to cap."""
+    if not total:
         return
     torch.cuda.empty_cache()
     frac = 1.0 if cap_gb is None else min(1.0, cap_gb * 1e9 / total)

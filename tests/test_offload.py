@@ -549,3 +549,20 @@ def test_bench_offload_video_flow_on_cpu(tmp_path):
     assert res["experts"] == ["high", "high", "low", "low"] and res["finite"]
     assert set(res["phases"]) == {"build", "t5", "denoise", "decode"}
     assert res["reload"]["equal"] and res["reload"]["extrapolated"] and "projected_40_step_s" in res
+
+
+def test_bench_offload_cap_without_gpu_total(monkeypatch):
+    """The CPU smoke passes total=0; with CUDA present (a GPU machine) that is no cap, not a division."""
+    import torch
+
+    import bench.bench_offload as bo
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *a: calls.append(a))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    bo._set_cap(24.0, 0)
+    bo._set_cap(None, 0)
+    assert calls == []
+    bo._set_cap(24.0, 48_000_000_000)
+    assert calls == ["empty", (0.5,)]

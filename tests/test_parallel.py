@@ -11,7 +11,10 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,7 +184,7 @@ def _warm_up():
     pipe.generate("warm", seed=0, return_latents=True, **GEN)
 
 
-def _spawn(world: int, tmp_path_factory) -> dict:
+def _run_world(world: int, out: str) -> None:
     """Run the checks in `world` processes: forked from this warmed-up process where the platform
     allows (no re-import, ~10x cheaper than spawn), else spawned. Workers use one thread each."""
     import multiprocessing
@@ -191,9 +194,24 @@ def _spawn(world: int, tmp_path_factory) -> dict:
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "fork":
         _warm_up()
+    mp.start_processes(_worker, args=(world, _free_port(), out), nprocs=world, join=True, start_method=method)
+
+
+def _spawn(world: int, tmp_path_factory) -> dict:
+    """The checks' results. Some run the Triton kernels on CPU tensors, which needs
+    TRITON_INTERPRET=1 from the start of the process (triton.jit reads it when a kernel is defined).
+    A GPU machine runs the suite without it: there the workers start from a fresh interpreter-mode
+    process instead of this one."""
     out = tmp_path_factory.mktemp(f"par{world}") / "results.json"
-    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True,
-                       start_method=method)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _run_world(world, str(out))
+    else:
+        here = Path(__file__).resolve().parent
+        path = os.pathsep.join(p for p in (str(here), str(here.parent), os.environ.get("PYTHONPATH")) if p)
+        r = subprocess.run([sys.executable, "-c", f"import test_parallel as t; t._run_world({world}, {str(out)!r})"],
+                           env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}, cwd=here.parent,
+                           capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out.read_text())
 
 
