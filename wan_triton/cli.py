@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from .flag_words import flag_words
+
 DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 DEVICES = ("cuda", "cuda:N", "cpu")
 
@@ -167,8 +169,9 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
 def add_offload_flags(p: argparse.ArgumentParser) -> None:
     """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
     official --offload_model True; `blocks` streams each block from pinned host memory
-    (wan.offload). Checked by `_check_offload` (Request.extra["offload"])."""
-    from wan.offload import HOST_RAM_MODES, OFFLOAD_MODES
+    (wan.streaming). Checked by `_check_offload` (Request.extra["offload"])."""
+    from wan.hostmem import HOST_RAM_MODES
+    from wan.offload import OFFLOAD_MODES
 
     p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
                    help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
@@ -185,7 +188,8 @@ def _check_offload(args) -> str | None:
     when none of them is given (then the preset decides, in optimize()). Flags that disagree, a
     mode other than none without CUDA, and block streaming with --compile (asked, or from the
     preset) are CLIErrors."""
-    from wan.offload import OffloadError, resolve_offload
+    from wan.offload import resolve_offload
+    from wan.streaming import OffloadError
 
     g = lambda name: getattr(args, name, None)  # noqa: E731 - a tool may not have every flag
     asked = g("offload") is not None or g("offload_model") is not None or bool(g("no_offload"))
@@ -194,7 +198,7 @@ def _check_offload(args) -> str | None:
         mode = resolve_offload(g("offload"), g("offload_model"), bool(g("no_offload")), "none", device.type,
                                g("compile"))
     except OffloadError as err:
-        raise CLIError(str(err)) from None
+        raise CLIError(flag_words(str(err))) from None
     if asked:
         return mode
     if g("compile") and device.type == "cuda":
@@ -485,7 +489,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     try:
         fn()
     except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
-        return fail(str(err), 2)
+        return fail(flag_words(str(err)), 2)  # wan names its arguments; the user typed flags
     except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
         return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
     except torch.cuda.OutOfMemoryError:
