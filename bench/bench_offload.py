@@ -1,4 +1,4 @@
-"""Block streaming (wan.offload) on one GPU under emulated memory caps: step time vs resident,
+"""Block streaming (wan.streaming) on one GPU under emulated memory caps: step time vs resident,
 peak GPU memory, peak host RSS, H2D bandwidth, and a 2-step generation bit-identical to resident.
 
     python -m bench.bench_offload --out bench/out/offload_h200.json                  # ~5-6 min on an H200
@@ -13,7 +13,7 @@ cap; per phase max_memory_allocated / max_memory_reserved, time per step, peak h
 40-step video time PROJECTED from the measured step time (T5 + 40 x median step + decode). Then the
 host-RAM-low switch: `--reload_blocks` blocks of the low-noise expert are written in the official
 layout to a temp folder on local disk (`--tmp`), dropped from the page cache (fadvise), and
-re-read into pinned memory through `wan.offload.ExpertSource` (cold, then warm); the 40-block
+re-read into pinned memory through `wan.hostmem.ExpertSource` (cold, then warm); the 40-block
 switch time is extrapolated from them (labelled so) unless `--reload_blocks 40`.
 
 Random A14B weights (bf16, both experts built on the GPU, then their blocks move to pinned host
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if pipe is not None:
         handles = pipe.enable_block_streaming(ring=args.ring)
     else:
-        from wan.offload import enable_block_streaming
+        from wan.streaming import enable_block_streaming
         handles = [enable_block_streaming(m, "cuda", ring=args.ring) for m in (high, low)]
         for h in handles:
             h.park("cpu")
@@ -350,7 +350,8 @@ def time_reload(high_or_low, dit, n: int, tmp: str | None, device="cuda") -> dic
 
     from wan.checkpoint import WEIGHTS_NAME
     from wan.dit import WanModel
-    from wan.offload import BlockStreamer, ExpertSource
+    from wan.hostmem import ExpertSource
+    from wan.streaming import BlockStreamer
 
     out = dict(blocks=n)
     with tempfile.TemporaryDirectory(dir=tmp, prefix="wan_reload_") as folder:
@@ -401,9 +402,10 @@ def run_video(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from wan.configs import T2V_A14B, get_config
-    from wan.offload import build_streamable_expert, streamer_of
+    from wan.offload import build_streamable_expert
     from wan.pipeline import WanT2V
     from wan.schedulers import make_scheduler
+    from wan.streaming import streamer_of
     from wan.t5 import T5TextEncoder, byte_tokenizer
     from wan.vae import WanVAE
 

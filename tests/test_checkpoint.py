@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan.checkpoint import CheckpointError, check_checkpoint, checkpoint_problems, safetensors_keys
+from wan.checkpoint import CheckpointError, check_checkpoint, checkpoint_problems, safetensors_header
 from wan.configs import get_config
 
 TINY = get_config("tiny")
@@ -64,7 +64,7 @@ def _problems(ckpt):
 def test_pristine_checkpoint_passes(pristine):
     assert _problems(pristine) == []
     check_checkpoint(pristine, TINY)
-    keys = safetensors_keys(pristine / HIGH / _shards(pristine, HIGH)[0])
+    keys = safetensors_header(pristine / HIGH / _shards(pristine, HIGH)[0])
     assert "patch_embedding.weight" in keys
 
 
@@ -228,7 +228,7 @@ def _forbid_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a weight file was loaded before the pre-flight check finished")
 
-    for owner, name in ((wc, "load_pth"), (wc, "load_dit"), (T5TextEncoder, "from_pretrained"),
+    for owner, name in ((wc, "load_pth"), (T5TextEncoder, "from_pretrained"),
                         (WanVAE, "from_pretrained"), (WanModel, "from_pretrained")):
         monkeypatch.setattr(owner, name, boom)
 
@@ -277,3 +277,17 @@ def test_cli_module_entry_point(ckpt, tmp_path):
     # our one line; a dependency may add its own warnings to stderr (e.g. a deprecation at import)
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("wan-generate")]
     assert len(ours) == 1 and ours[0].startswith("wan-generate: error: ") and str(ckpt / T5) in ours[0], r.stderr
+
+
+def test_safetensors_header_describes_every_tensor(tmp_path):
+    """The one header reader: every tensor's dtype, shape and byte range, without reading the data."""
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.ones(5), "c": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    header = safetensors_header(tmp_path / "t.safetensors")
+    assert sorted(header) == ["a", "b", "c"]
+    for k, t in tensors.items():
+        info = header[k]
+        assert (info.shape, info.torch_dtype, info.nbytes) == (tuple(t.shape), t.dtype, t.numel() * t.element_size())
+    assert header["a"].dtype == "BF16" and header["b"].dtype == "F32"

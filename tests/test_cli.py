@@ -222,3 +222,28 @@ def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
     finally:
         wan_triton.unpatch()
         att.set_backend(prev)
+
+
+def test_flag_words_say_wan_arguments_as_flags():
+    """wan names its arguments (`name=value`), the CLIs report them as flags (wan_triton.flag_words)."""
+    from wan_triton.flag_words import flag_words
+
+    assert flag_words("offload='blocks' conflicts with offload_model=True: give one of them") == \
+        "--offload blocks conflicts with --offload_model True: give one of them"
+    assert flag_words("no_offload=True, compile=True, cfg_parallel=True, t5_cpu=True") == \
+        "--no-offload, --compile, --cfg_parallel, --t5_cpu"
+    assert flag_words("ulysses_size=3 must divide; timeout=0.0 must be > 0") == \
+        "--ulysses_size 3 must divide; --dist_timeout 0.0 must be > 0"
+    assert flag_words("host_ram='low' re-reads") == "--host_ram low re-reads"
+    text = "N must equal ulysses_size x 2; compile=False; size=1280*720; --offload blocks"
+    assert flag_words(text) == text  # bare names, switches set False, other names and flags: as they are
+
+
+def test_wan_holds_no_argparse():
+    """The CLI layer owns every flag: no module of wan imports argparse."""
+    from pathlib import Path
+
+    import wan
+
+    for path in Path(wan.__file__).parent.glob("*.py"):
+        assert "argparse" not in path.read_text(), path.name

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wan import dit
-from wan.checkpoint import CheckpointError, load_dit
+from wan.checkpoint import CheckpointError
 from wan.configs import T2V_A14B, TINY, DiTConfig
 from wan.dit import WanModel
 
@@ -368,7 +368,7 @@ def test_single_file_checkpoint(tmp_path, tiny_model):
     assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["dim"] == TINY.dit.dim and cfg["_class_name"] == "WanModel"
-    load_dit(tmp_path / "m")
+    WanModel.from_pretrained(tmp_path / "m")
 
 
 def _sharded(tmp_path, model):
@@ -383,7 +383,7 @@ def test_missing_shard_error(tmp_path, tiny_model):
     victim = sorted(set(index["weight_map"].values()))[1]
     (d / victim).unlink()
     with pytest.raises(CheckpointError, match=f"missing shard .*{victim}"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
 
 def test_truncated_shard_error(tmp_path, tiny_model):
@@ -392,20 +392,20 @@ def test_truncated_shard_error(tmp_path, tiny_model):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
 
 def test_missing_config_and_weights_errors(tmp_path, tiny_model):
     with pytest.raises(CheckpointError, match="missing model folder"):
-        load_dit(tmp_path / "nope")
+        WanModel.from_pretrained(tmp_path / "nope")
     d = tmp_path / "m"
     tiny_model.save_pretrained(d)
     (d / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
     (d / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
 
 def test_key_and_shape_errors(tmp_path, tiny_model):
@@ -420,17 +420,17 @@ def test_key_and_shape_errors(tmp_path, tiny_model):
     del bad["blocks.1.ffn.2.bias"]
     save_file(bad, str(path))
     with pytest.raises(CheckpointError, match="missing key.*blocks.1.ffn.2.bias"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
     bad = dict(sd, **{"blocks.0.extra": torch.zeros(1)})
     save_file(bad, str(path))
     with pytest.raises(CheckpointError, match="unexpected key blocks.0.extra"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
     bad = dict(sd, **{"head.head.weight": torch.randn(3, 3)})
     save_file(bad, str(path))
     with pytest.raises(CheckpointError, match=r"shape mismatch for head.head.weight.*\(3, 3\)"):
-        load_dit(d)
+        WanModel.from_pretrained(d)
 
 
 def test_load_pth_reads_legacy_pickle_format(tmp_path):

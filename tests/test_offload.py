@@ -1,6 +1,6 @@
-"""Block streaming (wan.offload) on the tiny model: bit-identical to the resident model, the ring
-never holds more than its size, the expert switch under streaming, remove() restores exactly,
-bad combinations are one line with exit 2. On CPU the copies are plain tensor copies through
+"""Block streaming (wan.streaming, wan.hostmem, wan.offload) on the tiny model: bit-identical to
+the resident model, the ring never holds more than its size, the expert switch under streaming,
+remove() restores exactly, bad combinations are one line with exit 2. On CPU the copies are plain tensor copies through
 the same ring, hooks and bookkeeping; the CUDA path (copy stream, events, pinned memory) runs in
 the GPU test and in bench/bench_offload.py."""
 import dataclasses
@@ -10,7 +10,8 @@ import torch
 
 from wan.configs import get_config
 from wan.dit import WanModel
-from wan.offload import OffloadError, enable_block_streaming, resolve_offload, streamer_of
+from wan.offload import resolve_offload
+from wan.streaming import OffloadError, enable_block_streaming, streamer_of
 
 LAYERS = 5  # not a multiple of 2 or 3: the ring wraps unevenly across forwards
 
@@ -346,15 +347,14 @@ def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplo
     assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
 
 
-def test_low_ram_reload_casts_like_load_dit(seed, tmp_path):
+def test_low_ram_reload_casts_like_from_pretrained(seed, tmp_path):
     """A float32 checkpoint streamed in bf16 (convert_model_dtype): the re-read block equals the
-    block load_dit produced (same cast)."""
-    from wan.checkpoint import load_dit
-    from wan.offload import ExpertSource
+    block WanModel.from_pretrained produced (same cast)."""
+    from wan.hostmem import ExpertSource
 
     m = WanModel.from_config(_cfg(2), seed=seed, zero_head=False)  # float32
     m.save_pretrained(tmp_path)
-    bf = load_dit(tmp_path, dtype=torch.bfloat16)
+    bf = WanModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     want = {k: v.clone() for k, v in bf.state_dict().items()}
     h = enable_block_streaming(bf, "cpu", ring=1, source=ExpertSource(tmp_path, bf))
     h.evict()
@@ -368,7 +368,7 @@ def test_low_ram_reload_casts_like_load_dit(seed, tmp_path):
 def test_low_ram_forward_on_evicted_expert_reloads(seed, tiny_ckpt):
     ref, m = _pair(torch.bfloat16, seed, layers=2)
     ref.save_pretrained(tiny_ckpt.parent / f"one_{seed}")
-    from wan.offload import ExpertSource
+    from wan.hostmem import ExpertSource
 
     h = enable_block_streaming(m, "cpu", ring=2, source=ExpertSource(tiny_ckpt.parent / f"one_{seed}", m),
                                load=False)
@@ -379,19 +379,21 @@ def test_low_ram_forward_on_evicted_expert_reloads(seed, tiny_ckpt):
 
 
 def test_host_plan_auto_and_refusals():
-    from wan.offload import HostMemory, host_plan
+    from wan.hostmem import HostMemory, host_plan
 
     gb = 10 ** 9
     short, ample = HostMemory(30 * gb, "test"), HostMemory(200 * gb, "test")
     p = host_plan(57 * gb, 29 * gb, "auto", held_bytes=0, memory=short)
     assert p.mode == "low" and "57.2" not in p.reason and "57.0 GB" in p.reason and "30.0 GB available" in p.reason
+    with pytest.raises(TypeError):  # a frozen dataclass: fields, not dict keys
+        p["mode"]
     assert host_plan(57 * gb, 29 * gb, "auto", memory=ample).mode == "high"
     # both experts already in host memory: pinning needs only the headroom more
     assert host_plan(57 * gb, 29 * gb, "auto", held_bytes=57 * gb, memory=short).mode == "high"
     p = host_plan(57 * gb, 29 * gb, "auto", can_reload=False, why_not="no folder", memory=short)
     assert p.mode == "high" and "no folder" in p.reason
     assert host_plan(57 * gb, 29 * gb, "high", memory=short).mode == "high"
-    with pytest.raises(OffloadError, match="--host_ram low re-reads"):
+    with pytest.raises(OffloadError, match="host_ram='low' re-reads"):
         host_plan(57 * gb, 29 * gb, "low", can_reload=False, why_not="random weights", memory=ample)
     with pytest.raises(OffloadError, match="unknown host RAM mode"):
         host_plan(1, 1, "medium", memory=ample)
@@ -420,15 +422,15 @@ def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt, monkeypatc
 
 
 def test_host_memory_reads_cgroup_limit(monkeypatch):
-    from wan import offload
+    from wan import hostmem
 
     files = {"/sys/fs/cgroup/memory.max": "64000000000\n", "/sys/fs/cgroup/memory.current": "10000000000\n"}
-    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if p in files else None)
-    mem = offload.host_memory()
+    monkeypatch.setattr(hostmem, "_read_int", lambda p: int(files[p]) if p in files else None)
+    mem = hostmem.host_memory()
     assert mem.available == 54 * 10 ** 9 and "cgroup memory.max 64.0 GB" in mem.source
     files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: MemAvailable
-    monkeypatch.setattr(offload, "_read_int", lambda p: int(files[p]) if files.get(p, "x").strip().isdigit() else None)
-    assert offload.host_memory().source in ("MemAvailable", "unknown")
+    monkeypatch.setattr(hostmem, "_read_int", lambda p: int(files[p]) if files.get(p, "x").strip().isdigit() else None)
+    assert hostmem.host_memory().source in ("MemAvailable", "unknown")
 
 
 def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from wan import parallel
-from wan.parallel import ParallelError, check_parallel_args
+from wan.parallel import ParallelError
+from wan_triton.cli import check_parallel_args
 
 REL = 1e-5
 

@@ -19,9 +19,12 @@ import os
 import pickle
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 CONFIG_NAME = "config.json"
 log = logging.getLogger("wan.checkpoint")
@@ -138,25 +141,12 @@ def dit_weight_files(folder) -> dict[str, list[str]]:
     raise CheckpointError(f"no weights in {folder}: expected {INDEX_NAME} with shards, or {WEIGHTS_NAME}")
 
 
-def load_dit(folder, dtype=None, device="cpu", progress: bool = False):
-    """`WanModel` from an official expert folder. dtype None keeps the stored dtype.
-    `progress` shows a byte-counting bar over the shards (an A14B expert is tens of GB)."""
-    from .configs import DiTConfig
-    from .dit import WanModel
-
-    folder = Path(folder)
-    cfg = DiTConfig.from_dict(read_dit_config(folder))
-    files = dit_weight_files(folder)
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    return load_weights_into(model, folder, files, device, dtype, progress)
-
-
 def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, progress: bool = False):
     """Fill a `meta`-built model from the safetensors `files` of `folder` (as `dit_weight_files`
     lists them), with assign=True: every key checked (unexpected, duplicate, index vs file, shape,
     missing), floating tensors cast to `dtype` when given (None keeps them as stored, fp8 included).
-    Returns the model in eval mode without gradients. Shared by `load_dit` and the fp8 loader."""
+    Returns the model in eval mode without gradients. Shared by `WanModel.from_pretrained` and the
+    fp8 loader."""
     folder = Path(folder)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict = {}
@@ -180,12 +170,10 @@ def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, prog
 
 
 def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, seen: set, bar) -> None:
-    from safetensors import SafetensorError, safe_open
-
     for fname, keys in files.items():
+        file_keys = sorted(safetensors_header(fname))  # safe_open's order: sorted
         try:
             with safe_open(fname, framework="pt", device=dev) as f:
-                file_keys = list(f.keys())
                 if keys is not None:
                     absent = set(keys) - set(file_keys)
                     if absent:
@@ -211,8 +199,6 @@ def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, see
 
 def save_dit(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:
     """Write config.json + safetensors (sharded with an index when over `max_shard_bytes`)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"_class_name": "WanModel", "_diffusers_version": "0.33.0", **model.config.to_dict()}
@@ -247,6 +233,12 @@ def save_dit(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:
 # bytes per element of the safetensors dtype names
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype names -> torch dtypes (those this torch has)
+ST_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+    ("U8", "uint8"), ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)}
 _ST_MAX_HEADER = 100 * 2 ** 20      # safetensors itself refuses headers over 100 MB
 _TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # first object pickled by torch.save's legacy format
 
@@ -261,11 +253,30 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def safetensors_keys(path) -> list[str]:
-    """Keys of a safetensors file, from its header alone; raises CheckpointError unless the header
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file, as its header describes it."""
+    dtype: str                 # the safetensors name: "BF16", "F32", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    begin: int                 # its bytes are [begin, end) of the data that follows the header
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype of `dtype` (None for a name this torch does not have)."""
+        return ST_DTYPES.get(self.dtype)
+
+
+def safetensors_header(path) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file (key -> TensorInfo, in the header's order), from its header
+    alone: the one reader of safetensors headers in wan. Raises CheckpointError unless the header
     parses and every tensor's byte range [begin, end) lies inside the file and matches its
     dtype x shape. Layout: u64 little-endian header length N, N bytes of JSON, then the data,
-    whose ranges must tile [0, file_size - 8 - N) exactly. Reads only the header."""
+    whose ranges must tile [0, file_size - 8 - N) exactly."""
     path = Path(path)
     bad = _file_problem(path)
     if bad:
@@ -286,30 +297,30 @@ def safetensors_keys(path) -> list[str]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{what}: its header is not a JSON object")
     data_len = size - 8 - n
-    ranges = []
+    tensors: dict[str, TensorInfo] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             begin, end = (int(x) for x in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = str(info["dtype"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{what}: bad header entry for {key}") from None
         if not 0 <= begin <= end <= data_len:
             raise CheckpointError(f"{what}: tensor {key} needs bytes [{begin}, {end}) of the data, "
                                   f"the file holds {data_len}")
         if dtype in _ST_ITEMSIZE and end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
-            raise CheckpointError(f"{what}: tensor {key} ({dtype} {shape}) has {end - begin} bytes")
-        ranges.append((begin, end))
+            raise CheckpointError(f"{what}: tensor {key} ({dtype} {list(shape)}) has {end - begin} bytes")
+        tensors[key] = TensorInfo(dtype, shape, begin, end)
     pos = 0
-    for begin, end in sorted(ranges):
-        if begin != pos:
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != pos:
             break
-        pos = end
+        pos = t.end
     if pos != data_len:
         raise CheckpointError(f"{what}: the tensors do not cover its {data_len} data bytes exactly")
-    return [k for k in header if k != "__metadata__"]
+    return tensors
 
 
 def _dit_problems(folder: Path) -> list[str]:
@@ -331,7 +342,7 @@ def _dit_problems(folder: Path) -> list[str]:
         return problems + [f"no weights in {folder}: expected {INDEX_NAME} with its shards, or {WEIGHTS_NAME}"]
     if not index.exists():
         try:
-            safetensors_keys(single)
+            safetensors_header(single)
         except CheckpointError as err:
             problems.append(str(err))
         return problems
@@ -351,7 +362,7 @@ def _dit_problems(folder: Path) -> list[str]:
         by_shard.setdefault(fname, []).append(key)
     for fname, keys in by_shard.items():
         try:
-            absent = set(keys) - set(safetensors_keys(folder / fname))
+            absent = set(keys) - set(safetensors_header(folder / fname))
         except CheckpointError as err:
             problems.append(f"{err} (listed in {index.name})" if str(err).startswith("missing") else str(err))
             continue

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attention as _attention
+from .checkpoint import dit_weight_files, load_weights_into, read_dit_config, save_dit
 from .configs import DiTConfig
 
 __all__ = [
@@ -363,11 +364,17 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device="cpu", progress: bool = False) -> "WanModel":
-        from .checkpoint import load_dit
-        return load_dit(folder, dtype=dtype, device=device, progress=progress)
+        """The model of an official expert folder (config.json + safetensors, sharded or not), built on
+        `meta` and filled tensor by tensor (wan.checkpoint.load_weights_into). dtype None keeps the
+        stored dtype. `progress` shows a byte-counting bar over the shards (an A14B expert is tens
+        of GB). Raises CheckpointError naming the file and key."""
+        cfg = DiTConfig.from_dict(read_dit_config(folder))
+        files = dit_weight_files(folder)
+        with torch.device("meta"):
+            model = cls(cfg)
+        return load_weights_into(model, folder, files, device, dtype, progress)
 
     def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2 ** 30):
-        from .checkpoint import save_dit
         save_dit(self, folder, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()

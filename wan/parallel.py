@@ -14,12 +14,11 @@ Parallelism is a property of how the same DiT runs, not a fork of it:
 * FSDP2 (`fully_shard`): each DiT block / T5 block is sharded over all ranks (1/N of the weights
   per rank), gathered just before its forward and freed after.
 
-Rank layout for N = U x C (C = 2 with --cfg_parallel, else 1): rank = c*U + u. The Ulysses group
+Rank layout for N = U x C (C = 2 with cfg_parallel, else 1): rank = c*U + u. The Ulysses group
 of a rank is {c*U + j : j < U}; its CFG pair is {u, U + u}.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -29,16 +28,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import attention as _attention
+
 __all__ = [
     "ParallelError", "Ulysses", "ParallelState", "init_from_env", "build_state", "start", "destroy",
-    "under_torchrun", "add_parallel_flags", "check_parallel_args", "ParallelRequest",
+    "under_torchrun", "check_request", "ParallelRequest",
     "sequence_parallel", "enable_sequence_parallel", "disable_sequence_parallel",
     "apply_to_pipeline", "shard_model", "seq_to_heads", "heads_to_seq", "all_gather_seq",
 ]
 
 
 class ParallelError(ValueError):
-    """A bad parallel configuration (reported as one line, exit code 2, by the CLIs)."""
+    """A bad parallel configuration: one line naming the arguments as `name=value` (the CLIs report
+    it with their flags, exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -130,8 +132,6 @@ class Ulysses:
         all-to-all #1 (q, k, v in one buffer when they share a dtype), attention on H/U heads
         with padded keys masked, all-to-all #2 back to [B, L/U, H, D].
         """
-        from . import attention as _attention
-
         if q.dtype == k.dtype == v.dtype:
             # one exchange for q, k, v: stack along a leading dim so each rank's heads stay together
             stacked = torch.stack([q, k, v], dim=0)  # [3, B, L/U, H, D]
@@ -199,8 +199,8 @@ def build_state(ulysses_size: int = 1, cfg_parallel: bool = False, device=None) 
     world, rank = dist.get_world_size(), dist.get_rank()
     halves = 2 if cfg_parallel else 1
     if world != ulysses_size * halves:
-        raise ParallelError(f"{world} processes, but --ulysses_size {ulysses_size}"
-                            f"{' x 2 (--cfg_parallel)' if cfg_parallel else ''} needs {ulysses_size * halves}")
+        raise ParallelError(f"{world} processes, but ulysses_size={ulysses_size}"
+                            f"{' x 2 (cfg_parallel=True)' if cfg_parallel else ''} needs {ulysses_size * halves}")
     u, c = rank % ulysses_size, rank // ulysses_size
     sp_group = cfg_group = None
     for h in range(halves):  # every rank creates every group, in the same order
@@ -271,7 +271,7 @@ def enable_sequence_parallel(model, ulysses: Ulysses | None):
     """Make `model` (a WanModel) run Ulysses: shards tokens in forward, all-to-all around each
     self-attention. `None` restores the one-GPU path."""
     if ulysses is not None and model.num_heads % ulysses.size:
-        raise ParallelError(f"--ulysses_size {ulysses.size} must divide the {model.num_heads} attention heads")
+        raise ParallelError(f"ulysses_size={ulysses.size} must divide the {model.num_heads} attention heads")
     model.sp = ulysses
     for blk in model.blocks:
         blk.self_attn.sp = ulysses
@@ -300,7 +300,7 @@ def shard_model(module, blocks, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise ParallelError(f"--dit_fsdp/--t5_fsdp need FSDP2 (torch >= 2.6), this is torch "
+        raise ParallelError(f"FSDP2 sharding (dit_fsdp=True / t5_fsdp=True) needs torch >= 2.6, this is torch "
                             f"{torch.__version__}") from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for blk in blocks:
@@ -324,21 +324,8 @@ def apply_to_pipeline(pipe, state: ParallelState, dit_fsdp: bool = False, t5_fsd
 
 
 # --------------------------------------------------------------------------------------
-# Command line (shared by wan-generate and wan-benchmark)
+# The request and its checks
 # --------------------------------------------------------------------------------------
-
-def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    """The multi-GPU flags (official names, plus --cfg_parallel). Use under torchrun."""
-    g = parser.add_argument_group("multi-GPU (under torchrun --nproc_per_node N)")
-    g.add_argument("--ulysses_size", type=int, default=1,
-                   help="Ulysses sequence-parallel degree U (divides the 40 heads)")
-    g.add_argument("--cfg_parallel", action="store_true",
-                   help="cond and uncond branches on two halves of the ranks (N = 2 x U)")
-    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiT experts' weights over all ranks (FSDP2)")
-    g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder's weights over all ranks (FSDP2)")
-    g.add_argument("--dist_timeout", type=float, default=600.0,
-                   help="seconds a collective may wait before every rank fails (default 600)")
-
 
 @dataclass(frozen=True)
 class ParallelRequest:
@@ -358,42 +345,42 @@ class ParallelRequest:
         return f"{self.world} processes: ulysses {self.ulysses_size} x cfg {2 if self.cfg_parallel else 1}{extra}"
 
 
-def check_parallel_args(args, num_heads: int, device: torch.device, offload_model=None, t5_cpu: bool = False,
-                        env=None) -> ParallelRequest:
-    """Validate the multi-GPU flags against torchrun's environment, before anything is built.
-    Raises ParallelError with one line."""
+def check_request(req: ParallelRequest, num_heads: int, device: torch.device, offloaded: bool = False,
+                  t5_cpu: bool = False, use_batched_cfg: bool = False, env=None) -> ParallelRequest:
+    """Check a request against torchrun's environment (`env`, default os.environ) and the rest of
+    the run, before anything is built: `offloaded` (the experts leave the device between uses:
+    offload_model=True, offload='model' or 'blocks'), `t5_cpu`, `use_batched_cfg`. Returns `req`;
+    raises ParallelError with one line naming the arguments as `name=value`."""
     env = os.environ if env is None else env
-    req = ParallelRequest(getattr(args, "ulysses_size", 1), getattr(args, "cfg_parallel", False),
-                          getattr(args, "dit_fsdp", False), getattr(args, "t5_fsdp", False),
-                          getattr(args, "dist_timeout", 600.0))
+    u = f"ulysses_size={req.ulysses_size}"
     if req.ulysses_size < 1:
-        raise ParallelError(f"--ulysses_size must be >= 1, got {req.ulysses_size}")
+        raise ParallelError(f"{u} must be >= 1")
     if req.timeout <= 0:
-        raise ParallelError(f"--dist_timeout must be > 0 seconds, got {req.timeout}")
+        raise ParallelError(f"timeout={req.timeout} must be > 0 seconds")
     if num_heads % req.ulysses_size:
-        raise ParallelError(f"--ulysses_size {req.ulysses_size} must divide the model's {num_heads} attention heads")
-    flags = [f for f, on in (("--ulysses_size %d" % req.ulysses_size, req.ulysses_size > 1),
-                             ("--cfg_parallel", req.cfg_parallel), ("--dit_fsdp", req.dit_fsdp),
-                             ("--t5_fsdp", req.t5_fsdp)) if on]
+        raise ParallelError(f"{u} must divide the model's {num_heads} attention heads")
+    asked = [name for name, on in ((u, req.ulysses_size > 1), ("cfg_parallel=True", req.cfg_parallel),
+                                   ("dit_fsdp=True", req.dit_fsdp), ("t5_fsdp=True", req.t5_fsdp)) if on]
     torchrun = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
     world = int(env.get("WORLD_SIZE", 1)) if torchrun else 1
-    if flags and not torchrun:
-        raise ParallelError(f"{', '.join(flags)} needs torchrun: torchrun --nproc_per_node "
-                            f"{req.world} -m wan_triton.generate ...")
+    if asked and not torchrun:
+        raise ParallelError(f"{', '.join(asked)} needs torchrun: start {req.world} processes, one per GPU "
+                            f"(torchrun --nproc_per_node {req.world} ...)")
     if world != req.world:
-        what = f"--ulysses_size {req.ulysses_size}" + (" x 2 (--cfg_parallel)" if req.cfg_parallel else "")
+        what = u + (" x 2 (cfg_parallel=True)" if req.cfg_parallel else "")
         raise ParallelError(f"torchrun started {world} processes, but {what} needs {req.world} "
-                            f"(N must equal ulysses_size x 2 with --cfg_parallel, else ulysses_size)")
+                            f"(N must equal ulysses_size x 2 with cfg_parallel=True, else ulysses_size)")
     if (req.dit_fsdp or req.t5_fsdp) and world == 1:
-        raise ParallelError("--dit_fsdp/--t5_fsdp need more than one process")
-    if req.dit_fsdp and offload_model:
-        raise ParallelError("--offload_model True / --offload model|blocks cannot be combined with --dit_fsdp "
-                            "(the sharded experts stay on the GPUs); drop one of them")
-    if req.cfg_parallel and getattr(args, "use_batched_cfg", False):
-        raise ParallelError("--cfg_parallel already runs cond and uncond at once, on two halves of the GPUs; "
-                            "drop --use_batched_cfg")
+        fsdp = " / ".join(n for n, on in (("dit_fsdp=True", req.dit_fsdp), ("t5_fsdp=True", req.t5_fsdp)) if on)
+        raise ParallelError(f"{fsdp} needs more than one process")
+    if req.dit_fsdp and offloaded:
+        raise ParallelError("offload_model=True / offload='model' / offload='blocks' cannot be combined with "
+                            "dit_fsdp=True (the sharded experts stay on the GPUs); drop one of them")
+    if req.cfg_parallel and use_batched_cfg:
+        raise ParallelError("cfg_parallel=True already runs cond and uncond at once, on two halves of the GPUs; "
+                            "drop use_batched_cfg=True")
     if req.t5_fsdp and t5_cpu:
-        raise ParallelError("--t5_cpu cannot be combined with --t5_fsdp; drop one of them")
+        raise ParallelError("t5_cpu=True cannot be combined with t5_fsdp=True; drop one of them")
     if world > 1 and device.type == "cuda":  # the same verdict on every rank of a node
         per_node = int(env.get("LOCAL_WORLD_SIZE", world))
         if per_node > torch.cuda.device_count():

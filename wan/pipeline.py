@@ -72,7 +72,7 @@ class WanT2V:
         """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
         `convert_model_dtype` (then `config.param_dtype`, as the official flag does).
         offload="blocks": block streaming is on when it returns; the host-memory mode (`host_ram`,
-        wan.offload.host_plan) is chosen before the experts are read, and in low mode the
+        wan.hostmem.host_plan) is chosen before the experts are read, and in low mode the
         low-noise expert's blocks are only read at the expert switch."""
         from .checkpoint import CheckpointError, check_checkpoint
         from .dit import WanModel

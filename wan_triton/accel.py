@@ -74,7 +74,7 @@ class Preset:
     triton: bool = True
     min_mem_gb: float = 0.0
     note: str = ""
-    offload: str = ""  # "blocks": stream the DiT blocks (wan.offload); "" follows offload_model
+    offload: str = ""  # "blocks": stream the DiT blocks (wan.streaming); "" follows offload_model
 
 
 # Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
@@ -274,7 +274,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     alone. offload: 'none', 'model' or 'blocks' (None: the preset's; on CUDA only); 'blocks'
     turns on block streaming here (`WanT2V.enable_block_streaming`). The result's
     `offload_model` is what the caller passes to generate(). host_ram: 'auto', 'high' or 'low',
-    the host-memory mode of block streaming (wan.offload.host_plan; None: auto). fp8: True
+    the host-memory mode of block streaming (wan.hostmem.host_plan; None: auto). fp8: True
     quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy,
     the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
     were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
@@ -336,7 +336,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
             att.set_backend(attention)
     pipeline.use_batched_cfg = want["use_batched_cfg"]
     if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
-        from wan.offload import OffloadError
+        from wan.streaming import OffloadError
         try:
             pipeline.enable_block_streaming(host_ram=host_ram or "auto")
         except OffloadError as err:

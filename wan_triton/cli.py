@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from .flag_words import flag_words
+
 DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 DEVICES = ("cuda", "cuda:N", "cpu")
 
@@ -167,8 +169,9 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
 def add_offload_flags(p: argparse.ArgumentParser) -> None:
     """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
     official --offload_model True; `blocks` streams each block from pinned host memory
-    (wan.offload). Checked by `_check_offload` (Request.extra["offload"])."""
-    from wan.offload import HOST_RAM_MODES, OFFLOAD_MODES
+    (wan.streaming). Checked by `_check_offload` (Request.extra["offload"])."""
+    from wan.hostmem import HOST_RAM_MODES
+    from wan.offload import OFFLOAD_MODES
 
     p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
                    help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
@@ -185,7 +188,8 @@ def _check_offload(args) -> str | None:
     when none of them is given (then the preset decides, in optimize()). Flags that disagree, a
     mode other than none without CUDA, and block streaming with --compile (asked, or from the
     preset) are CLIErrors."""
-    from wan.offload import OffloadError, resolve_offload
+    from wan.offload import resolve_offload
+    from wan.streaming import OffloadError
 
     g = lambda name: getattr(args, name, None)  # noqa: E731 - a tool may not have every flag
     asked = g("offload") is not None or g("offload_model") is not None or bool(g("no_offload"))
@@ -194,7 +198,7 @@ def _check_offload(args) -> str | None:
         mode = resolve_offload(g("offload"), g("offload_model"), bool(g("no_offload")), "none", device.type,
                                g("compile"))
     except OffloadError as err:
-        raise CLIError(str(err)) from None
+        raise CLIError(flag_words(str(err))) from None
     if asked:
         return mode
     if g("compile") and device.type == "cuda":
@@ -391,18 +395,40 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
 # ------------------------------------------------------------------ multi-GPU (wan.parallel)
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
-    """--ulysses_size, --cfg_parallel, --dit_fsdp, --t5_fsdp, --dist_timeout (under torchrun).
-    Checked by `_check_parallel` (Request.extra["parallel"])."""
-    from wan.parallel import add_parallel_flags as add
+    """--ulysses_size, --cfg_parallel, --dit_fsdp, --t5_fsdp, --dist_timeout (official names, plus
+    --cfg_parallel; under torchrun). Checked by `_check_parallel` (Request.extra["parallel"])."""
+    g = p.add_argument_group("multi-GPU (under torchrun --nproc_per_node N)")
+    g.add_argument("--ulysses_size", type=int, default=1,
+                   help="Ulysses sequence-parallel degree U (divides the 40 heads)")
+    g.add_argument("--cfg_parallel", action="store_true",
+                   help="cond and uncond branches on two halves of the ranks (N = 2 x U)")
+    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiT experts' weights over all ranks (FSDP2)")
+    g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder's weights over all ranks (FSDP2)")
+    g.add_argument("--dist_timeout", type=float, default=600.0,
+                   help="seconds a collective may wait before every rank fails (default 600)")
 
-    add(p)
+
+def check_parallel_args(args, num_heads: int, device, offload_model=None, t5_cpu: bool = False, env=None):
+    """The multi-GPU flags -> wan.parallel.ParallelRequest, checked (wan.parallel.check_request)
+    against torchrun's environment, the model's heads and the other flags, before anything is
+    built. Raises ParallelError with one line in flag words."""
+    from wan.parallel import ParallelError, ParallelRequest, check_request
+
+    g = lambda name, default: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
+    req = ParallelRequest(g("ulysses_size", 1), g("cfg_parallel", False), g("dit_fsdp", False), g("t5_fsdp", False),
+                          g("dist_timeout", 600.0))
+    try:
+        return check_request(req, num_heads, device, offloaded=bool(offload_model), t5_cpu=t5_cpu,
+                             use_batched_cfg=bool(g("use_batched_cfg", False)), env=env)
+    except ParallelError as err:
+        raise ParallelError(flag_words(str(err))) from None
 
 
 def _check_parallel(args):
     """The multi-GPU flags against torchrun's environment, the task's attention heads and the
     other flags -> wan.parallel.ParallelRequest (world 1 without them); CLIError otherwise."""
     from wan.configs import get_config
-    from wan.parallel import ParallelError, check_parallel_args
+    from wan.parallel import ParallelError
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
     task = g("task") or ("t2v-A14B" if g("ckpt_dir") or g("random_weights") else "tiny")  # both tools' default
@@ -485,7 +511,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     try:
         fn()
     except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
-        return fail(str(err), 2)
+        return fail(flag_words(str(err)), 2)  # wan names its arguments; the user typed flags
     except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
         return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
     except torch.cuda.OutOfMemoryError:

@@ -1,0 +1,43 @@
+"""API words -> flag words. `wan` names its arguments in errors as `name=value`
+(`offload='blocks'`, `cfg_parallel=True`, `ulysses_size=3`) and never a command-line flag; the
+CLIs report those errors with the flags a user types (`--offload blocks`, `--cfg_parallel`,
+`--ulysses_size 3`). The table below is the one place that pairs the two.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["FLAGS", "flag_words"]
+
+# wan argument -> (CLI flag, takes a value). A switch (no value) is said as the bare flag when True.
+FLAGS = {
+    "offload": ("--offload", True),
+    "offload_model": ("--offload_model", True),
+    "no_offload": ("--no-offload", False),
+    "compile": ("--compile", False),
+    "host_ram": ("--host_ram", True),
+    "ulysses_size": ("--ulysses_size", True),
+    "cfg_parallel": ("--cfg_parallel", False),
+    "dit_fsdp": ("--dit_fsdp", False),
+    "t5_fsdp": ("--t5_fsdp", False),
+    "t5_cpu": ("--t5_cpu", False),
+    "use_batched_cfg": ("--use_batched_cfg", False),
+    "timeout": ("--dist_timeout", True),
+}
+
+_NAMED = re.compile(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=('[^']*'|[^\s,;:)/]+)")
+
+
+def _say(m: re.Match) -> str:
+    flag, valued = FLAGS[m.group(1)]
+    value = m.group(2).strip("'")
+    if valued:
+        return f"{flag} {value}"
+    return flag if value == "True" else m.group(0)
+
+
+def flag_words(text: str) -> str:
+    """`text` with every `name=value` of a wan argument that has a flag said as that flag:
+    "offload='blocks' conflicts with offload_model=True" -> "--offload blocks conflicts with
+    --offload_model True"; "compile=True" -> "--compile". Other text is left as it is."""
+    return _NAMED.sub(_say, text)
