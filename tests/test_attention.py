@@ -386,3 +386,59 @@ def test_gpu_quant_kernel_fp8_codes(seed):
         assert torch.equal(r8.data.view(torch.uint8), r32.data.to(torch.float8_e4m3fn).view(torch.uint8))
         ref, s, _ = _quant_ref(x, sub)
         torch.testing.assert_close(r32.data.double(), ref, rtol=1e-5, atol=1e-3)
+
+
+# --- the registry: priorities, opaque flag, CLI choices ---------------------------------------------
+
+def test_priority_places_a_registered_backend_among_the_builtins():
+    """auto and available_backends follow priority: 15 puts a backend between sdpa (20) and math
+    (10), so auto still takes sdpa; 25 puts one before sdpa, and auto takes it."""
+    att.register_backend("low", lambda q, k, v, k_lens: q, priority=15)
+    assert att.available_backends("cpu") == ["sdpa", "low", "math"]
+    assert att.resolve_backend(torch.device("cpu")) == "sdpa"
+    att.register_backend("high", lambda q, k, v, k_lens: q, priority=25)
+    assert att.available_backends("cpu") == ["high", "sdpa", "low", "math"]
+    assert att.resolve_backend(torch.device("cpu")) == "high"
+    assert [b.name for b in att.backends()][-4:] == ["high", "sdpa", "low", "math"]
+    assert att.backend_names()[-2:] == ("low", "high")  # names: auto, built-ins, then registration order
+
+
+def test_builtin_auto_order_is_the_priority_order():
+    names = [b.name for b in att.backends()]
+    assert names == ["fa4", "fa3", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa", "math"]
+    assert [b.name for b in att.backends() if b.opaque] == ["fa4"] and not any(b.lossy for b in att.backends())
+
+
+def test_exact_only_listing_does_not_probe_lossy_backends():
+    probed = []
+    att.register_backend("lossy8", lambda q, k, v, k_lens: q, lossy=True,
+                         available=lambda d: probed.append(d) or (True, ""))
+    assert att.available_backends("cpu", lossy=False) == ["sdpa", "math"] and not probed
+    assert att.available_backends("cpu")[0] == "lossy8" and probed
+
+
+def test_transparent_registered_backend_is_no_custom_op(seed):
+    att.register_backend("plain", lambda q, k, v, k_lens: _ref(q, k, v, k_lens).float(), opaque=False)
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    o = att.attention(q, k, v, backend="plain")
+    torch.testing.assert_close(o.double(), _ref(*(t.bfloat16() for t in (q, k, v))), atol=2e-2, rtol=2e-2)
+    assert "plain" not in att._eager_fns
+    att.set_backend("plain")
+    att.resolve_backend(torch.device("cpu"))
+    assert "plain" not in att._eager_fns
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        att.attention(q, k, v, backend="nope")
+
+
+@pytest.mark.parametrize("tool", ["generate", "benchmark"])
+def test_cli_attention_choices_come_from_the_registry(tool):
+    from wan_triton import benchmark as benchmark_t2v
+    from wan_triton import generate
+
+    att.register_backend("mine", lambda q, k, v, k_lens: q)
+    p = (generate if tool == "generate" else benchmark_t2v).build_parser()
+    act = next(a for a in p._actions if a.dest == "attention")
+    assert tuple(act.choices) == att.backend_names() and {"mine", "fp8"} <= set(act.choices)
+    assert "auto: the first available of mine, fa4, fa3, fa2" in " ".join(act.help.split())
+    assert "fp8: opt-in, LOSSY" in act.help
+    assert p.parse_args(["--attention", "mine"]).attention == "mine"

@@ -327,3 +327,58 @@ def test_patch_leaves_the_attention_choice_alone():
     finally:
         wan_triton.unpatch()
         att.set_backend("auto")
+
+
+def test_dispatcher_counts_and_strict(monkeypatch):
+    from wan_triton.dispatch import Dispatcher
+
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
+    d = Dispatcher()
+    assert d.use_kernel("a", True, "") and not d.use_kernel("a", False, "float64 input")
+    assert d.snapshot(["a", "b"]) == {"a": dict(launches=1, fallbacks=1, last_reason="float64 input"),
+                                      "b": dict(launches=0, fallbacks=0, last_reason="")}
+    d.strict = True
+    with pytest.raises(wan_triton.KernelFallback, match="a fell back to the reference: float64 input"):
+        d.use_kernel("a", False, "float64 input")
+    assert d.snapshot(["a"])["a"]["fallbacks"] == 2  # counted before it raised
+    d.strict = False
+    monkeypatch.setenv(wpatch.STRICT_ENV, "1")
+    with pytest.raises(wan_triton.KernelFallback):
+        d.use_kernel("a", False, "float64 input")
+    d.reset(["a"])
+    assert d.snapshot(["a"])["a"] == dict(launches=0, fallbacks=0, last_reason="")
+
+
+@needs_kernels
+def test_patch_and_fp8_share_one_dispatcher(monkeypatch, caplog):
+    """fp8's activation quantizers count in the same place as the patched ops, warn once per
+    reason, and patch(strict=True) is strict mode for them as well."""
+    from wan_triton import fp8
+    from wan_triton.dispatch import DISPATCH
+
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
+    monkeypatch.setattr(DISPATCH, "warned", set())  # no reason warned about yet
+    x = torch.randn(3, 16, dtype=torch.float64, device=DEV)  # the kernels take fp32/bf16/fp16 only
+    fp8.reset_fp8_stats()
+    with caplog.at_level(logging.WARNING, logger="wan_triton"):
+        fp8.quantize_input(x)
+        fp8.quantize_input(x)
+    assert fp8.fp8_stats()["quant_fp8"]["fallbacks"] == 2 and "float64" in fp8.fp8_stats()["quant_fp8"]["last_reason"]
+    assert len([r for r in caplog.records if "quant_fp8" in r.getMessage()]) == 1  # once per reason
+    with wan_triton.patched(strict=True):
+        with pytest.raises(wan_triton.KernelFallback, match="quant_fp8 fell back"):
+            fp8.quantize_input(x)
+    fp8.quantize_input(x)  # strict mode ended with the patch
+    assert fp8.fp8_stats()["quant_fp8"]["fallbacks"] == 4
+    fp8.reset_fp8_stats()
+
+
+@needs_kernels
+def test_instance_patch_sets_nothing_on_the_model_but_its_forward(tiny):
+    before, backend = set(vars(tiny)), att.get_backend()
+    wan_triton.patch(tiny, attention="math")
+    assert set(vars(tiny)) - before == {"forward"}
+    wan_triton.patch(tiny, rms_norm=False)  # again: new flags, same wrapper
+    assert set(vars(tiny)) - before == {"forward"}
+    wan_triton.unpatch(tiny)
+    assert set(vars(tiny)) == before and att.get_backend() == backend

@@ -184,7 +184,7 @@ def init_linears_and_norms_(root: nn.Module, gen: torch.Generator) -> None:
             mod.weight.fill_(1.0)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype an enclosing autocast casts matmul inputs to, or None when it is off."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -485,7 +485,7 @@ class WanModel(nn.Module):
             x = [u.to(device) for u in x]
         else:
             x = x.to(device)
-        mm_dtype = _autocast_dtype(device.type)
+        mm_dtype = autocast_dtype(device.type)
 
         tokens, grid_sizes, seq_lens = self._embed_video(x)
         B, L = tokens.shape[:2]

@@ -143,10 +143,11 @@ def add_preset_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
     """The opt-in switches shared by wan-generate and wan-benchmark."""
-    from wan.attention import BACKENDS
-
     from .accel import COMPILE_MODES
-    from .fp8_attention import NAME as FP8_ATTENTION
+
+    att = attention_registry()
+    exact = ", ".join(b.name for b in att.backends() if not b.lossy)
+    lossy = "".join(f"; {b.name}: opt-in, LOSSY ({b.note})" for b in att.backends() if b.lossy).replace("%", "%%")
 
     a = p.add_argument
     a("--use_batched_cfg", action="store_true", help="cond and uncond in one batch-2 forward (default: two "
@@ -156,9 +157,8 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
       help="torch.compile each DiT block (CUDA; default: the preset's, off for every preset)")
     a("--no-compile", dest="compile", action="store_false", help="never torch.compile (overrides a preset that compiles)")
     a("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode, with --compile")
-    a("--attention", default="auto", choices=BACKENDS + (FP8_ATTENTION,),
-      help="attention backend; auto: fa4, fa3, fa2, cuDNN SDPA, SDPA, the first available; "
-           "fp8: opt-in, lossy fp8 attention on Hopper (cuDNN; docs/attention.md)")
+    a("--attention", default="auto", choices=att.backend_names(),
+      help=f"attention backend; auto: the first available of {exact}{lossy} (docs/attention.md)")
     a("--no-triton", dest="no_triton", action="store_true",
       help=f"{triton_help} (default: the Triton kernels wherever they run: CUDA, or TRITON_INTERPRET=1)")
     a("--fp8", action="store_true", help="lossy: the DiT blocks' linears in fp8 e4m3 (per-channel weights, per-token "
@@ -319,18 +319,25 @@ def check_device(spec: str | None):
     return dev
 
 
-def check_attention(name: str | None, device) -> None:
+def attention_registry():
+    """wan.attention with wan_triton's own backend (fp8, lossy and opt-in) registered: the CLIs
+    offer every registered backend by name."""
     from wan import attention as att
 
+    from .fp8_attention import register
+
+    register()
+    return att
+
+
+def check_attention(name: str | None, device) -> None:
     if name in (None, "auto"):
         return
-    from .fp8_attention import ensure_registered
-
-    ensure_registered(name)
-    avail = att.available_backends(device)
-    if name not in avail:
-        raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)}): "
-                       f"{att.unavailable_reason(name, device)}")
+    att = attention_registry()
+    why = att.unavailable_reason(name, device)
+    if why:
+        avail = att.available_backends(device, lossy=False)  # lossy ones are not probed unless asked for
+        raise CLIError(f"--attention {name} is not available on {device} (available: {', '.join(avail)}): {why}")
 
 
 def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:

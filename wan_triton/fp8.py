@@ -27,23 +27,29 @@ Activation quantization comes from Triton kernels that already read those tensor
 input), `kernels.gelu_quant_fp8` (ffn.0 output -> ffn.2 input); other inputs (attention outputs
 into `o`, the cross-attention input and the text context) go through `kernels.quant_fp8` inside
 the layer. Where a kernel does not cover a call, the torch formulas below run instead (counted
-in `fp8_stats()`; WAN_TRITON_STRICT=1 turns that into an error).
+in `fp8_stats()` by the dispatcher `wan_triton.patch` uses too; strict mode, WAN_TRITON_STRICT=1
+or patch(strict=True), turns that into an error). The e4m3 constants are the kernels'
+(`wan_triton.kernels.quant_fp8`).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan import dit
+
 from .accel import AccelError
+from .dispatch import DISPATCH
+from .kernels.gelu_quant_fp8 import gelu_quant_fp8, gelu_quant_fp8_supports
+from .kernels.modulate_quant_fp8 import modulate_quant_fp8, modulate_quant_fp8_supports
+from .kernels.quant_fp8 import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, quant_fp8, quant_fp8_supports
 
 log = logging.getLogger("wan_triton")
 
@@ -52,9 +58,6 @@ __all__ = ["Fp8Linear", "GeluQuantFp8", "QuantizedInput", "Fp8Error", "Fp8Summar
            "quantize_rows_reference", "quantize_weight", "fp8_stats", "reset_fp8_stats"]
 
 LOSSY_NOTE = "fp8 linears: lossy (e4m3, per-channel weights, per-token activations)"
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-12
-FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 # the 10 linears of a block that run in fp8 (paths inside WanAttentionBlock)
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -85,54 +88,28 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------ activation quantization
 
-@dataclass
-class OpCount:
-    launches: int = 0
-    fallbacks: int = 0
-    last_reason: str = ""
-
-
-_stats = {op: OpCount() for op in ("quant_fp8", "gelu_quant_fp8", "modulate_quant_fp8")}
-_warned: set = set()
+# op -> (Triton kernel, its support check); the choice per call is counted by wan_triton.dispatch
+_KERNELS = {"quant_fp8": (quant_fp8, quant_fp8_supports),
+            "gelu_quant_fp8": (gelu_quant_fp8, gelu_quant_fp8_supports),
+            "modulate_quant_fp8": (modulate_quant_fp8, modulate_quant_fp8_supports)}
+FP8_OPS = tuple(_KERNELS)
 
 
 def fp8_stats() -> dict:
     """Per activation-quantization op: kernel launches, torch fallbacks, the last fallback's reason."""
-    return {k: asdict(v) for k, v in _stats.items()}
+    return DISPATCH.snapshot(FP8_OPS)
 
 
 def reset_fp8_stats() -> None:
-    for v in _stats.values():
-        v.launches, v.fallbacks, v.last_reason = 0, 0, ""
-
-
-def _compiling() -> bool:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
+    DISPATCH.reset(FP8_OPS)
 
 
 def _kernel(name: str, *args):
-    """The Triton op `name` when its support check covers `args`, else None (counted, logged once)."""
-    try:
-        mod = importlib.import_module(f"wan_triton.kernels.{name}")
-        ok, why = getattr(mod, f"{name}_supports")(*args)
-    except ImportError as err:  # pragma: no cover - kernels ship with the package
-        mod, ok, why = None, False, f"kernels unavailable: {err}"
-    st = _stats[name]
-    if ok:
-        if not _compiling():
-            st.launches += 1
-        return getattr(mod, name)
-    if not _compiling():
-        st.fallbacks += 1
-        st.last_reason = why
-    if os.environ.get("WAN_TRITON_STRICT") == "1":
-        from .patch import KernelFallback
-        raise KernelFallback(f"wan_triton: {name} fell back to torch: {why} (strict mode: WAN_TRITON_STRICT=1)")
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("wan_triton fp8: %s runs in torch ops (%s)", name, why)
-    return None
+    """The Triton op `name` when its support check covers `args`, else None (counted, each reason
+    logged once; strict mode raises KernelFallback)."""
+    op, supports = _KERNELS[name]
+    ok, why = supports(*args)
+    return op if DISPATCH.use_kernel(name, ok, why, warn=True) else None
 
 
 @dataclass
@@ -209,13 +186,6 @@ def _probe(dev) -> tuple[bool, str]:
     return False, f"torch {torch.__version__}: _scaled_mm with row-wise scales failed ({msg})"
 
 
-def _autocast_dtype(device_type: str):
-    """The dtype an enclosing autocast casts matmul inputs to, or None (as wan.dit)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W stored in e4m3 (per-output-channel fp32 scales) and x quantized per
     token; takes a tensor or a QuantizedInput. Output dtype: the autocast dtype when autocast is
@@ -279,7 +249,6 @@ class Fp8Linear(nn.Module):
         if op is not None:
             q, s = op(x, shift, scale, eps)
             return QuantizedInput(q, s, out_dtype or torch.float32)
-        from wan import dit
         qi = quantize_input(dit.modulate(x, shift, scale, eps))
         return QuantizedInput(qi.data, qi.scale, out_dtype or torch.float32)
 
@@ -290,7 +259,7 @@ class Fp8Linear(nn.Module):
         lead = qi.shape[:-1]
         a = qi.data.reshape(-1, self.in_features)
         sa = qi.scale.reshape(-1, 1)
-        out_dtype = _autocast_dtype(a.device.type) or qi.dtype
+        out_dtype = dit.autocast_dtype(a.device.type) or qi.dtype
         if fp8_support(a.device)[0]:
             y = self._scaled_mm(a, sa, out_dtype)
         else:

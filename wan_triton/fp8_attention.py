@@ -18,8 +18,8 @@ RMS (2^-4 / sqrt 3), whatever the scale, as long as O stays in e4m3's normal ran
 
 Why opt-in: every other backend matches the exact result to ~2e-3; this one measured 6.1e-2
 relative error at the 720p shape on an H200 with random inputs (bench/bench_attention.py,
-bench/RESULTS.md), which changes the video. `auto` never picks it
-(wan.attention.register_backend(lossy=True)).
+bench/RESULTS.md), which changes the video. `auto` never picks it: it is registered with
+wan.attention as a lossy record (`register`; the CLIs register it to offer it as a choice).
 
 Graphs are built once per (shape, padding, output type, device) and cached with their
 workspace. Padded keys: cuDNN's padding mask with seq_len_kv = k_lens, seq_len_q = Lq (every
@@ -243,11 +243,13 @@ def _versions(cudnn) -> str:
 
 
 def register() -> None:
-    """Register `fp8` with wan.attention (idempotent); nothing is imported or probed yet."""
+    """Register `fp8` with wan.attention (idempotent): lossy (never `auto`), opaque under
+    torch.compile (a custom op: dynamo does not trace the cuDNN frontend); nothing is imported
+    or probed yet."""
     from wan import attention as att
 
-    if NAME not in att._registry:
-        att.register_backend(NAME, attention_fp8, available=availability, lossy=True, note=NOTE)
+    if NAME not in att.backend_names():
+        att.register_backend(NAME, attention_fp8, available=availability, lossy=True, opaque=True, note=NOTE)
 
 
 def ensure_registered(name: str | None) -> None:

@@ -15,7 +15,8 @@ the kernel when it covers the call, else the saved reference function (the origi
 environment) turns a fallback into a `KernelFallback` error that carries the reason.
 
 The attention backend is left alone unless `attention=` is given; unpatch()/patched() then
-restore the backend that was set before.
+restore the backend that was set before. The counters and the strict switch live in
+`wan_triton.dispatch.DISPATCH`, shared with the fp8 activation kernels.
 """
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ import functools
 import importlib
 import logging
 import os
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-log = logging.getLogger("wan_triton")
+from wan import attention as att
 
-STRICT_ENV = "WAN_TRITON_STRICT"
+from .dispatch import DISPATCH, STRICT_ENV, KernelFallback, PatchError  # noqa: F401 - the errors patch() raises
+from .fp8_attention import ensure_registered
+
+log = logging.getLogger("wan_triton")
 
 # flag -> [(module name, attribute)]; the kernel op in `kernels` has the attribute's name
 _TARGETS = {
@@ -42,48 +48,54 @@ _TARGETS = {
 }
 OPS = tuple(attr for targets in _TARGETS.values() for _, attr in targets)
 
-_originals: dict[tuple[str, str], object] = {}  # (module, attr) -> original, only while patched
-_prev_attention: list[str] = []                 # the backend before patch(attention=...), while patched
-_state = {"strict": False}
-_dispatchers: dict[tuple[str, str], object] = {}
 
+@dataclass(frozen=True, eq=False)
+class BoundOp:
+    """What a patched name is bound to: the Triton `kernel` when its `supports` check covers the
+    call, else the saved `reference` function, the choice counted by DISPATCH."""
+    name: str
+    kernel: Callable
+    supports: Callable
+    reference: Callable
 
-class PatchError(RuntimeError):
-    """strict=True and the kernels cannot be used here."""
+    def __call__(self, *args, **kwargs):
+        ok, why = self.supports(*args, **kwargs)
+        if DISPATCH.use_kernel(self.name, ok, why):
+            return self.kernel(*args, **kwargs)
+        return self.reference(*args, **kwargs)
 
+    @property
+    def __wan_triton_kernel__(self) -> Callable:  # how tests and tools tell a bound op from a reference
+        return self.kernel
 
-class KernelFallback(PatchError):
-    """Strict mode: a patched op met inputs its kernel does not cover."""
+    @property
+    def __wan_triton_reference__(self) -> Callable:
+        return self.reference
 
 
 @dataclass
-class OpStats:
-    launches: int = 0      # calls that ran the Triton kernel
-    fallbacks: int = 0     # calls that ran the reference instead
-    last_reason: str = ""  # why the last fallback happened
+class InstancePatch:
+    """patch(model): what one model's wrapped forward needs, and what unpatch(model) restores."""
+    flags: list | None = None            # the patched op flags while the forward is wrapped
+    strict: bool = False
+    own_forward: Callable | None = None  # an instance-level forward set before patch(model); None: the class's
+    prev_attention: list = field(default_factory=list)  # [the backend before patch(model, attention=...)]
 
 
-_stats: dict[str, OpStats] = {op: OpStats() for op in OPS}
+_originals: dict[tuple[str, str], object] = {}  # (module, attr) -> original, only while patched
+_prev_attention: list[str] = []                 # the backend before patch(attention=...), while patched
+_bound: dict[tuple[str, str], BoundOp] = {}     # (module, attr) -> its bound op, around the current reference
+_instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> InstancePatch
 
 
 def kernel_stats() -> dict[str, dict]:
     """Per patched op: {'launches', 'fallbacks', 'last_reason'} since the last reset. Calls made
     while torch.compile traces are not counted (the counters would break the graph)."""
-    return {op: asdict(s) for op, s in _stats.items()}
+    return DISPATCH.snapshot(OPS)
 
 
 def reset_kernel_stats() -> None:
-    for s in _stats.values():
-        s.launches, s.fallbacks, s.last_reason = 0, 0, ""
-
-
-def _strict() -> bool:
-    return _state["strict"] or os.environ.get(STRICT_ENV) == "1"
-
-
-def _compiling() -> bool:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
+    DISPATCH.reset(OPS)
 
 
 def _module(name):
@@ -91,45 +103,18 @@ def _module(name):
 
 
 def _reference(fn):
-    """The reference function behind `fn` (itself unless it is one of our dispatchers)."""
-    return getattr(fn, "__wan_triton_reference__", fn)
+    """The reference function behind `fn` (itself unless it is one of our bound ops)."""
+    return fn.reference if isinstance(fn, BoundOp) else fn
 
 
-def _make_dispatcher(name: str, reference):
-    from wan_triton import kernels
-
-    kernel = getattr(kernels, name)
-    supports = getattr(kernels, f"{name}_supports")
-    stats = _stats[name]
-
-    def op(*args, **kwargs):
-        ok, why = supports(*args, **kwargs)
-        if ok:
-            if not _compiling():
-                stats.launches += 1
-            return kernel(*args, **kwargs)
-        if not _compiling():
-            stats.fallbacks += 1
-            stats.last_reason = why
-        if _strict():
-            raise KernelFallback(f"wan_triton: {name} fell back to the reference: {why} "
-                                 f"(strict mode: patch(strict=True) or {STRICT_ENV}=1)")
-        return reference(*args, **kwargs)
-
-    op.__name__ = op.__qualname__ = name
-    op.__doc__ = f"Triton `kernels.{name}` when `kernels.{name}_supports` says yes, else the reference.\n\n" \
-                 + (kernel.__doc__ or "")
-    op.__wan_triton_reference__ = reference
-    op.__wan_triton_kernel__ = kernel
-    return op
-
-
-def _dispatcher(mod_name: str, attr: str):
+def _dispatcher(mod_name: str, attr: str) -> BoundOp:
     """The bound op for (module, attr), around the reference function currently behind it."""
+    from wan_triton import kernels  # here, not at the top: `import wan_triton` does not import triton
+
     ref = _reference(getattr(_module(mod_name), attr))
-    op = _dispatchers.get((mod_name, attr))
-    if op is None or op.__wan_triton_reference__ is not ref:
-        op = _dispatchers[(mod_name, attr)] = _make_dispatcher(attr, ref)
+    op = _bound.get((mod_name, attr))
+    if op is None or op.reference is not ref:
+        op = _bound[(mod_name, attr)] = BoundOp(attr, getattr(kernels, attr), getattr(kernels, f"{attr}_supports"), ref)
     return op
 
 
@@ -172,10 +157,6 @@ def _swap(flags) -> list[str]:
 
 
 def _set_attention(name: str, saved: list) -> None:
-    from wan import attention as att
-
-    from .fp8_attention import ensure_registered
-
     ensure_registered(name)  # attention="fp8": the opt-in lossy backend (wan_triton/fp8_attention.py)
     prev = att.set_backend(name)
     if not saved:
@@ -183,7 +164,7 @@ def _set_attention(name: str, saved: list) -> None:
 
 
 def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=True, cfg=True,
-          attention: str | None = None, strict: bool = False, fp8: bool = False):
+          attention: str | None = None, strict: bool = False):
     """Use the Triton kernels for the chosen ops. Returns the list of patched names.
 
     model=None patches globally; a model instance patches only that model's forward (the
@@ -192,20 +173,15 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
     call the kernel does not cover raises KernelFallback instead of running the reference.
     `attention` (a wan.attention backend name) also sets the attention backend; None leaves
-    it alone. `fp8=True` is refused: fp8 replaces weights, which patch() does not own (use
-    wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model); docs/fp8.md).
+    it alone. patch() swaps functions and never touches weights: fp8 linears are
+    wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model) (docs/fp8.md).
     """
-    if fp8:
-        raise PatchError("patch() swaps functions and never touches weights: switch fp8 on with "
-                         "wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model)")
     strict = strict or os.environ.get(STRICT_ENV) == "1"
     ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)
     if attention is not None:
-        if model is None:
-            _set_attention(attention, _prev_attention)
-        else:
-            _set_attention(attention, model.__dict__.setdefault("_wan_triton_prev_attention", []))
+        saved = _prev_attention if model is None else _instances.setdefault(model, InstancePatch()).prev_attention
+        _set_attention(attention, saved)
     if not ok:
         if strict:
             raise PatchError(f"Triton kernels unavailable: {why}")
@@ -213,26 +189,26 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
         return []
     if model is not None:
         return _patch_instance(model, flags, strict)
-    _state["strict"] = _state["strict"] or strict
+    DISPATCH.strict = DISPATCH.strict or strict
     done = _swap(flags)
     log.info("wan_triton: patched %s (%s%s)", ", ".join(done) or "nothing", why, ", strict" if strict else "")
     return done
 
 
 def _patch_instance(model, flags, strict):
-    if getattr(model, "_wan_triton_flags", None) is not None:
-        model._wan_triton_flags, model._wan_triton_strict = flags, strict
+    inst = _instances.setdefault(model, InstancePatch())
+    if inst.flags is not None:  # already wrapped: new flags for the next calls
+        inst.flags, inst.strict = flags, strict
         return flags
     orig_forward = model.forward
 
     @functools.wraps(orig_forward)
     def forward(*args, **kw):
-        with _swapped(model._wan_triton_flags, model._wan_triton_strict):
+        with _swapped(inst.flags, inst.strict):
             return orig_forward(*args, **kw)
 
-    model._wan_triton_flags, model._wan_triton_strict = flags, strict
-    # an instance-level forward someone set before us, or None for the class's own
-    model._wan_triton_orig_forward = vars(model).get("forward")
+    inst.flags, inst.strict = flags, strict
+    inst.own_forward = vars(model).get("forward")
     model.forward = forward
     log.info("wan_triton: patched %s on one %s instance", ", ".join(flags), type(model).__name__)
     return flags
@@ -242,9 +218,9 @@ def _patch_instance(model, flags, strict):
 def _swapped(flags, strict=False):
     """Swap in for a region, restoring whatever was bound before (nesting-safe)."""
     saved = []
-    prev_strict = _state["strict"]
+    prev_strict = DISPATCH.strict
     try:
-        _state["strict"] = prev_strict or strict
+        DISPATCH.strict = prev_strict or strict
         for mod_name, attr in _targets(flags):
             mod = _module(mod_name)
             saved.append((mod, attr, getattr(mod, attr)))
@@ -253,30 +229,27 @@ def _swapped(flags, strict=False):
     finally:
         for mod, attr, fn in reversed(saved):
             setattr(mod, attr, fn)
-        _state["strict"] = prev_strict
+        DISPATCH.strict = prev_strict
 
 
 def unpatch(model=None) -> None:
     """Restore exactly the original function objects, and the attention backend if patch set it."""
-    from wan import attention as att
-
     if model is not None:
-        if getattr(model, "_wan_triton_flags", None) is not None:
-            orig = model._wan_triton_orig_forward
-            if orig is None:
+        inst = _instances.pop(model, None)
+        if inst is None:
+            return
+        if inst.flags is not None:
+            if inst.own_forward is None:
                 del model.forward  # back to the class's forward
             else:
-                model.forward = orig
-            del model._wan_triton_orig_forward
-        model._wan_triton_flags = None
-        prev = model.__dict__.pop("_wan_triton_prev_attention", None)
-        if prev:
-            att.set_backend(prev[0])
+                model.forward = inst.own_forward
+        if inst.prev_attention:
+            att.set_backend(inst.prev_attention[0])
         return
     for (mod_name, attr), fn in list(_originals.items()):
         setattr(_module(mod_name), attr, fn)
     _originals.clear()
-    _state["strict"] = False
+    DISPATCH.strict = False
     if _prev_attention:
         att.set_backend(_prev_attention.pop())
 
@@ -289,11 +262,9 @@ def is_patched() -> bool:
 def patched(model=None, **kw):
     """Context manager form of patch()/unpatch(): on exit everything patch changed is restored
     (ops, strict mode, and the attention backend when `attention=` was given)."""
-    from wan import attention as att
-
     was_patched = bool(_originals)
     backend = att.get_backend()
-    strict = _state["strict"]
+    strict = DISPATCH.strict
     patch(model, **kw)
     try:
         yield
@@ -302,6 +273,6 @@ def patched(model=None, **kw):
             unpatch(model)
         elif not was_patched:
             unpatch()
-        _state["strict"] = strict
+        DISPATCH.strict = strict
         if kw.get("attention") is not None:
             att.set_backend(backend)

@@ -1,7 +1,8 @@
 """Per-tensor fp8 (e4m3) quantization of attention inputs, with an optional per-channel mean
 subtracted first (for k).
 
-For x of shape [B, L, H, D] (one row of C = H*D channels per token), with FMAX = 448 (e4m3):
+For x of shape [B, L, H, D] (one row of C = H*D channels per token), with FMAX = E4M3_MAX = 448
+(kernels.quant_fp8):
 
     m[b, c]  = mean_l x[b, l, c]        if subtract_mean, else 0     (per batch entry, per channel)
     a        = max_{b, l, c} |x[b, l, c] - m[b, c]|                 (exact, from per-column max/min:
@@ -36,10 +37,10 @@ from typing import NamedTuple
 import torch
 
 from ._utils import cdiv, jit, next_pow2, tl, triton_available, interpret_mode
+from .quant_fp8 import E4M3_MAX
 
-__all__ = ["quantize_fp8", "quantize_fp8_supports", "QuantFP8", "FP8_MAX"]
+__all__ = ["quantize_fp8", "quantize_fp8_supports", "QuantFP8"]
 
-FP8_MAX = 448.0
 _BLOCK_C = 256     # channels per program
 _BLOCK_L = 16      # rows per step of the statistics loop
 _BLOCK_R = 32      # rows per program of the cast
@@ -145,7 +146,7 @@ def quantize_fp8_supports(x: torch.Tensor, out_dtype: torch.dtype = torch.float8
 
 
 def quantize_fp8(x: torch.Tensor, *, subtract_mean: bool = False, out_dtype: torch.dtype = torch.float8_e4m3fn,
-                 fmax: float = FP8_MAX) -> QuantFP8:
+                 fmax: float = E4M3_MAX) -> QuantFP8:
     """x [B, L, H, D] -> QuantFP8(data, descale, scale, mean); see the module docstring."""
     ok, why = quantize_fp8_supports(x, out_dtype)
     if not ok:
