@@ -39,6 +39,8 @@ setup(
         "flash": ["flash-attn"],
         "fa4": ["flash-attn-4"],                  # CUDA 13 torch: pip install "flash-attn-4[cu13]"
         "fp8-attention": ["nvidia-cudnn-frontend"],
+        # wan_triton.patch(WanPipeline / WanTransformer3DModel): the range wan_triton/diffusers.py supports
+        "diffusers": ["diffusers>=0.35.0,<0.43"],
     },
     entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
                                       "wan-benchmark = wan_triton.benchmark:main"]},

@@ -6,6 +6,7 @@
     with wan_triton.patched(): ...
     wan_triton.unpatch()          # the exact original function objects are restored
     wan_triton.kernel_stats()     # per op: kernel launches, fallbacks, the last fallback's reason
+    wan_triton.patch(pipe)        # a diffusers WanPipeline / WanTransformer3DModel: wan_triton/diffusers.py
 
 Patching never reloads a module: it rebinds module attributes (`wan.dit.rms_norm`, ...) that
 the reference looks up at call time, and remembers the originals. This is the one place that
@@ -27,6 +28,8 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
+
+from . import diffusers as _diffusers
 
 log = logging.getLogger("wan_triton")
 
@@ -95,26 +98,31 @@ def _reference(fn):
     return getattr(fn, "__wan_triton_reference__", fn)
 
 
+def _record(name: str, why: str, strict: bool = False) -> None:
+    """Count one call of op `name`: a kernel launch when `why` is '', else a fallback for that
+    reason, which raises KernelFallback in strict mode (`strict`, patch(strict=True) or the env)."""
+    if why == "":
+        if not _compiling():
+            _stats[name].launches += 1
+        return
+    if not _compiling():
+        _stats[name].fallbacks += 1
+        _stats[name].last_reason = why
+    if strict or _strict():
+        raise KernelFallback(f"wan_triton: {name} fell back to the reference: {why} "
+                             f"(strict mode: patch(strict=True) or {STRICT_ENV}=1)")
+
+
 def _make_dispatcher(name: str, reference):
     from wan_triton import kernels
 
     kernel = getattr(kernels, name)
     supports = getattr(kernels, f"{name}_supports")
-    stats = _stats[name]
 
     def op(*args, **kwargs):
         ok, why = supports(*args, **kwargs)
-        if ok:
-            if not _compiling():
-                stats.launches += 1
-            return kernel(*args, **kwargs)
-        if not _compiling():
-            stats.fallbacks += 1
-            stats.last_reason = why
-        if _strict():
-            raise KernelFallback(f"wan_triton: {name} fell back to the reference: {why} "
-                                 f"(strict mode: patch(strict=True) or {STRICT_ENV}=1)")
-        return reference(*args, **kwargs)
+        _record(name, why)
+        return kernel(*args, **kwargs) if ok else reference(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = f"Triton `kernels.{name}` when `kernels.{name}_supports` says yes, else the reference.\n\n" \
@@ -201,6 +209,13 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     strict = strict or os.environ.get(STRICT_ENV) == "1"
     ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)
+    if _diffusers.is_wan_diffusers(model):  # checked first: an unsupported version changes nothing
+        bad = _diffusers.version_problem()
+        if bad and strict:
+            raise PatchError(bad)
+        if bad:
+            log.warning("wan_triton: %s", bad)
+            return []
     if attention is not None:
         if model is None:
             _set_attention(attention, _prev_attention)
@@ -211,6 +226,8 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
             raise PatchError(f"Triton kernels unavailable: {why}")
         log.warning("wan_triton: kernels not patched (%s); the reference ops stay in place", why)
         return []
+    if _diffusers.is_wan_diffusers(model):
+        return _diffusers.patch(model, flags, strict, _record)
     if model is not None:
         return _patch_instance(model, flags, strict)
     _state["strict"] = _state["strict"] or strict
@@ -261,6 +278,7 @@ def unpatch(model=None) -> None:
     from wan import attention as att
 
     if model is not None:
+        _diffusers.unpatch(model)
         if getattr(model, "_wan_triton_flags", None) is not None:
             orig = model._wan_triton_orig_forward
             if orig is None:
