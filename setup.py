@@ -34,11 +34,14 @@ setup(
     packages=find_packages(include=["wan", "wan.*", "wan_triton", "wan_triton.*"]),
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "matplotlib"],
+        # diffusers: so that the test command runs tests/test_diffusers.py (without it they skip)
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "diffusers>=0.35.0,<0.43"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "flash": ["flash-attn"],
         "fa4": ["flash-attn-4"],                  # CUDA 13 torch: pip install "flash-attn-4[cu13]"
         "fp8-attention": ["nvidia-cudnn-frontend"],
+        # wan_triton.patch(WanPipeline / WanTransformer3DModel): the range wan_triton/diffusers.py supports
+        "diffusers": ["diffusers>=0.35.0,<0.43"],
     },
     entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
                                       "wan-benchmark = wan_triton.benchmark:main"]},

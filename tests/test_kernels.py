@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wan_triton import kernels
 import wan.dit as wd
@@ -553,3 +554,57 @@ def test_gpu_cfg_combine_past_2_31(seed):
     out = kernels.cfg_combine(u, c, 5.0)
     tail = slice(n - 100_000, n)
     _check(out[tail], wp.cfg_combine(u[tail].double(), c[tail].double(), 5.0), F32)
+
+
+# ------------------------------------------------------------------------------------------
+# diffusers' rounding orders (wan_triton/diffusers.py): round_norm=False, gated_residual out_dtype
+# ------------------------------------------------------------------------------------------
+
+def _same(out, want):
+    """Bit for bit under the interpreter; within the dtype's tolerance on a GPU (FMA contraction)."""
+    assert out.dtype == want.dtype
+    if DEVICE == "cpu":
+        assert torch.equal(out, want)
+    else:
+        torch.testing.assert_close(out.float(), want.float(), **tol(want.dtype))
+
+
+def test_rms_norm_fused_order(seed):
+    x = torch.randn(3, 5, 96, device=DEVICE).bfloat16()
+    w = (1 + 0.3 * torch.randn(96, device=DEVICE)).bfloat16()
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)
+    _same(kernels.rms_norm(x, w, EPS, round_norm=False), (x32 * rstd * w.float()).bfloat16())
+    assert not torch.equal((x32 * rstd * w.float()).bfloat16(), (x32 * rstd).bfloat16() * w)  # orders differ
+
+
+def test_rms_norm_rope_fused_order(seed):
+    B, L, H, D = 1, 12, 2, 32
+    grid = torch.tensor([[3, 2, 2]])
+    freqs = wd.rope_freqs(D)
+    x = torch.randn(B, L, H * D, device=DEVICE).bfloat16()
+    w = (1 + 0.3 * torch.randn(H * D, device=DEVICE)).bfloat16()
+    x32 = x.float()
+    n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS) * w.float()).bfloat16()
+    want = wd.rope_apply(n.unflatten(-1, (H, D)), grid, freqs).bfloat16()
+    out = kernels.rms_norm_rope(x, w, EPS, H, grid, freqs, torch.bfloat16, round_norm=False)
+    torch.testing.assert_close(out.float(), want.float(), **tol(torch.bfloat16))
+    official = kernels.rms_norm_rope(x, w, EPS, H, grid, freqs, torch.bfloat16)
+    assert (out.float() - want.float()).abs().sum() < (official.float() - want.float()).abs().sum()
+
+
+def test_modulate_unrounded_norm(seed):
+    x = torch.randn(2, 7, 80, device=DEVICE).bfloat16()
+    m = torch.randn(2, 6, 80, device=DEVICE)
+    shift, scale = m[:, 0:1], m[:, 1:2]
+    want = (F.layer_norm(x.float(), (80,), eps=EPS) * (1 + scale) + shift).bfloat16()
+    _same(kernels.modulate(x, shift, scale, EPS, torch.bfloat16, round_norm=False), want)
+
+
+def test_gated_residual_out_dtype(seed):
+    x = torch.randn(2, 7, 80, device=DEVICE).bfloat16()
+    y = torch.randn(2, 7, 80, device=DEVICE).bfloat16()
+    gate = torch.randn(2, 6, 80, device=DEVICE)[:, 2:3]
+    _same(kernels.gated_residual(x, y, gate, torch.bfloat16), (x.float() + y * gate).bfloat16())
+    assert kernels.gated_residual(x, y, gate).dtype == torch.float32
+    assert not kernels.gated_residual_supports(x, y, gate, torch.int8)[0]

@@ -6,6 +6,10 @@ with its shards. T5 and VAE: plain `torch.save`d state dicts (`.pth`).
 Models are built on `meta` and loaded with `assign=True`, one tensor at a time, so no
 second copy of the weights is ever materialised.
 
+The diffusers layout (`Wan2.2-T2V-A14B-Diffusers`: model_index.json, transformer/, transformer_2/,
+text_encoder/, tokenizer/, vae/) is recognised here too; its key tables and loaders are in
+wan/diffusers_layout.py (docs/diffusers.md).
+
 `check_checkpoint(ckpt_dir, config)` is the pre-flight `WanT2V.from_pretrained` runs first: it
 reads only headers, the index and zip directories, and names every missing or corrupt file in
 one error, so a bad file is reported before minutes of loading.
@@ -31,6 +35,10 @@ log = logging.getLogger("wan.checkpoint")
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# diffusers layout: folder -> (weights file, index file); transformer = high-noise expert
+DIFFUSERS_FOLDERS = {"transformer": (WEIGHTS_NAME, INDEX_NAME), "transformer_2": (WEIGHTS_NAME, INDEX_NAME),
+                     "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+                     "vae": (WEIGHTS_NAME, INDEX_NAME)}
 
 
 class CheckpointError(Exception):
@@ -120,10 +128,10 @@ def read_dit_config(folder) -> dict:
         raise CheckpointError(f"cannot parse {cfg_path}: {err}") from None
 
 
-def dit_weight_files(folder) -> dict[str, list[str]]:
+def dit_weight_files(folder, weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME) -> dict[str, list[str]]:
     """file path -> keys it holds (from the index when sharded)."""
     folder = Path(folder)
-    index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
+    index, single = folder / index_name, folder / weights_name
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -138,15 +146,18 @@ def dit_weight_files(folder) -> dict[str, list[str]]:
         return files
     if single.is_file():
         return {str(single): None}
-    raise CheckpointError(f"no weights in {folder}: expected {INDEX_NAME} with shards, or {WEIGHTS_NAME}")
+    raise CheckpointError(f"no weights in {folder}: expected {index_name} with shards, or {weights_name}")
 
 
-def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, progress: bool = False):
+def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, progress: bool = False,
+                      rename: dict | None = None):
     """Fill a `meta`-built model from the safetensors `files` of `folder` (as `dit_weight_files`
     lists them), with assign=True: every key checked (unexpected, duplicate, index vs file, shape,
     missing), floating tensors cast to `dtype` when given (None keeps them as stored, fp8 included).
-    Returns the model in eval mode without gradients. Shared by `WanModel.from_pretrained` and the
-    fp8 loader."""
+    `rename` maps file keys to the model's (another layout's names; wan/diffusers_layout.py); a
+    file key it lacks is unexpected, one it maps to None is skipped (a tied copy). Returns the model
+    in eval mode without gradients. Shared by `WanModel.from_pretrained`, the fp8 loader and the
+    diffusers-layout loader."""
     folder = Path(folder)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict = {}
@@ -160,7 +171,7 @@ def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, prog
         bar = tqdm(total=total, desc=f"load {folder.name}", unit="B", unit_scale=True, leave=False,
                    dynamic_ncols=True)
     try:
-        _read_shards(files, dev, expected, dtype, loaded, seen, bar)
+        _read_shards(files, dev, expected, dtype, loaded, seen, bar, rename)
     finally:
         if bar is not None:
             bar.close()
@@ -169,7 +180,7 @@ def load_weights_into(model, folder, files: dict, device="cpu", dtype=None, prog
     return model.eval().requires_grad_(False)
 
 
-def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, seen: set, bar) -> None:
+def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, seen: set, bar, rename=None) -> None:
     for fname, keys in files.items():
         file_keys = sorted(safetensors_header(fname))  # safe_open's order: sorted
         try:
@@ -178,16 +189,19 @@ def _read_shards(files: dict, dev: str, expected: dict, dtype, loaded: dict, see
                     absent = set(keys) - set(file_keys)
                     if absent:
                         raise CheckpointError(f"{fname}: index lists key(s) not in the file: {_short(absent)}")
-                for k in file_keys:
+                for fk in file_keys:
+                    k = fk if rename is None else rename.get(fk, f"{fk} (no mapping)")
+                    if k is None:
+                        continue
                     if k in seen:
-                        raise CheckpointError(f"{fname}: duplicate key {k}")
+                        raise CheckpointError(f"{fname}: duplicate key {fk}")
                     seen.add(k)
                     if k not in expected:
-                        raise CheckpointError(f"{fname}: unexpected key {k}")
-                    t = f.get_tensor(k)
+                        raise CheckpointError(f"{fname}: unexpected key {fk}")
+                    t = f.get_tensor(fk)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())
-                    check_shape(k, t.shape, expected[k], fname)
+                    check_shape(fk, t.shape, expected[k], fname)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     loaded[k] = t
@@ -323,7 +337,7 @@ def safetensors_header(path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _dit_problems(folder: Path) -> list[str]:
+def _dit_problems(folder: Path, weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME) -> list[str]:
     """config.json, then the index and every shard it names (each holds its keys), or the single file."""
     if not folder.is_dir():
         return [f"missing model folder {folder}"]
@@ -337,9 +351,9 @@ def _dit_problems(folder: Path) -> list[str]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             bad = f"{cfg} is not valid JSON"
     problems += [bad] if bad else []
-    index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
+    index, single = folder / index_name, folder / weights_name
     if not index.exists() and not single.exists():
-        return problems + [f"no weights in {folder}: expected {INDEX_NAME} with its shards, or {WEIGHTS_NAME}"]
+        return problems + [f"no weights in {folder}: expected {index_name} with its shards, or {weights_name}"]
     if not index.exists():
         try:
             safetensors_header(single)
@@ -438,13 +452,25 @@ def _tokenizer_problems(folder: Path) -> list[str]:
     return problems
 
 
+def is_diffusers_layout(ckpt_dir) -> bool:
+    """The folder is in the diffusers layout (model_index.json, or a transformer/ folder)."""
+    ckpt = Path(ckpt_dir)
+    return (ckpt / "model_index.json").is_file() or (ckpt / "transformer").is_dir()
+
+
 def checkpoint_problems(ckpt_dir, config) -> list[str]:
     """Every problem with the files a run of `config` needs under `ckpt_dir`, in one list:
-    both expert folders, the T5 and VAE .pth files, the tokenizer folder (layout: docs/checkpoint.md)."""
+    both expert folders, the T5 and VAE .pth files, the tokenizer folder (layout: docs/checkpoint.md);
+    in the diffusers layout its five folders (docs/diffusers.md)."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         return [f"checkpoint folder not found: {ckpt}"]
     problems = []
+    if is_diffusers_layout(ckpt):
+        for sub, (weights, index) in DIFFUSERS_FOLDERS.items():
+            problems += _dit_problems(ckpt / sub, weights, index)
+        problems += _tokenizer_problems(ckpt / "tokenizer")
+        return [" ".join(p.split()) for p in problems]
     for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
         problems += _dit_problems(ckpt / sub)
     for name in (config.t5_checkpoint, config.vae_checkpoint):

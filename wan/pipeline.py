@@ -69,12 +69,12 @@ class WanT2V:
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
                         offload: str | None = None, host_ram: str = "auto", **kw) -> "WanT2V":
-        """Load an official checkpoint folder. DiT params stay in their stored dtype (fp32) unless
+        """Load a checkpoint folder, official or diffusers layout (docs/diffusers.md). DiT params stay in their stored dtype (fp32) unless
         `convert_model_dtype` (then `config.param_dtype`, as the official flag does).
         offload="blocks": block streaming is on when it returns; the host-memory mode (`host_ram`,
         wan.hostmem.host_plan) is chosen before the experts are read, and in low mode the
         low-noise expert's blocks are only read at the expert switch."""
-        from .checkpoint import CheckpointError, check_checkpoint
+        from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
@@ -87,6 +87,8 @@ class WanT2V:
         device = torch.device(device)
         dit_dtype = config.param_dtype if convert_model_dtype else None
         dit_dev = "cpu" if init_on_cpu else device
+        if is_diffusers_layout(ckpt):
+            return cls._from_diffusers_layout(ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, offload, kw)
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
@@ -104,6 +106,24 @@ class WanT2V:
         if plan is not None:
             from .offload import enable_pipeline_streaming
             enable_pipeline_streaming(pipe, plan=plan)
+        return pipe
+
+    @classmethod
+    def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, offload, kw):
+        """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert."""
+        from . import diffusers_layout as dl
+        from .checkpoint import CheckpointError
+
+        if offload == "blocks":
+            raise CheckpointError("block streaming (offload='blocks') reads the official layout only; "
+                                  f"{ckpt} is in the diffusers layout")
+        t5 = dl.load_t5(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
+        vae = dl.load_vae(ckpt / "vae", device=device, dtype=torch.float32)
+        high = dl.load_dit(ckpt / dl.HIGH, dtype=dit_dtype, device=dit_dev, progress=progress)
+        low = dl.load_dit(ckpt / dl.LOW, dtype=dit_dtype, device=dit_dev, progress=progress)
+        config = config.replace(dit=high.config, vae=vae.config)  # the files' architecture and latent statistics
+        pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        pipe.ckpt_dir = ckpt
         return pipe
 
     @classmethod

@@ -49,9 +49,10 @@ class Dispatcher:
     def is_strict(self) -> bool:
         return self.strict or os.environ.get(STRICT_ENV) == "1"
 
-    def use_kernel(self, op: str, ok: bool, why: str, *, warn: bool = False) -> bool:
+    def use_kernel(self, op: str, ok: bool, why: str, *, warn: bool = False, strict: bool = False) -> bool:
         """Count the choice for `op` ((ok, why) from its support check) and return `ok`. A fallback
-        raises KernelFallback in strict mode; `warn` logs each new fallback reason once."""
+        raises KernelFallback in strict mode (global, or `strict` for one patched model); `warn` logs
+        each new fallback reason once."""
         if not torch.compiler.is_compiling():
             st = self.stats.setdefault(op, OpStats())
             if ok:
@@ -61,7 +62,7 @@ class Dispatcher:
                 st.last_reason = why
         if ok:
             return True
-        if self.is_strict():
+        if strict or self.is_strict():
             raise KernelFallback(f"wan_triton: {op} fell back to the reference: {why} "
                                  f"(strict mode: patch(strict=True) or {STRICT_ENV}=1)")
         if warn and why not in self.warned:

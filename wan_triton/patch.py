@@ -6,6 +6,7 @@
     with wan_triton.patched(): ...
     wan_triton.unpatch()          # the exact original function objects are restored
     wan_triton.kernel_stats()     # per op: kernel launches, fallbacks, the last fallback's reason
+    wan_triton.patch(pipe)        # a diffusers WanPipeline / WanTransformer3DModel: wan_triton/diffusers.py
 
 Patching never reloads a module: it rebinds module attributes (`wan.dit.rms_norm`, ...) that
 the reference looks up at call time, and remembers the originals. This is the one place that
@@ -32,6 +33,8 @@ from typing import Callable
 import torch
 
 from wan import attention as att
+
+from . import diffusers as _diffusers
 
 from .dispatch import DISPATCH, STRICT_ENV, KernelFallback, PatchError  # noqa: F401 - the errors patch() raises
 from .fp8_attention import ensure_registered
@@ -179,6 +182,13 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     strict = strict or os.environ.get(STRICT_ENV) == "1"
     ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)
+    if _diffusers.is_wan_diffusers(model):  # checked first: an unsupported version changes nothing
+        bad = _diffusers.version_problem()
+        if bad and strict:
+            raise PatchError(bad)
+        if bad:
+            log.warning("wan_triton: %s", bad)
+            return []
     if attention is not None:
         saved = _prev_attention if model is None else _instances.setdefault(model, InstancePatch()).prev_attention
         _set_attention(attention, saved)
@@ -187,6 +197,8 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
             raise PatchError(f"Triton kernels unavailable: {why}")
         log.warning("wan_triton: kernels not patched (%s); the reference ops stay in place", why)
         return []
+    if _diffusers.is_wan_diffusers(model):
+        return _diffusers.patch(model, flags, strict)
     if model is not None:
         return _patch_instance(model, flags, strict)
     DISPATCH.strict = DISPATCH.strict or strict
@@ -235,6 +247,7 @@ def _swapped(flags, strict=False):
 def unpatch(model=None) -> None:
     """Restore exactly the original function objects, and the attention backend if patch set it."""
     if model is not None:
+        _diffusers.unpatch(model)
         inst = _instances.pop(model, None)
         if inst is None:
             return

@@ -6,6 +6,8 @@ For one row x of width C (x32 = x.float()), with the per-sample or per-token shi
     n    = cast_to(x.dtype)( (x32 - mean) * rsqrt(var + eps) )   # official WanLayerNorm rounding
     out  = n * (1 + scale) + shift                               # fp32
 
+`round_norm=False` keeps n in fp32 (the LayerNorm of x.float(): diffusers' FP32LayerNorm order).
+
 stored as float32 or `out_dtype`. shift/scale are [B, 1, C] (often non-contiguous views m[:, i:i+1]
 of a [B, 6, C] tensor: any batch stride) or [B, L, C]; they are addressed by (batch, token)
 strides, the token stride being 0 for per-sample rows. One program per row; rows up to 8192 wide
@@ -26,9 +28,11 @@ __all__ = ["modulate", "modulate_supports", "supports"]
 
 
 @jit
-def _modulate_store(d, rstd, sh_ptrs, sc_ptrs, y_ptrs, mask, X_DT: tl.constexpr):
-    """Centred row d: n = d * rstd rounded to X_DT, then n * (1 + scale) + shift, stored."""
-    n = round_to(d * rstd, X_DT)
+def _modulate_store(d, rstd, sh_ptrs, sc_ptrs, y_ptrs, mask, X_DT: tl.constexpr, ROUND_NORM: tl.constexpr):
+    """Centred row d: n = d * rstd (rounded to X_DT when ROUND_NORM), then n * (1 + scale) + shift, stored."""
+    n = d * rstd
+    if ROUND_NORM:
+        n = round_to(n, X_DT)
     sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, cast_to(n * (1.0 + sc) + sh, y_ptrs.dtype.element_ty), mask=mask)
@@ -48,6 +52,7 @@ def _modulate_kernel(X,            # input x [B, L, C], last stride 1
                      stride_cl,    # SCALE token stride (0: one row per sample)
                      n_cols,       # C, the normalised width
                      eps,          # added to the variance
+                     ROUND_NORM: tl.constexpr,  # round the normalised row to x's dtype (official) or keep fp32
                      BLOCK: tl.constexpr,      # columns per block (power of two)
                      ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (three reads)
     row = tl.program_id(0).to(tl.int64)
@@ -64,7 +69,7 @@ def _modulate_kernel(X,            # input x [B, L, C], last stride 1
         mean = tl.sum(x, axis=0) / n_cols
         d = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
-        _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X.dtype.element_ty)
+        _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X.dtype.element_ty, ROUND_NORM)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -83,11 +88,11 @@ def _modulate_kernel(X,            # input x [B, L, C], last stride 1
             c = start + cols
             mask = c < n_cols
             x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            _modulate_store(x - mean, rstd, sh_row + c, sc_row + c, y_row + c, mask, X.dtype.element_ty)
+            _modulate_store(x - mean, rstd, sh_row + c, sc_row + c, y_row + c, mask, X.dtype.element_ty, ROUND_NORM)
 
 
 def _launch_modulate(x3: torch.Tensor, shift3: torch.Tensor, scale3: torch.Tensor, y3: torch.Tensor,
-                     eps: float) -> None:
+                     eps: float, round_norm: bool) -> None:
     """x3/shift3/scale3 [B, L, C] (last stride 1; shift/scale may have zero strides), y3 contiguous."""
     B, L, C = x3.shape
     if B * L == 0 or C == 0:
@@ -96,26 +101,26 @@ def _launch_modulate(x3: torch.Tensor, shift3: torch.Tensor, scale3: torch.Tenso
     launchable(_modulate_kernel)[(B * L,)](
         x3, shift3, scale3, y3, L, x3.stride(0), x3.stride(1), shift3.stride(0), shift3.stride(1),
         scale3.stride(0), scale3.stride(1), C, eps,
-        BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block, max_warps=4))
+        ROUND_NORM=round_norm, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block, max_warps=4))
 
 
 def _modulate_fake(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+                   out_dtype: Optional[torch.dtype], round_norm: bool) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32)
 
 
 @register_op("modulate", _modulate_kernel, _modulate_fake)
 def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                 out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+                 out_dtype: Optional[torch.dtype], round_norm: bool) -> torch.Tensor:
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32, device=x.device)
-    _launch_modulate(x, broadcast_rows(shift, x.shape), broadcast_rows(scale, x.shape), y, eps)
+    _launch_modulate(x, broadcast_rows(shift, x.shape), broadcast_rows(scale, x.shape), y, eps, round_norm)
     return y
 
 
 def modulate_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                      out_dtype: Optional[torch.dtype] = None) -> tuple[bool, str]:
+                      out_dtype: Optional[torch.dtype] = None, round_norm: bool = True) -> tuple[bool, str]:
     """(True, '') when the kernel covers this call, else (False, reason)."""
     why = unsupported_tensors(x, shift, scale)
     if not why:
@@ -132,8 +137,8 @@ supports = modulate_supports
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+             out_dtype: Optional[torch.dtype] = None, round_norm: bool = True) -> torch.Tensor:
     """LayerNorm (no affine, fp32 stats, rounded to x.dtype) * (1 + scale) + shift, fp32 math;
     float32 out or `out_dtype`. Same signature and result dtype as wan.dit.modulate (inputs as
-    `modulate_supports` accepts)."""
-    return _modulate_op(x, shift, scale, float(eps), out_dtype)
+    `modulate_supports` accepts). `round_norm=False`: the normalised row stays fp32."""
+    return _modulate_op(x, shift, scale, float(eps), out_dtype, bool(round_norm))

@@ -3,7 +3,8 @@
     out = x + y * gate
 
 fp32 math. The product is rounded to promote(y, gate) when that is a 16-bit type (all-bf16 or
-all-fp16 operands), and the result is stored in promote(x, promote(y, gate)) (fp32 in the model:
+all-fp16 operands), and the result is stored in `out_dtype` when given (diffusers' residual
+stream: `(x.float() + y * gate).type_as(x)`), else in promote(x, promote(y, gate)) (fp32 in the model:
 fp32 or bf16 x, bf16 y, fp32 gate). x and y are [B, L, C]; gate is [B, 1, C] (a strided view
 m[:, i:i+1] of the [B, 6, C] modulation: any batch stride, token stride 0) or [B, L, C].
 Grid: (row, column block), int64 row offsets, so tensors past 2^31 elements index correctly.
@@ -12,9 +13,11 @@ Grid: (row, column block), int64 row offsets, so tensors past 2^31 elements inde
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ._utils import (ELEMWISE_BLOCK, broadcast_rows, broadcasts_to, cast_to, cdiv, jit, launchable, next_pow2,
+from ._utils import (ELEMWISE_BLOCK, KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, cdiv, jit, launchable, next_pow2,
                      register_op, round_to, tl, unsupported_tensors, verdict)
 
 __all__ = ["gated_residual", "gated_residual_supports", "supports"]
@@ -63,27 +66,34 @@ def _launch_gated_residual(x3, y3, g3, out3) -> None:
         g3.stride(0), g3.stride(1), C, ROUND_PROD=round_prod, BLOCK=block, num_warps=4)
 
 
-def _out_dtype(x, y, gate):
+def _out_dtype(x, y, gate, out_dtype=None):
+    if out_dtype is not None:
+        return out_dtype
     return torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
 
 
-def _gated_residual_fake(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=_out_dtype(x, y, gate))
+def _gated_residual_fake(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                         out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=_out_dtype(x, y, gate, out_dtype))
 
 
 @register_op("gated_residual", _gated_residual_kernel, _gated_residual_fake)
-def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                       out_dtype: Optional[torch.dtype]) -> torch.Tensor:
     shape = x.shape
-    out = torch.empty(shape, dtype=_out_dtype(x, y, gate), device=x.device)
+    out = torch.empty(shape, dtype=_out_dtype(x, y, gate, out_dtype), device=x.device)
     _launch_gated_residual(broadcast_rows(x, shape), broadcast_rows(y, shape), broadcast_rows(gate, shape), out)
     return out
 
 
-def gated_residual_supports(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tuple[bool, str]:
+def gated_residual_supports(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                            out_dtype: Optional[torch.dtype] = None) -> tuple[bool, str]:
     """(True, '') when the kernel covers this call, else (False, reason)."""
     why = unsupported_tensors(x, y, gate)
     if not why:
-        if x.dim() != 3 or y.shape != x.shape:
+        if out_dtype not in KERNEL_OUT_DTYPES:
+            why = f"out_dtype {out_dtype}"
+        elif x.dim() != 3 or y.shape != x.shape:
             why = f"x {tuple(x.shape)} / y {tuple(y.shape)} are not the same [B, L, C]"
         elif not broadcasts_to(gate, x.shape):
             why = f"gate {tuple(gate.shape)} does not broadcast to {tuple(x.shape)}"
@@ -93,7 +103,8 @@ def gated_residual_supports(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
 supports = gated_residual_supports
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate (fp32 math, promoted output dtype); same as wan.dit.gated_residual (inputs as
-    `gated_residual_supports` accepts)."""
-    return _gated_residual_op(x, y, gate)
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x + y * gate (fp32 math, promoted output dtype or `out_dtype`); same as
+    wan.dit.gated_residual (inputs as `gated_residual_supports` accepts)."""
+    return _gated_residual_op(x, y, gate, out_dtype)

@@ -18,7 +18,9 @@ in fp32 (the reference uses fp64; the difference is a few fp32 ulps). Output fp3
 
 The fused variant first applies RMSNorm over the full row (width C = heads * D) with the
 reference rounding: n = cast_to(x.dtype)(x32 * rstd), n * weight (rounded to promote(x, w) when
-that is 16-bit), then the rotation, then the cast to `out_dtype` (fp32 by default). One read
+that is 16-bit), then the rotation, then the cast to `out_dtype` (fp32 by default). With
+`round_norm=False` the norm follows torch's fused order instead (diffusers' q/k norm, then its
+rotation of the normalised tensor): n = cast_to(x.dtype)( x32 * rstd * float32(weight) ). One read
 and one write per element for rows up to 8192 wide (C = 5120 at real size); wider rows loop
 over head blocks (two reads). One program per token, holding a [heads, head_dim] tile; the
 position and the (cos, sin) row are computed once per token, in-kernel, from the sample's grid.
@@ -49,15 +51,17 @@ def rope_split(head_dim: int) -> tuple[int, int]:
 
 
 @jit
-def _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM: tl.constexpr, ROUND_PROD: tl.constexpr,
-               BLOCK_H: tl.constexpr, D_P2: tl.constexpr):
+def _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM: tl.constexpr, ROUND_NORM: tl.constexpr,
+               ROUND_PROD: tl.constexpr, BLOCK_H: tl.constexpr, D_P2: tl.constexpr):
     """Normalise (optionally) and rotate one [BLOCK_H, D_P2] tile of heads; cs/sn are [1, D_P2/2]."""
     if HAS_NORM:
-        x = round_to(x * rstd, X.dtype.element_ty)
         wt = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x * wt
-        if ROUND_PROD:
-            x = round_to(x, X.dtype.element_ty)
+        if ROUND_NORM:
+            x = round_to(x * rstd, X.dtype.element_ty) * wt
+            if ROUND_PROD:
+                x = round_to(x, X.dtype.element_ty)
+        else:
+            x = round_to(x * rstd * wt, X.dtype.element_ty)
     a, b = tl.split(tl.reshape(x, (BLOCK_H, D_P2 // 2, 2)))
     out = tl.join(a * cs - b * sn, a * sn + b * cs)
     return tl.reshape(out, (BLOCK_H, D_P2))
@@ -77,6 +81,7 @@ def _rope_kernel(X,             # input [B, L, C], C = n_heads * HEAD_DIM, last 
                  n_pos,         # rows of TAB (positions beyond it are not rotated)
                  eps,           # RMSNorm epsilon
                  HAS_NORM: tl.constexpr,    # RMSNorm over the full row before the rotation
+                 ROUND_NORM: tl.constexpr,  # official norm rounding (else torch's fused order)
                  ROUND_PROD: tl.constexpr,  # round n * weight to x's dtype (16-bit promote(x, w))
                  HEAD_DIM: tl.constexpr,    # D, even
                  D_P2: tl.constexpr,        # D rounded up to a power of two (tile width)
@@ -127,7 +132,7 @@ def _rope_kernel(X,             # input [B, L, C], C = n_heads * HEAD_DIM, last 
     cs = cs[None, :]
     sn = sn[None, :]
     if ONE_PASS:
-        out = _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM, ROUND_PROD, BLOCK_H, D_P2)
+        out = _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM, ROUND_NORM, ROUND_PROD, BLOCK_H, D_P2)
         tl.store(y_row + offs, cast_to(out, Y.dtype.element_ty), mask=mask)
     else:
         rstd = 1.0
@@ -143,12 +148,12 @@ def _rope_kernel(X,             # input [B, L, C], C = n_heads * HEAD_DIM, last 
             offs = (h0 + hh)[:, None] * HEAD_DIM + d[None, :]
             mask = ((h0 + hh)[:, None] < n_heads) & dmask[None, :]
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            out = _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM, ROUND_PROD, BLOCK_H, D_P2)
+            out = _rope_tile(x, offs, mask, X, W, rstd, cs, sn, HAS_NORM, ROUND_NORM, ROUND_PROD, BLOCK_H, D_P2)
             tl.store(y_row + offs, cast_to(out, Y.dtype.element_ty), mask=mask)
 
 
 def _launch_rope(x3: torch.Tensor, w: Optional[torch.Tensor], y3: torch.Tensor, tab: torch.Tensor,
-                 grid: torch.Tensor, eps: float, head_dim: int, token_offset: int) -> None:
+                 grid: torch.Tensor, eps: float, head_dim: int, token_offset: int, round_norm: bool = True) -> None:
     """x3 [B, L, C] (last stride 1, C = heads * head_dim), w [C] or None, y3 [B, L, C] contiguous,
     tab [n_pos, head_dim/2, 2] fp32 (cos, sin), grid int32 [B, 3] contiguous."""
     B, L, C = x3.shape
@@ -160,28 +165,30 @@ def _launch_rope(x3: torch.Tensor, w: Optional[torch.Tensor], y3: torch.Tensor, 
     one_pass = block_h >= n_heads
     cf, ch = rope_split(head_dim)
     has_norm = w is not None
-    round_prod = has_norm and torch.promote_types(x3.dtype, w.dtype) != torch.float32
+    round_prod = has_norm and round_norm and torch.promote_types(x3.dtype, w.dtype) != torch.float32
     launchable(_rope_kernel)[(B * L,)](
         x3, w if has_norm else x3, y3, tab, grid, L, token_offset, x3.stride(0), x3.stride(1), n_heads,
         tab.shape[0], eps,
-        HAS_NORM=has_norm, ROUND_PROD=round_prod, HEAD_DIM=head_dim, D_P2=d_p2, CF=cf, CH=ch,
+        HAS_NORM=has_norm, ROUND_NORM=round_norm, ROUND_PROD=round_prod, HEAD_DIM=head_dim, D_P2=d_p2, CF=cf, CH=ch,
         BLOCK_H=block_h, ONE_PASS=one_pass, num_warps=num_warps_for(block_h * d_p2, max_warps=8))
 
 
 def _rope_fake(x: torch.Tensor, weight: Optional[torch.Tensor], tab: torch.Tensor, grid: torch.Tensor,
-               eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int) -> torch.Tensor:
+               eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int,
+               round_norm: bool) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32)
 
 
 @register_op("rope", _rope_kernel, _rope_fake)
 def _rope_op(x: torch.Tensor, weight: Optional[torch.Tensor], tab: torch.Tensor, grid: torch.Tensor,
-             eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int) -> torch.Tensor:
+             eps: float, head_dim: int, out_dtype: Optional[torch.dtype], token_offset: int,
+             round_norm: bool) -> torch.Tensor:
     """x [B, L, C] -> [B, L, C] (C = heads * head_dim), optional RMSNorm, then RoPE."""
     if x.shape[-1] and x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32, device=x.device)
     w = None if weight is None else weight.reshape(-1).contiguous()
-    _launch_rope(x, w, y, tab.contiguous(), grid.contiguous(), eps, head_dim, token_offset)
+    _launch_rope(x, w, y, tab.contiguous(), grid.contiguous(), eps, head_dim, token_offset, round_norm)
     return y
 
 
@@ -246,7 +253,7 @@ def rope_apply_supports(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.
 
 def rms_norm_rope_supports(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, num_heads: int,
                            grid_sizes: torch.Tensor, freqs: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
-                           token_offset: int = 0) -> tuple[bool, str]:
+                           token_offset: int = 0, round_norm: bool = True) -> tuple[bool, str]:
     """(True, '') when the kernel covers this call, else (False, reason)."""
     why = unsupported_tensors(x, weight)
     if not why:
@@ -268,18 +275,19 @@ def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, t
     if x.stride(3) != 1 or (H > 1 and x.stride(2) != D):
         x = x.contiguous()
     y = _rope_op(x.reshape(B, L, H * D), None, rope_cos_sin(freqs, x.device),
-                 _grid_on(grid_sizes, x.device), 0.0, D, None, token_offset)
+                 _grid_on(grid_sizes, x.device), 0.0, D, None, token_offset, True)
     return y.view(B, L, H, D)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, num_heads: int,
                   grid_sizes: torch.Tensor, freqs: torch.Tensor,
-                  out_dtype: Optional[torch.dtype] = None, token_offset: int = 0) -> torch.Tensor:
+                  out_dtype: Optional[torch.dtype] = None, token_offset: int = 0,
+                  round_norm: bool = True) -> torch.Tensor:
     """Fused RMSNorm (full width) + head split + RoPE: x [B, L, C] -> [B, L, heads, C/heads],
     float32 or `out_dtype`; `weight=None` skips the norm. Same as wan.dit.rms_norm_rope
-    (inputs as `rms_norm_rope_supports` accepts)."""
+    (inputs as `rms_norm_rope_supports` accepts); `round_norm=False`: torch's fused norm order."""
     B, L, C = x.shape
     D = C // num_heads
     y = _rope_op(x, weight, rope_cos_sin(freqs, x.device), _grid_on(grid_sizes, x.device),
-                 float(eps), D, out_dtype, token_offset)
+                 float(eps), D, out_dtype, token_offset, bool(round_norm))
     return y.view(B, L, num_heads, D)
