@@ -23,7 +23,7 @@ from ._utils import jit, launchable, num_warps_for, register_op, tl
 from .quant_fp8 import (AMAX_FLOOR, FP8_DTYPE, MAX_FP8_ROW_BLOCK, e4m3_store, fp8_row_block, quant_fp8_supports,
                         row_scale)
 
-__all__ = ["gelu_quant_fp8", "gelu_quant_fp8_supports", "supports"]
+__all__ = ["gelu_quant_fp8", "gelu_quant_fp8_supports"]
 
 
 @jit
@@ -91,9 +91,6 @@ def _gelu_quant_op(x: torch.Tensor, max_block: int) -> tuple[torch.Tensor, torch
 def gelu_quant_fp8_supports(x: torch.Tensor) -> tuple[bool, str]:
     """(True, '') when the kernel covers x, else (False, reason)."""
     return quant_fp8_supports(x)
-
-
-supports = gelu_quant_fp8_supports
 
 
 def gelu_quant_fp8(x: torch.Tensor, max_block: int = MAX_FP8_ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

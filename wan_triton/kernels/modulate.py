@@ -22,7 +22,7 @@ import torch
 from ._utils import (KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, jit, launchable, num_warps_for,
                      register_op, round_to, row_block, tl, unsupported_tensors, verdict)
 
-__all__ = ["modulate", "modulate_supports", "supports"]
+__all__ = ["modulate", "modulate_supports"]
 
 
 @jit
@@ -126,9 +126,6 @@ def modulate_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
         elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
             why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
     return verdict(why)
-
-
-supports = modulate_supports
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

@@ -25,7 +25,7 @@ from ._utils import broadcast_rows, broadcasts_to, jit, launchable, num_warps_fo
     unsupported_tensors, verdict
 from .quant_fp8 import AMAX_FLOOR, FP8_DTYPE, MAX_FP8_ROW_BLOCK, e4m3_store, fp8_row_block, row_scale
 
-__all__ = ["modulate_quant_fp8", "modulate_quant_fp8_supports", "supports"]
+__all__ = ["modulate_quant_fp8", "modulate_quant_fp8_supports"]
 
 
 @jit
@@ -126,9 +126,6 @@ def modulate_quant_fp8_supports(x: torch.Tensor, shift: torch.Tensor, scale: tor
         elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
             why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
     return verdict(why)
-
-
-supports = modulate_quant_fp8_supports
 
 
 def modulate_quant_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

@@ -30,7 +30,7 @@ import torch
 from ._utils import jit, launchable, next_pow2, num_warps_for, register_op, tl, triton_available, \
     unsupported_tensors, verdict
 
-__all__ = ["quant_fp8", "quant_fp8_supports", "supports", "E4M3_MAX", "AMAX_FLOOR", "FP8_DTYPE", "fp8_row_block"]
+__all__ = ["quant_fp8", "quant_fp8_supports", "E4M3_MAX", "AMAX_FLOOR", "FP8_DTYPE", "fp8_row_block"]
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12
@@ -148,9 +148,6 @@ def quant_fp8_supports(x: torch.Tensor) -> tuple[bool, str]:
         elif x.dim() < 1 or x.shape[-1] == 0:
             why = f"x {tuple(x.shape)} has no columns"
     return verdict(why)
-
-
-supports = quant_fp8_supports
 
 
 def quant_fp8(x: torch.Tensor, max_block: int = MAX_FP8_ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from ._utils import (cast_to, jit, launchable, num_warps_for, register_op, round_to, row_block, tl,
                      unsupported_tensors, verdict)
 
-__all__ = ["rms_norm", "rms_norm_supports", "supports"]
+__all__ = ["rms_norm", "rms_norm_supports"]
 
 
 @jit
@@ -105,9 +105,6 @@ def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
         elif weight.shape[-1] != x.shape[-1] or weight.numel() != x.shape[-1]:
             why = f"weight {tuple(weight.shape)} is not one row of width {x.shape[-1]}"
     return verdict(why)
-
-
-supports = rms_norm_supports
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
