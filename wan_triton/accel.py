@@ -237,9 +237,6 @@ class Optimized:
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
                 f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
 
-    def __getitem__(self, key):  # read access as in the former dict result, for older callers
-        return getattr(self, key)
-
 
 def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
     """The offload mode optimize() applies: the explicit one, else the preset's; 'none' off CUDA.
