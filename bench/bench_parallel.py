@@ -184,7 +184,8 @@ def part_a2a(config, seq_len, state_sp, args, dev, log):
 def part_video(config, args, dev, state_sp, state_cfg, log, is_main):
     """A full random-weight generation; one GPU saves frames, torchrun compares against them."""
     from wan import parallel
-    from wan.pipeline import WanT2V, video_to_uint8
+    from wan.pipeline import WanT2V
+    from wan.video import video_to_uint8
 
     from wan_triton.metrics import psnr_uint8
 

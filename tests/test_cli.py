@@ -218,7 +218,7 @@ def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
         assert line.startswith("preset none (only the flags): Triton kernels off") and "{" not in line
         assert "flags'" not in line
         res = wan_triton.optimize(pipe, "cpu", attention="sdpa")
-        assert att.get_backend() == "sdpa" and res.attention == "sdpa" and res["preset"] == "cpu"
+        assert att.get_backend() == "sdpa" and res.attention == "sdpa" and res.preset == "cpu"
     finally:
         wan_triton.unpatch()
         att.set_backend(prev)

@@ -4,7 +4,9 @@ import torch
 
 from wan import pipeline as wp
 from wan.configs import TINY
-from wan.pipeline import InputError, WanT2V, check_request, save_video, video_to_uint8
+from wan.pipeline import WanT2V
+from wan.requests import InputError, check_request
+from wan.video import save_video, video_to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +267,3 @@ def test_missing_frames_are_caught(tmp_path, monkeypatch):
     with pytest.raises(wv.VideoWriterError, match="holds 4 of 9 frames"):
         save_video(torch.rand(3, 9, 32, 32) * 2 - 1, tmp_path / "v.mp4")
     assert not list(tmp_path.iterdir())
-
-
-def test_old_import_paths_still_work():
-    from wan import pipeline, requests, video
-
-    assert pipeline.save_video is video.save_video and pipeline.check_request is requests.check_request
-    assert pipeline.InputError is requests.InputError and issubclass(video.VideoWriterError, InputError)

@@ -198,9 +198,9 @@ def test_presets_and_cuda_only_errors():
 def test_optimize_flags_reach_the_pipeline():
     pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
     applied = wan_triton.optimize(pipe, "cpu", triton=True, use_batched_cfg=True, attention="math")
-    assert pipe.use_batched_cfg and applied["use_batched_cfg"]
+    assert pipe.use_batched_cfg and applied.use_batched_cfg
     assert kernel_of(dit.modulate) is kernels.modulate and att.resolve_backend(torch.device("cpu")) == "math"
-    assert applied["offload_model"] is False and applied["compile"] is False
+    assert applied.offload_model is False and applied.compile is False
     wan_triton.unpatch()
     att.set_backend("auto")
     if not torch.cuda.is_available():
@@ -247,7 +247,7 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
                             lambda dev, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
         caplog.clear()
         applied = wan_triton.optimize(fake, resident)
-        assert applied["offload_model"] is offload
+        assert applied.offload_model is offload
         assert ("the idle expert will wait in CPU memory" in caplog.text) is offload
     att.set_backend("auto")
 

@@ -12,8 +12,7 @@ follows the CUDA precision map (bf16 matmuls, the fp32 regions of docs/precision
 CPU results match GPU results up to kernel rounding, not an fp32 variant of the model.
 
 `cfg_combine` is a module-level function so `wan_triton.patch()` can swap it. Request checks
-live in `wan.requests`, video output in `wan.video`, stage timing in `wan.timing`; their
-names are re-exported here for older imports.
+live in `wan.requests`, video output in `wan.video`, stage timing in `wan.timing`.
 """
 from __future__ import annotations
 
@@ -26,12 +25,10 @@ from pathlib import Path
 import torch
 
 from .configs import T2VConfig, get_config
-from .requests import InputError, check_request
-from .timing import Timings, sync
-from .video import VideoWriterError, check_output_path, check_video_writer, save_video, video_to_uint8
+from .requests import check_request
+from .timing import Timings
 
-__all__ = ["WanT2V", "cfg_combine", "InputError", "check_request", "Timings", "VideoWriterError",
-           "check_output_path", "check_video_writer", "save_video", "video_to_uint8", "sync"]
+__all__ = ["WanT2V", "cfg_combine"]
 
 log = logging.getLogger("wan.pipeline")
 

@@ -6,17 +6,22 @@ None of these re-implement the model: they flip switches on the `wan` objects.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from wan import attention as att
+from wan.offload import OFFLOAD_MODES, OffloadError
+
+from . import fp8 as _fp8
+from .errors import AccelError
+from .fp8_attention import ensure_registered
+from .patch import patch
+
 log = logging.getLogger("wan_triton")
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
-class AccelError(ValueError):
-    """An option that cannot work on this machine (e.g. a CUDA-only option without CUDA)."""
 
 
 # ------------------------------------------------------------------ TF32
@@ -160,8 +165,6 @@ def oom_hint(device=None) -> str:
 def no_preset(device) -> Preset:
     """`--preset none`: only what the flags say, the official offloading default (on with CUDA),
     and the kernels wherever they can run (CUDA, or the Triton interpreter on CPU)."""
-    import os
-
     device = torch.device(device)
     kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return Preset("none", offload_model=device.type == "cuda", t5_cpu=False, triton=kernels_here,
@@ -234,21 +237,10 @@ class Optimized:
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
                 f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
 
-    def __getitem__(self, key):  # read access as in the former dict result, for older callers
-        return getattr(self, key)
-
-
-def _is_fp8(model) -> bool:
-    from .fp8 import is_quantized
-
-    return is_quantized(model)
-
 
 def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
     """The offload mode optimize() applies: the explicit one, else the preset's; 'none' off CUDA.
     A pipeline that already streams its blocks keeps streaming."""
-    from wan.offload import OFFLOAD_MODES
-
     if offload is not None and offload not in OFFLOAD_MODES:
         raise AccelError(f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
     if getattr(pipeline, "offload", "none") == "blocks":
@@ -279,8 +271,6 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
     were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
     """
-    from .patch import patch
-
     p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
     on_cuda = pipeline.device.type == "cuda"
     want = dict(triton=p.triton if triton is None else triton,
@@ -302,8 +292,6 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
                              f"{p.name}): use one or the other")
         want["compile"] = False
     if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
-        from . import fp8 as _fp8
-
         done = []
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             if fp8 and not _fp8.is_quantized(m):
@@ -329,14 +317,10 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     else:
         patched = ()
         if attention is not None:
-            from wan import attention as att
-
-            from .fp8_attention import ensure_registered
             ensure_registered(attention)
             att.set_backend(attention)
     pipeline.use_batched_cfg = want["use_batched_cfg"]
     if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
-        from wan.streaming import OffloadError
         try:
             pipeline.enable_block_streaming(host_ram=host_ram or "auto")
         except OffloadError as err:
@@ -345,7 +329,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, compile_mode)
     res = Optimized(preset=p.name, note=p.note, patched=patched, compile_mode=compile_mode, attention=attention,
-                    fp8=any(_is_fp8(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
+                    fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
                     tf32_prev=tf32_prev, offload_model=want["offload"] == "model", **want)
     log.info("%s", res.summary())
     return res

@@ -167,7 +167,7 @@ def _one_run(pipe, req: dict, decode: bool):
 
 def run_mode(pipe, mode: str, settings: dict, req: dict, num_runs: int, warmup: int, decode: bool):
     """Warm up, then time `num_runs` generations. Returns (ModeResult, latents, uint8 frames)."""
-    from wan.pipeline import video_to_uint8
+    from wan.video import video_to_uint8
 
     res = ModeResult(mode=mode, settings=settings)
     for i in range(warmup):
@@ -424,7 +424,8 @@ def output_paths(out_dir: Path, name: str) -> dict:
 
 def check_out_dir(out_dir: Path, name: str) -> None:
     """Before any model is built: the files <out_dir>/<name>.json/.md/.png can be created."""
-    from wan.pipeline import InputError, check_output_path
+    from wan.requests import InputError
+    from wan.video import check_output_path
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--out_dir is not a directory: {out_dir}")

@@ -42,11 +42,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from wan import dit
 
-from .accel import AccelError
+from wan.checkpoint import (CONFIG_NAME, CheckpointError, dit_weight_files, load_weights_into, read_dit_config,
+                            save_dit)
+from wan.configs import DiTConfig
+
 from .dispatch import DISPATCH
+from .errors import AccelError
 from .kernels.gelu_quant_fp8 import gelu_quant_fp8, gelu_quant_fp8_supports
 from .kernels.modulate_quant_fp8 import modulate_quant_fp8, modulate_quant_fp8_supports
 from .kernels.quant_fp8 import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, quant_fp8, quant_fp8_supports
@@ -387,7 +392,6 @@ def quantize_model(model, progress: bool = True, keep_original: bool = False, fa
     t0 = time.perf_counter()
     bar = None
     if progress and targets:
-        from tqdm import tqdm
         bar = tqdm(total=len(targets), desc="fp8 quantize", unit="layer", leave=False, dynamic_ncols=True)
     try:
         with torch.no_grad():
@@ -440,8 +444,6 @@ def save_fp8(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:
     """Write a quantized expert: the official layout (config.json + safetensors, sharded with an
     index over `max_shard_bytes`) where each fp8 linear has `<name>.weight` (F8_E4M3 [N, K]),
     `<name>.weight_scale` (F32 [N, 1]) and `<name>.bias`; config.json gains a "quantization" entry."""
-    from wan.checkpoint import CONFIG_NAME, save_dit
-
     if not is_quantized(model):
         raise Fp8Error("save_fp8 needs a quantized model (quantize_model first)")
     folder = Path(folder)
@@ -465,10 +467,6 @@ def _fp8_shells(model) -> None:
 
 def load_fp8(folder, device="cpu", progress: bool = False):
     """A quantized WanModel from save_fp8's folder, bit-identical to what was saved."""
-    from wan.checkpoint import CheckpointError, dit_weight_files, load_weights_into, read_dit_config
-    from wan.configs import DiTConfig
-    from wan.dit import WanModel
-
     folder = Path(folder)
     raw = read_dit_config(folder)
     qc = raw.get("quantization") or {}
@@ -479,6 +477,6 @@ def load_fp8(folder, device="cpu", progress: bool = False):
         raise CheckpointError(f"{folder}: fp8 format version {qc.get('version')} is newer than this code's "
                               f"({FORMAT_VERSION})")
     with torch.device("meta"):
-        model = WanModel(DiTConfig.from_dict(raw))
+        model = dit.WanModel(DiTConfig.from_dict(raw))
     _fp8_shells(model)
     return load_weights_into(model, folder, dit_weight_files(folder), device, None, progress)

@@ -13,7 +13,7 @@ import torch
 
 from ._utils import cast_to, cdiv, jit, launchable, register_op, tl, unsupported_tensors, verdict
 
-__all__ = ["cfg_combine", "cfg_combine_supports", "supports"]
+__all__ = ["cfg_combine", "cfg_combine_supports"]
 
 _BLOCK = 2048
 
@@ -61,9 +61,6 @@ def cfg_combine_supports(uncond: torch.Tensor, cond: torch.Tensor, scale: float)
         elif not isinstance(scale, (int, float)):
             why = f"scale is a {type(scale).__name__}, not a Python number"
     return verdict(why)
-
-
-supports = cfg_combine_supports
 
 
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,7 +11,9 @@ For one row x of width C (x32 = x.float()), with the per-sample or per-token shi
 stored as float32 or `out_dtype`. shift/scale are [B, 1, C] (often non-contiguous views m[:, i:i+1]
 of a [B, 6, C] tensor: any batch stride) or [B, L, C]; they are addressed by (batch, token)
 strides, the token stride being 0 for per-sample rows. One program per row; rows up to 8192 wide
-are held in registers (one read of x), wider rows loop (three reads).
+are held in registers (one read of x), wider rows loop (three reads). The row addressing and the
+LayerNorm statistics are jit helpers (`modulation_rows`, `layer_norm_block`, `layer_norm_looped`)
+shared with modulate_quant_fp8.py.
 
 `modulate` launches the kernel; call it only where `modulate_supports` says yes.
 """
@@ -24,7 +26,45 @@ import torch
 from ._utils import (KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, jit, launchable, num_warps_for,
                      register_op, round_to, row_block, tl, unsupported_tensors, verdict)
 
-__all__ = ["modulate", "modulate_supports", "supports"]
+__all__ = ["modulate", "modulate_supports"]
+
+
+@jit
+def modulation_rows(X, SHIFT, SCALE, row, seq_len, stride_xb, stride_xl, stride_hb, stride_hl, stride_cb,
+                    stride_cl):
+    """Pointers to row `row` (= batch * seq_len + token) of x, shift and scale."""
+    bi = row // seq_len
+    li = row - bi * seq_len
+    return (X + bi * stride_xb + li * stride_xl, SHIFT + bi * stride_hb + li * stride_hl,
+            SCALE + bi * stride_cb + li * stride_cl)
+
+
+@jit
+def layer_norm_block(x_ptrs, mask, n_cols, eps):
+    """The whole row read once: (d, rstd), d = x32 - mean (0 outside the mask), rstd = rsqrt(var + eps)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+    return d, rstd
+
+
+@jit
+def layer_norm_looped(x_row, n_cols, eps, BLOCK: tl.constexpr):
+    """(mean, rstd) of the row read in BLOCK-column blocks, twice (mean, then the centred variance)."""
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        acc += tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / n_cols
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        mask = c < n_cols
+        d = tl.where(mask, tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+        acc += d * d
+    return mean, tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
 
 
 @jit
@@ -56,34 +96,16 @@ def _modulate_kernel(X,            # input x [B, L, C], last stride 1
                      BLOCK: tl.constexpr,      # columns per block (power of two)
                      ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (three reads)
     row = tl.program_id(0).to(tl.int64)
-    bi = row // seq_len
-    li = row - bi * seq_len
-    x_row = X + bi * stride_xb + li * stride_xl
-    sh_row = SHIFT + bi * stride_hb + li * stride_hl
-    sc_row = SCALE + bi * stride_cb + li * stride_cl
+    x_row, sh_row, sc_row = modulation_rows(X, SHIFT, SCALE, row, seq_len, stride_xb, stride_xl, stride_hb,
+                                            stride_hl, stride_cb, stride_cl)
     y_row = Y + row * n_cols
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
         mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n_cols
-        d = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+        d, rstd = layer_norm_block(x_row + cols, mask, n_cols, eps)
         _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X.dtype.element_ty, ROUND_NORM)
     else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            acc += tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / n_cols
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - mean, 0.0)
-            acc += d * d
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        mean, rstd = layer_norm_looped(x_row, n_cols, eps, BLOCK)
         for start in range(0, n_cols, BLOCK):
             c = start + cols
             mask = c < n_cols
@@ -131,9 +153,6 @@ def modulate_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
         elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
             why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
     return verdict(why)
-
-
-supports = modulate_supports
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

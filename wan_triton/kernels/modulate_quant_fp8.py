@@ -13,7 +13,8 @@ y is quantized straight from fp32 (modulate's optional `out_dtype` rounding is s
 product reads q, not y). Returns (q float8_e4m3fn [B, L, C], s fp32 [B, L, 1]). shift/scale are
 [B, 1, C] (any batch stride) or [B, L, C], addressed by (batch, token) strides as in
 wan_triton/kernels/modulate.py. One program per row; rows up to 16384 wide are held in registers (one
-read of x), wider rows loop (mean, variance, amax, write: four reads).
+read of x), wider rows loop (mean, variance, amax, write: four reads). The row addressing and the
+LayerNorm statistics are modulate.py's jit helpers, the quantization skeleton quant_fp8.py's.
 
 `modulate_quant_fp8` launches the kernel; call it only where `modulate_quant_fp8_supports` says yes.
 """
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import broadcast_rows, broadcasts_to, jit, launchable, num_warps_for, register_op, round_to, tl, \
-    unsupported_tensors, verdict
-from .quant_fp8 import AMAX_FLOOR, FP8_DTYPE, MAX_FP8_ROW_BLOCK, e4m3_store, fp8_row_block, row_scale
+from ._utils import broadcast_rows, broadcasts_to, jit, launchable, num_warps_for, register_op, round_to, \
+    row_block, tl, unsupported_tensors, verdict
+from .modulate import layer_norm_block, layer_norm_looped, modulation_rows
+from .quant_fp8 import AMAX_FLOOR, FP8_DTYPE, MAX_FP8_ROW_BLOCK, e4m3_quant_block, e4m3_quant_looped
 
-__all__ = ["modulate_quant_fp8", "modulate_quant_fp8_supports", "supports"]
+__all__ = ["modulate_quant_fp8", "modulate_quant_fp8_supports"]
 
 
 @jit
 def _modulated(d, rstd, sh_ptrs, sc_ptrs, mask, X_DT: tl.constexpr):
-    """Centred row d -> n * (1 + scale) + shift in fp32 (0 outside the mask)."""
+    """Centred row d -> n * (1 + scale) + shift in fp32, 0 outside the mask (padded lanes would
+    otherwise hold n(-mean), which could raise the amax)."""
     n = round_to(d * rstd, X_DT)
     sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -38,59 +41,44 @@ def _modulated(d, rstd, sh_ptrs, sc_ptrs, mask, X_DT: tl.constexpr):
 
 
 @jit
-def _modulate_quant_fp8_kernel(X, SHIFT, SCALE,  # x [B, L, C]; shift/scale addressed [B, L, C]
-                               Q,                # out [B, L, C] float8_e4m3fn, contiguous
-                               S,                # out [B * L] fp32 scales
-                               seq_len, stride_xb, stride_xl, stride_hb, stride_hl, stride_cb, stride_cl,
-                               n_cols, eps, amax_floor,
-                               BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _modulated_x(x, cols, mask, ARGS):
+    """`_modulated` of a block of x32; ARGS = (mean, rstd, shift row, scale row, x row)."""
+    mean, rstd, sh_row, sc_row, x_row = ARGS
+    return _modulated(x - mean, rstd, sh_row + cols, sc_row + cols, mask, x_row.dtype.element_ty)
+
+
+@jit
+def _modulate_quant_fp8_kernel(X,             # input x [B, L, C], last stride 1
+                               SHIFT,         # shift rows, addressed [B, L, C] (token stride 0 when per sample)
+                               SCALE,         # scale rows, same addressing as SHIFT
+                               Q,             # out [B, L, C] float8_e4m3fn, contiguous
+                               S,             # out [B * L] fp32 scales
+                               seq_len,       # L, to split the row index into (batch, token)
+                               stride_xb,     # X batch stride
+                               stride_xl,     # X token stride
+                               stride_hb,     # SHIFT batch stride
+                               stride_hl,     # SHIFT token stride (0: one row per sample)
+                               stride_cb,     # SCALE batch stride
+                               stride_cl,     # SCALE token stride (0: one row per sample)
+                               n_cols,        # C, the normalised width
+                               eps,           # added to the variance
+                               amax_floor,    # AMAX_FLOOR
+                               BLOCK: tl.constexpr,      # columns per block (power of two)
+                               ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (four)
     row = tl.program_id(0).to(tl.int64)
-    bi = row // seq_len
-    li = row - bi * seq_len
-    x_row = X + bi * stride_xb + li * stride_xl
-    sh_row = SHIFT + bi * stride_hb + li * stride_hl
-    sc_row = SCALE + bi * stride_cb + li * stride_cl
+    x_row, sh_row, sc_row = modulation_rows(X, SHIFT, SCALE, row, seq_len, stride_xb, stride_xl, stride_hb,
+                                            stride_hl, stride_cb, stride_cl)
     q_row = Q + row * n_cols
-    cols = tl.arange(0, BLOCK)
-    XDT = X.dtype.element_ty
     if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n_cols
-        d = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
-        y = _modulated(d, rstd, sh_row + cols, sc_row + cols, mask, XDT)
-        scale = row_scale(tl.max(tl.abs(y), axis=0), amax_floor)
-        tl.store(S + row, scale)
-        e4m3_store(y, scale, q_row + cols, mask)
+        d, rstd = layer_norm_block(x_row + cols, mask, n_cols, eps)
+        y = _modulated(d, rstd, sh_row + cols, sc_row + cols, mask, X.dtype.element_ty)
+        e4m3_quant_block(y, amax_floor, S + row, q_row + cols, mask)
     else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            acc += tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / n_cols
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            d = tl.where(mask, tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
-            acc += d * d
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            y = _modulated(x - mean, rstd, sh_row + c, sc_row + c, mask, XDT)
-            acc = tl.maximum(acc, tl.abs(y))
-        scale = row_scale(tl.max(acc, axis=0), amax_floor)
-        tl.store(S + row, scale)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            y = _modulated(x - mean, rstd, sh_row + c, sc_row + c, mask, XDT)
-            e4m3_store(y, scale, q_row + c, mask)
+        mean, rstd = layer_norm_looped(x_row, n_cols, eps, BLOCK)
+        e4m3_quant_looped(_modulated_x, (mean, rstd, sh_row, sc_row, x_row), x_row, S + row, q_row, n_cols,
+                          amax_floor, BLOCK)
 
 
 def _fake(x, shift, scale, eps: float, max_block: int):
@@ -107,7 +95,7 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     s = torch.empty((B, L, 1), dtype=torch.float32, device=x.device)
     if B * L and C:
         sh, sc = broadcast_rows(shift, x.shape), broadcast_rows(scale, x.shape)
-        block, one_pass = fp8_row_block(C, max_block)
+        block, one_pass = row_block(C, max_block)
         launchable(_modulate_quant_fp8_kernel)[(B * L,)](
             x, sh, sc, q, s, L, x.stride(0), x.stride(1), sh.stride(0), sh.stride(1), sc.stride(0), sc.stride(1),
             C, eps, AMAX_FLOOR, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block, max_warps=8))
@@ -126,9 +114,6 @@ def modulate_quant_fp8_supports(x: torch.Tensor, shift: torch.Tensor, scale: tor
         elif not (broadcasts_to(shift, x.shape) and broadcasts_to(scale, x.shape)):
             why = f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not broadcast to {tuple(x.shape)}"
     return verdict(why)
-
-
-supports = modulate_quant_fp8_supports
 
 
 def modulate_quant_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

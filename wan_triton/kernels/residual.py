@@ -20,7 +20,7 @@ import torch
 from ._utils import (ELEMWISE_BLOCK, KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, cdiv, jit, launchable, next_pow2,
                      register_op, round_to, tl, unsupported_tensors, verdict)
 
-__all__ = ["gated_residual", "gated_residual_supports", "supports"]
+__all__ = ["gated_residual", "gated_residual_supports"]
 
 
 @jit
@@ -98,9 +98,6 @@ def gated_residual_supports(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
         elif not broadcasts_to(gate, x.shape):
             why = f"gate {tuple(gate.shape)} does not broadcast to {tuple(x.shape)}"
     return verdict(why)
-
-
-supports = gated_residual_supports
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 from ._utils import (cast_to, jit, launchable, num_warps_for, register_op, round_to, row_block, tl,
                      unsupported_tensors, verdict)
 
-__all__ = ["rms_norm", "rms_norm_supports", "supports"]
+__all__ = ["rms_norm", "rms_norm_supports"]
 
 
 @jit
@@ -113,9 +113,6 @@ def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor, eps: float, round_n
         elif weight.shape[-1] != x.shape[-1] or weight.numel() != x.shape[-1]:
             why = f"weight {tuple(weight.shape)} is not one row of width {x.shape[-1]}"
     return verdict(why)
-
-
-supports = rms_norm_supports
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, round_norm: bool = True) -> torch.Tensor:
