@@ -247,7 +247,7 @@ def _is_fp8(model) -> bool:
 def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
     """The offload mode optimize() applies: the explicit one, else the preset's; 'none' off CUDA.
     A pipeline that already streams its blocks keeps streaming."""
-    from wan.offload import OFFLOAD_MODES
+    from wan.offload import OFFLOAD_MODES, OffloadError, check_offload_device
 
     if offload is not None and offload not in OFFLOAD_MODES:
         raise AccelError(f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
@@ -256,8 +256,10 @@ def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> st
             raise AccelError(f"the pipeline already streams its DiT blocks; --offload {offload} would need "
                              "wan.offload.disable_pipeline_streaming(pipe) first")
         return "blocks"
-    if offload not in (None, "none") and not on_cuda:
-        raise AccelError(f"--offload {offload} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
+    try:  # the rule of wan.offload, the one --offload and enable_block_streaming obey
+        check_offload_device(offload or "none", pipeline.device, what=f"--offload {offload}")
+    except OffloadError as err:
+        raise AccelError(str(err)) from None
     if not on_cuda:
         return "none"
     return offload or preset_offload(p)
@@ -303,6 +305,9 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
         want["compile"] = False
     if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
         from . import fp8 as _fp8
+
+        if fp8:
+            _fp8.check_fp8_device(pipeline.device)  # as --fp8: native e4m3 products, else Fp8Error (one line)
 
         done = []
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
