@@ -326,6 +326,7 @@ def test_drawn_seed_is_logged_and_used(tmp_path, monkeypatch, caplog):
                  "--device", "cpu", "--frame_num", "5", "--no-triton"]) == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("generating "))
     assert "seed -1" not in line and line.endswith(f"seed {seen['seed']}; the demo prompt") and seen["seed"] >= 0
+    assert "--random-weights: building tiny" in caplog.text and "tiny demo" not in caplog.text
 
 
 @pytest.mark.parametrize("exe", ["/nonexistent/ffmpeg", "/bin/false"])

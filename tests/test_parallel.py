@@ -395,3 +395,10 @@ def test_torchrun_warnings_on_rank_0_only(tmp_path):
     assert out.returncode == 0, text[-3000:]
     assert text.count("the text encoder keeps the first 32 (text_len)") == 1, text[-3000:]
     assert (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0])
+def test_dist_timeout_must_be_finite_and_positive(timeout):
+    """Issue 22: NaN passed a plain '<= 0' check."""
+    with pytest.raises(ParallelError, match=r"--dist_timeout must be > 0 seconds \(a finite number\)"):
+        check_parallel_args(_Args(dist_timeout=timeout), 40, torch.device("cpu"), env={})

@@ -368,8 +368,8 @@ def check_parallel_args(args, num_heads: int, device: torch.device, offload_mode
                           getattr(args, "dist_timeout", 600.0))
     if req.ulysses_size < 1:
         raise ParallelError(f"--ulysses_size must be >= 1, got {req.ulysses_size}")
-    if req.timeout <= 0:
-        raise ParallelError(f"--dist_timeout must be > 0 seconds, got {req.timeout}")
+    if not math.isfinite(req.timeout) or req.timeout <= 0:  # NaN would pass a plain '<= 0'
+        raise ParallelError(f"--dist_timeout must be > 0 seconds (a finite number), got {req.timeout}")
     if num_heads % req.ulysses_size:
         raise ParallelError(f"--ulysses_size {req.ulysses_size} must divide the model's {num_heads} attention heads")
     flags = [f for f, on in (("--ulysses_size %d" % req.ulysses_size, req.ulysses_size > 1),

@@ -56,8 +56,9 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_offload_flags,
-                                add_parallel_flags, add_preset_flags, add_request_flags, parse_bool)
+    from wan_triton.cli import (add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
+                                add_preset_flags, add_request_flags)
+    from wan_triton.parser import OneLineParser, parse_bool
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -547,7 +548,8 @@ def run(args, argv) -> tuple[dict, dict]:
             request.extra["offload"] or accel.preset_offload(preset)) == "blocks"
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu, offload="blocks" if blocks else None)
     build_s = time.perf_counter() - t0
-    log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
+    log.info("built %s (%s weights) on %s in %.1f s; each run: %s", task, weights, device, build_s,
+             request.summary())
     t0 = time.perf_counter()
     apply_loras(pipe, loras)  # before either mode: both run the merged weights; FSDP then shards them
     lora_s = time.perf_counter() - t0

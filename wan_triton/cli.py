@@ -1,6 +1,7 @@
 """Command-line parsing and request checks shared by `wan-generate` and `wan-benchmark`.
 
-Each tool builds its parser from the flag groups below, then calls `parse_request(args, ...)`,
+Each tool builds its parser (wan_triton.parser.OneLineParser) from the flag groups below, then
+calls `parse_request(args, ...)`,
 which makes every check that needs no model (task, device, attention backend, size, frames,
 solver, steps, prompt, CUDA-only flags) and returns a `Request`. `run_main(prog, fn)` turns
 the errors a run can end in into one line on stderr and an exit code.
@@ -25,9 +26,6 @@ from typing import Callable
 DEMO_PROMPT = "two cats boxing on a stage"
 EXAMPLE_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 DEVICES = ("cuda", "cuda:N", "cpu")
-
-# flags whose value may itself start with '-' (a prompt): `--prompt -v` is read as `--prompt=-v`
-TEXT_FLAGS = ("--prompt", "--n_prompt")
 
 # Flag groups added by later features: name -> function(args) -> value stored in Request.extra[name].
 # A group registers itself here next to its add_<group>_flags(); parse_request fills them in order.
@@ -54,57 +52,6 @@ EXIT_CODES_HELP = """exit codes:
 
 class CLIOutputError(CLIError):
     """An output file could not be written (disk full, ...): exit code 3 (EXIT_IO)."""
-
-
-def parse_bool(v: str) -> bool:
-    """argparse type for True/False flags (the official CLI's `--offload_model True`)."""
-    s = str(v).lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends '(default: X)' to every flag whose help does not already say its default."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        d = action.default
-        if ("default" in h or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings
-                or action.nargs == 0):  # switches: their help says what happens without them
-            return h
-        return f"{h} (default: %(default)s)"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line on stderr (exit code 2) and accepts
-    prompts that start with '-' (`--prompt -v`)."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", HelpFormatter)
-        kw.setdefault("epilog", EXIT_CODES_HELP)
-        super().__init__(*a, **kw)
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        out, i = [], 0
-        while i < len(args):
-            tok = args[i]
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            if tok in TEXT_FLAGS and nxt is not None and nxt.startswith("-") and nxt not in self._option_string_actions:
-                out.append(f"{tok}={nxt}")
-                i += 2
-                continue
-            out.append(tok)
-            i += 1
-        return super().parse_known_args(out, namespace)
-
-    def error(self, message):
-        if _rank() == 0:  # under torchrun every rank parses the same command line: rank 0 says it once
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 # ------------------------------------------------------------------ flag groups
@@ -574,7 +521,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     from .accel import AccelError
     from .patch import PatchError
 
-    rank = _rank()
+    rank = process_rank()
 
     def fail(msg: str, code: int) -> int:
         if rank == 0 or code != EXIT_BAD_INPUT:
@@ -604,7 +551,7 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     return EXIT_OK
 
 
-def _rank() -> int:
+def process_rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     import os
 
@@ -614,5 +561,5 @@ def _rank() -> int:
 def setup_logging() -> None:
     """INFO on stderr; under torchrun only rank 0 logs INFO and warnings (every rank would say the
     same: a prompt cut to text_len, a lossy option); the others log errors only."""
-    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.ERROR, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if process_rank() == 0 else logging.ERROR,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)

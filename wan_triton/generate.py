@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import (DEMO_PROMPT, DEMO_TASK, CLIError, OneLineParser, Request, add_accel_flags,  # noqa: F401
-                  add_model_flags, add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags,
-                  default_output_name, implied_task, parse_bool, parse_request, run_main, setup_logging)
+from .cli import (DEMO_PROMPT, CLIError, Request, add_accel_flags, add_model_flags,  # noqa: F401
+                  add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
+                  implied_task, parse_request, run_main, setup_logging)
+from .parser import OneLineParser, parse_bool
 
 PROG = "wan-generate"
 
@@ -82,7 +83,7 @@ def run(args) -> Path | None:
     from .lora_flags import lora_specs
 
     req = parse_request(args, implied_task(args))
-    demo = args.ckpt_dir is None and req.task == DEMO_TASK
+    demo = args.ckpt_dir is None and not args.random_weights  # the tiny demo (check_weights refused the rest)
     save = output_path(req, args.save_file)
     check_output_path(save)  # before any model is built: no long run that ends without its file
     check_video_writer()
