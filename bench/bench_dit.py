@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -56,8 +57,9 @@ def main(argv=None):
 
     from ._expert import build_expert, expert_inputs
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_dit needs a CUDA GPU")
+    if not torch.cuda.is_available():  # exit code 2, as profile_dit and the CLIs: something unavailable
+        print("bench_dit: error: needs a CUDA GPU (it times device kernels)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda")
     t0 = time.perf_counter()
     model = build_expert(dev, args.layers)
@@ -182,4 +184,4 @@ def _compiled(model, fwd, row, ref, args, size):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -448,7 +448,7 @@ def run_video(args) -> int:
     high = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=2)
     pipe = WanT2V(cfg, t5, vae, low, high, device=dev, t5_cpu=True)
     pipe._warn_if_cut = lambda what, text: None  # the byte tokenizer stands in for umT5's
-    handles = pipe.enable_block_streaming(ring=args.ring)
+    handles = pipe.enable_block_streaming(ring=args.ring, allow_cpu=smoke)  # the CPU smoke run: the flow only
     if not smoke:
         torch.cuda.empty_cache()
     _phase(res, "build", t0)
@@ -470,12 +470,12 @@ def run_video(args) -> int:
             _reset_peak()
         return out
 
-    def decode(z):  # the DiT phase ends where the decode starts
+    def decode(z, progress=False):  # the DiT phase ends where the decode starts
         _sync()
         res["phases"]["denoise"] = dict(**_peaks(), host_rss_gb=_host_status("VmRSS"))
         _reset_peak()
         t = time.perf_counter()
-        v = dec(z)
+        v = dec(z, progress=progress)
         _phase(res, "decode", t)
         return v
 

@@ -37,7 +37,10 @@ def test_both_modes_write_json_md_png(tmp_path, capsys):
     assert c["speedup_total"] > 0 and c["speedup_per_step"] > 0 and c["speedup_extrapolated"] > 0
     # --no-triton on CPU: nothing patched, same flags -> the same computation, no speed-up claimed
     assert c["verdict"] == "same" and c["same_computation"] is True
-    assert set(c["spread"]) == {"reference", "optimized"} and c["spread"]["reference"]["basis"].startswith("IQR")
+    assert set(c["spread"]) == {"reference", "optimized"} and c["spread"]["reference"]["basis"] == \
+        "min-max of 1 run totals"
+    for m in rep["modes"].values():  # not measured on a CPU: null, as the Markdown's n/a
+        assert m["peak_mem_gb"] is None and all(r["peak_mem_gb"] is None for r in m["runs"])
     assert c["psnr_db"] == "inf" or math.isfinite(c["psnr_db"])
     assert 0 <= c["latents_rel_err"] < 0.05
     env = rep["environment"]
@@ -133,7 +136,7 @@ def test_unwritable_results_keep_the_table(tmp_path, capsys, monkeypatch):
     rc = main(["--device", "cpu", "--quiet", "--out_dir", str(out), "--mode", "reference", "--num_runs", "1",
                "--warmup", "0", "--sample_steps", "2", "--frame_num", "5"])
     cap = capsys.readouterr()
-    assert rc == 2 and "| mode |" in cap.out
+    assert rc == 3 and "| mode |" in cap.out  # an I/O failure: exit code 3
     assert cap.err.strip().splitlines()[-1] == f"wan-benchmark: error: cannot write the results to {out}: " \
                                                 "No space left on device"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
@@ -218,15 +221,74 @@ def test_disjoint_runs_give_the_ratio_with_the_spread():
     assert speedup_text(rep, short=True) == f"speedup {12.9 / 10.1:.2f}x (spread 3%)"
 
 
-def test_one_run_uses_the_step_spread_or_says_untested():
+@pytest.mark.parametrize("runs", [1, 2])
+def test_fewer_than_three_runs_claim_no_ratio(runs):
+    """Issue 22: with 1 or 2 timed runs per mode no ratio is claimed (the spread of per-step times
+    said nothing about totals that are mostly the decode), and the report says why."""
     from wan_triton.benchmark import speedup_text
 
-    noisy = _report(_mode([10.0], [0.50, 0.9, 0.52, 0.55]), _mode([9.0], [0.49, 0.53, 0.51, 0.8], compile=True))
-    assert noisy["comparison"]["verdict"] == "noise" and "IQR of 4 per-step times" in speedup_text(noisy)
-    fast = _report(_mode([10.0], [0.50, 0.51, 0.52]), _mode([8.0], [0.40, 0.41, 0.42], use_batched_cfg=True))
-    assert fast["comparison"]["verdict"] == "measured"
-    one = _report(_mode([10.0], [0.5]), _mode([8.0], [0.4], tf32=True))
-    assert one["comparison"]["verdict"] == "untested" and "not tested against run-to-run noise" in speedup_text(one)
+    rep = _report(_mode([10.0, 10.1][:runs], [0.50, 0.51, 0.52]),
+                  _mode([8.0, 8.1][:runs], [0.40, 0.41, 0.42], use_batched_cfg=True))
+    c = rep["comparison"]
+    assert c["verdict"] == c["step_verdict"] == "too_few" and c["runs_per_mode"] == runs and c["min_runs"] == 3
+    text, short = speedup_text(rep), speedup_text(rep, short=True)
+    assert not re.search(r"\d\.\d+x", text) and not re.search(r"\d\.\d+x", short) and "**" not in text
+    assert f"{runs} timed run(s) per mode, and a ratio needs >= 3 (--num_runs 3)" in text
+    assert short == f"no ratio claimed ({runs} timed run(s) per mode, needs 3)"
+
+
+def test_each_ratio_is_tested_against_the_spread_of_its_own_quantity():
+    """Totals apart but mean step times overlapping: the total's ratio is claimed with the spread of
+    the totals, the per-step ratio is not (and the other way round: no total ratio)."""
+    from wan_triton.benchmark import speedup_text
+
+    ref = _mode([12.9, 12.8, 13.0], [0.5])
+    opt = _mode([10.1, 10.0, 10.3], [0.5], triton=True, patched=6)
+    for r, st in zip(ref["runs"], ([0.50, 0.60], [0.55, 0.56], [0.52, 0.58])):
+        r["steps"] = st
+    for r, st in zip(opt["runs"], ([0.54, 0.56], [0.50, 0.53], [0.57, 0.55])):
+        r["steps"] = st
+    rep = _report(ref, opt)
+    c = rep["comparison"]
+    assert (c["verdict"], c["step_verdict"]) == ("measured", "noise")
+    assert c["spread"]["reference"]["basis"] == "min-max of 3 run totals"
+    assert c["step_spread"]["reference"]["basis"] == "min-max of 3 per-run mean step times"
+    text = speedup_text(rep)
+    assert f"**{12.9 / 10.1:.2f}x**" in text and "per step: no measurable difference" in text
+    ref2 = _mode([12.9, 10.0, 13.0], [0.5])  # totals overlap, steps apart: no ratio at all
+    opt2 = _mode([10.1, 12.95, 10.3], [0.4], triton=True, patched=6)
+    c2 = _report(ref2, opt2)["comparison"]
+    assert (c2["verdict"], c2["step_verdict"]) == ("noise", "measured")
+    assert not re.search(r"\d\.\d+x", speedup_text(_report(ref2, opt2)))
+
+
+def test_table_and_chart_show_the_same_median_run(tmp_path, monkeypatch):
+    """With an even number of runs the table's total is a real run's (the lower median), the one
+    whose stages the chart stacks; the Markdown names it."""
+    import matplotlib.pyplot as plt
+
+    from wan_triton.benchmark import ModeResult, markdown, plot, summarize
+
+    modes = {}
+    for name, totals in (("reference", [12.0, 14.0]), ("optimized", [9.0, 7.0])):
+        res = ModeResult(mode=name, settings=dict(triton=False))
+        res.runs = [dict(total=t, text_encode=0.5, steps=[t / 4, t / 4], decode=t / 4, peak_mem_gb=None,
+                         experts=["high", "low"]) for t in totals]
+        modes[name] = summarize(res, full_steps=2, decoded=True).to_dict()
+    assert modes["reference"]["total"] == 12.0 and modes["optimized"]["total"] == 7.0  # not 13.0 / 8.0
+    rep = _report(modes["reference"], modes["optimized"])
+    rep["config"].update(sample_solver="unipc", weights="random", device="cpu", decode=True, base_seed=42,
+                         num_runs=2, warmup=0)
+    rep["comparison"].update(latents_rel_err=0.0, latents_max_abs_err=0.0, psnr_db="inf")
+    rep["environment"].update(torch="x", triton=None, git_commit=None, git_dirty=None, date="d", command="c")
+    md = markdown(rep)
+    assert "| 12.00 |" in md and "| 7.00 |" in md and "| n/a |" in md
+    assert "reference: run 1 of 2, optimized: run 2 of 2" in md
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot(rep, tmp_path / "c.png")
+    labels = sorted(t.get_text().strip() for t in figs[0].axes[0].texts)
+    assert labels == ["12.00 s", "7.00 s"]
 
 
 def test_chart_title_and_bar_labels(tmp_path, monkeypatch):

@@ -247,3 +247,124 @@ def test_wan_holds_no_argparse():
 
     for path in Path(wan.__file__).parent.glob("*.py"):
         assert "argparse" not in path.read_text(), path.name
+
+
+# ------------------------------------------------------------------ issue 22: bad numbers, weights, prompt files
+
+BAD_22 = [
+    (["--device", "cpu", "--base_seed", "99999999999999999999"],
+     "--base_seed must be -1 (random) or 0..9223372036854775807, got 99999999999999999999"),
+    (["--device", "cpu", "--seed", "-2"], "--base_seed must be -1 (random) or 0..9223372036854775807, got -2"),
+    (["--device", "cpu", "--task", "t2v-A14B"], "--task t2v-A14B needs its weights: give --ckpt_dir (the official "
+                                                "release), or --random-weights"),
+    (["--device", "cpu", "--ckpt_dir", "x", "--random-weights"], "--ckpt_dir and --random-weights exclude each other"),
+    (["--device", "cpu", "--prompt_file", "/nonexistent/p.txt"],
+     "--prompt_file /nonexistent/p.txt: cannot read it (No such file or directory)"),
+    (["--device", "cpu", "--prompt", "a", "--prompt_file", "p.txt"], "not allowed with argument --prompt"),
+    (["--device", "cpu", "--lora", "f.safetensors:abc"], "--lora f.safetensors:abc: the strength 'abc' after ':' is "
+                                                         "not a number"),
+    (["--device", "cpu", "--lora_low", "f.safetensors:nan"], "--lora_low f.safetensors:nan: the strength must be a "
+                                                             "finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("args,msg", BAD_22, ids=[" ".join(a) for a, _ in BAD_22])
+def test_issue22_bad_input_one_line_before_any_model(tmp_path, capsys, no_build, tool, args, msg):
+    rc = run_tool(tool, args, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{tool}: error: ") and msg in err[0], err[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sample_shift", "0"], "--sample_shift must be > 0, got 0"),
+    (["--sample_shift", "-1"], "--sample_shift must be > 0, got -1"),
+    (["--sample_shift", "nan"], "--sample_shift must be a finite number, got nan"),
+    (["--sample_shift", "inf"], "--sample_shift must be a finite number, got inf"),
+    (["--sample_guide_scale", "nan"], "--sample_guide_scale must be a finite number, got nan"),
+    (["--sample_guide_scale=-inf"], "--sample_guide_scale must be a finite number, got -inf"),
+])
+def test_bad_shift_and_guidance_one_line_before_any_model(tmp_path, capsys, no_build, args, msg):
+    rc = run_tool("wan-generate", ["--device", "cpu"] + args, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_prompt_file_and_seed_alias_reach_the_request(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("  a red fox in the snow\n", encoding="utf-8")
+    req = cli.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--seed", "7",
+                                                                 "--device", "cpu"]), "tiny")
+    assert req.prompt == "a red fox in the snow" and req.prompt_given and req.seed == 7
+    f.write_text(" \n", encoding="utf-8")
+    with pytest.raises(cli.CLIError, match=f"--prompt_file {re.escape(str(f))} is empty"):
+        cli.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--device", "cpu"]), "tiny")
+
+
+def test_convert_model_dtype_without_ckpt_dir_says_so(caplog):
+    caplog.set_level("WARNING")
+    cli.parse_request(generate.build_parser().parse_args(["--convert_model_dtype", "--device", "cpu"]), "tiny")
+    assert "--convert_model_dtype applies to checkpoint weights (--ckpt_dir)" in caplog.text
+
+
+def test_recipe_logs_what_it_set_and_the_summary_names_solver_shift_guidance(caplog):
+    caplog.set_level("INFO")
+    args = generate.build_parser().parse_args(["--recipe", "lightning-4step", "--sample_steps", "6", "--device",
+                                               "cpu"])
+    req = cli.parse_request(args, "tiny")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe "))
+    assert line == ("recipe lightning-4step sets --sample_shift 5, --sample_guide_scale 1, --sample_solver euler "
+                    "(given, kept: --sample_steps 6)")
+    assert req.summary(seed=3) == "128*128, 17 frames, 6 steps, solver euler, shift 5, guidance 1, seed 3"
+    plain = cli.parse_request(generate.build_parser().parse_args(["--device", "cpu"]), "tiny")
+    assert "solver unipc, shift 12, guidance 3 (low-noise) / 4 (high-noise)" in plain.summary(seed=42)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_lists_the_exit_codes(tool, capsys):
+    with pytest.raises(SystemExit):
+        TOOLS[tool].build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "3    an output could not be written (disk full" in out
+
+
+def test_io_failure_is_exit_3_and_torchrun_other_ranks_are_quiet(capsys, monkeypatch):
+    from wan.video import OutputWriteError
+
+    def disk_full():
+        raise OutputWriteError("cannot write v.mp4: No space left on device")
+
+    def bad():
+        raise cli.CLIError("--sample_shift must be > 0, got 0")
+
+    assert cli.run_main("x", disk_full) == cli.EXIT_IO == 3
+    assert capsys.readouterr().err.strip() == "x: error: cannot write v.mp4: No space left on device"
+    monkeypatch.setenv("RANK", "1")  # torchrun: every rank made the same check; rank 0 says it
+    assert cli.run_main("x", bad) == 2 and capsys.readouterr().err == ""
+    assert cli.run_main("x", disk_full) == 3  # a failure of this rank's own is still reported, with its rank
+    assert capsys.readouterr().err.strip() == "x: error (rank 1): cannot write v.mp4: No space left on device"
+    monkeypatch.setenv("RANK", "0")
+    assert cli.run_main("x", bad) == 2 and capsys.readouterr().err.strip() == "x: error: --sample_shift must be > 0, " \
+                                                                               "got 0"
+
+
+def test_fp8_rule_is_the_one_optimize_applies(monkeypatch, tmp_path, capsys):
+    """--fp8 on a device without native e4m3: the CLI's one line is the translation of the error
+    wan_triton.fp8.check_fp8_device raises, the rule optimize(fp8=True) applies too."""
+    from wan_triton import fp8
+
+    seen = []
+    monkeypatch.setattr(fp8, "check_fp8_device", lambda d: seen.append(d) or (_ for _ in ()).throw(
+        fp8.Fp8Error("the rule said no")))
+    dev = "cuda" if not NO_CUDA else "cpu"
+    if NO_CUDA:  # the CUDA-only flag check answers first on a CPU; the rule itself is checked directly
+        with pytest.raises(fp8.Fp8Error, match="the rule said no"):
+            from wan.pipeline import WanT2V
+            accel.optimize(WanT2V.from_preset("tiny"), "cpu", fp8=True)
+        assert seen and str(seen[0]) == "cpu"
+        return
+    rc = run_tool("wan-generate", ["--device", dev, "--fp8"], tmp_path)
+    assert rc == 2 and "--fp8: the rule said no" in capsys.readouterr().err

@@ -328,6 +328,10 @@ def test_optimize_fp8_switch(monkeypatch, caplog):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("WAN_TRITON_STRICT", "0")
     pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    with pytest.raises(fp8.Fp8Error, match="fp8 matrix products need an NVIDIA GPU"):  # as --fp8 on a CPU
+        wan_triton.optimize(pipe, "cpu", fp8=True)
+    assert not fp8.is_quantized(pipe.high_noise_model)  # refused before anything changed
+    monkeypatch.setattr(fp8, "check_fp8_device", lambda device: None)  # the switch itself, on the CPU
     with caplog.at_level("WARNING", logger="wan_triton"):
         applied = wan_triton.optimize(pipe, "cpu", fp8=True)
     assert applied.fp8 and "fp8 linears on (lossy)" in applied.summary()

@@ -182,7 +182,7 @@ def test_write_failure_at_the_end_is_one_line(tmp_path, capsys, monkeypatch):
     out = tmp_path / "v.mp4"
     rc = main(["--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5", "--sample_steps", "2"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1] == f"wan-generate: error: cannot write {out}: No space left on device"
+    assert rc == 3 and err[-1] == f"wan-generate: error: cannot write {out}: No space left on device"  # I/O: 3
     assert not list(tmp_path.iterdir())
 
 
@@ -231,7 +231,7 @@ def test_disk_full_on_the_trailer_is_one_line_and_no_file(tmp_path, capsys, monk
     out = tmp_path / "v.mp4"
     rc = main(["--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5", "--no-triton"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1
+    assert rc == 3 and len(err) == 1  # an I/O failure, not bad input
     assert err[0].startswith(f"wan-generate: error: cannot write {out}: the finished MP4 does not decode")
     assert not list(tmp_path.iterdir())
 
@@ -286,3 +286,85 @@ def test_demo_without_prompt_says_it_uses_the_demo_prompt(tmp_path, monkeypatch,
     assert "the demo prompt" in caplog.text
     from wan_triton.cli import DEMO_PROMPT
     assert seen["prompt"] == DEMO_PROMPT
+
+
+# ------------------------------------------------------------------ issue 22: what a new user hits, third tour
+
+def test_a14b_random_weights_checks_host_ram_first(tmp_path, capsys, monkeypatch, caplog):
+    """--random-weights --task t2v-A14B on a host without the RAM: one line with what it needs and what
+    is free, exit 2, before any expert is built; the log named the model and the seed it would use."""
+    from wan import offload
+    from wan.dit import WanModel
+
+    def must_not_build(*a, **k):
+        raise AssertionError("an expert was built although the host RAM was short")
+
+    caplog.set_level("INFO")
+    monkeypatch.setattr(offload, "host_memory", lambda: offload.HostMemory(8 * 10 ** 9, "MemAvailable"))
+    monkeypatch.setattr(WanModel, "from_config", must_not_build)
+    rc = main(["--random-weights", "--device", "cpu", "--save_file", str(tmp_path / "v.mp4"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("wan-generate: error: building t2v-A14B on cpu needs ~69.0 GB of host RAM (two experts "
+                             "57.2 GB, text encoder 11.4 GB, VAE 0.5 GB), and 8.0 GB is free (MemAvailable)")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("building t2v-A14B at its real shapes with random weights" in m for m in msgs)
+    assert not any("tiny demo" in m for m in msgs)
+    line = next(m for m in msgs if m.startswith("generating "))
+    seed = int(line.rsplit("seed ", 1)[1].split(";")[0])
+    assert 0 <= seed < 2 ** 63 and "solver unipc, shift 12, guidance 3 (low-noise) / 4 (high-noise)" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_drawn_seed_is_logged_and_used(tmp_path, monkeypatch, caplog):
+    from wan.pipeline import WanT2V
+
+    caplog.set_level("INFO")
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    assert main(["--random-weights", "--task", "tiny", "--save_file", str(tmp_path / "v.mp4"), "--quiet",
+                 "--device", "cpu", "--frame_num", "5", "--no-triton"]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("generating "))
+    assert "seed -1" not in line and line.endswith(f"seed {seen['seed']}; the demo prompt") and seen["seed"] >= 0
+    assert "--random-weights: building tiny" in caplog.text and "tiny demo" not in caplog.text
+
+
+@pytest.mark.parametrize("exe", ["/nonexistent/ffmpeg", "/bin/false"])
+def test_broken_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, exe):
+    """IMAGEIO_FFMPEG_EXE pointing at nothing, or at a binary that fails: one line naming ffmpeg, exit 2,
+    before any model (imageio takes the variable's binary untested)."""
+    from wan.pipeline import WanT2V
+
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built although ffmpeg does not run")
+
+    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", exe)
+    rc = main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"wan-generate: error: writing MP4 needs a working ffmpeg binary: {exe} -version ")
+    assert ("cannot run" if exe.startswith("/nonexistent") else "exited with code 1") in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_prompt_fits_the_tiny_text_encoder():
+    """The demo's own prompt and the README's tiny snippet fit the tiny model's 32 tokens: no truncation
+    warning on a first run."""
+    import re
+    from pathlib import Path
+
+    from wan.pipeline import WanT2V
+    from wan_triton.cli import DEMO_PROMPT
+
+    pipe = WanT2V.from_preset("tiny")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r'pipe\.generate\("([^"]+)", size=\(128, 128\)', readme).group(1)
+    for text in (DEMO_PROMPT, snippet):
+        assert pipe.prompt_tokens(text) <= pipe.text_encoder.text_len, text
+
+
+def test_vae_decode_shows_progress(tmp_path, capsys):
+    rc = main(["--save_file", str(tmp_path / "v.mp4"), "--frame_num", "5", "--sample_steps", "1", "--no-triton",
+               "--device", "cpu"])
+    assert rc == 0 and "VAE decode" in capsys.readouterr().err

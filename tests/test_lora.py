@@ -424,3 +424,37 @@ def test_cli_lora_and_recipe_end_to_end(tmp_path, caplog, seed):
     assert f"{f.name} -> high-noise expert: {len(LINEARS)} modules changed (strength 0.5" in log
     assert f"{f.name} -> low-noise expert: {len(LINEARS)} modules changed (strength 1" in log
     assert "(4 steps)" in log
+
+
+def test_lora_for_an_expert_the_schedule_never_reaches_warns(tmp_path, caplog, seed):
+    """Issue 22: --lora_low with a schedule whose steps are all high-noise (1 step; 2 steps at shift 12)
+    says the LoRA changes nothing; with 4 lightning steps both experts run: no warning."""
+    from wan_triton import cli, generate, lora_flags
+
+    gen = torch.Generator().manual_seed(seed)
+    f = tmp_path / "l.safetensors"
+    save_file(lowrank_keys(random_lora(model(), gen, rank=2, modules=LINEARS[:3]), "peft"), str(f))
+    caplog.set_level("WARNING")
+    for argv, warns in ((["--sample_steps", "1"], True), (["--sample_steps", "2", "--sample_shift", "12"], True),
+                        (["--recipe", "lightning-4step"], False)):
+        caplog.clear()
+        req = cli.parse_request(generate.build_parser().parse_args(["--lora_low", str(f), "--device", "cpu"] + argv),
+                                "tiny")
+        lora_flags.lora_specs(req)
+        hit = [r.getMessage() for r in caplog.records if "never runs" in r.getMessage()]
+        assert bool(hit) == warns, (argv, hit)
+        if warns:
+            assert hit[0].startswith(f"--lora_low {f}: the low-noise expert never runs in this schedule")
+
+
+def test_lora_strength_must_be_finite_in_the_api_too(tmp_path, seed):
+    from wan.lora import LoraError, merge_loras
+
+    gen = torch.Generator().manual_seed(seed)
+    f = tmp_path / "l.safetensors"
+    m = model()
+    save_file(lowrank_keys(random_lora(m, gen, rank=2, modules=LINEARS[:3]), "peft"), str(f))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(LoraError, match="LoRA strength must be a finite number, got nan"):
+        merge_loras(m, [(f, float("nan"))])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

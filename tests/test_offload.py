@@ -153,7 +153,7 @@ def test_expert_switch_in_pipeline_equals_resident(seed):
     a = ref.generate("a red fox runs through snow", **args)
     assert ref.last_timings.experts == ["high", "low"]  # the switch happens inside the 2 steps
     pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
-    handles = pipe.enable_block_streaming(ring=2)
+    handles = pipe.enable_block_streaming(ring=2, allow_cpu=True)
     b = pipe.generate("a red fox runs through snow", **args)
     assert pipe.last_timings.experts == ["high", "low"]
     assert torch.equal(a, b)
@@ -248,7 +248,7 @@ def test_optimize_offload_field():
         assert "idle expert offloaded to CPU: no" in res.summary()
         with pytest.raises(AccelError, match="--offload blocks needs a CUDA GPU"):
             wan_triton.optimize(pipe, "none", triton=False, offload="blocks")
-        pipe.enable_block_streaming()  # on CPU the ring is plain tensors: optimize() keeps it and says so
+        pipe.enable_block_streaming(allow_cpu=True)  # on CPU the ring is plain tensors: optimize() keeps it and says so
         res = wan_triton.optimize(pipe, "none", triton=False)
         assert res.offload == "blocks" and not res.offload_model and "DiT blocks streamed" in res.summary()
         with pytest.raises(AccelError, match="already streams"):
@@ -301,7 +301,7 @@ def test_low_ram_equals_resident_across_switches_and_one_expert_held(seed, tiny_
     a = ref.generate("a red fox runs through snow", **args)
     pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
     with caplog.at_level(logging.INFO, logger="wan.offload"):
-        hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low", ckpt_dir=tiny_ckpt)
+        hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low", ckpt_dir=tiny_ckpt, allow_cpu=True)
     assert pipe.host_plan.mode == "low"
     line = [r.getMessage() for r in caplog.records if "host RAM: low" in r.getMessage()]
     assert len(line) == 1 and "forced" in line[0] and "GB available" in line[0], line
@@ -332,7 +332,8 @@ def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplo
     args = _low_ram_args(seed)
     a = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu").generate("a red fox runs through snow", **args)
     with caplog.at_level(logging.INFO, logger="wan.offload"):
-        pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="low")
+        pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="low",
+                                      allow_cpu=True)
     assert any("read at the expert switch, not now" in r.getMessage() for r in caplog.records)
     hi, lo = streamer_of(pipe.high_noise_model), streamer_of(pipe.low_noise_model)
     assert pipe.offload == "blocks" and pipe.host_plan.mode == "low" and not lo.resident and lo.stats.reloads == 0
@@ -341,7 +342,8 @@ def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplo
     assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
     assert lo.stats.reloads == 1 and pipe.host_ledger.peak <= max(hi.blocks_bytes, lo.blocks_bytes)
     # high: both read, as before (the deferred path is not taken)
-    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="high")
+    pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="high",
+                                  allow_cpu=True)
     assert pipe.host_plan.mode == "high" and all(streamer_of(m).resident for m in (pipe.high_noise_model,
                                                                                    pipe.low_noise_model))
     assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
@@ -406,19 +408,19 @@ def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt, monkeypatc
     pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
     monkeypatch.setattr(lora, "loaded_loras", lambda m: [("x.safetensors", 1.0)])
     with pytest.raises(OffloadError, match="LoRAs are merged"):
-        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt)
-    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt) and pipe.host_plan.mode == "high"
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt, allow_cpu=True)
+    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt, allow_cpu=True) and pipe.host_plan.mode == "high"
     with pytest.raises(lora.LoraError, match="before block streaming"):
         pipe.load_lora("x.safetensors")
     monkeypatch.undo()
     pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
     with pytest.raises(OffloadError, match="random weights"):
-        pipe.enable_block_streaming(host_ram="low")
+        pipe.enable_block_streaming(host_ram="low", allow_cpu=True)
     with pytest.raises(OffloadError, match="not this expert"):  # a folder of another architecture
         other = WanModel.from_config(_cfg(1), seed=seed)
         other.save_pretrained(tiny_ckpt.parent / "other" / "high_noise_model")
         other.save_pretrained(tiny_ckpt.parent / "other" / "low_noise_model")
-        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt.parent / "other")
+        pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt.parent / "other", allow_cpu=True)
 
 
 def test_host_memory_reads_cgroup_limit(monkeypatch):
@@ -451,7 +453,7 @@ def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
         return real(self, device=device, recurse=recurse)
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks")
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True)
     monkeypatch.undo()
     layers = pipe.config.dit.num_layers
     assert calls == [("model", 0), *[("block", 0)] * layers] * 2  # per expert: no block rides with the model
@@ -462,7 +464,7 @@ def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
         assert all(p.float().std() > 0 for n, p in m.blocks.named_parameters() if n.endswith("attn.q.weight"))
     args = _low_ram_args(seed)
     a = pipe.generate("a red fox", **args)
-    b = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks").generate("a red fox", **args)
+    b = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True).generate("a red fox", **args)
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
@@ -568,3 +570,22 @@ def test_bench_offload_cap_without_gpu_total(monkeypatch):
     assert calls == []
     bo._set_cap(24.0, 48_000_000_000)
     assert calls == ["empty", (0.5,)]
+
+
+def test_pipeline_streaming_needs_cuda_as_the_cli_says(tmp_path):
+    """Issue 22: pipe.enable_block_streaming() on a CPU is refused by the rule --offload blocks obeys
+    (wan.offload.check_offload_device), as are from_preset/from_pretrained(offload="blocks")."""
+    from wan.offload import check_offload_device
+    from wan.pipeline import WanT2V
+
+    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    with pytest.raises(OffloadError, match=r"^block streaming needs a CUDA GPU, and none is in use \(device cpu\)$"):
+        pipe.enable_block_streaming(ring=2)
+    assert pipe.offload == "none" and streamer_of(pipe.high_noise_model) is None
+    with pytest.raises(OffloadError, match="block streaming needs a CUDA GPU"):
+        WanT2V.from_preset("tiny", device="cpu", offload="blocks")
+    with pytest.raises(OffloadError, match="block streaming needs a CUDA GPU"):
+        WanT2V.from_pretrained(tmp_path, "tiny", device="cpu", offload="blocks")
+    with pytest.raises(OffloadError, match=r"^offload='blocks' needs a CUDA GPU, and none is in use \(device cpu\)$"):
+        resolve_offload("blocks", None, False, "none", "cpu", None)
+    check_offload_device("none", "cpu")  # nothing to move: fine anywhere

@@ -379,3 +379,45 @@ def test_one_process_path_unchanged(seed):
 
     m = WanModel.from_config(get_config("tiny").dit, dtype=torch.float32, seed=seed, zero_head=False)
     assert m.sp is None and all(b.self_attn.sp is None for b in m.blocks)
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    """`torchrun --nproc_per_node N -m wan_triton.generate ARGS` on the CPU (gloo); stdout+stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "wan_triton.generate", "--device", "cpu", "--quiet", "--no-triton",
+           "--save_file", str(tmp_path / "v.mp4")] + args
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_bad_input_is_said_once(tmp_path):
+    """Issue 22: every rank makes the same checks and exits 2; only rank 0 prints the line (torchrun
+    itself then exits 1, as it does whenever a worker fails)."""
+    out = _torchrun(["--cfg_parallel", "--sample_shift", "0"], tmp_path)
+    text = out.stdout + out.stderr
+    assert text.count("wan-generate: error") == 1 and "--sample_shift must be > 0, got 0.0" in text, text[-2000:]
+    assert "exitcode  : 2" in text and out.returncode == 1
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_torchrun_warnings_on_rank_0_only(tmp_path):
+    """Issue 22: the prompt-truncation warning (every rank encodes the prompt) is logged once."""
+    out = _torchrun(["--cfg_parallel", "--frame_num", "5", "--sample_steps", "1", "--prompt",
+                     "a corgi surfing a wave at sunset, a long prompt for the tiny model"], tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert text.count("the text encoder keeps the first 32 (text_len)") == 1, text[-3000:]
+    assert (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0])
+def test_dist_timeout_must_be_finite_and_positive(timeout):
+    """Issue 22: NaN passed a plain '<= 0' check."""
+    with pytest.raises(ParallelError, match=r"--dist_timeout must be > 0 seconds \(a finite number\)"):
+        check_parallel_args(_Args(dist_timeout=timeout), 40, torch.device("cpu"), env={})

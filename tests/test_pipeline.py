@@ -1,9 +1,11 @@
 """Two-expert pipeline on the tiny preset: official semantics, determinism, checkpoints, video bytes."""
+import re
+
 import pytest
 import torch
 
 from wan import pipeline as wp
-from wan.configs import TINY
+from wan.configs import TINY, get_config
 from wan.pipeline import WanT2V
 from wan.requests import InputError, check_request
 from wan.video import save_video, video_to_uint8
@@ -267,3 +269,52 @@ def test_missing_frames_are_caught(tmp_path, monkeypatch):
     with pytest.raises(wv.VideoWriterError, match="holds 4 of 9 frames"):
         save_video(torch.rand(3, 9, 32, 32) * 2 - 1, tmp_path / "v.mp4")
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ issue 22: bad numbers and tensors
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(shift=0.0), "shift must be > 0, got 0.0"),
+    (dict(shift=-1.0), "shift must be > 0, got -1.0"),
+    (dict(shift=float("nan")), "shift must be a finite number, got nan"),
+    (dict(guide_scale=float("nan")), "guide_scale must be a finite number, got nan"),
+    (dict(guide_scale=(3.0, float("inf"))), "guide_scale must be a finite number, got inf"),
+    (dict(seed=2 ** 64), "seed must be -1 (random) or 0..9223372036854775807"),
+    (dict(seed=-2), "seed must be -1 (random) or 0..9223372036854775807"),
+])
+def test_generate_refuses_bad_numbers_before_any_work(pipe, kw, msg):
+    pipe.last_timings = None
+    with pytest.raises(InputError, match=re.escape(msg)):
+        pipe.generate("a cat", size=(128, 128), frame_num=5, sampling_steps=1, progress=False, **kw)
+    assert pipe.last_timings is None  # nothing ran
+
+
+def test_negative_guidance_is_allowed_and_logged(pipe, caplog):
+    with caplog.at_level("WARNING", logger="wan.pipeline"):
+        z = pipe.generate("a cat", size=(128, 128), frame_num=5, sampling_steps=1, guide_scale=-2.0, seed=1,
+                          progress=False, return_latents=True)
+    assert torch.isfinite(z).all() and "guidance scale -2/-2 is negative" in caplog.text
+
+
+@pytest.mark.parametrize("video,name,msg", [
+    (torch.full((3, 5, 32, 32), float("nan")), "v.mp4", "holds 15360 non-finite values (NaN or inf)"),
+    (torch.rand(3, 32, 32), "v.mp4", "got shape [3, 32, 32] (one frame? add the frame axis: video.unsqueeze(1))"),
+    (torch.rand(5, 32, 32, 3), "v.mp4", "needs a [3, F, H, W] video tensor"),
+    (torch.rand(3, 5, 32, 32), "v.gif", "videos are written as MP4 only, got '.gif'; use a name ending in .mp4"),
+])
+def test_save_video_refuses_what_it_cannot_write(tmp_path, video, name, msg):
+    with pytest.raises(InputError, match=re.escape(msg)) as e:
+        save_video(video, tmp_path / name)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_random_a14b_on_a_small_host_is_one_line(monkeypatch):
+    from wan import offload
+    from wan.footprint import build_footprint
+
+    monkeypatch.setattr(offload, "host_memory", lambda: offload.HostMemory(24 * 10 ** 9, "cgroup memory.max"))
+    with pytest.raises(InputError, match=r"building t2v-A14B on cpu needs ~69\.0 GB of host RAM .* and 24\.0 GB is "
+                                         r"free \(cgroup memory.max\)"):
+        WanT2V.from_preset("t2v-A14B", device="cpu")
+    cuda = build_footprint(get_config("t2v-A14B"), "cuda", t5_cpu=True)  # experts on the GPU: only the T5 here
+    assert [name for name, _ in cuda.parts] == ["text encoder"]

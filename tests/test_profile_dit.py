@@ -65,3 +65,14 @@ def test_expert_inputs_follow_the_config():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, t, c, seq_len=L)
     assert out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit code")
+def test_bench_dit_and_profile_dit_agree_on_no_gpu(capsys):
+    """Issue 22: both exit 2 (something unavailable), with one line each."""
+    from bench.bench_dit import main as bench_dit_main
+
+    assert bench_dit_main([]) == 2 == main([])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bench_dit: error: needs a CUDA GPU (it times device kernels)",
+                   "profile_dit: error: needs a CUDA GPU (it profiles device kernels)"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .requests import InputError
+from .requests import InputError, check_finite
 
 log = logging.getLogger("wan.lora")
 
@@ -373,6 +373,11 @@ def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -
     parameters changed."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    for it, s in items:  # NaN/inf would turn every touched weight into NaN
+        try:
+            check_finite("LoRA strength", s)
+        except InputError as err:
+            raise LoraError(f"{err} ({getattr(it, 'path', it)})") from None
     names = _names_of(model)
     plans = [(it if isinstance(it, LoraPlan) else plan_lora(it, names), float(s)) for it, s in items]
     params = dict(model.named_parameters())

@@ -27,10 +27,19 @@ from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_str
 
 log = logging.getLogger("wan.offload")
 
-__all__ = ["OFFLOAD_MODES", "resolve_offload", "switch_experts", "park_all", "enable_pipeline_streaming",
+__all__ = ["OFFLOAD_MODES", "check_offload_device", "resolve_offload", "switch_experts", "park_all", "enable_pipeline_streaming",
            "disable_pipeline_streaming", "build_streamable_expert", "load_experts_for_streaming"]
 
 OFFLOAD_MODES = ("none", "model", "blocks")
+
+
+def check_offload_device(mode: str, device, what: str | None = None) -> None:
+    """The one rule for where offloading runs: 'model' and 'blocks' move weights between host memory
+    and a CUDA device; on a CPU the weights already sit in host memory and there is nothing to
+    save. Raises OffloadError naming `what` (default: "offload='<mode>'")."""
+    dev = torch.device(device)
+    if mode != "none" and dev.type != "cuda":
+        raise OffloadError(f"{what or f'offload={mode!r}'} needs a CUDA GPU, and none is in use (device {dev})")
 
 
 def resolve_offload(offload: str | None, offload_model: bool | None, no_offload: bool, preset_mode: str,
@@ -53,8 +62,8 @@ def resolve_offload(offload: str | None, offload_model: bool | None, no_offload:
     mode = asked[0][1] if asked else preset_mode
     if mode not in OFFLOAD_MODES:
         raise OffloadError(f"unknown offload mode {mode!r}; choose from {', '.join(OFFLOAD_MODES)}")
-    if asked and mode != "none" and device_type != "cuda":
-        raise OffloadError(f"{asked[0][0]} needs a CUDA GPU, and none is in use (device {device_type})")
+    if asked:
+        check_offload_device(mode, device_type, what=asked[0][0])
     if mode == "blocks" and compile:
         raise OffloadError("offload='blocks' does not work with compile=True (compiled blocks run the streaming "
                            "hooks inside the graph): use one or the other")
@@ -113,14 +122,19 @@ def _expert_folders(pipe, ckpt_dir) -> tuple[dict | None, str]:
 
 
 def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
-                              ckpt_dir=None, plan: HostPlan | None = None) -> list[BlockStreamer]:
+                              ckpt_dir=None, plan: HostPlan | None = None, allow_cpu: bool = False
+                              ) -> list[BlockStreamer]:
     """`WanT2V.enable_block_streaming`: stream both experts; both start idle (nothing on the
     device) and the pipeline's expert switch places the active one's non-block parts.
 
     host_ram: "high" keeps both experts' blocks in pinned host memory; "low" keeps the one in
     use only and re-reads the other from `ckpt_dir` (default: the folder the pipeline was loaded
     from) at the switch; "auto" picks low when the host is short (`host_plan`, logged). `plan`:
-    one made already (`load_experts_for_streaming`, before the experts were read)."""
+    one made already (`load_experts_for_streaming`, before the experts were read). A pipeline on
+    the CPU is refused (check_offload_device) unless `allow_cpu`: the machinery then runs there
+    anyway, saving nothing (the tests check it on the CPU)."""
+    if not allow_cpu:
+        check_offload_device("blocks", pipe.device, what="block streaming")
     if pipe.device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadError("block streaming on CUDA needs a CUDA device")
     experts = (("high", pipe.high_noise_model), ("low", pipe.low_noise_model))

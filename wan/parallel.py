@@ -355,8 +355,8 @@ def check_request(req: ParallelRequest, num_heads: int, device: torch.device, of
     u = f"ulysses_size={req.ulysses_size}"
     if req.ulysses_size < 1:
         raise ParallelError(f"{u} must be >= 1")
-    if req.timeout <= 0:
-        raise ParallelError(f"timeout={req.timeout} must be > 0 seconds")
+    if not math.isfinite(req.timeout) or req.timeout <= 0:  # NaN would pass a plain '<= 0'
+        raise ParallelError(f"timeout={req.timeout} must be > 0 seconds (a finite number)")
     if num_heads % req.ulysses_size:
         raise ParallelError(f"{u} must divide the model's {num_heads} attention heads")
     asked = [name for name, on in ((u, req.ulysses_size > 1), ("cfg_parallel=True", req.cfg_parallel),

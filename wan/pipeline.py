@@ -28,9 +28,25 @@ from .configs import T2VConfig, get_config
 from .requests import check_request
 from .timing import Timings
 
-__all__ = ["WanT2V", "cfg_combine"]
+__all__ = ["WanT2V", "cfg_combine", "expert_of", "schedule_experts"]
 
 log = logging.getLogger("wan.pipeline")
+
+
+def expert_of(config: T2VConfig, t: int) -> str:
+    """The expert of timestep `t`: 'high' (noise) while t >= boundary * num_train_timesteps, else 'low'."""
+    return "high" if t >= config.boundary * config.num_train_timesteps else "low"
+
+
+def schedule_experts(config: T2VConfig, solver: str = "unipc", steps: int | None = None,
+                     shift: float | None = None) -> list[str]:
+    """The expert of each step of a schedule ('high'/'low'), from the solver's timesteps alone
+    (no model): e.g. which expert a LoRA for one expert would ever meet."""
+    from .schedulers import make_scheduler
+
+    sch = make_scheduler(solver, config.sample_steps if steps is None else steps,
+                         config.sample_shift if shift is None else shift, "cpu", config.num_train_timesteps)
+    return [expert_of(config, int(t.item())) for t in sch.timesteps]
 
 
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -65,18 +81,23 @@ class WanT2V:
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
-                        offload: str | None = None, host_ram: str = "auto", **kw) -> "WanT2V":
-        """Load a checkpoint folder, official or diffusers layout (docs/diffusers.md). DiT params stay in their stored dtype (fp32) unless
-        `convert_model_dtype` (then `config.param_dtype`, as the official flag does).
-        offload="blocks": block streaming is on when it returns; the host-memory mode (`host_ram`,
-        wan.hostmem.host_plan) is chosen before the experts are read, and in low mode the
-        low-noise expert's blocks are only read at the expert switch."""
+                        offload: str | None = None, host_ram: str = "auto", allow_cpu: bool = False,
+                        **kw) -> "WanT2V":
+        """Load a checkpoint folder, official or diffusers layout (docs/diffusers.md). DiT params
+        stay in their stored dtype (fp32) unless `convert_model_dtype` (then `config.param_dtype`, as
+        the official flag does). offload="blocks": block streaming is on when it returns; the
+        host-memory mode (`host_ram`, wan.hostmem.host_plan) is chosen before the experts are read,
+        and in low mode the low-noise expert's blocks are only read at the expert switch. Streaming
+        needs a CUDA device (OffloadError on a CPU unless `allow_cpu`, see `enable_block_streaming`)."""
         from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
 
         config = get_config(config) if isinstance(config, str) else config
+        if offload == "blocks" and not allow_cpu:
+            from .offload import check_offload_device
+            check_offload_device("blocks", device, what="block streaming")
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {ckpt}")
@@ -102,7 +123,7 @@ class WanT2V:
         pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
         if plan is not None:
             from .offload import enable_pipeline_streaming
-            enable_pipeline_streaming(pipe, plan=plan)
+            enable_pipeline_streaming(pipe, plan=plan, allow_cpu=allow_cpu)
         return pipe
 
     @classmethod
@@ -125,18 +146,27 @@ class WanT2V:
 
     @classmethod
     def from_preset(cls, config: T2VConfig | str = "tiny", device="cpu", dtype=None, seed: int = 0,
-                    t5_cpu=False, offload: str | None = None, **kw) -> "WanT2V":
+                    t5_cpu=False, offload: str | None = None, allow_cpu: bool = False, **kw) -> "WanT2V":
         """Random weights at the preset's real shapes (official init, head randomised so the
         output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`.
+        First checks that the host memory holds what lands there (wan.footprint; InputError, one
+        line, otherwise: the A14B on a CPU takes ~69 GB).
         offload="blocks": the experts' blocks are built one at a time and go to host memory, and
         block streaming is on (a 24 GB card never holds an expert; other random values)."""
         from .dit import WanModel
         from .t5 import T5TextEncoder
         from .vae import WanVAE
 
+        from .footprint import build_footprint, check_host_ram
+        from .offload import check_offload_device
+
         config = get_config(config) if isinstance(config, str) else config
         device = torch.device(device)
         dtype = dtype or config.param_dtype
+        if offload == "blocks" and not allow_cpu:
+            check_offload_device("blocks", device, what="block streaming")
+        check_host_ram(config, build_footprint(config, device, dtype, t5_cpu, blocks_on_host=offload == "blocks"),
+                       device)  # one line now rather than an out-of-memory kill while building
         tok = None
         if config.t5.vocab_size > 256 + 3:  # real umT5 vocab: no tokenizer files without a checkpoint
             from .t5 import byte_tokenizer
@@ -150,20 +180,23 @@ class WanT2V:
             low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
             high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
             pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
-            pipe.enable_block_streaming()
+            pipe.enable_block_streaming(allow_cpu=allow_cpu)
             return pipe
         low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
         high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
         return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
 
     def enable_block_streaming(self, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
-                               ckpt_dir=None):
+                               ckpt_dir=None, allow_cpu: bool = False):
         """Stream both experts' DiT blocks from (pinned) host memory through a ring of `ring`
         device buffers (wan.offload); returns the two handles. Bit-identical output.
         host_ram "low" keeps only the active expert's blocks in host memory and re-reads the other
-        from `ckpt_dir` (default: the folder it was loaded from) at the switch; "auto" decides."""
+        from `ckpt_dir` (default: the folder it was loaded from) at the switch; "auto" decides.
+        Needs a CUDA device, as --offload blocks does (OffloadError on a CPU, where the weights sit
+        in host memory already); `allow_cpu=True` runs the machinery there anyway (tests)."""
         from .offload import enable_pipeline_streaming
-        return enable_pipeline_streaming(self, ring=ring, pin=pin, host_ram=host_ram, ckpt_dir=ckpt_dir)
+        return enable_pipeline_streaming(self, ring=ring, pin=pin, host_ram=host_ram, ckpt_dir=ckpt_dir,
+                                         allow_cpu=allow_cpu)
 
     def save_pretrained(self, ckpt_dir, max_shard_bytes: int = 5 * 2 ** 30):
         """Write the official layout (tests use this to make small checkpoints)."""
@@ -201,8 +234,7 @@ class WanT2V:
         return math.ceil((h * w) / (ph * pw) * f / pt / u) * u
 
     def _expert(self, t: int, offload: bool):
-        boundary = self.config.boundary * self.config.num_train_timesteps
-        if t >= boundary:
+        if expert_of(self.config, t) == "high":
             use, idle, g = self.high_noise_model, self.low_noise_model, 1
         else:
             use, idle, g = self.low_noise_model, self.high_noise_model, 0
@@ -261,7 +293,11 @@ class WanT2V:
         guide_scale = cfg.sample_guide_scale if guide_scale is None else guide_scale
         if isinstance(guide_scale, (int, float)):
             guide_scale = (float(guide_scale), float(guide_scale))
-        w, h = check_request(cfg, size, frame_num, sample_solver, sampling_steps)
+        w, h = check_request(cfg, size, frame_num, sample_solver, sampling_steps, shift=shift,
+                             guide_scale=guide_scale, seed=seed)
+        if any(g < 0 for g in guide_scale):
+            log.warning("guidance scale %s is negative: each step is pushed away from the prompt, towards the "
+                        "negative prompt", "/".join(f"{g:g}" for g in guide_scale))
         self._warn_if_cut("prompt", prompt)
         if n_prompt:
             self._warn_if_cut("negative prompt", n_prompt)
@@ -317,7 +353,8 @@ class WanT2V:
             elif not return_latents:
                 log.info("decoding %d frames with the VAE ...", frame_num)
                 with tm.measure("decode"):
-                    out = self.vae.decode(latent.unsqueeze(0))[0]
+                    z = latent.unsqueeze(0)  # a bar per latent frame (the decode is most of a small run)
+                    out = (self.vae.decode(z, progress=True) if progress else self.vae.decode(z))[0]
         if dev.type == "cuda":
             tm.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9
         self.last_timings = tm

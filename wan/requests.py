@@ -4,22 +4,46 @@ Kept apart from the pipeline so the CLIs can validate a request before any model
 """
 from __future__ import annotations
 
+import math
+
 from .configs import T2VConfig, parse_size
 
 SOLVERS = ("unipc", "dpm++", "euler")  # euler: the few-step distilled LoRAs (docs/lora.md)
+SEED_MAX = 2 ** 63 - 1  # int64: what the random draw gives and what torchrun broadcasts; -1 draws one
 
 
 class InputError(ValueError):
     """Bad user input (size, frame count, solver, ...): reported as one line by the CLI."""
 
 
+def check_finite(name: str, value) -> float:
+    """`value` as a float; InputError unless it is a finite number (NaN and inf are refused)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return x
+
+
+def check_seed(seed: int | None) -> None:
+    """None or -1 (draw one), else 0 .. SEED_MAX; InputError otherwise."""
+    if seed is not None and seed != -1 and not 0 <= seed <= SEED_MAX:
+        raise InputError(f"seed must be -1 (random) or 0..{SEED_MAX}, got {seed}")
+
+
 def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc",
-                  sampling_steps: int | None = None) -> tuple[int, int]:
+                  sampling_steps: int | None = None, *, shift: float | None = None, guide_scale=None,
+                  seed: int | None = None) -> tuple[int, int]:
     """Validate a request against `config`; returns (width, height).
 
     size: 'W*H' or (width, height); both multiples of 16 and one of `config.sizes`.
     frame_num: 4n+1 (the VAE's temporal stride is 4, plus the first frame).
     sampling_steps: None (the config's) or >= 1.
+    shift: None (the config's) or a finite number > 0 (the flow shift divides by it).
+    guide_scale: None, a number or (low-noise, high-noise), each finite (negative is allowed).
+    seed: None or -1 (random), else 0 .. SEED_MAX.
     """
     try:
         w, h = parse_size(size) if isinstance(size, str) else size
@@ -36,4 +60,10 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
         raise InputError(f"unknown solver {solver!r}; choose {', '.join(map(repr, SOLVERS))}")
     if sampling_steps is not None and sampling_steps < 1:
         raise InputError(f"sampling_steps must be >= 1, got {sampling_steps}")
+    if shift is not None and check_finite("shift", shift) <= 0:
+        raise InputError(f"shift must be > 0, got {shift}")
+    if guide_scale is not None:
+        for g in (guide_scale if isinstance(guide_scale, (tuple, list)) else (guide_scale,)):
+            check_finite("guide_scale", g)
+    check_seed(seed)
     return w, h

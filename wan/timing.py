@@ -22,12 +22,13 @@ def sync(device) -> None:
 
 @dataclass
 class Timings:
-    """Per-stage wall times (seconds, device-synchronised) and peak GPU memory of one call."""
+    """Per-stage wall times (seconds, device-synchronised) and peak GPU memory of one call (None
+    off CUDA, where it is not measured)."""
     text_encode: float = 0.0
     steps: list = field(default_factory=list)
     decode: float = 0.0
     total: float = 0.0
-    peak_mem_gb: float = 0.0
+    peak_mem_gb: float | None = None  # measured on CUDA only
     experts: list = field(default_factory=list)
     device: str = ""
 

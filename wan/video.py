@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -19,8 +20,42 @@ from .requests import InputError
 HINT = "pip install imageio imageio-ffmpeg"
 
 
+VIDEO_SUFFIX = ".mp4"  # the writer makes H.264 MP4 files only
+
+
 class VideoWriterError(InputError):
     """The MP4 cannot be written (imageio or ffmpeg missing, disk full, unwritable path)."""
+
+
+class OutputWriteError(VideoWriterError):
+    """Writing an output failed while it was written (disk full, ffmpeg died, permissions changed
+    meanwhile): an I/O failure rather than bad input (the CLIs exit with code 3, not 2)."""
+
+
+def check_video_suffix(path) -> Path:
+    """InputError unless `path` ends in .mp4 (the only container the writer makes)."""
+    path = Path(path)
+    if path.suffix.lower() != VIDEO_SUFFIX:
+        got = f"{path.suffix!r}" if path.suffix else "no extension"
+        raise InputError(f"cannot write {path}: videos are written as MP4 only, got {got}; use a name ending "
+                         f"in {VIDEO_SUFFIX}")
+    return path
+
+
+def check_video_tensor(video) -> None:
+    """InputError unless `video` is a [3, F, H, W] tensor of finite values (NaN or inf would be
+    written as black frames)."""
+    if not isinstance(video, torch.Tensor):
+        raise InputError(f"save_video needs a torch.Tensor [3, F, H, W], got {type(video).__name__}")
+    if video.dim() != 4 or video.shape[0] != 3:
+        hint = " (one frame? add the frame axis: video.unsqueeze(1))" if video.dim() == 3 and video.shape[0] == 3 \
+            else ""
+        raise InputError(f"save_video needs a [3, F, H, W] video tensor (channels, frames, height, width), "
+                         f"got shape {list(video.shape)}{hint}")
+    bad = int((~torch.isfinite(video)).sum()) if video.is_floating_point() else 0
+    if bad:
+        raise InputError(f"the video holds {bad} non-finite values (NaN or inf) out of {video.numel()}: "
+                         "nothing written (a bad input number, e.g. the guidance scale, or a numerical failure)")
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -41,11 +76,29 @@ def check_video_writer() -> None:
         raise VideoWriterError(f"writing MP4 needs imageio and imageio-ffmpeg ({err.name or err} is missing; "
                                f"{HINT})") from None
     try:
-        imageio_ffmpeg.get_ffmpeg_exe()
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
     except (RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VideoWriterError(f"writing MP4 needs an ffmpeg binary: {first} ({HINT}, or set "
                                f"IMAGEIO_FFMPEG_EXE)") from None
+    why = _ffmpeg_runs(exe)
+    if why:
+        raise VideoWriterError(f"writing MP4 needs a working ffmpeg binary: {exe} -version {why} ({HINT}, or point "
+                               f"IMAGEIO_FFMPEG_EXE at a working ffmpeg)")
+
+
+def _ffmpeg_runs(exe: str, timeout: float = 15.0) -> str:
+    """'' when `exe -version` runs and exits 0 within `timeout` seconds (imageio takes the binary
+    named by IMAGEIO_FFMPEG_EXE untested), else what went wrong."""
+    try:
+        out = subprocess.run([exe, "-version"], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"did not answer within {timeout:g} s"
+    except OSError as err:
+        return f"cannot run: {err.strerror or err}"
+    if out.returncode != 0:
+        return f"exited with code {out.returncode}"
+    return ""
 
 
 def check_output_path(path) -> Path:
@@ -104,7 +157,11 @@ def _disk_hint(folder: Path, need: int) -> str:
 def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
     """Write an MP4 (libx264, yuv420p, imageio quality 8, as the official code) to a temporary
     name, check it decodes to every frame, then rename it. On any failure nothing is left at
-    `path` (nor the temporary file) and VideoWriterError says why in one line."""
+    `path` (nor the temporary file) and one line says why: InputError for a tensor that is not
+    [3, F, H, W] of finite values or a name not ending in .mp4, VideoWriterError when imageio or
+    ffmpeg is missing, OutputWriteError when the write itself fails (disk full, ...)."""
+    check_video_tensor(video)
+    check_video_suffix(path)
     check_video_writer()
     import imageio
 
@@ -123,9 +180,9 @@ def save_video(video: torch.Tensor, path, fps: int = 16) -> Path:
     except OSError as err:  # disk full, permissions changed meanwhile, ffmpeg's pipe closed, ...
         text = str(err).strip()
         reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
-        raise VideoWriterError(f"cannot write {path}: {reason}") from None
+        raise OutputWriteError(f"cannot write {path}: {reason}") from None
     except VideoWriterError as err:
-        raise VideoWriterError(f"cannot write {path}: {err}{_disk_hint(path.parent, frames.nbytes // 50)}") \
+        raise OutputWriteError(f"cannot write {path}: {err}{_disk_hint(path.parent, frames.nbytes // 50)}") \
             from None
     finally:
         if tmp.exists():

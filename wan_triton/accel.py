@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from wan import attention as att
-from wan.offload import OFFLOAD_MODES, OffloadError
+from wan.offload import OFFLOAD_MODES, OffloadError, check_offload_device
 
 from . import fp8 as _fp8
 from .errors import AccelError
@@ -248,8 +248,10 @@ def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> st
             raise AccelError(f"the pipeline already streams its DiT blocks; --offload {offload} would need "
                              "wan.offload.disable_pipeline_streaming(pipe) first")
         return "blocks"
-    if offload not in (None, "none") and not on_cuda:
-        raise AccelError(f"--offload {offload} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
+    try:  # the rule of wan.offload, the one --offload and enable_block_streaming obey
+        check_offload_device(offload or "none", pipeline.device, what=f"--offload {offload}")
+    except OffloadError as err:
+        raise AccelError(str(err)) from None
     if not on_cuda:
         return "none"
     return offload or preset_offload(p)
@@ -292,6 +294,8 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
                              f"{p.name}): use one or the other")
         want["compile"] = False
     if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
+        if fp8:
+            _fp8.check_fp8_device(pipeline.device)  # as --fp8: native e4m3 products, else Fp8Error (one line)
         done = []
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             if fp8 and not _fp8.is_quantized(m):

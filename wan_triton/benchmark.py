@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from wan_triton.metrics import band, psnr_uint8, rel_err
-from wan_triton.cli import CLIError, parse_request
+from wan_triton.cli import CLIError, CLIOutputError, implied_task, parse_request
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
@@ -56,8 +56,9 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.cli import (OneLineParser, add_accel_flags, add_model_flags, add_offload_flags,
-                                add_parallel_flags, add_preset_flags, add_request_flags, parse_bool)
+    from wan_triton.cli import (add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
+                                add_preset_flags, add_request_flags)
+    from wan_triton.parser import OneLineParser, parse_bool
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -69,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
                                  "(default without)",
                     ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
-    a("--random-weights", dest="random_weights", action="store_true",
-      help="build the task at its real shapes with random weights (no checkpoint needed)")
     add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes", guidance=False)
     # optimization (wan_triton), as in wan-generate
     add_preset_flags(p, default="auto")
@@ -108,9 +107,9 @@ class ModeResult:
     step_mean: float = 0.0        # median over runs of the mean step time
     denoise: float = 0.0          # median over runs of the summed step times
     decode: float = 0.0
-    total: float = 0.0
-    peak_mem_gb: float = 0.0      # max over runs
-    median_run: int = 0           # index of the run whose total is closest to the median
+    total: float = 0.0            # the median run's total (the lower median: a real run, the one the chart shows)
+    peak_mem_gb: float | None = None  # max over runs (CUDA; None elsewhere)
+    median_run: int = 0           # index of the median run (by total)
     steps: list = field(default_factory=list)    # per-step times of that run
     experts: list = field(default_factory=list)  # "high"/"low" per step
     extrapolated_s: float = 0.0
@@ -122,11 +121,6 @@ class ModeResult:
         return asdict(self)
 
 
-def _median_index(values) -> int:
-    med = statistics.median(values)
-    return min(range(len(values)), key=lambda i: (abs(values[i] - med), i))
-
-
 def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
     """Fill the medians, the median run's step list and the extrapolated full-length time."""
     runs = res.runs
@@ -134,9 +128,11 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
     res.step_mean = statistics.median(statistics.fmean(r["steps"]) for r in runs)
     res.denoise = statistics.median(sum(r["steps"]) for r in runs)
     res.decode = statistics.median(r["decode"] for r in runs) if decoded else 0.0
-    res.total = statistics.median(r["total"] for r in runs)
-    res.peak_mem_gb = max(r["peak_mem_gb"] for r in runs)
-    res.median_run = _median_index([r["total"] for r in runs])
+    totals = [r["total"] for r in runs]
+    res.total = statistics.median_low(totals)  # a real run's total: the table and the chart show the same run
+    res.median_run = totals.index(res.total)
+    peaks = [r["peak_mem_gb"] for r in runs if r.get("peak_mem_gb") is not None]
+    res.peak_mem_gb = max(peaks) if peaks else None
     res.steps = list(runs[res.median_run]["steps"])
     res.experts = list(runs[res.median_run]["experts"])
     res.full_steps = full_steps
@@ -161,7 +157,7 @@ def _one_run(pipe, req: dict, decode: bool):
             video = pipe.vae.decode(latents.unsqueeze(0))[0]
         tm.total += tm.decode
         if dev.type == "cuda":  # generate reset the peak at its start; include the decode
-            tm.peak_mem_gb = max(tm.peak_mem_gb, torch.cuda.max_memory_allocated(dev) / 1e9)
+            tm.peak_mem_gb = max(tm.peak_mem_gb or 0.0, torch.cuda.max_memory_allocated(dev) / 1e9)
     return tm, latents.float().cpu(), video
 
 
@@ -267,69 +263,89 @@ def same_computation(ref: dict, opt: dict) -> bool:
             and all(ref.get(k) == opt.get(k) for k in _SAME_FLAGS))
 
 
-def run_spread(mode: dict) -> dict:
-    """The run-to-run band of one mode (a ModeResult dict): min-max of the run totals when there
-    are >= 2 timed runs, else the interquartile range of the per-step times of the one run.
-    `rel` = band width / median, `n` = the number of values behind it."""
-    runs = mode["runs"]
-    if len(runs) >= 2:
-        vals = [r["total"] for r in runs]
-        lo, hi = band(vals)
-        basis = f"min-max of {len(vals)} run totals"
-    else:
-        vals = [s for r in runs for s in r["steps"]]
-        lo, hi = band(vals, robust=True)
-        basis = f"IQR of {len(vals)} per-step times"
+MIN_RUNS = 3  # timed runs per mode before a ratio is claimed: fewer cannot show the run-to-run spread
+_QUANTITY = {"total": "run totals", "step": "per-run mean step times"}
+
+
+def _per_run(mode: dict, quantity: str) -> list:
+    return [r["total"] if quantity == "total" else statistics.fmean(r["steps"]) for r in mode["runs"]]
+
+
+def run_spread(mode: dict, quantity: str = "total") -> dict:
+    """The run-to-run band of one quantity of one mode (a ModeResult dict): min-max over the timed
+    runs of their totals ("total") or of their mean step times ("step"). A ratio of that quantity is
+    compared with this band of the same quantity, never another's. `rel` = band width / median,
+    `n` = the number of runs behind it."""
+    vals = _per_run(mode, quantity)
+    lo, hi = band(vals)
     mid = statistics.median(vals)
-    return dict(basis=basis, lo=lo, hi=hi, rel=(hi - lo) / mid if mid > 0 else 0.0, n=len(vals))
+    return dict(basis=f"min-max of {len(vals)} {_QUANTITY[quantity]}", lo=lo, hi=hi,
+                rel=(hi - lo) / mid if mid > 0 else 0.0, n=len(vals))
+
+
+def _apart(ref: dict, opt: dict) -> bool:
+    return ref["lo"] > opt["hi"] or opt["lo"] > ref["hi"]
 
 
 def timing_verdict(ref: dict, opt: dict) -> dict:
-    """Whether the two modes' times differ measurably. verdict: 'same' (same computation: no
-    speed-up to report), 'noise' (the run-to-run bands overlap: no measurable difference),
-    'measured' (disjoint bands: the ratio means something), 'untested' (one value per mode)."""
-    sr, so = run_spread(ref), run_spread(opt)
-    if same_computation(ref["settings"], opt["settings"]):
-        verdict = "same"
-    elif min(sr["n"], so["n"]) < 2:
-        verdict = "untested"
-    elif sr["lo"] <= so["hi"] and so["lo"] <= sr["hi"]:
-        verdict = "noise"
-    else:
-        verdict = "measured"
-    return dict(verdict=verdict, same_computation=verdict == "same", spread=dict(reference=sr, optimized=so))
+    """Whether the two modes' times differ measurably. verdict (of the totals; step_verdict, of the
+    mean step times): 'same' (same computation: no speed-up to report), 'too_few' (fewer than
+    MIN_RUNS timed runs in a mode: no ratio claimed), 'noise' (the run-to-run bands overlap: no
+    measurable difference), 'measured' (disjoint bands: the ratio means something)."""
+    spread = {q: dict(reference=run_spread(ref, q), optimized=run_spread(opt, q)) for q in _QUANTITY}
+    runs = min(len(ref["runs"]), len(opt["runs"]))
+    verdicts = {}
+    for q, sp in spread.items():
+        if same_computation(ref["settings"], opt["settings"]):
+            verdicts[q] = "same"
+        elif runs < MIN_RUNS:
+            verdicts[q] = "too_few"
+        else:
+            verdicts[q] = "measured" if _apart(sp["reference"], sp["optimized"]) else "noise"
+    return dict(verdict=verdicts["total"], step_verdict=verdicts["step"], same_computation=verdicts["total"] == "same",
+                runs_per_mode=runs, min_runs=MIN_RUNS, spread=spread["total"], step_spread=spread["step"])
+
+
+def _pcts(sp: dict) -> str:
+    return f"reference {100 * sp['reference']['rel']:.1f}%, optimized {100 * sp['optimized']['rel']:.1f}%"
 
 
 def speedup_text(report: dict, short: bool = False) -> str:
     """The speed-up sentence of the Markdown report (or, `short`, of the chart title): a ratio is
-    given only next to the run-to-run spread, and never for the same computation or inside the noise."""
+    given only from >= MIN_RUNS timed runs per mode, next to the run-to-run spread of the same
+    quantity, and never for the same computation or inside the noise."""
     cmp_, modes = report["comparison"], report["modes"]
     sp = cmp_["spread"]
     pct = 100 * max(sp["reference"]["rel"], sp["optimized"]["rel"])
     basis = sp["reference"]["basis"]
-    verdict = cmp_["verdict"]
+    verdict, n, need = cmp_["verdict"], cmp_.get("runs_per_mode", sp["reference"]["n"]), cmp_.get("min_runs", MIN_RUNS)
+    totals = f"median totals {modes['reference']['total']:.2f} s and {modes['optimized']['total']:.2f} s"
     if verdict == "same":
         if short:
             return "same computation in both modes"
-        return (f"no speed-up to report: both modes ran the same computation (nothing patched, same flags); "
-                f"run-to-run spread {pct:.1f}% ({basis})")
+        noise = (f"run-to-run spread {pct:.1f}% ({basis})" if n >= need else
+                 f"run-to-run spread not measured ({n} timed run(s) per mode; --num_runs {need} measures it)")
+        return f"no speed-up to report: both modes ran the same computation (nothing patched, same flags); {noise}"
+    if verdict == "too_few":
+        if short:
+            return f"no ratio claimed ({n} timed run(s) per mode, needs {need})"
+        return (f"no speed-up claimed: {n} timed run(s) per mode, and a ratio needs >= {need} (--num_runs {need}) "
+                f"to be told apart from run-to-run noise; {totals}")
     if verdict == "noise":
         if short:
             return f"no measurable difference (within spread {pct:.0f}%)"
-        return (f"no measurable difference (within run-to-run spread {pct:.1f}%: {basis}); median totals "
-                f"{modes['reference']['total']:.2f} s and {modes['optimized']['total']:.2f} s")
+        return f"no measurable difference (within run-to-run spread {pct:.1f}%: {basis}); {totals}"
     total = cmp_["speedup_total"]
-    if verdict == "untested":
-        if short:
-            return f"{total:.2f}x (one run, spread unknown)"
-        return (f"speedup (median total): {total:.2f}x, not tested against run-to-run noise "
-                f"(one timed value per mode; --num_runs 3 measures the spread)")
     if short:
         return f"speedup {total:.2f}x (spread {pct:.0f}%)"
-    return (f"speedup (median total): **{total:.2f}x**; per step: {cmp_['speedup_per_step']:.2f}x; "
-            f"{report['config']['full_steps']}-step video: {cmp_['speedup_extrapolated']:.2f}x; "
-            f"run-to-run spread: reference {100 * sp['reference']['rel']:.1f}%, optimized "
-            f"{100 * sp['optimized']['rel']:.1f}% ({basis}; the bands do not overlap)")
+    ssp = cmp_["step_spread"]
+    if cmp_["step_verdict"] == "measured":
+        step = (f"per step: {cmp_['speedup_per_step']:.2f}x (spread {_pcts(ssp)}, {ssp['reference']['basis']}); "
+                f"{report['config']['full_steps']}-step video: {cmp_['speedup_extrapolated']:.2f}x")
+    else:
+        step = f"per step: no measurable difference ({ssp['reference']['basis']} overlap)"
+    return (f"speedup (median total): **{total:.2f}x**; run-to-run spread: {_pcts(sp)} ({basis}; the bands do not "
+            f"overlap); {step}")
 
 
 def markdown(report: dict) -> str:
@@ -340,7 +356,7 @@ def markdown(report: dict) -> str:
              "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in report["modes"].items():
-        peak = _fmt(m["peak_mem_gb"], 1) if c["device"].startswith("cuda") else "n/a"
+        peak = _fmt(m["peak_mem_gb"], 1)  # None off CUDA: n/a
         dec = _fmt(m["decode"]) if c["decode"] else "skipped"
         lines.append(f"| {name} | {_fmt(m['text_encode'])} | {_fmt(m['step_mean'], 3)} | {dec} | "
                      f"{_fmt(m['total'])} | {_fmt(m['extrapolated_s'])} | {peak} |")
@@ -360,6 +376,9 @@ def markdown(report: dict) -> str:
                  f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'})")
     lines.append(f"- medians over {c['num_runs']} timed run(s) after {c['warmup']} warmup(s); "
                  f"decode timed by the benchmark after generate(return_latents=True)")
+    lines.append("- total s = the median run's total (" + ", ".join(
+        f"{name}: run {m['median_run'] + 1} of {len(m['runs'])}" for name, m in report["modes"].items())
+        + "); the chart shows that run's stages")
     for name, m in report["modes"].items():
         s = m["settings"]
         lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in s.items()))
@@ -448,7 +467,7 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
         for ext in final:
             tmp[ext].replace(final[ext])
     except OSError as err:  # disk full, permissions changed during the run, ...
-        raise CLIError(f"cannot write the results to {out_dir}: {err.strerror or err}") from None
+        raise CLIOutputError(f"cannot write the results to {out_dir}: {err.strerror or err}") from None
     finally:
         for p in tmp.values():
             if p.exists():
@@ -466,7 +485,7 @@ def save_frames(path: Path, latents: dict, frames: dict, report: dict) -> Path:
                                                         for m in latents}), tmp)
         tmp.replace(path)
     except OSError as err:
-        raise CLIError(f"cannot write {path}: {err.strerror or err}") from None
+        raise CLIOutputError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -477,8 +496,6 @@ def save_frames(path: Path, latents: dict, frames: dict, report: dict) -> Path:
 
 def _validate(args):
     """Everything that can be checked before building the pipeline. Returns the checked Request."""
-    if args.ckpt_dir and args.random_weights:
-        raise CLIError("--ckpt_dir and --random-weights exclude each other")
     if args.num_runs < 1:
         raise CLIError(f"--num_runs must be >= 1, got {args.num_runs}")
     if args.warmup < 0:
@@ -488,8 +505,7 @@ def _validate(args):
     except ImportError:
         raise CLIError("the chart needs matplotlib: pip install matplotlib "
                        "(or install wan-triton with the [bench] extra)") from None
-    default = "t2v-A14B" if (args.ckpt_dir or args.random_weights) else "tiny"
-    req = parse_request(args, default)
+    req = parse_request(args, implied_task(args))
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
@@ -533,7 +549,8 @@ def run(args, argv) -> tuple[dict, dict]:
             request.extra["offload"] or accel.preset_offload(preset)) == "blocks"
         pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu, offload="blocks" if blocks else None)
     build_s = time.perf_counter() - t0
-    log.info("built %s (%s weights) on %s in %.1f s", task, weights, device, build_s)
+    log.info("built %s (%s weights) on %s in %.1f s; each run: %s", task, weights, device, build_s,
+             request.summary())
     t0 = time.perf_counter()
     apply_loras(pipe, loras)  # before either mode: both run the merged weights; FSDP then shards them
     lora_s = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Command-line parsing and request checks shared by `wan-generate` and `wan-benchmark`.
 
-Each tool builds its parser from the flag groups below, then calls `parse_request(args, ...)`,
+Each tool builds its parser (wan_triton.parser.OneLineParser) from the flag groups below, then
+calls `parse_request(args, ...)`,
 which makes every check that needs no model (task, device, attention backend, size, frames,
 solver, steps, prompt, CUDA-only flags) and returns a `Request`. `run_main(prog, fn)` turns
 the errors a run can end in into one line on stderr and an exit code.
@@ -22,11 +23,11 @@ from typing import Callable
 
 from .flag_words import flag_words
 
-DEMO_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
+# the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
+# the other tasks default to the official example prompt
+DEMO_PROMPT = "two cats boxing on a stage"
+EXAMPLE_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 DEVICES = ("cuda", "cuda:N", "cpu")
-
-# flags whose value may itself start with '-' (a prompt): `--prompt -v` is read as `--prompt=-v`
-TEXT_FLAGS = ("--prompt", "--n_prompt")
 
 # Flag groups added by later features: name -> function(args) -> value stored in Request.extra[name].
 # A group registers itself here next to its add_<group>_flags(); parse_request fills them in order.
@@ -40,53 +41,19 @@ class CLIError(Exception):
     """Bad command line or request: reported as one line with exit code 2."""
 
 
-def parse_bool(v: str) -> bool:
-    """argparse type for True/False flags (the official CLI's `--offload_model True`)."""
-    s = str(v).lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+# Exit codes of both CLIs (README, "Exit codes"; --help's epilog)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_IO, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = """exit codes:
+  0    done
+  1    the run failed: out of GPU or host memory (under torchrun, torchrun itself exits 1 whenever a worker fails)
+  2    bad input or something unavailable (a flag, size, checkpoint file, a GPU for a GPU-only flag, ffmpeg),
+       found before any model is built; nothing is written
+  3    an output could not be written (disk full, ...); nothing is left half-written
+  130  interrupted (Ctrl-C)"""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends '(default: X)' to every flag whose help does not already say its default."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        d = action.default
-        if ("default" in h or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings
-                or action.nargs == 0):  # switches: their help says what happens without them
-            return h
-        return f"{h} (default: %(default)s)"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line on stderr (exit code 2) and accepts
-    prompts that start with '-' (`--prompt -v`)."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*a, **kw)
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        out, i = [], 0
-        while i < len(args):
-            tok = args[i]
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            if tok in TEXT_FLAGS and nxt is not None and nxt.startswith("-") and nxt not in self._option_string_actions:
-                out.append(f"{tok}={nxt}")
-                i += 2
-                continue
-            out.append(tok)
-            i += 1
-        return super().parse_known_args(out, namespace)
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+class CLIOutputError(CLIError):
+    """An output file could not be written (disk full, ...): exit code 3 (EXIT_IO)."""
 
 
 # ------------------------------------------------------------------ flag groups
@@ -98,6 +65,9 @@ def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) 
     a = p.add_argument
     a("--task", default=None, metavar="{" + ",".join(TASKS) + "}", help=task_help)
     a("--ckpt_dir", default=None, help=ckpt_help)
+    a("--random-weights", dest="random_weights", action="store_true",
+      help="no checkpoint: build the task at its real shapes with random weights (t2v-A14B: ~69 GB of host RAM "
+           "on a CPU; without --ckpt_dir only the tiny demo is built without this flag)")
     a("--convert_model_dtype", action="store_true",
       help="with --ckpt_dir: store the DiT weights in bf16 (official flag; default: as stored, fp32)")
     a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
@@ -109,8 +79,12 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
     from wan.requests import SOLVERS
 
     a = p.add_argument
-    a("--prompt", default=None, help="text prompt (default: the demo prompt). A prompt starting with '-' "
-                                     "works: --prompt -v or --prompt=-v")
+    one = p.add_mutually_exclusive_group()
+    one.add_argument("--prompt", default=None,
+                     help="text prompt (default: the demo prompt; with t2v-A14B the official example). A prompt "
+                          "starting with '-' works: --prompt -v or --prompt=-v")
+    one.add_argument("--prompt_file", default=None, metavar="PATH",
+                     help="read the prompt from a UTF-8 text file, instead of --prompt (default: none)")
     if guidance:
         a("--n_prompt", default="", help="negative prompt (default: the official one)")
     a("--size", default=None, help=f"WIDTH*HEIGHT, e.g. 1280*720 (default: the task's: {_per_task('default_size')})")
@@ -123,7 +97,7 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
           help="classifier-free guidance scale, one value for both experts (default: (low-noise, high-noise) "
                f"{_per_task('sample_guide_scale')})")
     a("--sample_solver", default=None, help=f"flow solver: {', '.join(SOLVERS)} (default: unipc)")
-    a("--base_seed", type=int, default=seed_default, help=seed_help)
+    a("--base_seed", "--seed", dest="base_seed", type=int, default=seed_default, help=seed_help)
 
 
 def _per_task(attr: str) -> str:
@@ -278,6 +252,17 @@ class Request:
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # flag groups of later features, see EXTRA_GROUPS
 
+    def summary(self, seed: int | None = None) -> str:
+        """What will be generated, for the start-up log: size, frames, steps, solver, shift, guidance
+        (the config's when not given) and `seed` (the one that will be used, never -1)."""
+        c = self.config
+        shift = c.sample_shift if self.shift is None else self.shift
+        g = c.sample_guide_scale if self.guide_scale is None else self.guide_scale
+        guide = f"{g:g}" if isinstance(g, (int, float)) else f"{g[0]:g} (low-noise) / {g[1]:g} (high-noise)"
+        seed = self.seed if seed is None else seed
+        return (f"{self.size}, {self.frame_num} frames, {self.steps} steps, solver {self.solver}, shift {shift:g}, "
+                f"guidance {guide}, seed {seed}")
+
     @property
     def width_height(self) -> tuple[int, int]:
         w, h = self.size.split("*")
@@ -345,6 +330,48 @@ def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
         raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the demo prompt")
 
 
+def read_prompt_file(path: str) -> str:
+    """--prompt_file: the file's text, stripped; CLIError when it cannot be read or holds no prompt."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"--prompt_file {path}: not UTF-8 text") from None
+    except OSError as err:
+        raise CLIError(f"--prompt_file {path}: cannot read it ({err.strerror or err})") from None
+    if not text.strip():
+        raise CLIError(f"--prompt_file {path} is empty; write the prompt into it")
+    return text.strip()
+
+
+DEMO_TASK = "tiny"  # the one task built with random weights without --random-weights (no --ckpt_dir)
+
+
+def implied_task(args) -> str:
+    """Both tools' default --task: t2v-A14B with --ckpt_dir or --random-weights, else the tiny demo."""
+    return "t2v-A14B" if getattr(args, "ckpt_dir", None) or getattr(args, "random_weights", False) else DEMO_TASK
+
+
+def check_weights(args, config, device) -> None:
+    """Where the weights come from: --ckpt_dir, or random (the tiny demo; any other task only with
+    --random-weights, which is never implied: an A14B built by mistake fills the host RAM)."""
+    g = lambda name: getattr(args, name, None)  # noqa: E731
+    if g("ckpt_dir") and g("random_weights"):
+        raise CLIError("--ckpt_dir and --random-weights exclude each other")
+    if not g("ckpt_dir") and not g("random_weights") and config.name != DEMO_TASK:
+        from wan.footprint import build_footprint
+
+        need = build_footprint(config, device).total
+        raise CLIError(f"--task {config.name} needs its weights: give --ckpt_dir (the official release), or "
+                       f"--random-weights to build it with random weights (~{need / 1e9:.0f} GB of memory on "
+                       f"{device})")
+    if g("convert_model_dtype") and not g("ckpt_dir"):
+        logging.warning("--convert_model_dtype applies to checkpoint weights (--ckpt_dir); random weights are "
+                        "built in %s already: the flag changes nothing", str(config.param_dtype).replace("torch.", ""))
+
+
+# wan.requests names the generate() arguments; the CLIs name their flags
 def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     """Every check that needs no model, in the order a user fixes them; raises CLIError.
     `args` comes from a parser built with the flag groups above (missing groups read as unset)."""
@@ -360,16 +387,19 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     except KeyError as err:
         raise CLIError(str(err.args[0])) from None
     device = check_device(g("device"))
+    check_weights(args, config, device)
     check_attention(g("attention"), device)
     size = g("size") or config.default_size
     frame_num = config.frame_num if g("frame_num") is None else g("frame_num")
     steps = config.sample_steps if g("sample_steps") is None else g("sample_steps")
+    seed = g("base_seed", -1)
     try:
-        w, h = check_request(config, size, frame_num, solver, steps)
+        w, h = check_request(config, size, frame_num, solver, steps, shift=g("sample_shift"),
+                             guide_scale=g("sample_guide_scale"), seed=seed)
     except InputError as err:
-        msg = str(err).replace("sampling_steps", "--sample_steps")
-        raise CLIError(msg) from None
+        raise CLIError(flag_words(str(err))) from None
     check_prompt(g("prompt"))
+    prompt = read_prompt_file(g("prompt_file")) if g("prompt_file") is not None else g("prompt")
     preset = g("preset") or "none"
     cuda_only = [f for f, on in (("--offload_model True", g("offload_model")), ("--tf32", g("tf32")),
                                  ("--compile", g("compile")), ("--no-offload", g("no_offload")),
@@ -379,11 +409,12 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     if device.type != "cuda" and cuda_only:
         raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
     if g("fp8"):
-        from .fp8 import fp8_support
+        from .fp8 import Fp8Error, check_fp8_device
 
-        ok, why = fp8_support(device)
-        if not ok:
-            raise CLIError(f"--fp8: {why}")
+        try:
+            check_fp8_device(device)  # the rule optimize(fp8=True) applies
+        except Fp8Error as err:
+            raise CLIError(f"--fp8: {err}") from None
         if g("dit_fsdp"):
             raise CLIError("--fp8 does not work with --dit_fsdp (the shards hold the bf16 weights): use one or the other")
     accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
@@ -391,8 +422,9 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
                        use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
                        fp8=True if g("fp8") else None)
     return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
-                   steps=steps, solver=solver, seed=g("base_seed", -1),
-                   prompt=g("prompt") or DEMO_PROMPT, prompt_given=g("prompt") is not None,
+                   steps=steps, solver=solver, seed=seed,
+                   prompt=prompt or (DEMO_PROMPT if config.name == DEMO_TASK else EXAMPLE_PROMPT),
+                   prompt_given=prompt is not None,
                    n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
                    ckpt_dir=g("ckpt_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
                    t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"), accel=accel,
@@ -438,7 +470,7 @@ def _check_parallel(args):
     from wan.parallel import ParallelError
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
-    task = g("task") or ("t2v-A14B" if g("ckpt_dir") or g("random_weights") else "tiny")  # both tools' default
+    task = g("task") or implied_task(args)
     try:
         offload = g("offload_model") or g("offload") in ("model", "blocks")
         return check_parallel_args(args, get_config(task).dit.num_heads, check_device(g("device")), offload,
@@ -498,44 +530,51 @@ def is_host_oom(err: BaseException) -> bool:
 
 
 def run_main(prog: str, fn: Callable[[], object]) -> int:
-    """Run `fn()` and map how it ends to an exit code, errors as one line on stderr:
-    bad input 2, out of (GPU or host) memory 1, Ctrl-C 130, success 0."""
+    """Run `fn()` and map how it ends to an exit code (EXIT_*), errors as one line on stderr:
+    bad input 2, an output that could not be written 3, out of (GPU or host) memory 1, Ctrl-C 130,
+    success 0. Under torchrun only rank 0 reports bad input (every rank makes the same checks and
+    exits with the same code); a failure of one rank's own is reported by that rank."""
     import torch
 
     from wan.checkpoint import CheckpointError
     from wan.parallel import ParallelError
     from wan.requests import InputError
+    from wan.video import OutputWriteError
 
     from .accel import AccelError
     from .patch import PatchError
 
-    rank = _rank()
+    rank = process_rank()
 
     def fail(msg: str, code: int) -> int:
-        print(f"{prog}: error{f' (rank {rank})' if rank else ''}: {msg}", file=sys.stderr)
+        if rank == 0 or code != EXIT_BAD_INPUT:
+            print(f"{prog}: error{f' (rank {rank})' if rank else ''}: {msg}", file=sys.stderr)
         return code
 
     try:
         fn()
+    except (CLIOutputError, OutputWriteError) as err:
+        return fail(str(err), EXIT_IO)
     except (CLIError, InputError, CheckpointError, AccelError, PatchError, ParallelError) as err:
-        return fail(flag_words(str(err)), 2)  # wan names its arguments; the user typed flags
+        return fail(flag_words(str(err)), EXIT_BAD_INPUT)  # wan names its arguments; the user typed flags
     except getattr(torch.distributed, "DistError", ()) as err:  # torchrun: a peer failed or a collective timed out
-        return fail(f"distributed run failed: {_first_line(err)[:300]}", 1)
+        return fail(f"distributed run failed: {_first_line(err)[:300]}", EXIT_FAILED)
     except torch.cuda.OutOfMemoryError:
-        return fail(f"out of GPU memory; {gpu_oom_hint()}", 1)
+        return fail(f"out of GPU memory; {gpu_oom_hint()}", EXIT_FAILED)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        if rank == 0:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (MemoryError, RuntimeError) as err:
         if is_host_oom(err):
-            return fail(f"out of host memory (RAM): {_first_line(err)}; {HOST_OOM_HINT}", 1)
+            return fail(f"out of host memory (RAM): {_first_line(err)}; {HOST_OOM_HINT}", EXIT_FAILED)
         if "out of memory" in str(err).lower():
-            return fail(f"out of GPU memory: {_first_line(err)}; {gpu_oom_hint()}", 1)
+            return fail(f"out of GPU memory: {_first_line(err)}; {gpu_oom_hint()}", EXIT_FAILED)
         raise
-    return 0
+    return EXIT_OK
 
 
-def _rank() -> int:
+def process_rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     import os
 
@@ -543,6 +582,7 @@ def _rank() -> int:
 
 
 def setup_logging() -> None:
-    """INFO on stderr; under torchrun only rank 0 logs INFO (the others warnings and errors)."""
-    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    """INFO on stderr; under torchrun only rank 0 logs INFO and warnings (every rank would say the
+    same: a prompt cut to text_len, a lossy option); the others log errors only."""
+    logging.basicConfig(level=logging.INFO if process_rank() == 0 else logging.ERROR,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)

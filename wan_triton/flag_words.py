@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["FLAGS", "flag_words"]
+__all__ = ["FLAGS", "LEADING", "flag_words"]
 
 # wan argument -> (CLI flag, takes a value). A switch (no value) is said as the bare flag when True.
 FLAGS = {
@@ -25,6 +25,11 @@ FLAGS = {
     "timeout": ("--dist_timeout", True),
 }
 
+# wan.requests names the argument it refuses at the start of its message ("shift must be > 0, got 0"):
+# those arguments -> their flags, said when they lead a message.
+LEADING = {"sampling_steps": "--sample_steps", "shift": "--sample_shift", "guide_scale": "--sample_guide_scale",
+           "seed": "--base_seed"}
+
 _NAMED = re.compile(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=('[^']*'|[^\s,;:)/]+)")
 
 
@@ -39,5 +44,9 @@ def _say(m: re.Match) -> str:
 def flag_words(text: str) -> str:
     """`text` with every `name=value` of a wan argument that has a flag said as that flag:
     "offload='blocks' conflicts with offload_model=True" -> "--offload blocks conflicts with
-    --offload_model True"; "compile=True" -> "--compile". Other text is left as it is."""
+    --offload_model True"; "compile=True" -> "--compile"; a leading request argument too: "shift must
+    be > 0" -> "--sample_shift must be > 0". Other text is left as it is."""
+    head, sep, rest = text.partition(" ")
+    if head in LEADING:
+        text = f"{LEADING[head]}{sep}{rest}"
     return _NAMED.sub(_say, text)

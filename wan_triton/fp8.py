@@ -60,6 +60,7 @@ log = logging.getLogger("wan_triton")
 
 __all__ = ["Fp8Linear", "GeluQuantFp8", "QuantizedInput", "Fp8Error", "Fp8Summary", "LOSSY_NOTE", "BLOCK_LINEARS",
            "quantize_model", "dequantize_model", "is_quantized", "save_fp8", "load_fp8", "fp8_support",
+           "check_fp8_device",
            "quantize_rows_reference", "quantize_weight", "fp8_stats", "reset_fp8_stats"]
 
 LOSSY_NOTE = "fp8 linears: lossy (e4m3, per-channel weights, per-token activations)"
@@ -170,6 +171,14 @@ def fp8_support(device=None) -> tuple[bool, str]:
         else:
             _native[key] = _probe(torch.device(key))
     return _native[key]
+
+
+def check_fp8_device(device) -> None:
+    """The one rule for switching fp8 linears on (`optimize(pipe, fp8=True)` and --fp8): the
+    pipeline's device runs e4m3 products natively (`fp8_support`). Raises Fp8Error(why)."""
+    ok, why = fp8_support(device)
+    if not ok:
+        raise Fp8Error(why)
 
 
 _bias_epilogue: dict = {}  # device key -> whether _scaled_mm takes the bias with row-wise scales

@@ -1,7 +1,8 @@
 """Generate a video: `python -m wan_triton.generate` / `wan-generate`.
 
 With no --ckpt_dir it runs the built-in tiny demo model (random weights, fixed seed, CPU or
-GPU) and writes a short MP4. With --ckpt_dir it loads the official Wan2.2-T2V-A14B layout.
+GPU) and writes a short MP4; another task without --ckpt_dir needs --random-weights. With
+--ckpt_dir it loads the official Wan2.2-T2V-A14B layout.
 Official flags keep their names and defaults; the acceleration flags come from wan_triton.
 Bad input is reported as one line on stderr with exit code 2, before any model is built, and
 no file is written.
@@ -15,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import (DEMO_PROMPT, CLIError, OneLineParser, Request, add_accel_flags, add_model_flags,  # noqa: F401
+from .cli import (DEMO_PROMPT, CLIError, Request, add_accel_flags, add_model_flags,  # noqa: F401
                   add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
-                  parse_bool, parse_request, run_main, setup_logging)
+                  implied_task, parse_request, run_main, setup_logging)
+from .parser import OneLineParser, parse_bool
 
 PROG = "wan-generate"
 
@@ -46,11 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(req: Request, save_file: str | None) -> Path:
+    from wan.requests import InputError
+    from wan.video import check_video_suffix
+
     ulysses = getattr(req.extra.get("parallel"), "ulysses_size", 1)  # the official name carries it
     save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt, ulysses=ulysses))
-    if save.suffix.lower() != ".mp4":
-        raise CLIError(f"--save_file must end in .mp4, got {save}")
-    return save
+    try:
+        return check_video_suffix(save)
+    except InputError:
+        raise CLIError(f"--save_file must end in .mp4, got {save}") from None
+
+
+def resolve_seed(req: Request, demo: bool) -> int:
+    """The noise seed the run will use, never -1: the given one; the demo's fixed seed; else one
+    drawn now (so the start-up log can name it)."""
+    import random
+
+    from wan.requests import SEED_MAX
+
+    if req.seed >= 0:
+        return req.seed
+    if demo:
+        return req.config.seed
+    return random.randint(0, SEED_MAX)
 
 
 def run(args) -> Path | None:
@@ -62,14 +82,14 @@ def run(args) -> Path | None:
 
     from .lora_flags import lora_specs
 
-    demo = args.ckpt_dir is None
-    req = parse_request(args, "tiny" if demo else "t2v-A14B")
+    req = parse_request(args, implied_task(args))
+    demo = args.ckpt_dir is None and not args.random_weights  # the tiny demo (check_weights refused the rest)
     save = output_path(req, args.save_file)
     check_output_path(save)  # before any model is built: no long run that ends without its file
     check_video_writer()
     loras = lora_specs(req)  # keys and shapes checked before any model is built
 
-    seed = req.seed if req.seed >= 0 or not demo else req.config.seed
+    seed = resolve_seed(req, demo)
     preset = accel.get_preset(req.preset, req.device)
     par = req.extra["parallel"]
     t5_cpu = (req.t5_cpu or preset.t5_cpu) and not par.t5_fsdp
@@ -77,10 +97,17 @@ def run(args) -> Path | None:
     if state is not None:
         req = dataclasses.replace(req, device=state.device)
     t0 = time.perf_counter()
+    prompt_note = "" if req.prompt_given else "; the demo prompt"
     if demo:
-        prompt_note = "" if req.prompt_given else ", the demo prompt"
-        logging.info("no --ckpt_dir: running the built-in tiny demo model (random weights, seed %d%s)", seed,
-                     prompt_note)
+        logging.info("no --ckpt_dir: building the built-in tiny demo model (%s, random weights) on %s", req.task,
+                     req.device)
+    elif req.ckpt_dir is None:
+        logging.info("--random-weights: building %s at its real shapes with random weights on %s", req.task,
+                     req.device)
+    else:
+        logging.info("loading %s from %s on %s", req.task, req.ckpt_dir, req.device)
+    logging.info("generating %s%s", req.summary(seed), prompt_note)
+    if req.ckpt_dir is None:
         pipe = WanT2V.from_preset(req.config, device=req.device, t5_cpu=t5_cpu)
     else:
         # block streaming (asked, or the preset's) starts at load: with host RAM low the low-noise expert is
@@ -92,7 +119,8 @@ def run(args) -> Path | None:
                                       convert_model_dtype=req.convert_model_dtype, progress=not req.quiet,
                                       offload="blocks" if stream else None,
                                       host_ram=req.extra.get("host_ram") or "auto")
-    logging.info("loaded %s in %.1fs on %s", req.task, time.perf_counter() - t0, req.device)
+    logging.info("%s %s in %.1fs on %s", "built" if req.ckpt_dir is None else "loaded", req.task,
+                 time.perf_counter() - t0, req.device)
     apply_loras(pipe, loras)  # merged before optimize: kernels, compile and block streaming see the merged weights
     if state is not None:
         parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 from .cli import ARG_DEFAULTS, EXTRA_GROUPS
 
-__all__ = ["parse_lora_arg", "add_lora_flags", "apply_recipe", "parse_lora_flags", "lora_specs"]
+__all__ = ["parse_lora_arg", "add_lora_flags", "apply_recipe", "parse_lora_flags", "lora_specs", "warn_unreached"]
 
 _LORA_FLAGS = (("both", "lora"), ("high", "lora_high"), ("low", "lora_low"))
 
 
 def parse_lora_arg(text: str, expert: str = "both"):
     """'PATH[:STRENGTH]' -> LoraSpec. The strength is taken after the last ':' only when it parses as a
-    float, so 'C:\\loras\\a.safetensors' and 'dir:with:colons/a.safetensors' stay whole paths."""
+    float, so 'C:\\loras\\a.safetensors' and 'dir:with:colons/a.safetensors' stay whole paths. A tail that
+    is not a number after a .safetensors name (or an existing file), and a strength that is not finite,
+    are CLIErrors naming the strength."""
+    import math
+    from pathlib import Path
+
     from wan.lora import LoraSpec
 
+    from .cli import CLIError
+
+    flag = "--lora" if expert == "both" else f"--lora_{expert}"
     path, strength = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -31,7 +39,11 @@ def parse_lora_arg(text: str, expert: str = "both"):
             strength = float(tail)
             path = head
         except ValueError:
-            pass
+            if not Path(text).exists() and (head.lower().endswith(".safetensors") or Path(head).is_file()):
+                raise CLIError(f"{flag} {text}: the strength {tail!r} after ':' is not a number "
+                               f"(PATH[:STRENGTH], e.g. {head}:0.8)") from None
+    if not math.isfinite(strength):
+        raise CLIError(f"{flag} {text}: the strength must be a finite number, got {tail}")
     return LoraSpec(path=path, strength=strength, expert=expert)
 
 
@@ -58,13 +70,21 @@ def apply_recipe(args) -> None:
     (wan-benchmark has no --sample_shift) still gets the recipe's value."""
     from wan.lora import RECIPES
 
+    import logging
+
     r = RECIPES.get(getattr(args, "recipe", None) or "")
     if r is None:
         return
+    set_, kept = [], []
     for attr, val in (("sample_steps", r.steps), ("sample_shift", r.shift),
                       ("sample_guide_scale", r.guide_scale), ("sample_solver", r.solver)):
         if getattr(args, attr, None) is None:
             setattr(args, attr, val)
+            set_.append(f"--{attr} {val:g}" if isinstance(val, float) else f"--{attr} {val}")
+        else:
+            kept.append(f"--{attr} {getattr(args, attr)}")
+    logging.info("recipe %s sets %s%s", r.name, ", ".join(set_) or "nothing",
+                 f" (given, kept: {', '.join(kept)})" if kept else "")
 
 
 def parse_lora_flags(args) -> list:
@@ -83,7 +103,28 @@ def lora_specs(req) -> list:
 
     specs = req.extra.get("lora", [])
     check_loras(specs, req.config.dit)
+    warn_unreached(req, specs)
     return specs
+
+
+def warn_unreached(req, specs) -> None:
+    """A warning for each LoRA of one expert that the request's schedule never runs (e.g. --lora_low
+    with 1 step: every step is a high-noise one), which would otherwise be a silent no-op."""
+    import logging
+
+    from wan.pipeline import schedule_experts
+
+    one = [sp for sp in specs if sp.expert != "both"]
+    if not one:
+        return
+    used = set(schedule_experts(req.config, req.solver, req.steps, req.shift))
+    for sp in one:
+        if sp.expert not in used:
+            shift = req.config.sample_shift if req.shift is None else req.shift
+            logging.warning("--lora_%s %s: the %s-noise expert never runs in this schedule (%d %s step(s), shift "
+                            "%g: the expert switch at t = %g is never reached): this LoRA changes nothing",
+                            sp.expert, sp.path, sp.expert, req.steps, req.solver, shift,
+                            req.config.boundary * req.config.num_train_timesteps)
 
 
 EXTRA_GROUPS["lora"] = parse_lora_flags

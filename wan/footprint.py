@@ -1,0 +1,70 @@
+"""Host memory (RAM) a pipeline build takes, checked before anything is built.
+
+`WanT2V.from_preset` builds the experts, the text encoder and the VAE where they will run; the
+parts that land in host memory (all of them on a CPU, the text encoder with t5_cpu, the DiT
+blocks when they stream) are counted here from the configs (models built on the meta device:
+no memory), and compared with what the host can still give (`wan.offload.host_memory`: the
+cgroup limit minus its usage, else MemAvailable). Too little is one line (InputError) instead
+of an out-of-memory kill minutes later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .configs import T2VConfig
+from .requests import InputError
+
+
+def _numel(make) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in make().parameters())
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes per part that a build puts in host memory."""
+    parts: tuple  # ((name, bytes), ...)
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {n / 1e9:.1f} GB" for name, n in self.parts)
+
+
+def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False, blocks_on_host: bool = False
+                    ) -> Footprint:
+    """What `from_preset(config, device, dtype, t5_cpu, offload="blocks" if blocks_on_host)` holds
+    in host memory: everything on a CPU; else the text encoder with `t5_cpu` and the experts'
+    blocks when they stream."""
+    from .dit import WanModel
+    from .t5 import T5Encoder
+    from .vae import WanVAE
+
+    on_cpu = torch.device(device).type == "cpu"
+    dit_bytes = torch.empty((), dtype=dtype or config.param_dtype).element_size()
+    parts = []
+    if on_cpu or blocks_on_host:
+        parts.append(("two experts", 2 * _numel(lambda: WanModel(config.dit)) * dit_bytes))
+    if on_cpu or t5_cpu:
+        t5_bytes = torch.empty((), dtype=config.t5_dtype).element_size()
+        parts.append(("text encoder", _numel(lambda: T5Encoder(config.t5)) * t5_bytes))
+    if on_cpu:
+        parts.append(("VAE", _numel(lambda: WanVAE(config.vae)) * 4))
+    return Footprint(tuple(parts))
+
+
+def check_host_ram(config: T2VConfig, footprint: Footprint, device) -> None:
+    """InputError (one line: what it needs, what is free) when the host cannot hold `footprint`.
+    Silent when the free memory cannot be read."""
+    from .offload import host_memory
+
+    need = footprint.total
+    mem = host_memory()
+    if mem.available is None or need <= mem.available:
+        return
+    raise InputError(f"building {config.name} on {torch.device(device)} needs ~{need / 1e9:.1f} GB of host RAM "
+                     f"({footprint.describe()}), and {mem.available / 1e9:.1f} GB is free ({mem.source})")
