@@ -3,7 +3,7 @@
 `WanT2V.from_preset` builds the experts, the text encoder and the VAE where they will run; the
 parts that land in host memory (all of them on a CPU, the text encoder with t5_cpu, the DiT
 blocks when they stream) are counted here from the configs (models built on the meta device:
-no memory), and compared with what the host can still give (`wan.offload.host_memory`: the
+no memory), and compared with what the host can still give (`wan.hostmem.host_memory`: the
 cgroup limit minus its usage, else MemAvailable). Too little is one line (InputError) instead
 of an out-of-memory kill minutes later.
 """
@@ -60,7 +60,7 @@ def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False,
 def check_host_ram(config: T2VConfig, footprint: Footprint, device) -> None:
     """InputError (one line: what it needs, what is free) when the host cannot hold `footprint`.
     Silent when the free memory cannot be read."""
-    from .offload import host_memory
+    from .hostmem import host_memory
 
     need = footprint.total
     mem = host_memory()
