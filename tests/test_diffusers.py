@@ -128,7 +128,9 @@ def test_pipeline_with_two_transformers(seed):
 def test_strict_and_fallback(seed, monkeypatch):
     """model.to(bf16) also casts diffusers' RoPE table: diffusers then rotates in bf16, which the
     kernel does not reproduce. Strict mode raises with that reason; otherwise the call runs
-    diffusers' own rotation (counted as a fallback) and the output is diffusers' to the bit."""
+    diffusers' own rotation (counted as a fallback). The other ops still run patched on bf16 norm
+    weights, which now and then round one element differently (3 seeds in 60 on CPU, at most
+    2.5e-3 relative): the whole output stays within one bf16 step (2^-7) in norm."""
     model = tiny_transformer(seed).to(torch.bfloat16)
     x, t, ctx = inputs(seed, torch.bfloat16)
     ref = run(model, x, t, ctx)
@@ -141,7 +143,7 @@ def test_strict_and_fallback(seed, monkeypatch):
         out = run(model, x, t, ctx)
     stats = wan_triton.kernel_stats()["rms_norm_rope"]
     assert stats["launches"] == 0 and stats["fallbacks"] == 4 and "bfloat16" in stats["last_reason"]
-    assert within_bf16_rounding(out, ref)
+    assert rel(out, ref) <= 2 ** -7, rel(out, ref)
 
 
 def test_flags_choose_the_ops(seed):
