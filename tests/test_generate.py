@@ -293,14 +293,14 @@ def test_demo_without_prompt_says_it_uses_the_demo_prompt(tmp_path, monkeypatch,
 def test_a14b_random_weights_checks_host_ram_first(tmp_path, capsys, monkeypatch, caplog):
     """--random-weights --task t2v-A14B on a host without the RAM: one line with what it needs and what
     is free, exit 2, before any expert is built; the log named the model and the seed it would use."""
-    from wan import offload
+    from wan import hostmem
     from wan.dit import WanModel
 
     def must_not_build(*a, **k):
         raise AssertionError("an expert was built although the host RAM was short")
 
     caplog.set_level("INFO")
-    monkeypatch.setattr(offload, "host_memory", lambda: offload.HostMemory(8 * 10 ** 9, "MemAvailable"))
+    monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(8 * 10 ** 9, "MemAvailable"))
     monkeypatch.setattr(WanModel, "from_config", must_not_build)
     rc = main(["--random-weights", "--device", "cpu", "--save_file", str(tmp_path / "v.mp4"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()

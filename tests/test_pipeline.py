@@ -309,10 +309,10 @@ def test_save_video_refuses_what_it_cannot_write(tmp_path, video, name, msg):
 
 
 def test_random_a14b_on_a_small_host_is_one_line(monkeypatch):
-    from wan import offload
+    from wan import hostmem
     from wan.footprint import build_footprint
 
-    monkeypatch.setattr(offload, "host_memory", lambda: offload.HostMemory(24 * 10 ** 9, "cgroup memory.max"))
+    monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(24 * 10 ** 9, "cgroup memory.max"))
     with pytest.raises(InputError, match=r"building t2v-A14B on cpu needs ~69\.0 GB of host RAM .* and 24\.0 GB is "
                                          r"free \(cgroup memory.max\)"):
         WanT2V.from_preset("t2v-A14B", device="cpu")

@@ -3,7 +3,7 @@
 `WanT2V.from_preset` builds the experts, the text encoder and the VAE where they will run; the
 parts that land in host memory (all of them on a CPU, the text encoder with t5_cpu, the DiT
 blocks when they stream) are counted here from the configs (models built on the meta device:
-no memory), and compared with what the host can still give (`wan.offload.host_memory`: the
+no memory), and compared with what the host can still give (`wan.hostmem.host_memory`: the
 cgroup limit minus its usage, else MemAvailable). Too little is one line (InputError) instead
 of an out-of-memory kill minutes later.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hostmem
 from .configs import T2VConfig
 from .requests import InputError
 
@@ -60,10 +61,8 @@ def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False,
 def check_host_ram(config: T2VConfig, footprint: Footprint, device) -> None:
     """InputError (one line: what it needs, what is free) when the host cannot hold `footprint`.
     Silent when the free memory cannot be read."""
-    from .offload import host_memory
-
     need = footprint.total
-    mem = host_memory()
+    mem = hostmem.host_memory()
     if mem.available is None or need <= mem.available:
         return
     raise InputError(f"building {config.name} on {torch.device(device)} needs ~{need / 1e9:.1f} GB of host RAM "
