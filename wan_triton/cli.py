@@ -3,7 +3,8 @@
 Each tool builds its parser (wan_triton.parser.OneLineParser) from the flag groups below, then
 calls `parse_request(args, ...)`,
 which makes every check that needs no model (task, device, attention backend, size, frames,
-solver, steps, prompt, CUDA-only flags) and returns a `Request`. `run_main(prog, fn)` turns
+solver, steps, prompt) and the run's plan (wan_triton.plan: offload, CUDA-only flags, the
+combinations its table refuses), and returns a `Request`. `run_main(prog, fn)` turns
 the errors a run can end in into one line on stderr and an exit code.
 
 Adding a flag group (e.g. LoRA, multi-GPU, block streaming) is one function here,
@@ -189,18 +190,6 @@ EXTRA_GROUPS["host_ram"] = _check_host_ram
 # ------------------------------------------------------------------ the request
 
 @dataclass(frozen=True)
-class AccelFlags:
-    """The acceleration flags as given (None: the preset decides)."""
-    triton: bool | None = None
-    compile: bool | None = None
-    compile_mode: str = "default"
-    tf32: bool | None = None
-    use_batched_cfg: bool | None = None
-    attention: str | None = "auto"
-    fp8: bool | None = None
-
-
-@dataclass(frozen=True)
 class Request:
     """A checked command line: what to build, what to generate, how to accelerate it."""
     task: str
@@ -221,10 +210,9 @@ class Request:
     t5_cpu: bool = False             # the flag; a preset may add it
     preset: str = "none"
     offload_model: bool | None = None
-    accel: AccelFlags = field(default_factory=AccelFlags)
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # flag groups of later features, see EXTRA_GROUPS
-    plan: object = None              # wan_triton.plan.RunPlan: every decision of the run
+    plan: object = None              # wan_triton.plan.RunPlan: every decision of the run (.options: the flags)
 
     def summary(self, seed: int | None = None) -> str:
         """What will be generated, for the start-up log: size, frames, steps, solver, shift, guidance
@@ -247,15 +235,6 @@ class Request:
         return dict(size=self.size, frame_num=self.frame_num, shift=self.shift, sample_solver=self.solver,
                     sampling_steps=self.steps, guide_scale=self.guide_scale, n_prompt=self.n_prompt,
                     seed=self.seed)
-
-    def optimize_kwargs(self) -> dict:
-        """Keyword arguments of wan_triton.optimize (after the preset)."""
-        a = self.accel
-        kw = dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
-                  use_batched_cfg=a.use_batched_cfg, attention=a.attention)
-        if self.extra.get("host_ram"):
-            kw["host_ram"] = self.extra["host_ram"]
-        return kw if a.fp8 is None else dict(kw, fp8=a.fp8)  # --fp8 only when given
 
 
 def check_device(spec: str | None):
@@ -376,17 +355,13 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     prompt = read_prompt_file(g("prompt_file")) if g("prompt_file") is not None else g("prompt")
     preset = g("preset") or "none"
     run = plan_request(args, device, preset)
-    accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
-                       compile_mode=g("compile_mode", "default"), tf32=True if g("tf32") else None,
-                       use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
-                       fp8=True if g("fp8") else None)
     return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
                    steps=steps, solver=solver, seed=seed,
                    prompt=prompt or (DEMO_PROMPT if config.name == DEMO_TASK else EXAMPLE_PROMPT),
                    prompt_given=prompt is not None,
                    n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
                    ckpt_dir=g("ckpt_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
-                   t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"), accel=accel,
+                   t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"),
                    quiet=bool(g("quiet")), extra={name: fn(args) for name, fn in EXTRA_GROUPS.items()}, plan=run)
 
 
