@@ -166,7 +166,8 @@ def _offload_plan(preset_mode="none", device_type="cuda", **asked):
     """wan_triton.plan's offload decision for a preset of that mode on a device of that type."""
     from wan_triton.accel import Preset
 
-    p = Preset("p", offload_model=preset_mode == "model", t5_cpu=False, offload="blocks" if preset_mode == "blocks" else "")
+    p = Preset("p", offload_model=preset_mode == "model", t5_cpu=False,
+               offload="blocks" if preset_mode == "blocks" else "")
     return plan(Options(**asked), p, DeviceInfo(device_type, device_type)).offload
 
 
