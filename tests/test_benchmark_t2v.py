@@ -186,7 +186,7 @@ def _report(ref, opt):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_same_computation_never_claims_a_speedup(seed):
-    from wan_triton.benchmark import speedup_text
+    from wan_triton.report import speedup_text
 
     g = torch.Generator().manual_seed(seed)
     ref_t = (10 + 5 * torch.rand(3, generator=g)).tolist()
@@ -200,7 +200,7 @@ def test_same_computation_never_claims_a_speedup(seed):
 
 
 def test_overlapping_runs_are_no_measurable_difference():
-    from wan_triton.benchmark import speedup_text
+    from wan_triton.report import speedup_text
 
     rep = _report(_mode([12.87, 12.0, 13.5], [0.5]), _mode([12.6, 11.8, 13.9], [0.5], triton=True, patched=6))
     c = rep["comparison"]
@@ -212,7 +212,7 @@ def test_overlapping_runs_are_no_measurable_difference():
 
 
 def test_disjoint_runs_give_the_ratio_with_the_spread():
-    from wan_triton.benchmark import speedup_text
+    from wan_triton.report import speedup_text
 
     rep = _report(_mode([12.9, 12.8, 13.0], [0.5]), _mode([10.1, 10.0, 10.3], [0.4], triton=True, patched=6))
     assert rep["comparison"]["verdict"] == "measured"
@@ -225,7 +225,7 @@ def test_disjoint_runs_give_the_ratio_with_the_spread():
 def test_fewer_than_three_runs_claim_no_ratio(runs):
     """Issue 22: with 1 or 2 timed runs per mode no ratio is claimed (the spread of per-step times
     said nothing about totals that are mostly the decode), and the report says why."""
-    from wan_triton.benchmark import speedup_text
+    from wan_triton.report import speedup_text
 
     rep = _report(_mode([10.0, 10.1][:runs], [0.50, 0.51, 0.52]),
                   _mode([8.0, 8.1][:runs], [0.40, 0.41, 0.42], use_batched_cfg=True))
@@ -240,7 +240,7 @@ def test_fewer_than_three_runs_claim_no_ratio(runs):
 def test_each_ratio_is_tested_against_the_spread_of_its_own_quantity():
     """Totals apart but mean step times overlapping: the total's ratio is claimed with the spread of
     the totals, the per-step ratio is not (and the other way round: no total ratio)."""
-    from wan_triton.benchmark import speedup_text
+    from wan_triton.report import speedup_text
 
     ref = _mode([12.9, 12.8, 13.0], [0.5])
     opt = _mode([10.1, 10.0, 10.3], [0.5], triton=True, patched=6)
@@ -295,7 +295,7 @@ def test_chart_title_and_bar_labels(tmp_path, monkeypatch):
     """The title follows the speed-up rule; each bar's label is the number where the bar ends."""
     import matplotlib.pyplot as plt
 
-    from wan_triton.benchmark import plot, speedup_text
+    from wan_triton.report import plot, speedup_text
 
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)

@@ -185,8 +185,9 @@ def test_parse_request_fills_the_request():
     assert req.prompt_given and req.prompt == "a cat" and req.seed == 5 and req.preset == "none"
     kw = req.generate_kwargs()
     assert kw["sample_solver"] == "dpm++" and kw["sampling_steps"] == 3 and kw["seed"] == 5
-    assert req.optimize_kwargs() == dict(triton=None, compile=None, compile_mode="default", tf32=None,
-                                         use_batched_cfg=None, attention="auto")
+    o = req.plan.options  # the acceleration flags as given: None, the preset decides
+    assert (o.triton, o.compile, o.compile_mode, o.tf32, o.use_batched_cfg, o.attention, o.fp8) == \
+        (None, None, "default", None, None, "auto", None)
     demo = cli.parse_request(_ns(), "tiny")
     assert not demo.prompt_given and demo.prompt == cli.DEMO_PROMPT and demo.size == "128*128"
 

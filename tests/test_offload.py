@@ -10,7 +10,8 @@ import torch
 
 from wan.configs import get_config
 from wan.dit import WanModel
-from wan.offload import resolve_offload
+from wan_triton.errors import PlanError
+from wan_triton.plan import DeviceInfo, Options, plan
 from wan.streaming import OffloadError, enable_block_streaming, streamer_of
 
 LAYERS = 5  # not a multiple of 2 or 3: the ring wraps unevenly across forwards
@@ -161,6 +162,15 @@ def test_expert_switch_in_pipeline_equals_resident(seed):
     assert pipe.high_noise_model.patch_embedding.weight.device.type == "cpu"
 
 
+def _offload_plan(preset_mode="none", device_type="cuda", **asked):
+    """wan_triton.plan's offload decision for a preset of that mode on a device of that type."""
+    from wan_triton.accel import Preset
+
+    p = Preset("p", offload_model=preset_mode == "model", t5_cpu=False,
+               offload="blocks" if preset_mode == "blocks" else "")
+    return plan(Options(**asked), p, DeviceInfo(device_type, device_type)).offload
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(offload="blocks", offload_model=True), "conflicts"),
     (dict(offload="none", offload_model=True), "conflicts"),
@@ -170,20 +180,16 @@ def test_expert_switch_in_pipeline_equals_resident(seed):
     (dict(offload="blocks", compile=True), "compile"),
 ])
 def test_resolve_offload_rejects(kw, msg):
-    args = dict(offload=None, offload_model=None, no_offload=False, preset_mode="none", device_type="cuda",
-                compile=None)
-    args.update(kw)
-    with pytest.raises(OffloadError, match=msg):
-        resolve_offload(**args)
+    with pytest.raises(PlanError, match=msg):
+        _offload_plan(**kw)
 
 
 def test_resolve_offload_choices():
-    base = dict(offload=None, offload_model=None, no_offload=False, device_type="cuda", compile=None)
-    assert resolve_offload(**base, preset_mode="blocks") == "blocks"
-    assert resolve_offload(**{**base, "offload_model": True}, preset_mode="blocks") == "model"
-    assert resolve_offload(**{**base, "offload": "model", "offload_model": True}, preset_mode="none") == "model"
-    assert resolve_offload(**{**base, "no_offload": True}, preset_mode="model") == "none"
-    assert resolve_offload(**{**base, "device_type": "cpu"}, preset_mode="none") == "none"
+    assert _offload_plan(preset_mode="blocks") == "blocks"
+    assert _offload_plan(offload_model=True, preset_mode="blocks") == "model"
+    assert _offload_plan(offload="model", offload_model=True) == "model"
+    assert _offload_plan(no_offload=True, preset_mode="model") == "none"
+    assert _offload_plan(device_type="cpu") == "none"
 
 
 @pytest.mark.parametrize("tool", ["wan-generate", "wan-benchmark"])
@@ -246,7 +252,7 @@ def test_optimize_offload_field():
         res = wan_triton.optimize(pipe, "none", triton=False)
         assert isinstance(res, Optimized) and (res.offload, res.offload_model) == ("none", False)
         assert "idle expert offloaded to CPU: no" in res.summary()
-        with pytest.raises(AccelError, match="--offload blocks needs a CUDA GPU"):
+        with pytest.raises(AccelError, match="offload='blocks' needs a CUDA GPU"):
             wan_triton.optimize(pipe, "none", triton=False, offload="blocks")
         pipe.enable_block_streaming(allow_cpu=True)  # on CPU the ring is plain tensors: optimize() keeps it and says so
         res = wan_triton.optimize(pipe, "none", triton=False)
@@ -586,6 +592,6 @@ def test_pipeline_streaming_needs_cuda_as_the_cli_says(tmp_path):
         WanT2V.from_preset("tiny", device="cpu", offload="blocks")
     with pytest.raises(OffloadError, match="block streaming needs a CUDA GPU"):
         WanT2V.from_pretrained(tmp_path, "tiny", device="cpu", offload="blocks")
-    with pytest.raises(OffloadError, match=r"^offload='blocks' needs a CUDA GPU, and none is in use \(device cpu\)$"):
-        resolve_offload("blocks", None, False, "none", "cpu", None)
+    with pytest.raises(PlanError, match=r"^offload='blocks' needs a CUDA GPU, and none is in use \(device cpu\)$"):
+        plan(Options(offload="blocks"), None, DeviceInfo())
     check_offload_device("none", "cpu")  # nothing to move: fine anywhere

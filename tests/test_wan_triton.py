@@ -12,7 +12,7 @@ from wan import attention as att
 from wan import dit, pipeline
 from wan.configs import TINY
 from wan.dit import WanModel
-from wan_triton import accel
+from wan_triton import accel, plan
 
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
@@ -204,9 +204,9 @@ def test_optimize_flags_reach_the_pipeline():
     wan_triton.unpatch()
     att.set_backend("auto")
     if not torch.cuda.is_available():
-        with pytest.raises(accel.AccelError, match="--compile needs a CUDA GPU"):
+        with pytest.raises(accel.AccelError, match="compile=True needs a CUDA GPU"):
             wan_triton.optimize(pipe, "cpu", compile=True)
-        with pytest.raises(accel.AccelError, match="--tf32 needs a CUDA GPU"):
+        with pytest.raises(accel.AccelError, match="tf32=True needs a CUDA GPU"):
             wan_triton.optimize(pipe, "cpu", tf32=True)
 
 
@@ -223,8 +223,8 @@ def test_resident_fit_at_a14b_sizes():
     bf16 = (2 * n_dit * 2 + n_t5 * 2) / 1e9
     fp32 = (2 * n_dit * 4 + n_t5 * 2) / 1e9
     assert 68 < bf16 < 70 and 125 < fp32 < 127
-    assert accel.fits_resident(bf16, h200) and not accel.fits_resident(fp32, h200)
-    assert not accel.fits_resident(bf16, h100)
+    assert plan.fits_resident(bf16, h200) and not plan.fits_resident(fp32, h200)
+    assert not plan.fits_resident(bf16, h100)
 
 
 def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
@@ -241,8 +241,8 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
         tiny_pipe.high_noise_model, tiny_pipe.low_noise_model, tiny_pipe.text_encoder.model)
         for p in m.parameters()) / 1e9)
     resident = accel.Preset("resident", offload_model=False, t5_cpu=False, triton=False)
-    for gpu_gb, offload in ((need + accel.RESIDENT_HEADROOM_GB + 1e-3, False),
-                            (need + accel.RESIDENT_HEADROOM_GB - 1e-3, True)):
+    for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, False),
+                            (need + plan.RESIDENT_HEADROOM_GB - 1e-3, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
         caplog.clear()

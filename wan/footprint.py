@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hostmem
 from .configs import T2VConfig
 from .requests import InputError
 
@@ -60,10 +61,8 @@ def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False,
 def check_host_ram(config: T2VConfig, footprint: Footprint, device) -> None:
     """InputError (one line: what it needs, what is free) when the host cannot hold `footprint`.
     Silent when the free memory cannot be read."""
-    from .hostmem import host_memory
-
     need = footprint.total
-    mem = host_memory()
+    mem = hostmem.host_memory()
     if mem.available is None or need <= mem.available:
         return
     raise InputError(f"building {config.name} on {torch.device(device)} needs ~{need / 1e9:.1f} GB of host RAM "

@@ -6,8 +6,8 @@
              the host memory planned by wan.hostmem (both experts' blocks held, or the active
              one's only, the other re-read from its files at the switch)
 
-`resolve_offload` turns the ways of asking (offload, offload_model, no_offload, a preset's mode)
-into one mode. Under block streaming `enable_pipeline_streaming` sets a `WanT2V` up,
+`check_offload_device` is the rule for where offloading runs (wan_triton.plan calls it when it
+decides the mode). Under block streaming `enable_pipeline_streaming` sets a `WanT2V` up,
 `switch_experts` runs at the expert switch (high -> low, once per video) and `park_all` after
 the denoising loop; `build_streamable_expert` and `load_experts_for_streaming` make experts
 whose blocks never sit on the device (random weights) or in host memory twice (a checkpoint).
@@ -27,7 +27,7 @@ from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_str
 
 log = logging.getLogger("wan.offload")
 
-__all__ = ["OFFLOAD_MODES", "check_offload_device", "resolve_offload", "switch_experts", "park_all", "enable_pipeline_streaming",
+__all__ = ["OFFLOAD_MODES", "check_offload_device", "switch_experts", "park_all", "enable_pipeline_streaming",
            "disable_pipeline_streaming", "build_streamable_expert", "load_experts_for_streaming"]
 
 OFFLOAD_MODES = ("none", "model", "blocks")
@@ -40,34 +40,6 @@ def check_offload_device(mode: str, device, what: str | None = None) -> None:
     dev = torch.device(device)
     if mode != "none" and dev.type != "cuda":
         raise OffloadError(f"{what or f'offload={mode!r}'} needs a CUDA GPU, and none is in use (device {dev})")
-
-
-def resolve_offload(offload: str | None, offload_model: bool | None, no_offload: bool, preset_mode: str,
-                    device_type: str, compile: bool | None) -> str:
-    """One offload mode from the ways of asking: `offload` ('none', 'model', 'blocks'), the official
-    `offload_model` (True / False = model / none) and `no_offload` (True = none); any two that
-    disagree are an error. Without any of them `preset_mode` holds. Off CUDA the mode is 'none'
-    (asking for another one there is an error). Raises OffloadError, naming the arguments as
-    `name=value` (the CLIs say them as their flags)."""
-    asked = []
-    if offload is not None:
-        asked.append((f"offload={offload!r}", offload))
-    if offload_model is not None:
-        asked.append((f"offload_model={offload_model}", "model" if offload_model else "none"))
-    if no_offload:
-        asked.append(("no_offload=True", "none"))
-    for name, mode in asked[1:]:
-        if mode != asked[0][1]:
-            raise OffloadError(f"{asked[0][0]} conflicts with {name}: give one of them")
-    mode = asked[0][1] if asked else preset_mode
-    if mode not in OFFLOAD_MODES:
-        raise OffloadError(f"unknown offload mode {mode!r}; choose from {', '.join(OFFLOAD_MODES)}")
-    if asked:
-        check_offload_device(mode, device_type, what=asked[0][0])
-    if mode == "blocks" and compile:
-        raise OffloadError("offload='blocks' does not work with compile=True (compiled blocks run the streaming "
-                           "hooks inside the graph): use one or the other")
-    return mode if device_type == "cuda" else "none"
 
 
 def _on_device(model: nn.Module, device) -> bool:

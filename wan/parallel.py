@@ -345,18 +345,17 @@ class ParallelRequest:
         return f"{self.world} processes: ulysses {self.ulysses_size} x cfg {2 if self.cfg_parallel else 1}{extra}"
 
 
-def check_request(req: ParallelRequest, num_heads: int, device: torch.device, offloaded: bool = False,
-                  t5_cpu: bool = False, use_batched_cfg: bool = False, env=None) -> ParallelRequest:
-    """Check a request against torchrun's environment (`env`, default os.environ) and the rest of
-    the run, before anything is built: `offloaded` (the experts leave the device between uses:
-    offload_model=True, offload='model' or 'blocks'), `t5_cpu`, `use_batched_cfg`. Returns `req`;
-    raises ParallelError with one line naming the arguments as `name=value`."""
+def check_request(req: ParallelRequest, num_heads: int, device: torch.device, env=None) -> ParallelRequest:
+    """Check a request against torchrun's environment (`env`, default os.environ) and the model's
+    attention heads, before anything is built. Returns `req`; raises ParallelError with one line
+    naming the arguments as `name=value`. (How it combines with the other options of a run is
+    wan_triton.plan's table.)"""
     env = os.environ if env is None else env
     u = f"ulysses_size={req.ulysses_size}"
     if req.ulysses_size < 1:
         raise ParallelError(f"{u} must be >= 1")
     if not math.isfinite(req.timeout) or req.timeout <= 0:  # NaN would pass a plain '<= 0'
-        raise ParallelError(f"timeout={req.timeout} must be > 0 seconds (a finite number)")
+        raise ParallelError(f"timeout must be > 0 seconds (a finite number), got {req.timeout}")
     if num_heads % req.ulysses_size:
         raise ParallelError(f"{u} must divide the model's {num_heads} attention heads")
     asked = [name for name, on in ((u, req.ulysses_size > 1), ("cfg_parallel=True", req.cfg_parallel),
@@ -373,14 +372,6 @@ def check_request(req: ParallelRequest, num_heads: int, device: torch.device, of
     if (req.dit_fsdp or req.t5_fsdp) and world == 1:
         fsdp = " / ".join(n for n, on in (("dit_fsdp=True", req.dit_fsdp), ("t5_fsdp=True", req.t5_fsdp)) if on)
         raise ParallelError(f"{fsdp} needs more than one process")
-    if req.dit_fsdp and offloaded:
-        raise ParallelError("offload_model=True / offload='model' / offload='blocks' cannot be combined with "
-                            "dit_fsdp=True (the sharded experts stay on the GPUs); drop one of them")
-    if req.cfg_parallel and use_batched_cfg:
-        raise ParallelError("cfg_parallel=True already runs cond and uncond at once, on two halves of the GPUs; "
-                            "drop use_batched_cfg=True")
-    if req.t5_fsdp and t5_cpu:
-        raise ParallelError("t5_cpu=True cannot be combined with t5_fsdp=True; drop one of them")
     if world > 1 and device.type == "cuda":  # the same verdict on every rank of a node
         per_node = int(env.get("LOCAL_WORLD_SIZE", world))
         if per_node > torch.cuda.device_count():

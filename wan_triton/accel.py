@@ -1,7 +1,9 @@
 """Acceleration layers on top of the reference pipeline: TF32, regional torch.compile,
 batched CFG, attention choice, hardware presets, and `optimize()` that applies them.
 
-None of these re-implement the model: they flip switches on the `wan` objects.
+None of these re-implement the model: they flip switches on the `wan` objects. What to switch
+is decided by wan_triton.plan (`plan()`, one table of rules); `optimize()` makes the plan from its
+arguments and the pipeline's state, then `apply()` carries it out.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from wan import attention as att
-from wan.offload import OFFLOAD_MODES, OffloadError, check_offload_device
+from wan.parallel import ParallelRequest
+from wan.streaming import OffloadError
 
 from . import fp8 as _fp8
-from .errors import AccelError
+from .errors import AccelError, PlanError
 from .fp8_attention import ensure_registered
 from .patch import patch
+from .plan import RULES, DeviceInfo, Options, RunPlan, check_cuda_only, plan, preset_offload
 
 log = logging.getLogger("wan_triton")
 
@@ -58,7 +62,7 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
     if mode not in COMPILE_MODES:
         raise AccelError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
     if getattr(model, "_block_streamer", None) is not None:
-        raise AccelError("--compile does not work with --offload blocks: use one or the other")
+        raise PlanError(RULES["compile/blocks"].message(b="a model that streams its blocks"))
     for blk in model.blocks:
         blk.compile(mode=mode, dynamic=dynamic)
     return model
@@ -125,10 +129,16 @@ def detect_preset(device=None) -> Preset:
     """Pick a preset from the GPU's name and memory ('cpu' without CUDA)."""
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return PRESETS["cpu"]
-    dev = torch.device(device or "cuda")
-    props = torch.cuda.get_device_properties(dev)
-    mem = props.total_memory / 1e9
-    name = props.name.lower()
+    return preset_for(DeviceInfo.of(device or "cuda"))
+
+
+def preset_for(info: DeviceInfo) -> Preset:
+    """The preset of a device, from its facts: 'cpu' off CUDA, else by the GPU's name, else by its
+    memory."""
+    if info.type != "cuda":
+        return PRESETS["cpu"]
+    mem = info.total_memory_gb or 0.0
+    name = info.gpu_name.lower()
     for key in ("h200", "h100", "l40s", "4090"):
         if key in name:
             return PRESETS["rtx4090" if key == "4090" else key]
@@ -136,12 +146,6 @@ def detect_preset(device=None) -> Preset:
         if mem >= p.min_mem_gb:
             return p
     return PRESETS["rtx4090"]
-
-
-def preset_offload(p: Preset) -> str:
-    """A preset's offload mode: 'blocks' (stream the DiT blocks), 'model' (the idle expert in CPU
-    memory) or 'none'."""
-    return p.offload or ("model" if p.offload_model else "none")
 
 
 def preset_flags(p: Preset) -> str:
@@ -171,28 +175,28 @@ def no_preset(device) -> Preset:
                   note="only the flags")
 
 
-def get_preset(name: str = "auto", device=None) -> Preset:
-    """A preset by name: 'auto' detects the GPU, 'none' is `no_preset(device)`."""
+def find_preset(name: str, info: DeviceInfo) -> Preset:
+    """A preset by name for a device of known facts: 'auto' picks it (preset_for), 'none' is
+    `no_preset`. Whether it can run there is the plan's rule (a GPU preset needs CUDA)."""
     if name == "auto":
-        return detect_preset(device)
+        return preset_for(info)
     if name == "none":
-        return no_preset(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        return no_preset(info.name)
     if name not in PRESETS:
         raise AccelError(f"unknown preset {name!r}; choose from {', '.join(PRESET_CHOICES)}")
-    p = PRESETS[name]
-    if p.name != "cpu" and not torch.cuda.is_available():
-        raise AccelError(f"preset {name!r} needs a CUDA GPU, and none is available")
+    return PRESETS[name]
+
+
+def get_preset(name: str = "auto", device=None) -> Preset:
+    """A preset by name for `device` (default: cuda when available): 'auto' detects the GPU, 'none'
+    is `no_preset(device)`; a GPU preset without CUDA is a PlanError (the plan's rule)."""
+    info = DeviceInfo.of(device)
+    p = find_preset(name, info)
+    check_cuda_only(Options(), p, info)
     return p
 
 
 # ------------------------------------------------------------------ optimize
-
-# Memory a generation needs beyond the resident weights, measured at 1280x720x81 on the H200
-# (bench/RESULTS.md): an A14B forward 12.5 GB of activations (41.1 GB peak - 28.6 GB weights),
-# the fp32 VAE decode 23.1 GB. A preset that keeps both experts resident does so only when
-# the weights plus this headroom fit in the GPU.
-RESIDENT_HEADROOM_GB = 30.0
-
 
 def resident_gb(pipeline) -> float:
     """GB of weights that stay on the GPU when nothing is offloaded: both experts, plus the T5
@@ -201,10 +205,6 @@ def resident_gb(pipeline) -> float:
     if not pipeline.t5_cpu:
         mods.append(pipeline.text_encoder.model)
     return sum(p.numel() * p.element_size() for m in mods for p in m.parameters()) / 1e9
-
-
-def fits_resident(weights_gb: float, gpu_gb: float, headroom_gb: float = RESIDENT_HEADROOM_GB) -> bool:
-    return weights_gb + headroom_gb <= gpu_gb
 
 
 @dataclass(frozen=True)
@@ -238,30 +238,21 @@ class Optimized:
                 f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
 
 
-def _offload_mode(pipeline, p: Preset, offload: str | None, on_cuda: bool) -> str:
-    """The offload mode optimize() applies: the explicit one, else the preset's; 'none' off CUDA.
-    A pipeline that already streams its blocks keeps streaming."""
-    if offload is not None and offload not in OFFLOAD_MODES:
-        raise AccelError(f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
-    if getattr(pipeline, "offload", "none") == "blocks":
-        if offload not in (None, "blocks"):
-            raise AccelError(f"the pipeline already streams its DiT blocks; --offload {offload} would need "
-                             "wan.offload.disable_pipeline_streaming(pipe) first")
-        return "blocks"
-    try:  # the rule of wan.offload, the one --offload and enable_block_streaming obey
-        check_offload_device(offload or "none", pipeline.device, what=f"--offload {offload}")
-    except OffloadError as err:
-        raise AccelError(str(err)) from None
-    if not on_cuda:
-        return "none"
-    return offload or preset_offload(p)
+def pipeline_options(pipeline, options: Options) -> Options:
+    """`options` with the facts of an existing pipeline: whether its blocks stream, where its
+    weights come from, the size of the weights that would stay on the GPU."""
+    experts = (pipeline.high_noise_model, pipeline.low_noise_model)
+    cuda = pipeline.device.type == "cuda"
+    return replace(options, streaming=getattr(pipeline, "offload", "none") == "blocks",
+                   checkpoint=getattr(pipeline, "ckpt_dir", None) is not None,
+                   resident_gb=resident_gb(pipeline) if cuda else None,
+                   weights_dtype=str(next(experts[0].parameters()).dtype).replace("torch.", ""))
 
 
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
-             fp8: bool | None = None,
-             **patch_kw) -> Optimized:
+             fp8: bool | None = None, parallel: ParallelRequest | None = None, **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
@@ -272,68 +263,71 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy,
     the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
     were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
+    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process).
+    Every decision is wan_triton.plan.plan()'s; a combination its table refuses is a PlanError
+    (an AccelError) naming the arguments.
     """
     p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
-    on_cuda = pipeline.device.type == "cuda"
-    want = dict(triton=p.triton if triton is None else triton,
-                compile=p.compile if compile is None else compile,
-                tf32=p.tf32 if tf32 is None else tf32,
-                use_batched_cfg=p.use_batched_cfg if use_batched_cfg is None else use_batched_cfg,
-                offload=_offload_mode(pipeline, p, offload, on_cuda))
-    if not on_cuda:  # explicit CUDA-only requests are errors; preset defaults just turn off
-        for opt, asked in (("compile", compile), ("tf32", tf32)):
-            if asked:
-                raise AccelError(f"--{opt} needs a CUDA GPU, and the pipeline runs on {pipeline.device}")
-            want[opt] = False
-    if host_ram not in (None, "auto") and want["offload"] != "blocks":
-        raise AccelError(f"--host_ram {host_ram} applies to block streaming (--offload blocks), and the offload "
-                         f"mode here is {want['offload']}")
-    if want["offload"] == "blocks":  # compiled blocks would run the streaming hooks inside the graph
-        if compile:
-            raise AccelError(f"--compile does not work with block streaming (--offload blocks or preset "
-                             f"{p.name}): use one or the other")
-        want["compile"] = False
-    if fp8 is not None:  # before the memory check below: fp8 experts take half the bytes
-        if fp8:
-            _fp8.check_fp8_device(pipeline.device)  # as --fp8: native e4m3 products, else Fp8Error (one line)
-        done = []
-        for m in (pipeline.high_noise_model, pipeline.low_noise_model):
-            if fp8 and not _fp8.is_quantized(m):
-                done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
-            elif not fp8 and _fp8.is_quantized(m):
-                _fp8.dequantize_model(m)
-        if done:  # one line for both experts: lossy, and native or emulated
-            log.warning("%s", _fp8.Fp8Summary.total(done).line())
-    if on_cuda and want["offload"] == "none" and offload is None:
-        need = resident_gb(pipeline)
-        gpu = torch.cuda.get_device_properties(pipeline.device).total_memory / 1e9
-        if not fits_resident(need, gpu):
-            want["offload"] = "model"
-            dt = next(pipeline.high_noise_model.parameters()).dtype
-            log.warning("preset %s keeps both experts on the GPU, but the resident weights take %.1f GB "
-                        "(experts in %s) and a generation needs ~%.0f GB more, over this GPU's %.1f GB: "
-                        "the idle expert will wait in CPU memory (--convert_model_dtype stores the experts "
-                        "in bf16; --offload_model False forces them resident)",
-                        p.name, need, str(dt).replace("torch.", ""), RESIDENT_HEADROOM_GB, gpu)
-    tf32_prev = enable_tf32(True) if want["tf32"] else None
-    if want["triton"]:  # patch() sets the backend and unpatch() restores the previous one
-        patched = tuple(patch(attention=attention, **patch_kw))
+    options = Options(triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32,
+                      use_batched_cfg=use_batched_cfg, attention=attention, offload=offload, host_ram=host_ram,
+                      fp8=fp8, parallel=parallel or ParallelRequest())
+    return optimize_options(pipeline, p, options, **patch_kw)
+
+
+def optimize_options(pipeline, preset: Preset, options: Options, **patch_kw) -> Optimized:
+    """optimize() for options made already (the CLIs'): plan with the pipeline's state, apply."""
+    options = pipeline_options(pipeline, options)
+    device = DeviceInfo.of(pipeline.device, fp8=bool(options.fp8))
+    run = plan(options, preset, device)
+    if switch_fp8(pipeline, run.fp8):  # fp8 experts take half the bytes: the fit decision sees them
+        run = plan(pipeline_options(pipeline, options), preset, device)
+    return apply(pipeline, run, **patch_kw)
+
+
+def switch_fp8(pipeline, on: bool | None) -> bool:
+    """Quantize (True) or dequantize (False) both experts' block linears; None leaves them. True
+    when an expert changed."""
+    if on is None:
+        return False
+    done, changed = [], False
+    for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+        if on and not _fp8.is_quantized(m):
+            done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
+        elif not on and _fp8.is_quantized(m):
+            _fp8.dequantize_model(m)
+            changed = True
+    if done:  # one line for both experts: lossy, and native or emulated
+        log.warning("%s", _fp8.Fp8Summary.total(done).line())
+    return changed or bool(done)
+
+
+def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
+    """Carry a plan out on a pipeline: TF32, the kernels and the attention backend, batched CFG,
+    block streaming, regional compile (fp8: `switch_fp8`, before the plan's memory decision)."""
+    for line in run.warnings:
+        log.warning("%s", line)
+    tf32_prev = enable_tf32(True) if run.tf32 else None
+    if run.triton:  # patch() sets the backend and unpatch() restores the previous one
+        patched = tuple(patch(attention=run.attention, **patch_kw))
     else:
         patched = ()
-        if attention is not None:
-            ensure_registered(attention)
-            att.set_backend(attention)
-    pipeline.use_batched_cfg = want["use_batched_cfg"]
-    if want["offload"] == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
+        if run.attention is not None:
+            ensure_registered(run.attention)
+            att.set_backend(run.attention)
+    pipeline.use_batched_cfg = run.use_batched_cfg
+    if run.offload == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
         try:
-            pipeline.enable_block_streaming(host_ram=host_ram or "auto")
+            pipeline.enable_block_streaming(host_ram=run.host_ram)
         except OffloadError as err:
             raise AccelError(str(err)) from None
-    if want["compile"]:
+    if run.compile:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
-            compile_blocks(m, compile_mode)
-    res = Optimized(preset=p.name, note=p.note, patched=patched, compile_mode=compile_mode, attention=attention,
+            compile_blocks(m, run.compile_mode)
+    p = run.preset
+    res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
+                    compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
+                    offload_model=run.offload_model, offload=run.offload, attention=run.attention,
                     fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
-                    tf32_prev=tf32_prev, offload_model=want["offload"] == "model", **want)
+                    tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

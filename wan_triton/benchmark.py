@@ -39,12 +39,14 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from wan_triton.metrics import band, psnr_uint8, rel_err
+from wan_triton.report import MIN_RUNS, markdown, plot
+from wan_triton.build import build_pipeline, optimize_built
 from wan_triton.cli import CLIError, CLIOutputError, implied_task, parse_request
 
 PROG = "wan-benchmark"
@@ -238,11 +240,7 @@ def environment(device, argv) -> dict:
                 command=" ".join([PROG] + [shlex.quote(a) for a in argv]))
 
 
-# ------------------------------------------------------------------ reports
-
-def _fmt(x, nd=2):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
+# ------------------------------------------------------------------ comparison and outputs
 
 def _psnr_json(p):
     if p is None:
@@ -263,7 +261,6 @@ def same_computation(ref: dict, opt: dict) -> bool:
             and all(ref.get(k) == opt.get(k) for k in _SAME_FLAGS))
 
 
-MIN_RUNS = 3  # timed runs per mode before a ratio is claimed: fewer cannot show the run-to-run spread
 _QUANTITY = {"total": "run totals", "step": "per-run mean step times"}
 
 
@@ -304,137 +301,6 @@ def timing_verdict(ref: dict, opt: dict) -> dict:
             verdicts[q] = "measured" if _apart(sp["reference"], sp["optimized"]) else "noise"
     return dict(verdict=verdicts["total"], step_verdict=verdicts["step"], same_computation=verdicts["total"] == "same",
                 runs_per_mode=runs, min_runs=MIN_RUNS, spread=spread["total"], step_spread=spread["step"])
-
-
-def _pcts(sp: dict) -> str:
-    return f"reference {100 * sp['reference']['rel']:.1f}%, optimized {100 * sp['optimized']['rel']:.1f}%"
-
-
-def speedup_text(report: dict, short: bool = False) -> str:
-    """The speed-up sentence of the Markdown report (or, `short`, of the chart title): a ratio is
-    given only from >= MIN_RUNS timed runs per mode, next to the run-to-run spread of the same
-    quantity, and never for the same computation or inside the noise."""
-    cmp_, modes = report["comparison"], report["modes"]
-    sp = cmp_["spread"]
-    pct = 100 * max(sp["reference"]["rel"], sp["optimized"]["rel"])
-    basis = sp["reference"]["basis"]
-    verdict, n, need = cmp_["verdict"], cmp_.get("runs_per_mode", sp["reference"]["n"]), cmp_.get("min_runs", MIN_RUNS)
-    totals = f"median totals {modes['reference']['total']:.2f} s and {modes['optimized']['total']:.2f} s"
-    if verdict == "same":
-        if short:
-            return "same computation in both modes"
-        noise = (f"run-to-run spread {pct:.1f}% ({basis})" if n >= need else
-                 f"run-to-run spread not measured ({n} timed run(s) per mode; --num_runs {need} measures it)")
-        return f"no speed-up to report: both modes ran the same computation (nothing patched, same flags); {noise}"
-    if verdict == "too_few":
-        if short:
-            return f"no ratio claimed ({n} timed run(s) per mode, needs {need})"
-        return (f"no speed-up claimed: {n} timed run(s) per mode, and a ratio needs >= {need} (--num_runs {need}) "
-                f"to be told apart from run-to-run noise; {totals}")
-    if verdict == "noise":
-        if short:
-            return f"no measurable difference (within spread {pct:.0f}%)"
-        return f"no measurable difference (within run-to-run spread {pct:.1f}%: {basis}); {totals}"
-    total = cmp_["speedup_total"]
-    if short:
-        return f"speedup {total:.2f}x (spread {pct:.0f}%)"
-    ssp = cmp_["step_spread"]
-    if cmp_["step_verdict"] == "measured":
-        step = (f"per step: {cmp_['speedup_per_step']:.2f}x (spread {_pcts(ssp)}, {ssp['reference']['basis']}); "
-                f"{report['config']['full_steps']}-step video: {cmp_['speedup_extrapolated']:.2f}x")
-    else:
-        step = f"per step: no measurable difference ({ssp['reference']['basis']} overlap)"
-    return (f"speedup (median total): **{total:.2f}x**; run-to-run spread: {_pcts(sp)} ({basis}; the bands do not "
-            f"overlap); {step}")
-
-
-def markdown(report: dict) -> str:
-    """The Markdown summary: header, the table, speedup / parity / method lines."""
-    c, cmp_, env = report["config"], report["comparison"], report["environment"]
-    lines = [f"# Wan T2V benchmark: {c['task']} {c['size']}, {c['frame_num']} frames, {c['sample_steps']} steps "
-             f"({c['sample_solver']}), {c['weights']} weights", "",
-             "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, m in report["modes"].items():
-        peak = _fmt(m["peak_mem_gb"], 1)  # None off CUDA: n/a
-        dec = _fmt(m["decode"]) if c["decode"] else "skipped"
-        lines.append(f"| {name} | {_fmt(m['text_encode'])} | {_fmt(m['step_mean'], 3)} | {dec} | "
-                     f"{_fmt(m['total'])} | {_fmt(m['extrapolated_s'])} | {peak} |")
-    lines.append("")
-    if cmp_["speedup_total"] is not None:
-        lines.append(f"- {speedup_text(report)}")
-        psnr = cmp_["psnr_db"]
-        psnr_s = "n/a (no decode)" if psnr is None else ("inf dB (identical)" if psnr == "inf" else f"{psnr:.2f} dB")
-        lines.append(f"- parity (seed {c['base_seed']}, optimized vs reference): latents rel err "
-                     f"{cmp_['latents_rel_err']:.3e} (max abs {cmp_['latents_max_abs_err']:.3e}), "
-                     f"decoded frames PSNR {psnr_s}")
-    else:
-        lines.append("- speedup / parity: n/a (one mode only)")
-    any_m = next(iter(report["modes"].values()))
-    how = "extrapolated" if any_m["extrapolated"] else "measured at full length"
-    lines.append(f"- extrapolated s = text + s/step x {c['full_steps']} + decode ({how}; "
-                 f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'})")
-    lines.append(f"- medians over {c['num_runs']} timed run(s) after {c['warmup']} warmup(s); "
-                 f"decode timed by the benchmark after generate(return_latents=True)")
-    lines.append("- total s = the median run's total (" + ", ".join(
-        f"{name}: run {m['median_run'] + 1} of {len(m['runs'])}" for name, m in report["modes"].items())
-        + "); the chart shows that run's stages")
-    for name, m in report["modes"].items():
-        s = m["settings"]
-        lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in s.items()))
-    lines.append(f"- experts per step: {' '.join(any_m['experts'])}")
-    lines.append(f"- {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
-                 f"git {env['git_commit'] or 'unknown'}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}")
-    lines.append(f"- `{env['command']}`")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    """Stacked horizontal bars of the median run's stage times per mode (the label is that run's
-    total, where its bar ends), and the per-step times of the median run."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    c, modes = report["config"], report["modes"]
-    names = list(modes)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), gridspec_kw=dict(height_ratios=[1, 1.2]))
-    median_runs = [modes[n]["runs"][modes[n]["median_run"]] for n in names]
-    stages = [("text encode", lambda r: r["text_encode"], "#8da0cb"),
-              ("denoise", lambda r: sum(r["steps"]), "#fc8d62"), ("VAE decode", lambda r: r["decode"], "#66c2a5"),
-              ("other (setup, offload)",
-               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["decode"]), "#cccccc")]
-    left = [0.0] * len(names)
-    for label, get, color in stages:
-        vals = [get(r) for r in median_runs]
-        ax.barh(names, vals, left=left, color=color, label=label, edgecolor="white")
-        left = [a + b for a, b in zip(left, vals)]
-    for i in range(len(names)):
-        ax.text(left[i], i, f"  {left[i]:.2f} s", va="center", fontsize=9)
-    ax.set_xlim(0, max(left) * 1.25 if max(left) > 0 else 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds (the median run of each mode)")
-    verdict = f": {speedup_text(report, short=True)}" if report["comparison"].get("verdict") else ""
-    ax.set_title(f"{c['task']} {c['size']} x{c['frame_num']}f, {c['sample_steps']} steps on "
-                 f"{report['environment']['device_name']}{verdict}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    for n in names:
-        st = modes[n]["steps"]
-        ax2.plot(range(1, len(st) + 1), st, marker="o", label=n)
-    exp = modes[names[0]]["experts"]
-    for i, e in enumerate(exp):
-        if e == "high":
-            ax2.axvspan(i + 0.5, i + 1.5, color="0.92", lw=0)
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.set_xlabel("denoising step of the median run (shaded: high-noise expert)")
-    ax2.set_ylabel("s / step")
-    ax2.set_ylim(bottom=0)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
 
 
 def output_paths(out_dir: Path, name: str) -> dict:
@@ -512,51 +378,29 @@ def _validate(args):
     return req
 
 
-def run(args, argv) -> tuple[dict, dict]:
-    """Validate, build once, run the modes, compare, write. Returns (report, written paths)."""
-    import torch
-
-    from wan import parallel
-    from wan.lora import apply_loras
-    from wan.pipeline import WanT2V
-    from wan_triton import accel, restore_tf32, unpatch
-    from wan_triton.lora_flags import lora_specs
+def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
+    """Validate, build once (wan_triton.build), run the modes, compare, write. Returns (report,
+    written paths); `cleanup` tears down what the build started when main() is done."""
+    from wan_triton import restore_tf32, unpatch
 
     request = _validate(args)
-    task, config, device, size, frame_num, steps = (request.task, request.config, request.device, request.size,
-                                                    request.frame_num, request.steps)
-    loras = lora_specs(request)  # keys and shapes checked before any model is built
+    task, config, size, frame_num, steps = (request.task, request.config, request.size, request.frame_num,
+                                            request.steps)
     full_steps = steps if args.recipe else config.sample_steps  # what "full length" means for this run
-    par = request.extra["parallel"]
-    state = args._parallel_state = parallel.start(par, device)  # torchrun: one GPU per process
-    device = state.device if state is not None else device
     modes = MODES if args.mode == "both" else (args.mode,)
-    preset = accel.get_preset(request.preset, device) if "optimized" in modes else None
-    t5_cpu = (args.t5_cpu or bool(preset and preset.t5_cpu)) and not par.t5_fsdp
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
     check_out_dir(Path(args.out_dir), name)
-    on_cuda = device.type == "cuda"
-
-    t0 = time.perf_counter()
-    if args.ckpt_dir:
-        weights = "checkpoint"
-        pipe = WanT2V.from_pretrained(args.ckpt_dir, config, device=device, t5_cpu=t5_cpu,
-                                      convert_model_dtype=args.convert_model_dtype, progress=not args.quiet)
-    else:
-        weights = "random"
-        # streamed optimized run only: the blocks are built one at a time, never a whole expert on the GPU
-        blocks = on_cuda and modes == ("optimized",) and not par.dit_fsdp and (
-            request.extra["offload"] or accel.preset_offload(preset)) == "blocks"
-        pipe = WanT2V.from_preset(config, device=device, t5_cpu=t5_cpu, offload="blocks" if blocks else None)
-    build_s = time.perf_counter() - t0
-    log.info("built %s (%s weights) on %s in %.1f s; each run: %s", task, weights, device, build_s,
+    plan = request.plan
+    par = plan.parallel
+    # the preset places the T5 only when the optimized mode runs; both modes share the placement
+    t5_cpu = plan.t5_cpu if "optimized" in modes else request.t5_cpu and not par.t5_fsdp
+    # streamed optimized run only (random weights): the blocks are built one at a time, never a whole expert
+    # on the GPU; a checkpoint is loaded whole (the optimized mode streams it)
+    stream = plan.stream_from_load and modes == ("optimized",) and not args.ckpt_dir
+    built = build_pipeline(request, cleanup, stream=stream, t5_cpu=t5_cpu, optimize=False, progress=not args.quiet)
+    pipe, device, on_cuda = built.pipe, built.device, built.device.type == "cuda"
+    log.info("built %s (%s weights) on %s in %.1f s; each run: %s", task, built.weights, device, built.build_s,
              request.summary())
-    t0 = time.perf_counter()
-    apply_loras(pipe, loras)  # before either mode: both run the merged weights; FSDP then shards them
-    lora_s = time.perf_counter() - t0
-    if state is not None:
-        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
-        log.info("%s", par.summary())
     asked = "none" if par.dit_fsdp else request.extra["offload"]  # --dit_fsdp: the shards stay on the GPUs
 
     req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
@@ -575,7 +419,7 @@ def run(args, argv) -> tuple[dict, dict]:
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
         if "optimized" in modes:
-            applied = accel.optimize(pipe, preset, offload=asked, **request.optimize_kwargs())
+            applied = optimize_built(built).applied
             if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
             if applied.tf32_prev is not None:
@@ -607,11 +451,11 @@ def run(args, argv) -> tuple[dict, dict]:
         cmp_.update(timing_verdict(ref.to_dict(), opt.to_dict()))
     report = dict(
         schema=1,
-        config=dict(task=task, weights=weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
+        config=dict(task=task, weights=built.weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
                     sample_steps=steps, full_steps=full_steps, sample_solver=request.solver,
                     prompt=req["prompt"], base_seed=args.base_seed, num_runs=args.num_runs, warmup=args.warmup,
-                    decode=decode, device=str(device), build_s=build_s, recipe=args.recipe,
-                    loras=[vars(sp) for sp in loras], lora_merge_s=lora_s, sample_shift=request.shift,
+                    decode=decode, device=str(device), build_s=built.build_s, recipe=args.recipe,
+                    loras=[vars(sp) for sp in built.loras], lora_merge_s=built.lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,
                     latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num)),
                     parallel=dict(world=par.world, ulysses_size=par.ulysses_size, cfg_parallel=par.cfg_parallel,
@@ -620,7 +464,7 @@ def run(args, argv) -> tuple[dict, dict]:
         comparison=cmp_,
         environment=environment(device, argv),
     )
-    if state is not None and not state.is_main:
+    if not built.is_main:
         return report, {}  # rank 0 writes
     try:
         paths = write_outputs(report, Path(args.out_dir), name)
@@ -642,15 +486,12 @@ def main(argv=None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     done = {}
 
-    def go():
-        done["report"], done["paths"] = run(args, argv)
+    with ExitStack() as cleanup:  # the parallel state the build starts is destroyed after the error is said
 
-    try:
+        def go():
+            done["report"], done["paths"] = run(args, argv, cleanup)
+
         rc = run_main(PROG, go)
-    finally:
-        from wan.parallel import destroy
-
-        destroy(getattr(args, "_parallel_state", None))
     if rc == 0 and done["paths"]:  # under torchrun only rank 0 writes and prints
         print(markdown(done["report"]))
         log.info("wrote %s", ", ".join(str(p.resolve()) for p in done["paths"].values()))

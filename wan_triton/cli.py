@@ -3,7 +3,8 @@
 Each tool builds its parser (wan_triton.parser.OneLineParser) from the flag groups below, then
 calls `parse_request(args, ...)`,
 which makes every check that needs no model (task, device, attention backend, size, frames,
-solver, steps, prompt, CUDA-only flags) and returns a `Request`. `run_main(prog, fn)` turns
+solver, steps, prompt) and the run's plan (wan_triton.plan: offload, CUDA-only flags, the
+combinations its table refuses), and returns a `Request`. `run_main(prog, fn)` turns
 the errors a run can end in into one line on stderr and an exit code.
 
 Adding a flag group (e.g. LoRA, multi-GPU, block streaming) is one function here,
@@ -159,54 +160,27 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
 
 def _check_offload(args) -> str | None:
     """--offload, --offload_model and --no-offload as one mode ('none', 'model', 'blocks'), or None
-    when none of them is given (then the preset decides, in optimize()). Flags that disagree, a
-    mode other than none without CUDA, and block streaming with --compile (asked, or from the
-    preset) are CLIErrors."""
-    from wan.offload import resolve_offload
-    from wan.streaming import OffloadError
+    when none of them is given (then the preset decides). Flags that disagree are a CLIError; the
+    rest is the plan's (parse_request)."""
+    from .plan import resolve_offload
 
     g = lambda name: getattr(args, name, None)  # noqa: E731 - a tool may not have every flag
-    asked = g("offload") is not None or g("offload_model") is not None or bool(g("no_offload"))
-    device = check_device(g("device"))
     try:
-        mode = resolve_offload(g("offload"), g("offload_model"), bool(g("no_offload")), "none", device.type,
-                               g("compile"))
-    except OffloadError as err:
+        return resolve_offload(g("offload"), g("offload_model"), bool(g("no_offload")))[0]
+    except ValueError as err:
         raise CLIError(flag_words(str(err))) from None
-    if asked:
-        return mode
-    if g("compile") and device.type == "cuda":
-        from .accel import get_preset, preset_offload
-
-        p = get_preset(g("preset") or "none", device)
-        if preset_offload(p) == "blocks":
-            raise CLIError(f"preset {p.name} streams the DiT blocks, which does not work with --compile: "
-                           "add --offload model, or leave --compile out")
-    return None
 
 
 EXTRA_GROUPS["offload"] = _check_offload
 
 
 def _check_host_ram(args) -> str | None:
-    """--host_ram {auto,high,low} (block streaming's host memory mode), or None. Without block
-    streaming it is an error; low needs checkpoint files (--ckpt_dir) to re-read an expert from."""
-    g = lambda name: getattr(args, name, None)  # noqa: E731
-    mode = g("host_ram")
-    if mode is None:
-        return None
-    offload = _check_offload(args)
-    if offload is None and check_device(g("device")).type == "cuda":
-        from .accel import get_preset, preset_offload
-        offload = preset_offload(get_preset(g("preset") or "none", check_device(g("device"))))
-    if offload != "blocks":
-        raise CLIError(f"--host_ram {mode} applies to block streaming: add --offload blocks (CUDA only)")
-    if mode == "low" and not g("ckpt_dir"):
-        raise CLIError("--host_ram low re-reads the idle expert from its checkpoint files: give --ckpt_dir "
-                       "(random weights have none)")
-    if mode == "low" and g("fp8"):
-        raise CLIError("--host_ram low re-reads the idle expert from its bf16 files, which would undo --fp8: use "
-                       "--host_ram high (fp8 experts need half the host memory)")
+    """--host_ram {auto,high,low} (block streaming's host memory mode), or None. The plan's rules
+    hold: it needs block streaming (asked, or the preset's); low needs checkpoint files
+    (--ckpt_dir) to re-read an expert from, and undoes --fp8."""
+    mode = getattr(args, "host_ram", None)
+    if mode is not None:
+        plan_request(args, check_device(getattr(args, "device", None)), getattr(args, "preset", None) or "none")
     return mode
 
 
@@ -214,18 +188,6 @@ EXTRA_GROUPS["host_ram"] = _check_host_ram
 
 
 # ------------------------------------------------------------------ the request
-
-@dataclass(frozen=True)
-class AccelFlags:
-    """The acceleration flags as given (None: the preset decides)."""
-    triton: bool | None = None
-    compile: bool | None = None
-    compile_mode: str = "default"
-    tf32: bool | None = None
-    use_batched_cfg: bool | None = None
-    attention: str | None = "auto"
-    fp8: bool | None = None
-
 
 @dataclass(frozen=True)
 class Request:
@@ -248,9 +210,9 @@ class Request:
     t5_cpu: bool = False             # the flag; a preset may add it
     preset: str = "none"
     offload_model: bool | None = None
-    accel: AccelFlags = field(default_factory=AccelFlags)
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # flag groups of later features, see EXTRA_GROUPS
+    plan: object = None              # wan_triton.plan.RunPlan: every decision of the run (.options: the flags)
 
     def summary(self, seed: int | None = None) -> str:
         """What will be generated, for the start-up log: size, frames, steps, solver, shift, guidance
@@ -273,15 +235,6 @@ class Request:
         return dict(size=self.size, frame_num=self.frame_num, shift=self.shift, sample_solver=self.solver,
                     sampling_steps=self.steps, guide_scale=self.guide_scale, n_prompt=self.n_prompt,
                     seed=self.seed)
-
-    def optimize_kwargs(self) -> dict:
-        """Keyword arguments of wan_triton.optimize (after the preset)."""
-        a = self.accel
-        kw = dict(triton=a.triton, compile=a.compile, compile_mode=a.compile_mode, tf32=a.tf32,
-                  use_batched_cfg=a.use_batched_cfg, attention=a.attention)
-        if self.extra.get("host_ram"):
-            kw["host_ram"] = self.extra["host_ram"]
-        return kw if a.fp8 is None else dict(kw, fp8=a.fp8)  # --fp8 only when given
 
 
 def check_device(spec: str | None):
@@ -401,34 +354,43 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     check_prompt(g("prompt"))
     prompt = read_prompt_file(g("prompt_file")) if g("prompt_file") is not None else g("prompt")
     preset = g("preset") or "none"
-    cuda_only = [f for f, on in (("--offload_model True", g("offload_model")), ("--tf32", g("tf32")),
-                                 ("--compile", g("compile")), ("--no-offload", g("no_offload")),
-                                 ("--fp8", g("fp8"))) if on]
-    if preset not in ("auto", "none", "cpu"):
-        cuda_only.append(f"--preset {preset}")
-    if device.type != "cuda" and cuda_only:
-        raise CLIError(f"{', '.join(cuda_only)} needs a CUDA GPU, and none is in use (device {device})")
-    if g("fp8"):
-        from .fp8 import Fp8Error, check_fp8_device
-
-        try:
-            check_fp8_device(device)  # the rule optimize(fp8=True) applies
-        except Fp8Error as err:
-            raise CLIError(f"--fp8: {err}") from None
-        if g("dit_fsdp"):
-            raise CLIError("--fp8 does not work with --dit_fsdp (the shards hold the bf16 weights): use one or the other")
-    accel = AccelFlags(triton=False if g("no_triton") else None, compile=g("compile"),
-                       compile_mode=g("compile_mode", "default"), tf32=True if g("tf32") else None,
-                       use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
-                       fp8=True if g("fp8") else None)
+    run = plan_request(args, device, preset)
     return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
                    steps=steps, solver=solver, seed=seed,
                    prompt=prompt or (DEMO_PROMPT if config.name == DEMO_TASK else EXAMPLE_PROMPT),
                    prompt_given=prompt is not None,
                    n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
                    ckpt_dir=g("ckpt_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
-                   t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"), accel=accel,
-                   quiet=bool(g("quiet")), extra={name: fn(args) for name, fn in EXTRA_GROUPS.items()})
+                   t5_cpu=bool(g("t5_cpu")), preset=preset, offload_model=g("offload_model"),
+                   quiet=bool(g("quiet")), extra={name: fn(args) for name, fn in EXTRA_GROUPS.items()}, plan=run)
+
+
+def request_options(args):
+    """The flags as wan_triton.plan.Options (what was asked; None: the preset decides)."""
+    from .plan import Options
+
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags a tool may not have
+    return Options(offload=g("offload"), offload_model=g("offload_model"), no_offload=bool(g("no_offload")),
+                   host_ram=g("host_ram"), t5_cpu=bool(g("t5_cpu")), triton=False if g("no_triton") else None,
+                   compile=g("compile"), compile_mode=g("compile_mode", "default"),
+                   tf32=True if g("tf32") else None, use_batched_cfg=True if g("use_batched_cfg") else None,
+                   attention=g("attention"), fp8=True if g("fp8") else None, parallel=parallel_request(args),
+                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")))
+
+
+def plan_request(args, device, preset: str):
+    """The run's plan (wan_triton.plan.plan) from the flags, the preset and the device's facts; the
+    plan's errors said in flag words (CLIError)."""
+    from .accel import find_preset
+    from .errors import AccelError
+    from .plan import DeviceInfo, plan
+
+    options = request_options(args)
+    info = DeviceInfo.of(device, fp8=bool(options.fp8))
+    try:
+        return plan(options, find_preset(preset, info), info)
+    except AccelError as err:
+        raise CLIError(flag_words(str(err))) from None
 
 
 # ------------------------------------------------------------------ multi-GPU (wan.parallel)
@@ -447,20 +409,31 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds a collective may wait before every rank fails (default 600)")
 
 
-def check_parallel_args(args, num_heads: int, device, offload_model=None, t5_cpu: bool = False, env=None):
-    """The multi-GPU flags -> wan.parallel.ParallelRequest, checked (wan.parallel.check_request)
-    against torchrun's environment, the model's heads and the other flags, before anything is
-    built. Raises ParallelError with one line in flag words."""
-    from wan.parallel import ParallelError, ParallelRequest, check_request
+def parallel_request(args):
+    """The multi-GPU flags as a wan.parallel.ParallelRequest (unchecked)."""
+    from wan.parallel import ParallelRequest
 
     g = lambda name, default: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
-    req = ParallelRequest(g("ulysses_size", 1), g("cfg_parallel", False), g("dit_fsdp", False), g("t5_fsdp", False),
-                          g("dist_timeout", 600.0))
+    return ParallelRequest(g("ulysses_size", 1), g("cfg_parallel", False), g("dit_fsdp", False),
+                           g("t5_fsdp", False), g("dist_timeout", 600.0))
+
+
+def check_parallel_args(args, num_heads: int, device, offload_model=None, t5_cpu: bool = False, env=None):
+    """The multi-GPU flags -> wan.parallel.ParallelRequest, checked against torchrun's environment
+    and the model's heads (wan.parallel.check_request) and against the other flags (the plan's
+    table, wan_triton.plan.check_parallel), before anything is built. Raises ParallelError with
+    one line in flag words."""
+    from wan.parallel import ParallelError, check_request
+
+    from .plan import check_parallel
+
+    req = parallel_request(args)
     try:
-        return check_request(req, num_heads, device, offloaded=bool(offload_model), t5_cpu=t5_cpu,
-                             use_batched_cfg=bool(g("use_batched_cfg", False)), env=env)
-    except ParallelError as err:
+        check_request(req, num_heads, device, env=env)
+        check_parallel(req, bool(offload_model), t5_cpu, bool(getattr(args, "use_batched_cfg", False)))
+    except ValueError as err:  # ParallelError, PlanError
         raise ParallelError(flag_words(str(err))) from None
+    return req
 
 
 def _check_parallel(args):

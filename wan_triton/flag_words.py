@@ -23,12 +23,16 @@ FLAGS = {
     "t5_cpu": ("--t5_cpu", False),
     "use_batched_cfg": ("--use_batched_cfg", False),
     "timeout": ("--dist_timeout", True),
+    "tf32": ("--tf32", False),
+    "fp8": ("--fp8", False),
+    "preset": ("--preset", True),
+    "ckpt_dir": ("--ckpt_dir", True),
 }
 
 # wan.requests names the argument it refuses at the start of its message ("shift must be > 0, got 0"):
 # those arguments -> their flags, said when they lead a message.
 LEADING = {"sampling_steps": "--sample_steps", "shift": "--sample_shift", "guide_scale": "--sample_guide_scale",
-           "seed": "--base_seed"}
+           "seed": "--base_seed", "timeout": "--dist_timeout"}
 
 _NAMED = re.compile(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=('[^']*'|[^\s,;:)/]+)")
 

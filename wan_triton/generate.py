@@ -10,15 +10,19 @@ no file is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from wan.video import check_output_path, check_video_writer, save_video
+
+from .build import build_pipeline
 
 from .cli import (DEMO_PROMPT, CLIError, Request, add_accel_flags, add_model_flags,  # noqa: F401
                   add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
                   implied_task, parse_request, run_main, setup_logging)
+from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
 
 PROG = "wan-generate"
@@ -42,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
-    from .lora_flags import add_lora_flags
     add_lora_flags(p)
     return p
 
@@ -73,30 +76,16 @@ def resolve_seed(req: Request, demo: bool) -> int:
     return random.randint(0, SEED_MAX)
 
 
-def run(args) -> Path | None:
-    from wan import parallel
-    from wan.lora import apply_loras
-    from wan.pipeline import WanT2V
-    from wan.video import check_output_path, check_video_writer, save_video
-    from wan_triton import accel
-
-    from .lora_flags import lora_specs
-
+def run(args, cleanup: ExitStack) -> Path | None:
+    """Check, build (wan_triton.build), generate, write. `cleanup` tears down what the build
+    started (the process group under torchrun) when main() is done."""
     req = parse_request(args, implied_task(args))
     demo = args.ckpt_dir is None and not args.random_weights  # the tiny demo (check_weights refused the rest)
     save = output_path(req, args.save_file)
     check_output_path(save)  # before any model is built: no long run that ends without its file
     check_video_writer()
-    loras = lora_specs(req)  # keys and shapes checked before any model is built
 
     seed = resolve_seed(req, demo)
-    preset = accel.get_preset(req.preset, req.device)
-    par = req.extra["parallel"]
-    t5_cpu = (req.t5_cpu or preset.t5_cpu) and not par.t5_fsdp
-    state = args._parallel_state = parallel.start(par, req.device)  # torchrun: one GPU per process
-    if state is not None:
-        req = dataclasses.replace(req, device=state.device)
-    t0 = time.perf_counter()
     prompt_note = "" if req.prompt_given else "; the demo prompt"
     if demo:
         logging.info("no --ckpt_dir: building the built-in tiny demo model (%s, random weights) on %s", req.task,
@@ -107,32 +96,17 @@ def run(args) -> Path | None:
     else:
         logging.info("loading %s from %s on %s", req.task, req.ckpt_dir, req.device)
     logging.info("generating %s%s", req.summary(seed), prompt_note)
-    if req.ckpt_dir is None:
-        pipe = WanT2V.from_preset(req.config, device=req.device, t5_cpu=t5_cpu)
-    else:
-        # block streaming (asked, or the preset's) starts at load: with host RAM low the low-noise expert is
-        # read at the switch only. LoRAs merge first and --fp8 quantizes first, so with either optimize() turns
-        # streaming on after them.
-        stream = (req.device.type == "cuda" and not par.dit_fsdp and not loras and not req.accel.fp8
-                  and (req.extra["offload"] or accel.preset_offload(preset)) == "blocks")
-        pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=req.device, t5_cpu=t5_cpu,
-                                      convert_model_dtype=req.convert_model_dtype, progress=not req.quiet,
-                                      offload="blocks" if stream else None,
-                                      host_ram=req.extra.get("host_ram") or "auto")
-    logging.info("%s %s in %.1fs on %s", "built" if req.ckpt_dir is None else "loaded", req.task,
-                 time.perf_counter() - t0, req.device)
-    apply_loras(pipe, loras)  # merged before optimize: kernels, compile and block streaming see the merged weights
-    if state is not None:
-        parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
-        logging.info("%s", par.summary())
-    # the offload flags, checked and made one mode by parse_request, win over the preset's
-    offload_mode = "none" if par.dit_fsdp else req.extra["offload"]  # sharded experts stay on the GPUs
-    applied = accel.optimize(pipe, preset, offload=offload_mode, **req.optimize_kwargs())
-    offload = applied.offload_model  # False when the blocks stream (optimize() turned that on)
-
-    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), offload_model=offload,
+    # block streaming (asked, or the preset's) starts at load when the plan allows it; random weights are
+    # built whole (streamed ones would be other random values)
+    built = build_pipeline(req, cleanup, stream=req.plan.stream_from_load and req.ckpt_dir is not None,
+                           progress=not req.quiet)
+    pipe = built.pipe
+    logging.info("%s %s in %.1fs on %s", "built" if req.ckpt_dir is None else "loaded", req.task, built.build_s,
+                 built.device)
+    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed),
+                          offload_model=built.applied.offload_model,  # False when the blocks stream
                           progress=not req.quiet)
-    if state is not None and not state.is_main:
+    if not built.is_main:
         return None  # rank 0 decodes and writes
     save_video(video, save, fps=req.config.sample_fps)
     logging.info("seed %d | %s", pipe.last_seed, pipe.last_timings.summary())
@@ -143,12 +117,8 @@ def run(args) -> Path | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        return run_main(PROG, lambda: run(args))
-    finally:
-        from wan.parallel import destroy
-
-        destroy(getattr(args, "_parallel_state", None))
+    with ExitStack() as cleanup:  # the parallel state the build starts is destroyed after the error is said
+        return run_main(PROG, lambda: run(args, cleanup))
 
 
 if __name__ == "__main__":
