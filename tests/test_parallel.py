@@ -419,5 +419,5 @@ def test_torchrun_warnings_on_rank_0_only(tmp_path):
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0])
 def test_dist_timeout_must_be_finite_and_positive(timeout):
     """Issue 22: NaN passed a plain '<= 0' check."""
-    with pytest.raises(ParallelError, match=rf"^--dist_timeout {timeout} must be > 0 seconds \(a finite number\)$"):
+    with pytest.raises(ParallelError, match=rf"^--dist_timeout must be > 0 seconds \(a finite number\), got {timeout}$"):
         check_parallel_args(_Args(dist_timeout=timeout), 40, torch.device("cpu"), env={})
