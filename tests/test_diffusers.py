@@ -336,3 +336,16 @@ def test_bench_without_cuda_exits_2_with_one_line(capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["--smoke"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_wan_generate_reads_the_diffusers_layout(seed, tmp_path):
+    """The command line takes the diffusers folder as --ckpt_dir, as the README says."""
+    import imageio.v3 as iio
+
+    from wan_triton.generate import main
+
+    tiny_layout(tmp_path / "ckpt", seed)
+    out = tmp_path / "v.mp4"
+    rc = main(["--task", "tiny", "--ckpt_dir", str(tmp_path / "ckpt"), "--save_file", str(out), "--device", "cpu",
+               "--frame_num", "5", "--sample_steps", "1", "--base_seed", "3", "--no-triton", "--quiet"])
+    assert rc == 0 and iio.imread(out, index=None).shape[0] == 5
