@@ -24,9 +24,19 @@ from pathlib import Path
 
 import torch
 
+from . import attention, diffusers_layout as dl
+from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
 from .configs import T2VConfig, get_config
+from .dit import WanModel
+from .footprint import build_footprint, check_host_ram
+from .lora import LoraError, load_lora_into_pipeline, unload_from_pipeline
+from .offload import (build_streamable_expert, check_offload_device, enable_pipeline_streaming,
+                      load_experts_for_streaming, park_all, switch_experts)
 from .requests import check_request
+from .schedulers import make_scheduler
+from .t5 import T5TextEncoder, byte_tokenizer, clean_text
 from .timing import Timings
+from .vae import WanVAE
 
 __all__ = ["WanT2V", "cfg_combine", "expert_of", "schedule_experts"]
 
@@ -42,7 +52,6 @@ def schedule_experts(config: T2VConfig, solver: str = "unipc", steps: int | None
                      shift: float | None = None) -> list[str]:
     """The expert of each step of a schedule ('high'/'low'), from the solver's timesteps alone
     (no model): e.g. which expert a LoRA for one expert would ever meet."""
-    from .schedulers import make_scheduler
 
     sch = make_scheduler(solver, config.sample_steps if steps is None else steps,
                          config.sample_shift if shift is None else shift, "cpu", config.num_train_timesteps)
@@ -89,14 +98,9 @@ class WanT2V:
         host-memory mode (`host_ram`, wan.hostmem.host_plan) is chosen before the experts are read,
         and in low mode the low-noise expert's blocks are only read at the expert switch. Streaming
         needs a CUDA device (OffloadError on a CPU unless `allow_cpu`, see `enable_block_streaming`)."""
-        from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
-        from .dit import WanModel
-        from .t5 import T5TextEncoder
-        from .vae import WanVAE
 
         config = get_config(config) if isinstance(config, str) else config
         if offload == "blocks" and not allow_cpu:
-            from .offload import check_offload_device
             check_offload_device("blocks", device, what="block streaming")
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
@@ -112,7 +116,6 @@ class WanT2V:
                                      cfg=config.vae)
         plan = None
         if offload == "blocks":
-            from .offload import load_experts_for_streaming
             low, high, plan = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
         else:
             low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
@@ -122,15 +125,12 @@ class WanT2V:
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
         pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
         if plan is not None:
-            from .offload import enable_pipeline_streaming
             enable_pipeline_streaming(pipe, plan=plan, allow_cpu=allow_cpu)
         return pipe
 
     @classmethod
     def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, offload, kw):
         """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert."""
-        from . import diffusers_layout as dl
-        from .checkpoint import CheckpointError
 
         if offload == "blocks":
             raise CheckpointError("block streaming (offload='blocks') reads the official layout only; "
@@ -153,12 +153,6 @@ class WanT2V:
         line, otherwise: the A14B on a CPU takes ~69 GB).
         offload="blocks": the experts' blocks are built one at a time and go to host memory, and
         block streaming is on (a 24 GB card never holds an expert; other random values)."""
-        from .dit import WanModel
-        from .t5 import T5TextEncoder
-        from .vae import WanVAE
-
-        from .footprint import build_footprint, check_host_ram
-        from .offload import check_offload_device
 
         config = get_config(config) if isinstance(config, str) else config
         device = torch.device(device)
@@ -169,14 +163,12 @@ class WanT2V:
                        device)  # one line now rather than an out-of-memory kill while building
         tok = None
         if config.t5.vocab_size > 256 + 3:  # real umT5 vocab: no tokenizer files without a checkpoint
-            from .t5 import byte_tokenizer
             log.info("random weights: the built-in byte tokenizer stands in for umT5's (no tokenizer files)")
             tok = byte_tokenizer(config.t5.text_len)
         t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed,
                                        tokenizer=tok)
         vae = WanVAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
         if offload == "blocks":
-            from .offload import build_streamable_expert
             low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
             high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
             pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
@@ -194,7 +186,6 @@ class WanT2V:
         from `ckpt_dir` (default: the folder it was loaded from) at the switch; "auto" decides.
         Needs a CUDA device, as --offload blocks does (OffloadError on a CPU, where the weights sit
         in host memory already); `allow_cpu=True` runs the machinery there anyway (tests)."""
-        from .offload import enable_pipeline_streaming
         return enable_pipeline_streaming(self, ring=ring, pin=pin, host_ram=host_ram, ckpt_dir=ckpt_dir,
                                          allow_cpu=allow_cpu)
 
@@ -211,7 +202,6 @@ class WanT2V:
     def load_lora(self, path, strength: float = 1.0, expert: str = "both", keep: str = "cpu") -> dict:
         """Merge a LoRA file into the high-noise, low-noise or both experts (wan.lora); the
         originals are kept (`keep`: cpu / device / none) so unload_loras() restores them exactly."""
-        from .lora import LoraError, load_lora_into_pipeline
         if self.offload == "blocks":  # the streamer owns the block storage (and may have evicted it)
             raise LoraError("LoRAs merge before block streaming starts: call "
                             "wan.offload.disable_pipeline_streaming(pipe) first, or load them before streaming")
@@ -219,7 +209,6 @@ class WanT2V:
 
     def unload_loras(self) -> int:
         """Restore both experts' weights to their pre-LoRA state, bit for bit."""
-        from .lora import unload_from_pipeline
         return unload_from_pipeline(self)
 
     # ------------------------------------------------------------------ helpers
@@ -239,7 +228,6 @@ class WanT2V:
         else:
             use, idle, g = self.low_noise_model, self.high_noise_model, 0
         if self.offload == "blocks":  # the blocks stream; only the small non-block parts move
-            from .offload import switch_experts
             switch_experts(use, idle, self.device)
             return use, g
         if offload and self.device.type == "cuda":
@@ -260,7 +248,6 @@ class WanT2V:
 
     def prompt_tokens(self, text: str) -> int:
         """Tokens the text encoder would see for `text` before truncation (</s> included)."""
-        from .t5 import clean_text
 
         ids = self.text_encoder.tokenizer(clean_text(text), add_special_tokens=True, truncation=False,
                                           verbose=False)["input_ids"]
@@ -284,8 +271,6 @@ class WanT2V:
         high-noise). seed < 0 draws one (kept in `last_seed`); per-stage times land in
         `last_timings`.
         """
-        from . import attention
-        from .schedulers import make_scheduler
 
         cfg = self.config
         shift = cfg.sample_shift if shift is None else shift
@@ -339,7 +324,6 @@ class WanT2V:
                         latent = scheduler.step(v.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False,
                                                 generator=gen)[0].squeeze(0)
             if self.offload == "blocks":  # the rings free their memory for the decode
-                from .offload import park_all
                 park_all(self.low_noise_model, self.high_noise_model)
             if offload_model and dev.type == "cuda":
                 self.low_noise_model.to("cpu")

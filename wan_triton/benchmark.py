@@ -44,10 +44,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from wan_triton.metrics import band, psnr_uint8, rel_err
-from wan_triton.report import MIN_RUNS, markdown, plot
+import torch
+
+import wan_triton
+from wan import attention as att
+from wan.requests import InputError
+from wan.video import check_output_path, video_to_uint8
+from wan_triton import restore_tf32, unpatch
+from wan_triton.accel import official_tf32
 from wan_triton.build import build_pipeline, optimize_built
-from wan_triton.cli import CLIError, CLIOutputError, implied_task, parse_request
+from wan_triton.cli import (CLIError, CLIOutputError, add_accel_flags, add_model_flags, add_offload_flags,
+                            add_parallel_flags, add_preset_flags, add_request_flags, implied_task, parse_request,
+                            run_main, setup_logging)
+from wan_triton.lora_flags import add_lora_flags
+from wan_triton.metrics import band, psnr_uint8, rel_err
+from wan_triton.parser import OneLineParser, parse_bool
+from wan_triton.report import MIN_RUNS, markdown, plot
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
@@ -58,10 +70,6 @@ log = logging.getLogger("wan.benchmark")
 # ------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from wan_triton.cli import (add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
-                                add_preset_flags, add_request_flags)
-    from wan_triton.parser import OneLineParser, parse_bool
-
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--mode", default="both", choices=["reference", "optimized", "both"],
@@ -90,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_frames", action="store_true",
       help="also write <out_dir>/<name>.frames.pt: each mode's final latents and uint8 frames, to compare "
            "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
-    from wan_triton.lora_flags import add_lora_flags
     add_lora_flags(p)
     return p
 
@@ -148,7 +155,6 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
 def _one_run(pipe, req: dict, decode: bool):
     """One generation: latents from generate(), decoded here (timed, synchronised).
     Returns (Timings, latents on CPU, decoded video or None)."""
-    import torch
 
     latents = pipe.generate(**req, return_latents=True)
     tm = pipe.last_timings
@@ -165,7 +171,6 @@ def _one_run(pipe, req: dict, decode: bool):
 
 def run_mode(pipe, mode: str, settings: dict, req: dict, num_runs: int, warmup: int, decode: bool):
     """Warm up, then time `num_runs` generations. Returns (ModeResult, latents, uint8 frames)."""
-    from wan.video import video_to_uint8
 
     res = ModeResult(mode=mode, settings=settings)
     for i in range(warmup):
@@ -190,20 +195,16 @@ def to_reference(pipe) -> dict:
     """The official state: reference ops, two-call CFG, PyTorch's default TF32 settings (fp32
     matmuls exact, cuDNN convolutions with TF32, as the official code runs). Returns the
     previous TF32 settings."""
-    import wan_triton
 
     wan_triton.unpatch()
     for m in (pipe.high_noise_model, pipe.low_noise_model):
         wan_triton.unpatch(m)
     pipe.use_batched_cfg = False
-    from wan_triton.accel import official_tf32
 
     return official_tf32()
 
 
 def _attention_in_use(device) -> str:
-    from wan import attention as att
-
     return f"{att.get_backend()} -> {att.resolve_backend(device)}"
 
 
@@ -219,8 +220,6 @@ def _git(*args) -> str | None:
 
 
 def environment(device, argv) -> dict:
-    import torch
-
     try:
         import triton
         triton_version = triton.__version__
@@ -309,8 +308,6 @@ def output_paths(out_dir: Path, name: str) -> dict:
 
 def check_out_dir(out_dir: Path, name: str) -> None:
     """Before any model is built: the files <out_dir>/<name>.json/.md/.png can be created."""
-    from wan.requests import InputError
-    from wan.video import check_output_path
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--out_dir is not a directory: {out_dir}")
@@ -343,7 +340,6 @@ def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
 
 def save_frames(path: Path, latents: dict, frames: dict, report: dict) -> Path:
     """Each mode's final latents (fp32) and decoded uint8 frames, with the run's config, in one file."""
-    import torch
 
     tmp = path.with_name(f".{path.name}.partial")
     try:
@@ -381,7 +377,6 @@ def _validate(args):
 def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
     """Validate, build once (wan_triton.build), run the modes, compare, write. Returns (report,
     written paths); `cleanup` tears down what the build started when main() is done."""
-    from wan_triton import restore_tf32, unpatch
 
     request = _validate(args)
     task, config, size, frame_num, steps = (request.task, request.config, request.size, request.frame_num,
@@ -478,7 +473,6 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     """Console entry point (`wan-benchmark`); returns the exit code."""
-    from wan_triton.cli import run_main, setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

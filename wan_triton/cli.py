@@ -16,13 +16,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Callable
 
+import torch
+
+from wan import attention as att
+from wan.checkpoint import CheckpointError
+from wan.configs import PRESETS as TASKS, get_config
+from wan.footprint import build_footprint
+from wan.hostmem import HOST_RAM_MODES
+from wan.offload import OFFLOAD_MODES
+from wan.parallel import ParallelError, ParallelRequest
+from wan.parallel import check_request as check_parallel_request
+from wan.requests import SOLVERS, InputError, check_request
+from wan.video import OutputWriteError
+
+from .accel import COMPILE_MODES, PRESET_CHOICES, find_preset, oom_hint, preset_help
+from .errors import AccelError
 from .flag_words import flag_words
+from .fp8_attention import register
+from .patch import PatchError
+from .plan import DeviceInfo, Options, check_parallel, plan, resolve_offload
 
 # the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
 # the other tasks default to the official example prompt
@@ -61,7 +81,6 @@ class CLIOutputError(CLIError):
 
 def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) -> None:
     """What to build and where: --task, --ckpt_dir, --convert_model_dtype, --device, --t5_cpu."""
-    from wan.configs import PRESETS as TASKS
 
     a = p.add_argument
     a("--task", default=None, metavar="{" + ",".join(TASKS) + "}", help=task_help)
@@ -77,7 +96,6 @@ def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) 
 
 def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: str, guidance: bool = True) -> None:
     """What to generate: prompt(s), size, frames, steps, solver, seed (+ shift and guidance)."""
-    from wan.requests import SOLVERS
 
     a = p.add_argument
     one = p.add_mutually_exclusive_group()
@@ -103,14 +121,11 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
 
 def _per_task(attr: str) -> str:
     """'t2v-A14B: 1280*720, tiny: 128*128' -- a config default per task, for --help."""
-    from wan.configs import PRESETS as TASKS
 
     return ", ".join(f"{n}: {getattr(c, attr)}" for n, c in TASKS.items())
 
 
 def add_preset_flags(p: argparse.ArgumentParser, default: str) -> None:
-    from .accel import PRESET_CHOICES, preset_help
-
     p.add_argument("--preset", default=default, choices=PRESET_CHOICES,
                    help=f"hardware preset (default: {default}). auto: detect the GPU; none: no preset, only "
                         f"the flags (kernels where they run, official offloading); {preset_help()}")
@@ -118,7 +133,6 @@ def add_preset_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
     """The opt-in switches shared by wan-generate and wan-benchmark."""
-    from .accel import COMPILE_MODES
 
     att = attention_registry()
     exact = ", ".join(b.name for b in att.backends() if not b.lossy)
@@ -145,8 +159,6 @@ def add_offload_flags(p: argparse.ArgumentParser) -> None:
     """--offload {none,model,blocks}: where the DiT weights wait (CUDA only). `model` is the
     official --offload_model True; `blocks` streams each block from pinned host memory
     (wan.streaming). Checked by `_check_offload` (Request.extra["offload"])."""
-    from wan.hostmem import HOST_RAM_MODES
-    from wan.offload import OFFLOAD_MODES
 
     p.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
                    help="none: both experts on the GPU; model: the idle expert in CPU memory (= --offload_model "
@@ -162,7 +174,6 @@ def _check_offload(args) -> str | None:
     """--offload, --offload_model and --no-offload as one mode ('none', 'model', 'blocks'), or None
     when none of them is given (then the preset decides). Flags that disagree are a CLIError; the
     rest is the plan's (parse_request)."""
-    from .plan import resolve_offload
 
     g = lambda name: getattr(args, name, None)  # noqa: E731 - a tool may not have every flag
     try:
@@ -239,7 +250,6 @@ class Request:
 
 def check_device(spec: str | None):
     """--device -> torch.device: cpu, cuda or cuda:N that exists here; CLIError otherwise."""
-    import torch
 
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,9 +270,6 @@ def check_device(spec: str | None):
 def attention_registry():
     """wan.attention with wan_triton's own backend (fp8, lossy and opt-in) registered: the CLIs
     offer every registered backend by name."""
-    from wan import attention as att
-
-    from .fp8_attention import register
 
     register()
     return att
@@ -285,7 +292,6 @@ def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
 
 def read_prompt_file(path: str) -> str:
     """--prompt_file: the file's text, stripped; CLIError when it cannot be read or holds no prompt."""
-    from pathlib import Path
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -313,7 +319,6 @@ def check_weights(args, config, device) -> None:
     if g("ckpt_dir") and g("random_weights"):
         raise CLIError("--ckpt_dir and --random-weights exclude each other")
     if not g("ckpt_dir") and not g("random_weights") and config.name != DEMO_TASK:
-        from wan.footprint import build_footprint
 
         need = build_footprint(config, device).total
         raise CLIError(f"--task {config.name} needs its weights: give --ckpt_dir (the official release), or "
@@ -328,8 +333,6 @@ def check_weights(args, config, device) -> None:
 def parse_request(args: argparse.Namespace, default_task: str) -> Request:
     """Every check that needs no model, in the order a user fixes them; raises CLIError.
     `args` comes from a parser built with the flag groups above (missing groups read as unset)."""
-    from wan.configs import get_config
-    from wan.requests import InputError, check_request
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags a tool may not have
     for fill in ARG_DEFAULTS:
@@ -367,7 +370,6 @@ def parse_request(args: argparse.Namespace, default_task: str) -> Request:
 
 def request_options(args):
     """The flags as wan_triton.plan.Options (what was asked; None: the preset decides)."""
-    from .plan import Options
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags a tool may not have
     return Options(offload=g("offload"), offload_model=g("offload_model"), no_offload=bool(g("no_offload")),
@@ -381,9 +383,6 @@ def request_options(args):
 def plan_request(args, device, preset: str):
     """The run's plan (wan_triton.plan.plan) from the flags, the preset and the device's facts; the
     plan's errors said in flag words (CLIError)."""
-    from .accel import find_preset
-    from .errors import AccelError
-    from .plan import DeviceInfo, plan
 
     options = request_options(args)
     info = DeviceInfo.of(device, fp8=bool(options.fp8))
@@ -411,7 +410,6 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
 
 def parallel_request(args):
     """The multi-GPU flags as a wan.parallel.ParallelRequest (unchecked)."""
-    from wan.parallel import ParallelRequest
 
     g = lambda name, default: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
     return ParallelRequest(g("ulysses_size", 1), g("cfg_parallel", False), g("dit_fsdp", False),
@@ -423,13 +421,10 @@ def check_parallel_args(args, num_heads: int, device, offload_model=None, t5_cpu
     and the model's heads (wan.parallel.check_request) and against the other flags (the plan's
     table, wan_triton.plan.check_parallel), before anything is built. Raises ParallelError with
     one line in flag words."""
-    from wan.parallel import ParallelError, check_request
-
-    from .plan import check_parallel
 
     req = parallel_request(args)
     try:
-        check_request(req, num_heads, device, env=env)
+        check_parallel_request(req, num_heads, device, env=env)
         check_parallel(req, bool(offload_model), t5_cpu, bool(getattr(args, "use_batched_cfg", False)))
     except ValueError as err:  # ParallelError, PlanError
         raise ParallelError(flag_words(str(err))) from None
@@ -439,8 +434,6 @@ def check_parallel_args(args, num_heads: int, device, offload_model=None, t5_cpu
 def _check_parallel(args):
     """The multi-GPU flags against torchrun's environment, the task's attention heads and the
     other flags -> wan.parallel.ParallelRequest (world 1 without them); CLIError otherwise."""
-    from wan.configs import get_config
-    from wan.parallel import ParallelError
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - a tool may not have every flag
     task = g("task") or implied_task(args)
@@ -484,7 +477,6 @@ HOST_OOM_HINT = ("the models are built in CPU memory first (an A14B expert takes
 
 def gpu_oom_hint() -> str:
     """The preset (and flags) that fit this GPU, else block streaming (accel.oom_hint)."""
-    from .accel import oom_hint
 
     try:
         return oom_hint()
@@ -507,15 +499,6 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
     bad input 2, an output that could not be written 3, out of (GPU or host) memory 1, Ctrl-C 130,
     success 0. Under torchrun only rank 0 reports bad input (every rank makes the same checks and
     exits with the same code); a failure of one rank's own is reported by that rank."""
-    import torch
-
-    from wan.checkpoint import CheckpointError
-    from wan.parallel import ParallelError
-    from wan.requests import InputError
-    from wan.video import OutputWriteError
-
-    from .accel import AccelError
-    from .patch import PatchError
 
     rank = process_rank()
 
@@ -549,7 +532,6 @@ def run_main(prog: str, fn: Callable[[], object]) -> int:
 
 def process_rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
-    import os
 
     return int(os.environ.get("RANK", 0) or 0)
 

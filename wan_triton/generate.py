@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from wan.video import check_output_path, check_video_writer, save_video
+from wan.requests import SEED_MAX, InputError
+from wan.video import check_output_path, check_video_suffix, check_video_writer, save_video
 
 from .build import build_pipeline
-
-from .cli import (DEMO_PROMPT, CLIError, Request, add_accel_flags, add_model_flags,  # noqa: F401
-                  add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags, default_output_name,
-                  implied_task, parse_request, run_main, setup_logging)
+from .cli import (CLIError, Request, add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
+                  add_preset_flags, add_request_flags, default_output_name, implied_task, parse_request, run_main,
+                  setup_logging)
 from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
 
@@ -51,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(req: Request, save_file: str | None) -> Path:
-    from wan.requests import InputError
-    from wan.video import check_video_suffix
-
     ulysses = getattr(req.extra.get("parallel"), "ulysses_size", 1)  # the official name carries it
     save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt, ulysses=ulysses))
     try:
@@ -65,9 +63,6 @@ def output_path(req: Request, save_file: str | None) -> Path:
 def resolve_seed(req: Request, demo: bool) -> int:
     """The noise seed the run will use, never -1: the given one; the demo's fixed seed; else one
     drawn now (so the start-up log can name it)."""
-    import random
-
-    from wan.requests import SEED_MAX
 
     if req.seed >= 0:
         return req.seed

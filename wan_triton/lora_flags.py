@@ -12,7 +12,14 @@ safetensors. `lora_specs(req)` then plans every key and shape against the task's
 """
 from __future__ import annotations
 
-from .cli import ARG_DEFAULTS, EXTRA_GROUPS
+import logging
+import math
+from pathlib import Path
+
+from wan.lora import RECIPES, LoraSpec, check_loras
+from wan.pipeline import schedule_experts
+
+from .cli import ARG_DEFAULTS, EXTRA_GROUPS, CLIError
 
 __all__ = ["parse_lora_arg", "add_lora_flags", "apply_recipe", "parse_lora_flags", "lora_specs", "warn_unreached"]
 
@@ -24,12 +31,6 @@ def parse_lora_arg(text: str, expert: str = "both"):
     float, so 'C:\\loras\\a.safetensors' and 'dir:with:colons/a.safetensors' stay whole paths. A tail that
     is not a number after a .safetensors name (or an existing file), and a strength that is not finite,
     are CLIErrors naming the strength."""
-    import math
-    from pathlib import Path
-
-    from wan.lora import LoraSpec
-
-    from .cli import CLIError
 
     flag = "--lora" if expert == "both" else f"--lora_{expert}"
     path, strength = text, 1.0
@@ -49,7 +50,6 @@ def parse_lora_arg(text: str, expert: str = "both"):
 
 def add_lora_flags(parser) -> None:
     """--lora / --lora_high / --lora_low (repeatable) and --recipe."""
-    from wan.lora import RECIPES
 
     g = parser.add_argument_group("LoRA and few-step recipes")
     a = g.add_argument
@@ -68,9 +68,6 @@ def add_lora_flags(parser) -> None:
 def apply_recipe(args) -> None:
     """Fill the sampling flags the user left unset (None) from --recipe. A tool without a flag
     (wan-benchmark has no --sample_shift) still gets the recipe's value."""
-    from wan.lora import RECIPES
-
-    import logging
 
     r = RECIPES.get(getattr(args, "recipe", None) or "")
     if r is None:
@@ -89,7 +86,6 @@ def apply_recipe(args) -> None:
 
 def parse_lora_flags(args) -> list:
     """The LoRA flags -> [LoraSpec]; each file exists and is safetensors (LoraError, one line)."""
-    from wan.lora import check_loras
 
     specs = [parse_lora_arg(t, e) for e, flag in _LORA_FLAGS for t in (getattr(args, flag, None) or [])]
     check_loras(specs)
@@ -99,7 +95,6 @@ def parse_lora_flags(args) -> list:
 def lora_specs(req) -> list:
     """Request.extra["lora"] with every key and shape checked against the task's DiT (meta device,
     no memory): call before building models. Raises LoraError (one line)."""
-    from wan.lora import check_loras
 
     specs = req.extra.get("lora", [])
     check_loras(specs, req.config.dit)
@@ -110,9 +105,6 @@ def lora_specs(req) -> list:
 def warn_unreached(req, specs) -> None:
     """A warning for each LoRA of one expert that the request's schedule never runs (e.g. --lora_low
     with 1 step: every step is a high-noise one), which would otherwise be a silent no-op."""
-    import logging
-
-    from wan.pipeline import schedule_experts
 
     one = [sp for sp in specs if sp.expert != "both"]
     if not one:
