@@ -13,6 +13,9 @@ same weights and inputs (docs/fp8.md).
     --reference, of both vs the unpatched reference forward.
 (c) expert weight bytes bf16 vs fp8 and peak GPU memory of each forward.
 (d) quantize time of the 400 linears.
+(e) with --kernels_v1: the fp8 forward again with the activation-quantization kernels of commit
+    adb6d6a (bench/_fp8_kernels_v1.py, before issue #34) swapped in: the forward-level gain of
+    today's kernels, same process, same weights (bench.bench_fp8_kernels times the kernels alone).
 
 A 40-step 832x480 video with and without fp8 (time, PSNR of the decoded frames vs bf16):
 `python -m bench.bench_fp8 --video` prints the wan-benchmark commands (benchmark_t2v runs the
@@ -118,6 +121,25 @@ def bench_matmuls(cfg, tokens: int, iters: int, dev) -> dict:
     return out
 
 
+def _fp8_forward_v1(fwd, y8, runs: int, warmup: int) -> dict:
+    """(e): the fp8 forward with bench/_fp8_kernels_v1.py's kernels in wan_triton.fp8's op table
+    (restored afterwards); its time, peak and difference from today's fp8 forward (the modulate
+    kernel sums its statistics in another order: not bit-identical)."""
+    from wan_triton import fp8
+
+    from ._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
+
+    saved = dict(fp8._KERNELS)
+    v1 = {"quant_fp8": quant_fp8_v1, "gelu_quant_fp8": gelu_quant_fp8_v1, "modulate_quant_fp8": modulate_quant_fp8_v1}
+    try:
+        for name, op in v1.items():
+            fp8._KERNELS[name] = (op, saved[name][1])
+        y, sec, sec_runs, peak = _timed(fwd, runs, warmup)
+    finally:
+        fp8._KERNELS.update(saved)
+    return dict(fp8_v1_s=sec, fp8_v1_runs=sec_runs, fp8_v1_peak_gb=peak, fp8_v1_rel_diff=rel_err(y, y8))
+
+
 def _weight_gb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
 
@@ -134,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip_forward", action="store_true", help="only (a), the matrix products")
     ap.add_argument("--fast_accum", action="store_true", help="fp8 forward with _scaled_mm's fast accumulation")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--kernels_v1", action="store_true", help="(e): also the fp8 forward with the pre-#34 "
+                                                                "activation-quantization kernels")
     ap.add_argument("--video", action="store_true", help="print the 40-step 832x480 video commands and exit")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/out/fp8_<W>x<H>.json)")
     args = ap.parse_args(argv)
@@ -208,6 +232,9 @@ def main(argv=None) -> int:
             fw["fp8_rel_err_vs_reference"] = rel_err(y8, ref)
             fw["bf16_rel_err_vs_reference"] = rel_err(y16, ref)
         fw["speedup"] = fw["bf16_s"] / fw["fp8_s"]
+        if args.kernels_v1:
+            fw.update(_fp8_forward_v1(fwd, y8, args.runs, args.warmup))
+            print(f"(e) fp8 with the v1 kernels {fw['fp8_v1_s']:.3f} s (today's {fw['fp8_s']:.3f} s)", flush=True)
         wan_triton.unpatch()
         print(f"(b) patched fp8 {fw['fp8_s']:.3f} s, peak {fw['fp8_peak_gb']:.1f} GB, rel err vs bf16 "
               f"{fw['fp8_rel_err_vs_bf16']:.3e}", flush=True)
@@ -238,6 +265,9 @@ def main(argv=None) -> int:
               f"{fw.get('bf16_rel_err_vs_reference', float('nan')):.2e} |")
         print(f"| patched fp8 | {fw['fp8_s']:.3f} | {fw['fp8_peak_gb']:.1f} | {fw['weights_fp8_gb']:.1f} | "
               f"{fw['fp8_rel_err_vs_bf16']:.2e} | {fw.get('fp8_rel_err_vs_reference', float('nan')):.2e} |")
+        if "fp8_v1_s" in fw:
+            print(f"| patched fp8, pre-#34 quantize kernels | {fw['fp8_v1_s']:.3f} | {fw['fp8_v1_peak_gb']:.1f} | "
+                  f"{fw['weights_fp8_gb']:.1f} | (vs today's fp8: {fw['fp8_v1_rel_diff']:.2e}) | |")
         print(f"\nquantize: {fw['quantize_s']:.1f} s; speedup x{fw['speedup']:.2f}; products "
               f"{'torch._scaled_mm' if fw['fp8_native'] else 'EMULATED: ' + fw['fp8_reason']}")
     print(f"\nwrote {out_path}")

@@ -10,40 +10,63 @@ so that x ~= q * scale, the largest |x| of the row landing on 448 (the e4m3fn ma
 row gets scale AMAX_FLOOR / 448 (finite, > 0) and q = 0. AMAX_FLOOR = 1e-12 keeps the scale a
 normal fp32 number. Returns q (float8_e4m3fn, the input's shape) and scale (fp32, [..., 1]).
 
-One program per row; rows up to 16384 wide (5120 and 13824 in the A14B DiT) are held in
-registers (one read of x), wider rows loop (amax pass, then the quantize-and-write pass).
+Floor at the 720p shape (75,600 x 5120 bf16, bench/KERNEL_FLOORS.md): read 774.1 MB + write
+387.1 MB of codes + 0.3 MB of scales = 1.161 GB -> 277.9 us at 4.18 TB/s.
+
+How a program works (`RowTiles`, `row_tiles`): it takes ROWS rows and holds them in registers as
+CHUNKS tiles of [ROWS, CHUNK] columns, CHUNK a power of two that divides K where one does
+(5120 = 5 x 1024, 13824 = 27 x 512: no padded lanes; else the last tile is masked): one read of
+x, the amax over the tiles, then the codes tile by tile. Rows wider than `max_block` (16384 by
+default; wider than anything in A14B) loop over x twice instead (amax, then codes).
+
+The quotient x32 / scale, exactly and without a division per element (`e4m3_quotient`): with
+r = 1 / scale rounded (one IEEE division per row),
+
+    q0 = x * r,   q1 = q0 + r * (x - scale * q0)          (the remainder by an FMA: exact)
+
+and q1 is checked against its exact remainder: q1 is the IEEE quotient iff |x - scale * q1| <
+scale * ulp(q1) / 2 (ties cannot occur in a division of 24-bit significands). Quotients below
+2^-11 are not checked: e4m3 rounds every value below 2^-10 to 0, and the sign comes from x
+(so -0.0 gives the code -0). A program in which any element fails the check (NaN rows, rows with
+an infinite scale, a rare hard case of the correction) divides every element with the IEEE
+division instead, so the codes are those of the formula above, bit for bit, always.
 
 The row skeleton is shared, as jit helpers, with gelu_quant_fp8.py and modulate_quant_fp8.py,
-which quantize y = f(x) for their own f: `e4m3_quant_block` (whole row in registers),
-`e4m3_quant_looped` (two passes over x, f applied in each), `e4m3_quant_row` (either, by
-ONE_PASS). Padded lanes (past K) must hold y = 0: the amax starts from 0 and |y| >= 0, so zeros
-leave it unchanged, and the store masks them out.
+which quantize y = f(x) for their own f: `load_tiles` (the rows' tiles as fp32), `tiles_amax`,
+`e4m3_quant_tiles` (scales and codes of tiles y, zero outside the masks), `e4m3_quant_looped`
+(two passes over a wide row, f applied in each).
 
 The Triton interpreter does not round fp32 -> e4m3 correctly (it truncates and flushes
 subnormals), though it stores exactly representable values right: under TRITON_INTERPRET=1 the
-kernels round to the e4m3 grid by hand (`e4m3_round`), so interpreted and compiled kernels give
-the same bits.
+kernels round to the e4m3 grid by hand (`e4m3_round`) and compute the FMAs in float64 (the
+product of two fp32 numbers is exact there), so interpreted and compiled kernels give the same bits.
 
 `quant_fp8` launches the kernel; call it only where `quant_fp8_supports` says yes.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ._utils import jit, launchable, num_warps_for, register_op, row_block, tl, triton_available, \
-    unsupported_tensors, verdict
+from ._utils import cdiv, jit, launchable, next_pow2, register_op, tl, triton_available, unsupported_tensors, \
+    verdict
 
-__all__ = ["quant_fp8", "quant_fp8_supports", "E4M3_MAX", "AMAX_FLOOR", "FP8_DTYPE"]
+__all__ = ["quant_fp8", "quant_fp8_supports", "E4M3_MAX", "AMAX_FLOOR", "FP8_DTYPE", "RowTiles", "row_tiles"]
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-12
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
-MAX_FP8_ROW_BLOCK = 16384  # widest row held in registers (13824 -> 16384, 16 warps)
+MAX_FP8_ROW_BLOCK = 16384  # widest row held in registers (13824 in A14B)
+TILE_CHUNKS = (2048, 1024, 512, 256)  # tile widths tried, widest first (wide tiles: wide vector loads)
+MAX_PAD = 1 / 16  # a tile width is taken when the row padded to whole tiles is at most this much wider
+ELEMS_PER_PROGRAM = 4096  # rows per program: narrow rows are packed up to this many elements (at most 16 rows)
 
 _SOFT_FP8 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1") if triton_available() else False
 
+
+# ------------------------------------------------------------------ e4m3 rounding
 
 @jit
 def e4m3_round(v):
@@ -51,27 +74,36 @@ def e4m3_round(v):
 
     Normal range (|v| >= 2^-6): keep 3 mantissa bits (add half an ulp minus one, plus the kept
     lowest bit, then truncate). Subnormals (|v| < 2^-6): multiples of 2^-9, rounded with the
-    1.5 * 2^23 magic number (fp32 adds round to nearest even).
+    1.5 * 2^23 magic number (fp32 adds round to nearest even). The sign is v's sign bit (-0 and
+    values that round to 0 from below give -0, as the hardware cast does).
     """
     a = tl.abs(v)
     u = a.to(tl.uint32, bitcast=True)
     r = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20
     normal = r.to(tl.float32, bitcast=True)
     sub = ((a * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
-    out = tl.where(a < 0.015625, sub, normal)
-    return tl.where(v < 0, -out, out)
+    out = tl.where(a < 0.015625, sub, normal).to(tl.uint32, bitcast=True)
+    return (out | ((v.to(tl.uint32, bitcast=True) >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@jit
+def e4m3_cast_store(v, q_ptrs, mask, CLAMP: tl.constexpr = True):
+    """Store e4m3(clamp(v, -448, 448)), rounded to nearest even. The compiled cast saturates at
+    +-448 by itself (satfinite): CLAMP=False leaves out the clamp where v is not NaN (a NaN would
+    stay NaN, where the clamp makes it -448)."""
+    if _SOFT_FP8:
+        q = e4m3_round(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(q_ptrs.dtype.element_ty)
+    else:
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        q = v.to(q_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(q_ptrs, q, mask=mask)
 
 
 @jit
 def e4m3_store(x, scale, q_ptrs, mask):
     """q = e4m3(clamp(x / scale, -448, 448)) stored (round to nearest even; exact IEEE division)."""
-    v = tl.math.div_rn(x, scale)
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    if _SOFT_FP8:
-        q = e4m3_round(v).to(q_ptrs.dtype.element_ty)
-    else:
-        q = v.to(q_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(q_ptrs, q, mask=mask)
+    e4m3_cast_store(tl.math.div_rn(x, scale), q_ptrs, mask)
 
 
 @jit
@@ -80,18 +112,91 @@ def row_scale(amax, amax_floor):
     return tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
 
 
+# ------------------------------------------------------------------ the quotient without a division
+
 @jit
-def e4m3_quant_block(y, amax_floor, s_ptr, q_ptrs, mask):
-    """A whole row y (fp32, 0 outside the mask) quantized: scale stored at s_ptr, q at q_ptrs."""
-    scale = row_scale(tl.max(tl.abs(y), axis=0), amax_floor)
-    tl.store(s_ptr, scale)
-    e4m3_store(y, scale, q_ptrs, mask)
+def _fma(a, b, c):
+    """a * b + c rounded once (the interpreter: in float64, where a * b is exact, then to fp32)."""
+    if _SOFT_FP8:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@jit
+def e4m3_quotient(x, scale, r, scale_ulp):
+    """(v, ok): v = x / scale for scale > 0, r = 1 / scale (rounded) and scale_ulp = scale * 2^-24,
+    with x's sign; ok where v is verified to be the IEEE quotient, or |v| < 2^-11 (the module
+    docstring): |x - scale * v| < scale * ulp(v) / 2 = scale_ulp * 2^exponent(v)."""
+    q0 = x * r
+    q1 = _fma(_fma(-scale, q0, x), r, q0)  # q0 + r * (the remainder of q0, exact)
+    rem = _fma(-scale, q1, x)  # exact when q1 is the quotient
+    qb = q1.to(tl.uint32, bitcast=True)
+    pow2 = (qb & 0x7F800000).to(tl.float32, bitcast=True)  # 2^exponent(q1) (0 for 0 and subnormals)
+    ok = (tl.abs(q1) < 0.00048828125) | (tl.abs(rem) < scale_ulp * pow2)
+    sign = (x.to(tl.uint32, bitcast=True) >> 31) << 31
+    v = ((qb & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+    return v, ok
+
+
+# ------------------------------------------------------------------ tiles of rows
+
+@jit
+def tile_mask(rmask, cols, c: tl.constexpr, n_cols, CHUNK: tl.constexpr, EVEN: tl.constexpr):
+    """Mask of tile c ([ROWS, CHUNK]): rows in range, columns below n_cols (EVEN: all are)."""
+    if EVEN:
+        return rmask[:, None] & (cols[None, :] < CHUNK)
+    else:
+        return rmask[:, None] & (cols[None, :] + c * CHUNK < n_cols)
+
+
+@jit
+def load_tiles(ptrs, rmask, cols, n_cols, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, EVEN: tl.constexpr):
+    """The rows' tiles (ptrs [ROWS, CHUNK] addresses tile 0; tile c is c * CHUNK further) as fp32,
+    0 outside the mask: a tuple of CHUNKS tensors."""
+    tiles = ()
+    for c in tl.static_range(CHUNKS):
+        m = tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN)
+        tiles = tiles + (tl.load(ptrs + c * CHUNK, mask=m, other=0.0).to(tl.float32),)
+    return tiles
+
+
+@jit
+def tiles_amax(ys, CHUNKS: tl.constexpr):
+    """max |y| over the tiles, per row ([ROWS])."""
+    acc = tl.abs(ys[0])
+    for c in tl.static_range(1, CHUNKS):
+        acc = tl.maximum(acc, tl.abs(ys[c]))
+    return tl.max(acc, axis=1)
+
+
+@jit
+def e4m3_quant_tiles(ys, amax, amax_floor, s_ptrs, q_ptrs, rmask, cols, n_cols, CHUNK: tl.constexpr,
+                     CHUNKS: tl.constexpr, EVEN: tl.constexpr):
+    """Tiles ys (fp32, 0 outside the masks) with their row amax [ROWS]: scales stored at s_ptrs
+    [ROWS], codes at q_ptrs (tile 0; [ROWS, CHUNK]). Where the fast quotient cannot be verified,
+    the program stores the IEEE-division codes over its own (the same threads: ordered)."""
+    scale = row_scale(amax, amax_floor)
+    tl.store(s_ptrs, scale, mask=rmask)
+    s2 = tl.broadcast_to(scale[:, None], ys[0].shape)
+    r2 = tl.broadcast_to(tl.math.div_rn(1.0, scale)[:, None], ys[0].shape)
+    su2 = s2 * 5.9604644775390625e-08  # scale * 2^-24 (exact: a power of two, no underflow for scale >= 2.2e-15)
+    bad = tl.zeros(ys[0].shape, dtype=tl.int32)
+    for c in tl.static_range(CHUNKS):
+        v, ok = e4m3_quotient(ys[c], s2, r2, su2)
+        # no clamp: a NaN here fails the check and is rewritten below; the cast saturates the rest
+        e4m3_cast_store(v, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+        bad = tl.maximum(bad, tl.where(ok, 0, 1))
+    if tl.max(tl.max(bad, axis=1), axis=0) > 0:
+        for c in tl.static_range(CHUNKS):
+            e4m3_store(ys[c], s2, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN))
 
 
 @jit
 def e4m3_quant_looped(F: tl.constexpr, ARGS, x_row, s_ptr, q_row, n_cols, amax_floor, BLOCK: tl.constexpr):
-    """The row in BLOCK-column blocks, two reads of x: amax of y = F(x32, cols, mask, ARGS) (0 outside
-    the mask), scale stored at s_ptr, then y again and q stored at q_row."""
+    """One row too wide for registers, in BLOCK-column blocks, two reads of x: amax of
+    y = F(x32, cols, mask, ARGS) (0 outside the mask), scale stored at s_ptr, then y again and its
+    codes (IEEE division) stored at q_row."""
     cols = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
@@ -107,39 +212,104 @@ def e4m3_quant_looped(F: tl.constexpr, ARGS, x_row, s_ptr, q_row, n_cols, amax_f
 
 
 @jit
-def e4m3_quant_row(F: tl.constexpr, ARGS, x_row, s_ptr, q_row, n_cols, amax_floor, BLOCK: tl.constexpr,
-                   ONE_PASS: tl.constexpr):
-    """y = F(x32, cols, mask, ARGS) of one row quantized: in registers (one read of x) or looped (two)."""
-    if ONE_PASS:
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        y = F(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), cols, mask, ARGS)
-        e4m3_quant_block(y, amax_floor, s_ptr, q_row + cols, mask)
-    else:
-        e4m3_quant_looped(F, ARGS, x_row, s_ptr, q_row, n_cols, amax_floor, BLOCK)
+def _identity(x, cols, mask, ARGS):
+    return x
 
 
 @jit
-def _identity(x, cols, mask, ARGS):
-    return x
+def _identity_tiles(xs, ARGS, CHUNKS: tl.constexpr):
+    return xs
+
+
+@jit
+def e4m3_quant_rows(F: tl.constexpr, F_TILES: tl.constexpr, ARGS, X, Q, S, n_rows, stride_x, n_cols, amax_floor,
+                    ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, EVEN: tl.constexpr,
+                    LOOPED: tl.constexpr):
+    """The program's rows of y = f(x) quantized: F_TILES(tiles, ARGS, CHUNKS) maps the fp32 tiles
+    (a tuple) to y's tiles (0 where x is 0 outside the masks); F is the same f on one block of a
+    wide row (F(x32, cols, mask, ARGS)), used when LOOPED (one row per program)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if LOOPED:
+        e4m3_quant_looped(F, ARGS, X + pid * stride_x, S + pid, Q + pid * n_cols, n_cols, amax_floor, CHUNK)
+    else:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        cols = tl.arange(0, CHUNK)
+        xs = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+        ys = F_TILES(xs, ARGS, CHUNKS)
+        e4m3_quant_tiles(ys, tiles_amax(ys, CHUNKS), amax_floor, S + rows, Q + rows[:, None] * n_cols + cols[None, :],
+                         rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
 
 
 @jit
 def _quant_fp8_kernel(X,            # input [M, K], last stride 1
                       Q,            # out [M, K] float8_e4m3fn, contiguous
                       S,            # out [M] fp32 scales
+                      n_rows,       # M
                       stride_x,     # X row stride
                       n_cols,       # K
                       amax_floor,   # AMAX_FLOOR
-                      BLOCK: tl.constexpr,      # columns per block (power of two)
-                      ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (two reads)
-    row = tl.program_id(0).to(tl.int64)
-    e4m3_quant_row(_identity, (), X + row * stride_x, S + row, Q + row * n_cols, n_cols, amax_floor, BLOCK, ONE_PASS)
+                      ROWS: tl.constexpr,    # rows per program (tiles; 1 when LOOPED)
+                      CHUNK: tl.constexpr,   # columns per tile (power of two); the block width when LOOPED
+                      CHUNKS: tl.constexpr,  # tiles per row (cdiv(K, CHUNK))
+                      EVEN: tl.constexpr,    # CHUNK divides K (no column mask)
+                      LOOPED: tl.constexpr):  # the row is wider than the registers hold: two reads of x
+    e4m3_quant_rows(_identity, _identity_tiles, (), X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS, CHUNK,
+                    CHUNKS, EVEN, LOOPED)
 
 
-def quant_rows(kernel, x: torch.Tensor, max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [..., K], scale [..., 1]) of x [..., K] from a one-program-per-row kernel that takes
-    `_quant_fp8_kernel`'s arguments (the launcher shared with gelu_quant_fp8.py)."""
+# ------------------------------------------------------------------ launch
+
+@dataclass(frozen=True)
+class RowTiles:
+    """How a row-quantization kernel covers rows of width K: ROWS rows per program, each held as
+    CHUNKS tiles of CHUNK columns (EVEN: CHUNK divides K), `warps` per program; `looped`: one row
+    per program in CHUNK-column blocks, read twice (rows wider than the registers hold)."""
+    rows: int
+    chunk: int
+    chunks: int
+    even: bool
+    warps: int
+    looped: bool = False
+
+    def launch_kw(self) -> dict:
+        return dict(ROWS=self.rows, CHUNK=self.chunk, CHUNKS=self.chunks, EVEN=self.even, LOOPED=self.looped,
+                    num_warps=self.warps)
+
+    def grid(self, n_rows: int) -> tuple:
+        return (n_rows if self.looped else cdiv(n_rows, self.rows),)
+
+
+def row_tiles(n_cols: int, max_block: int = MAX_FP8_ROW_BLOCK, rows: int | None = None,
+              warps: int | None = None, chunk: int | None = None) -> RowTiles:
+    """The tiling of rows of width `n_cols` (module docstring): rows wider than `max_block` loop in
+    blocks of `max_block` (a power of two); narrower ones are held in registers, in tiles of the
+    widest of TILE_CHUNKS that pads the row by at most MAX_PAD (5120: 5 x 1024, 13824: 7 x 2048;
+    rows of at most 1024 columns: one tile of the next power of two), several rows per program up
+    to ELEMS_PER_PROGRAM elements, at most 32 elements per thread (1-16 warps). `rows` / `warps` /
+    `chunk` override the choice (the benchmark's sweep)."""
+    if n_cols > max_block:
+        return RowTiles(1, max_block, cdiv(n_cols, max_block), False, warps or 8, looped=True)
+    if chunk is None and n_cols <= 1024:
+        chunk = max(16, next_pow2(n_cols))
+    elif chunk is None:
+        chunk = next((c for c in TILE_CHUNKS if cdiv(n_cols, c) * c <= n_cols * (1 + MAX_PAD)), TILE_CHUNKS[-1])
+    chunks = cdiv(n_cols, chunk)
+    width = chunk * chunks
+    if rows is None:
+        rows = 1
+        while rows < 16 and rows * 2 * width <= ELEMS_PER_PROGRAM:
+            rows *= 2
+    if warps is None:  # the fewest warps that hold the program's elements at <= 32 per thread
+        warps = 1
+        while warps < 16 and rows * width > warps * 32 * 32:
+            warps *= 2
+    return RowTiles(rows, chunk, chunks, n_cols % chunk == 0, warps)
+
+
+def quant_rows(kernel, x: torch.Tensor, tiles: RowTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [..., K], scale [..., 1]) of x [..., K] from a kernel that takes `_quant_fp8_kernel`'s
+    arguments (the launcher shared with gelu_quant_fp8.py)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if K > 1 and x2.stride(-1) != 1:
@@ -148,9 +318,8 @@ def quant_rows(kernel, x: torch.Tensor, max_block: int) -> tuple[torch.Tensor, t
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     M = x2.shape[0]
     if M and K:
-        block, one_pass = row_block(K, max_block)
-        launchable(kernel)[(M,)](x2, q.view(-1, K), s.view(-1), x2.stride(0), K, AMAX_FLOOR,
-                                 BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block))
+        launchable(kernel)[tiles.grid(M)](x2, q.view(-1, K), s.view(-1), M, x2.stride(0), K, AMAX_FLOOR,
+                                          **tiles.launch_kw())
     return q, s
 
 
@@ -160,7 +329,7 @@ def quant_rows_fake(x: torch.Tensor, max_block: int):
 
 @register_op("quant_fp8", _quant_fp8_kernel, quant_rows_fake)
 def _quant_op(x: torch.Tensor, max_block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant_rows(_quant_fp8_kernel, x, max_block)
+    return quant_rows(_quant_fp8_kernel, x, row_tiles(x.shape[-1], max_block))
 
 
 def quant_fp8_supports(x: torch.Tensor) -> tuple[bool, str]:

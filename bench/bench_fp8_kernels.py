@@ -1,0 +1,168 @@
+"""The fp8 activation-quantization kernels at the 720p shapes, before and after issue #34, side by
+side in one process: time (median of CUDA-event-timed calls after warm-up), % of the bandwidth
+floor, and whether the codes and scales are bit-identical; then a sweep of tilings (rows per
+program, warps, tile width) around today's default (`row_tiles`), to see whether another wins.
+
+    python -m bench.bench_fp8_kernels --out bench/out/fp8_kernels.json        # ~1-2 min on an H100/H200
+    python -m bench.bench_fp8_kernels --smoke                                  # the flow, tiny shapes (CPU ok)
+
+Floors (bytes / 4.18 TB/s: each input read once, the codes and the scales written once):
+
+    quant_fp8           75,600 x 5120 bf16 in (attention outputs)      1.161 GB   277.9 us
+    quant_fp8 (fp32 in) 75,600 x 5120 fp32 (norm3 -> cross_attn.q)     1.935 GB   463.0 us
+    gelu_quant_fp8      75,600 x 13824 bf16 (ffn.0 output)             3.136 GB   750.2 us
+    modulate_quant_fp8  75,600 x 5120 fp32 residual stream             1.935 GB   463.0 us
+
+"v1" are the kernels of commit adb6d6a (bench/_fp8_kernels_v1.py: one program per row, the row
+padded to a power of two, an IEEE division per element); "now" the package's
+(wan_triton/kernels/quant_fp8.py). The modulate kernel sums its LayerNorm statistics in another
+order than v1: its codes may differ in a few places (counted), its scales by an fp32 ulp or so.
+On a CPU (--smoke, interpreted) v1 also differs where a code is -0: v1's interpreter path wrote +0
+there (its compiled kernel, like today's, writes -0, as torch's cast does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel
+from wan_triton.kernels.modulate_quant_fp8 import launch_modulate_quant
+from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, quant_rows, row_tiles
+
+from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
+
+PEAK_BYTES_PER_S = 4.18e12
+TOKENS = 21 * 45 * 80  # 1280x720x81
+DIM, FFN = 5120, 13824
+# (rows, warps, chunk) tried besides the default; chunk None: row_tiles' choice
+SWEEP = [(1, 4, None), (1, 8, None), (1, 16, None), (2, 8, None), (2, 16, None), (4, 16, None), (1, 8, 512),
+         (1, 16, 512), (1, 16, 1024)]
+
+
+def _ms(fn, iters: int, warmup: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _same(a, b) -> dict:
+    (qa, sa), (qb, sb) = a, b
+    codes = int((qa.view(torch.uint8) != qb.view(torch.uint8)).sum())
+    scales = int((sa.view(torch.int32) != sb.view(torch.int32)).sum())
+    rel = ((sa - sb).abs() / sb.abs().clamp_min(1e-30)).max().item() if scales else 0.0
+    return dict(identical=codes == 0 and scales == 0, codes_differing=codes, scales_differing=scales,
+                scale_max_rel=rel)
+
+
+def cases(tokens: int, dim: int, ffn: int, dev):
+    """(name, bytes moved, v1 call, new call with a RowTiles, width) of each kernel at its call site."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x16 = torch.randn(tokens, dim, device=dev, generator=g).bfloat16()
+    x32 = torch.randn(tokens, dim, device=dev, generator=g)
+    h16 = (torch.randn(tokens, ffn, device=dev, generator=g) * 2).bfloat16()
+    xr = torch.randn(1, tokens, dim, device=dev, generator=g) * 3
+    m = torch.randn(1, 6, dim, device=dev, generator=g) * 0.1
+    sh, sc = m[:, 0:1].expand(xr.shape), m[:, 1:2].expand(xr.shape)
+
+    def mod_new(tiles):
+        q = torch.empty(xr.shape, dtype=FP8_DTYPE, device=dev)
+        s = torch.empty((1, tokens, 1), dtype=torch.float32, device=dev)
+        launch_modulate_quant(xr, sh, sc, q, s, 1e-6, tiles)
+        return q, s
+
+    n = tokens * dim
+    return [
+        ("quant_fp8 bf16", n * (2 + 1) + tokens * 4, lambda: quant_fp8_v1(x16),
+         lambda t: quant_rows(_quant_fp8_kernel, x16, t), dim),
+        ("quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: quant_fp8_v1(x32),
+         lambda t: quant_rows(_quant_fp8_kernel, x32, t), dim),
+        ("gelu_quant_fp8 bf16", tokens * ffn * (2 + 1) + tokens * 4, lambda: gelu_quant_fp8_v1(h16),
+         lambda t: quant_rows(_gelu_quant_fp8_kernel, h16, t), ffn),
+        ("modulate_quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: modulate_quant_fp8_v1(xr, sh, sc, 1e-6),
+         mod_new, dim),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_fp8_kernels", description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="only v1 vs the default tiling")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one call each (the flow; CPU under "
+                                                        "TRITON_INTERPRET=1)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/out/fp8_kernels.json)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("bench_fp8_kernels: error: needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda" if cuda else "cpu")
+    tokens, dim, ffn = (TOKENS, DIM, FFN) if not args.smoke else (6, 5120, 13824)
+    iters, warmup = (args.iters, args.warmup) if not args.smoke else (1, 0)
+    report = dict(device=torch.cuda.get_device_name() if cuda else "cpu (smoke)", torch=torch.__version__,
+                  tokens=tokens, amax_floor=AMAX_FLOOR, rows=[])
+    for name, nbytes, v1, new, width in cases(tokens, dim, ffn, dev):
+        floor_us = nbytes / PEAK_BYTES_PER_S * 1e6
+        default = row_tiles(width)
+        ref = v1()
+        row = dict(kernel=name, bytes=nbytes, floor_us=floor_us, default=repr(default),
+                   v1_us=_ms(v1, iters, warmup, cuda) * 1e3,
+                   now_us=_ms(lambda: new(default), iters, warmup, cuda) * 1e3, **_same(new(default), ref))
+        row["speedup"] = row["v1_us"] / row["now_us"]
+        row["now_x_floor"] = row["now_us"] / floor_us
+        row["v1_x_floor"] = row["v1_us"] / floor_us
+        sweep = []
+        for r, w, c in (SWEEP if args.sweep else []):
+            t = row_tiles(width, rows=r, warps=w, chunk=c)
+            if t == default or t.chunk * t.chunks < width:
+                continue
+            try:
+                us = _ms(lambda: new(t), iters, warmup, cuda) * 1e3
+                same = _same(new(t), ref)["identical"]
+                sweep.append(dict(tiles=repr(t), us=us, x_floor=us / floor_us, identical=same))
+            except Exception as err:  # e.g. out of registers / shared memory: say so, keep going
+                sweep.append(dict(tiles=repr(t), error=f"{type(err).__name__}: {str(err)[:120]}"))
+        row["sweep"] = sweep
+        timed = [s for s in sweep if "us" in s and s["us"] == s["us"]]
+        best = min(timed, key=lambda s: s["us"], default=None)
+        if best is not None and best["us"] < 0.97 * row["now_us"]:
+            row["better_tiling"] = best
+        report["rows"].append(row)
+        print(f"{name}: floor {floor_us:.1f} us | v1 {row['v1_us']:.1f} us ({row['v1_x_floor']:.2f}x floor) | now "
+              f"{row['now_us']:.1f} us ({row['now_x_floor']:.2f}x floor, {row['speedup']:.2f}x faster) | "
+              f"identical to v1: {row['identical']} (codes differing {row['codes_differing']}, scales "
+              f"{row['scales_differing']}, max rel {row['scale_max_rel']:.1e}) | {default}", flush=True)
+        for s in sweep:
+            print(f"    {s['tiles']}: " + (f"{s['us']:.1f} us ({s['x_floor']:.2f}x floor), identical {s['identical']}"
+                                         if "us" in s else s["error"]), flush=True)
+        if "better_tiling" in row:
+            print(f"    -> faster than the default by {1 - row['better_tiling']['us'] / row['now_us']:.1%}: "
+                  f"{row['better_tiling']['tiles']}", flush=True)
+        del ref
+        if cuda:
+            torch.cuda.empty_cache()
+    out = Path(args.out or "bench/out/fp8_kernels.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
