@@ -1,7 +1,7 @@
 """fp8 linears (wan_triton.fp8, wan_triton/kernels/*quant_fp8.py): the quantize kernels against float64
 formulas, the emulated fp8 product against the reference, the model switch (on: close to the
-bf16/fp32 model; off: bit-exact), pre-quantized checkpoints (bit-identical round trip), and the
-CLI refusing --fp8 without an fp8 GPU. The kernel tests run on DEVICE: the compiled kernels on
+bf16/fp32 model; off: bit-exact), and the CLI refusing --fp8 without an fp8 GPU (fp8 expert
+files: tests/test_fp8_files.py). The kernel tests run on DEVICE: the compiled kernels on
 a CUDA GPU, the Triton interpreter on the CPU; the float64 references are always on the CPU.
 
 Tolerances (stated here, checked below):
@@ -298,30 +298,6 @@ def test_dequantize_without_originals_is_refused():
     fp8.quantize_model(model, progress=False)
     with pytest.raises(fp8.Fp8Error, match="reload the model"):
         fp8.dequantize_model(model)
-
-
-def test_save_load_round_trip_bit_identical(seed, tmp_path, monkeypatch):
-    from wan.checkpoint import CheckpointError
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch formulas for the activations: fast, same bits both ways
-    monkeypatch.setenv("WAN_TRITON_STRICT", "0")
-    cfg, model = _tiny(torch.bfloat16)
-    fp8.quantize_model(model, progress=False)
-    fp8.save_fp8(model, tmp_path / "q", max_shard_bytes=40_000)  # several shards + index
-    assert (tmp_path / "q" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    back = fp8.load_fp8(tmp_path / "q")
-    assert _same_state(back.state_dict(), model.state_dict())
-    assert back.blocks[0].self_attn.q.weight.dtype == E4M3
-    g = torch.Generator().manual_seed(seed)
-    x, t, ctx = _inputs(cfg, g)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(back(x, t, ctx), model(x, t, ctx))
-    _, plain = _tiny()
-    plain.save_pretrained(tmp_path / "plain")
-    with pytest.raises(CheckpointError, match="not a wan-triton fp8 checkpoint"):
-        fp8.load_fp8(tmp_path / "plain")
-    with pytest.raises(fp8.Fp8Error, match="needs a quantized model"):
-        fp8.save_fp8(plain, tmp_path / "x")
 
 
 def test_optimize_fp8_switch(monkeypatch, caplog):

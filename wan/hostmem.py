@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,7 @@ from .streaming import OffloadError, placeholder
 
 log = logging.getLogger("wan.offload")
 
-__all__ = ["HOST_RAM_MODES", "HEADROOM_BYTES", "HostMemory", "HostPlan", "ExpertSource", "host_memory",
+__all__ = ["HOST_RAM_MODES", "HEADROOM_BYTES", "HostMemory", "HostPlan", "ExpertSource", "ExpertFiles", "host_memory",
            "host_available_bytes", "host_plan", "block_bytes_in_files", "load_dit_without_blocks"]
 
 HOST_RAM_MODES = ("auto", "high", "low")  # high: both experts' blocks pinned; low: the active one only
@@ -108,12 +110,14 @@ class ExpertSource:
         self.folder = str(folder)
         self.file_of: dict[str, str] = {}
         shapes: dict[str, tuple] = {}
+        dtypes: dict[str, torch.dtype] = {}
         try:
             for fname in dit_weight_files(folder):
                 for k, info in safetensors_header(fname).items():
                     if k.startswith("blocks."):
                         self.file_of[k] = fname
                         shapes[k] = info.shape
+                        dtypes[k] = _stored_dtype(info)
         except CheckpointError as err:
             raise OffloadError(f"cannot re-read the idle expert: {err}") from None
         for i, blk in enumerate(model.blocks):
@@ -123,6 +127,10 @@ class ExpertSource:
                     raise OffloadError(f"{self.folder} has no {key}: it is not this expert's checkpoint")
                 if shapes[key] != tuple(t.shape):
                     raise OffloadError(f"{self.folder}: {key} has shape {shapes[key]}, the model {tuple(t.shape)}")
+                stored = dtypes[key]
+                if stored != t.dtype and (_is_fp8(stored) or _is_fp8(t.dtype)):  # a cast would not be the same weights
+                    raise OffloadError(f"{self.folder}: {key} is stored as {stored}, the model holds {t.dtype}: "
+                                       "these files are not this expert's weights (fp8 files for an fp8 expert)")
 
     def read_into(self, dests: dict[str, torch.Tensor]) -> None:
         """key -> destination tensor: fill each from the files (one file open at a time)."""
@@ -184,6 +192,10 @@ def _stored_dtype(info) -> torch.dtype:
     return info.torch_dtype or torch.float32
 
 
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def block_bytes_in_files(folder, dtype=None) -> int:
     """Bytes the expert's blocks take in `dtype` (None: as stored), from the safetensors headers."""
     total = 0
@@ -194,13 +206,15 @@ def block_bytes_in_files(folder, dtype=None) -> int:
     return total
 
 
-def load_dit_without_blocks(folder, dtype=None) -> nn.Module:
+def load_dit_without_blocks(folder, dtype=None, model: nn.Module | None = None) -> nn.Module:
     """`WanModel.from_pretrained` (on the CPU) that reads only what is outside the blocks: every block parameter is
     a placeholder (right shape and dtype, one element of storage), to be read later by a
-    `BlockStreamer` with `load=False` (`model._blocks_deferred` is True until then)."""
-    cfg = DiTConfig.from_dict(read_dit_config(folder))
-    with torch.device("meta"):
-        model = WanModel(cfg)
+    `BlockStreamer` with `load=False` (`model._blocks_deferred` is True until then). `model`: a
+    `meta`-built model of another layout to fill instead (wan_triton.fp8_files: e4m3 linears)."""
+    if model is None:
+        cfg = DiTConfig.from_dict(read_dit_config(folder))
+        with torch.device("meta"):
+            model = WanModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     sd: dict = {}
     for fname in dit_weight_files(folder):
@@ -220,3 +234,36 @@ def load_dit_without_blocks(folder, dtype=None) -> nn.Module:
     model.load_state_dict(sd, strict=True, assign=True)
     model._blocks_deferred = True
     return model.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ExpertFiles:
+    """Where block streaming reads the two experts from, and how. `official(ckpt, config, dtype)`:
+    the checkpoint's expert folders, cast to `dtype` as `WanModel.from_pretrained` casts them;
+    another layout (wan_triton.fp8_files: the blocks' linears in e4m3) brings its own loaders.
+    `load(folder, progress)` reads a whole expert on the CPU, `load_without_blocks(folder)` the
+    expert with placeholder blocks (`load_dit_without_blocks`); `dtype`: what the blocks take in
+    memory (None: as stored; it sizes the host-memory plan); `kind` names the layout in messages."""
+    high: Path
+    low: Path
+    load: Callable
+    load_without_blocks: Callable
+    dtype: torch.dtype | None = None
+    kind: str = "official"
+
+    @classmethod
+    def official(cls, ckpt, config, dtype=None) -> "ExpertFiles":
+        def load(folder, progress: bool = False):
+            return WanModel.from_pretrained(folder, dtype=dtype, device="cpu", progress=progress)
+
+        ckpt = Path(ckpt)
+        return cls(ckpt / config.high_noise_checkpoint, ckpt / config.low_noise_checkpoint, load,
+                   lambda folder: load_dit_without_blocks(folder, dtype=dtype), dtype)
+
+    def folder(self, label: str) -> Path:
+        """The folder of the 'high' or 'low' (noise) expert."""
+        return self.high if label == "high" else self.low
+
+    def block_bytes(self) -> tuple[int, int]:
+        """(high, low): the bytes each expert's blocks take in memory, from the headers."""
+        return block_bytes_in_files(self.high, self.dtype), block_bytes_in_files(self.low, self.dtype)

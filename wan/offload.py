@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import lora
 from .dit import WanModel, init_linears_and_norms_
-from .hostmem import ExpertSource, HostPlan, block_bytes_in_files, host_plan, load_dit_without_blocks
+from .hostmem import ExpertFiles, ExpertSource, HostPlan, host_plan
 from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_streaming, streamer_of
 
 log = logging.getLogger("wan.offload")
@@ -79,18 +79,23 @@ def park_all(*models) -> None:
 
 
 def _expert_folders(pipe, ckpt_dir) -> tuple[dict | None, str]:
-    """{"high": folder, "low": folder} of the experts' safetensors, or (None, why not)."""
-    ckpt = ckpt_dir if ckpt_dir is not None else getattr(pipe, "ckpt_dir", None)
-    if ckpt is None:
+    """{"high": folder, "low": folder} of the experts' safetensors, or (None, why not): `ckpt_dir`'s
+    official folders when given, else the files the experts were read from (`pipe.expert_files`:
+    official or fp8 ones), else the official folders of `pipe.ckpt_dir`."""
+    cfg = pipe.config
+    files = getattr(pipe, "expert_files", None) if ckpt_dir is None else ExpertFiles.official(ckpt_dir, cfg)
+    if files is None and getattr(pipe, "ckpt_dir", None) is not None:
+        files = ExpertFiles.official(pipe.ckpt_dir, cfg)
+    if files is None:
         return None, "the pipeline has random weights and no checkpoint folder (give ckpt_dir)"
     if lora.loaded_loras(pipe.high_noise_model) or lora.loaded_loras(pipe.low_noise_model):
         return None, "LoRAs are merged into the experts, and the files hold the weights without them"
     f8 = getattr(torch, "float8_e4m3fn", None)
-    if f8 is not None and any(p.dtype == f8 for m in (pipe.high_noise_model, pipe.low_noise_model)
-                              for p in m.parameters()):
-        return None, "the experts are quantized to fp8 in memory, and the files hold the unquantized weights"
-    cfg = pipe.config
-    return {"high": Path(ckpt) / cfg.high_noise_checkpoint, "low": Path(ckpt) / cfg.low_noise_checkpoint}, ""
+    if files.kind == "official" and f8 is not None and any(
+            p.dtype == f8 for m in (pipe.high_noise_model, pipe.low_noise_model) for p in m.parameters()):
+        return None, ("the experts are quantized to fp8 in memory, and the files hold the unquantized weights "
+                      "(fp8 expert files: wan_triton.fp8_files)")
+    return {"high": files.high, "low": files.low}, ""
 
 
 def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
@@ -182,18 +187,17 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
     return model.eval().requires_grad_(False)
 
 
-def load_experts_for_streaming(ckpt, config, dtype=None, host_ram: str = "auto", progress: bool = False):
-    """(low, high, plan): both experts of an official folder, for block streaming. The host-memory
-    plan is made first, from the files' headers (nothing read yet): in low mode the low-noise
-    expert's blocks are not read at all (the switch reads them), so loading never holds both."""
-    ckpt = Path(ckpt)
-    folders = {"high": ckpt / config.high_noise_checkpoint, "low": ckpt / config.low_noise_checkpoint}
-    sizes = [block_bytes_in_files(folders[e], dtype) for e in ("high", "low")]
+def load_experts_for_streaming(files: ExpertFiles, host_ram: str = "auto", progress: bool = False):
+    """(low, high, plan): both experts of `files` (official folders, or another layout's), for
+    block streaming. The host-memory plan is made first, from the files' headers (nothing read
+    yet): in low mode the low-noise expert's blocks are not read at all (the switch reads them),
+    so loading never holds both."""
+    sizes = files.block_bytes()
     plan = host_plan(sum(sizes), max(sizes), host_ram, held_bytes=0)
-    high = WanModel.from_pretrained(folders["high"], dtype=dtype, device="cpu", progress=progress)
+    high = files.load(files.high, progress)
     if plan.mode == "low":
         log.info("host RAM low: the low-noise expert's blocks are read at the expert switch, not now")
-        low = load_dit_without_blocks(folders["low"], dtype=dtype)
+        low = files.load_without_blocks(files.low)
     else:
-        low = WanModel.from_pretrained(folders["low"], dtype=dtype, device="cpu", progress=progress)
+        low = files.load(files.low, progress)
     return low, high, plan

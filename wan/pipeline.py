@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
 from .configs import T2VConfig, get_config
 from .dit import WanModel
 from .footprint import build_footprint, check_host_ram
+from .hostmem import ExpertFiles
 from .lora import LoraError, load_lora_into_pipeline, unload_from_pipeline
 from .offload import (build_streamable_expert, check_offload_device, enable_pipeline_streaming,
                       load_experts_for_streaming, park_all, switch_experts)
@@ -72,7 +73,7 @@ class WanT2V:
     parallel = None  # wan.parallel.ParallelState under torchrun (set by wan.parallel.apply_to_pipeline)
 
     def __init__(self, config: T2VConfig, text_encoder, vae, low_noise_model, high_noise_model,
-                 device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False):
+                 device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False, t5_release: bool = False):
         self.config = config
         self.text_encoder = text_encoder
         self.vae = vae
@@ -81,8 +82,12 @@ class WanT2V:
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
+        # True: the text encoder's weights are freed after the prompts are encoded and read again
+        # for the next video (T5Source): its 11.4 GB (A14B) are free while the DiT and the VAE run
+        self.t5_release = t5_release
         self.offload = "none"  # "blocks" after enable_block_streaming (wan.offload)
         self.ckpt_dir = None   # the checkpoint folder (from_pretrained)
+        self.expert_files = None  # wan.hostmem.ExpertFiles the experts were read from (from_pretrained)
         self.last_timings: Timings | None = None  # of the latest generate() call
         self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
 
@@ -91,13 +96,16 @@ class WanT2V:
     def from_pretrained(cls, ckpt_dir, config: T2VConfig | str = "t2v-A14B", device="cuda", t5_cpu=False,
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
                         offload: str | None = None, host_ram: str = "auto", allow_cpu: bool = False,
-                        **kw) -> "WanT2V":
+                        expert_files: ExpertFiles | None = None, **kw) -> "WanT2V":
         """Load a checkpoint folder, official or diffusers layout (docs/diffusers.md). DiT params
         stay in their stored dtype (fp32) unless `convert_model_dtype` (then `config.param_dtype`, as
         the official flag does). offload="blocks": block streaming is on when it returns; the
         host-memory mode (`host_ram`, wan.hostmem.host_plan) is chosen before the experts are read,
         and in low mode the low-noise expert's blocks are only read at the expert switch. Streaming
-        needs a CUDA device (OffloadError on a CPU unless `allow_cpu`, see `enable_block_streaming`)."""
+        needs a CUDA device (OffloadError on a CPU unless `allow_cpu`, see `enable_block_streaming`).
+        `expert_files` (wan.hostmem.ExpertFiles): read the experts from these folders with their
+        loaders (e.g. fp8 expert files, wan_triton.fp8_files) instead of the checkpoint's own; block
+        streaming with host RAM low re-reads them from there too."""
 
         config = get_config(config) if isinstance(config, str) else config
         if offload == "blocks" and not allow_cpu:
@@ -115,15 +123,19 @@ class WanT2V:
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
         plan = None
+        files = expert_files or ExpertFiles.official(ckpt, config, dit_dtype)
         if offload == "blocks":
-            low, high, plan = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
+            low, high, plan = load_experts_for_streaming(files, host_ram, progress)
+        elif expert_files is not None:
+            low, high = (expert_files.load(expert_files.folder(e), progress).to(dit_dev) for e in ("low", "high"))
         else:
             low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
                                            progress=progress)
             high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
                                             progress=progress)
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
-        pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
+        pipe.ckpt_dir = ckpt
+        pipe.expert_files = files  # block streaming with host RAM low re-reads an expert from here
         if plan is not None:
             enable_pipeline_streaming(pipe, plan=plan, allow_cpu=allow_cpu)
         return pipe
@@ -242,6 +254,12 @@ class WanT2V:
         ctx = self.text_encoder(prompts, device=self.text_encoder_device)
         return [c.to(self.device) for c in ctx]
 
+    def release_text_encoder(self) -> None:
+        """Free the text encoder's weights (read again by its next call; `t5_release`)."""
+        self.text_encoder.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def text_encoder_device(self) -> torch.device:
         return torch.device("cpu") if self.t5_cpu else self.device
@@ -304,6 +322,8 @@ class WanT2V:
             with tm.measure("text_encode"):
                 context = self.encode_text([prompt])
                 context_null = None if all(g == 1.0 for g in guide_scale) else self.encode_text([n_prompt])
+                if self.t5_release:
+                    self.release_text_encoder()
 
             # 2. noise: one float32 draw from a generator on the device
             shape = self.latent_shape(w, h, frame_num)

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from .checkpoint import load_pth, load_state_dict_into
 from .configs import T2VConfig, T5Config
 
 __all__ = [
-    "T5Encoder", "T5TextEncoder", "t5_rms_norm", "gelu_tanh", "relative_position_bucket",
+    "T5Encoder", "T5TextEncoder", "T5Source", "t5_rms_norm", "gelu_tanh", "relative_position_bucket",
     "clean_text", "byte_tokenizer", "hf_to_official", "UMT5_VOCAB_SIZE",
 ]
 
@@ -316,6 +318,29 @@ def _load_tokenizer(folder):
 # What the pipeline calls
 # --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class T5Source:
+    """Where an encoder's weights come from, so that a released encoder can be read again: the
+    checkpoint folder (official `.pth`, memory-mapped), or for random weights the official init
+    from `seed`."""
+    config: T2VConfig
+    dtype: torch.dtype
+    ckpt_dir: str | None = None
+    seed: int = 0
+
+    def build(self, device) -> T5Encoder:
+        if self.ckpt_dir is not None:
+            path = Path(self.ckpt_dir) / self.config.t5_checkpoint
+            sd = load_pth(path, device=device or "cpu")
+            with torch.device("meta"):
+                model = T5Encoder(self.config.t5)
+            load_state_dict_into(model, sd, path, dtype=self.dtype, device=device)
+            return model
+        with torch.device("meta"):  # no default init, no fp32 copy of a bf16 model
+            model = T5Encoder(self.config.t5).to(self.dtype)
+        return model.to_empty(device=device).init_weights(self.seed)
+
+
 class T5TextEncoder:
     """Tokenizer + cleaning + `T5Encoder`.
 
@@ -323,12 +348,35 @@ class T5TextEncoder:
     `max_length=text_len`, `</s>` appended), runs the encoder on the encoder's own device in
     its own dtype (no autocast, no grad) and returns a list of `[n_i, dim]` tensors,
     n_i = mask_i.sum(), moved to `device` (None: left where computed).
+
+    `release()` frees the weights (they go to `meta`); the next call reads them again from
+    `source` onto the device they were on (the pipeline's `t5_release`: the GPU or host memory
+    the encoder took is free while the DiT runs).
     """
 
-    def __init__(self, tokenizer, model: T5Encoder, text_len: int):
+    def __init__(self, tokenizer, model: T5Encoder, text_len: int, source: T5Source | None = None):
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.text_len = text_len
+        self.source = source
+        self._home: torch.device | None = None  # where a released encoder comes back to
+
+    @property
+    def released(self) -> bool:
+        return self.model.token_embedding.weight.is_meta
+
+    def release(self) -> None:
+        """Free the weights (a later call reads them again from `source`)."""
+        if self.source is None:
+            raise ValueError("this text encoder has no source to read its weights again from")
+        if not self.released:
+            self._home = self.device
+            self.model.to("meta")
+
+    def ensure_loaded(self) -> None:
+        """Read the weights again if `release()` freed them."""
+        if self.released:
+            self.model = self.source.build(self._home).eval().requires_grad_(False)
 
     # ---- properties / moves
     @property
@@ -357,6 +405,7 @@ class T5TextEncoder:
         return ids, mask
 
     def __call__(self, texts: Sequence[str], device=None) -> list[torch.Tensor]:
+        self.ensure_loaded()
         ids, mask = self.tokenize(texts)
         lens = mask.gt(0).sum(dim=1).tolist()
         dev = self.device
@@ -386,10 +435,8 @@ class T5TextEncoder:
             tokenizer = byte_tokenizer(cfg.text_len)
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = _load_tokenizer(tokenizer)
-        with torch.device("meta"):  # no default init, no fp32 copy of a bf16 model
-            model = T5Encoder(cfg).to(dtype or config.t5_dtype)
-        model = model.to_empty(device=device).init_weights(seed)
-        return cls(tokenizer, model, cfg.text_len)
+        source = T5Source(config, dtype or config.t5_dtype, seed=seed)
+        return cls(tokenizer, source.build(device), cfg.text_len, source)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: T2VConfig, device="cpu", dtype=None) -> "T5TextEncoder":
@@ -397,16 +444,11 @@ class T5TextEncoder:
         with mmap + weights_only) and the tokenizer folder `<ckpt_dir>/<config.t5_tokenizer>`.
         The module is built on `meta` and loaded with `assign=True`, cast to `dtype`
         (default config.t5_dtype). Raises CheckpointError naming the file/key on any mismatch."""
-        from .checkpoint import load_pth, load_state_dict_into
-
         ckpt_dir = Path(ckpt_dir)
-        path = ckpt_dir / config.t5_checkpoint
-        sd = load_pth(path, device=device or "cpu")
+        source = T5Source(config, dtype or config.t5_dtype, ckpt_dir=str(ckpt_dir))
+        model = source.build(device)
         tokenizer = _load_tokenizer(ckpt_dir / config.t5_tokenizer)
-        with torch.device("meta"):
-            model = T5Encoder(config.t5)
-        load_state_dict_into(model, sd, path, dtype=dtype or config.t5_dtype, device=device)
-        return cls(tokenizer, model, config.t5.text_len)
+        return cls(tokenizer, model, config.t5.text_len, source)
 
     def save_pretrained(self, ckpt_dir, config: T2VConfig) -> None:
         """Write `<ckpt_dir>/<config.t5_checkpoint>` and the tokenizer folder (official layout)."""

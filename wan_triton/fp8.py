@@ -4,7 +4,7 @@
     fp8.quantize_model(model)                     # the 40 blocks' 400 linears -> Fp8Linear, in place
     fp8.quantize_model(model, keep_original=True) # ... and keep the bf16 layers on the CPU
     fp8.dequantize_model(model)                   # the kept layers back: the exact bf16 path
-    fp8.save_fp8(model, folder); model = fp8.load_fp8(folder, device="cuda")
+    (pre-quantized expert folders: wan_triton.fp8_files)
 
 What is quantized: in every block, self-attention q/k/v/o, cross-attention q/k/v/o, ffn.0 and
 ffn.2 (10 linears x 40 blocks). Patch/text/time embeddings, time projection and head keep
@@ -33,11 +33,9 @@ or patch(strict=True), turns that into an error). The e4m3 constants are the ker
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -45,10 +43,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wan import dit
-
-from wan.checkpoint import (CONFIG_NAME, CheckpointError, dit_weight_files, load_weights_into, read_dit_config,
-                            save_dit)
-from wan.configs import DiTConfig
 
 from .dispatch import DISPATCH
 from .errors import AccelError
@@ -59,7 +53,7 @@ from .kernels.quant_fp8 import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, quant_fp8, quant
 log = logging.getLogger("wan_triton")
 
 __all__ = ["Fp8Linear", "GeluQuantFp8", "QuantizedInput", "Fp8Error", "Fp8Summary", "LOSSY_NOTE", "BLOCK_LINEARS",
-           "quantize_model", "dequantize_model", "is_quantized", "save_fp8", "load_fp8", "fp8_support",
+           "quantize_model", "dequantize_model", "is_quantized", "fp8_support",
            "check_fp8_device",
            "quantize_rows_reference", "quantize_weight", "fp8_stats", "reset_fp8_stats"]
 
@@ -67,8 +61,6 @@ LOSSY_NOTE = "fp8 linears: lossy (e4m3, per-channel weights, per-token activatio
 # the 10 linears of a block that run in fp8 (paths inside WanAttentionBlock)
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
-FORMAT_NAME = "wan-triton-fp8"
-FORMAT_VERSION = 1
 
 
 class Fp8Error(AccelError):
@@ -445,47 +437,3 @@ def dequantize_model(model) -> int:
     if fp8:
         log.info("wan_triton fp8: %d linears back in bf16 (exact)", len(fp8))
     return len(fp8)
-
-
-# ------------------------------------------------------------------ pre-quantized checkpoints
-
-def save_fp8(model, folder, max_shard_bytes: int = 5 * 2 ** 30) -> None:
-    """Write a quantized expert: the official layout (config.json + safetensors, sharded with an
-    index over `max_shard_bytes`) where each fp8 linear has `<name>.weight` (F8_E4M3 [N, K]),
-    `<name>.weight_scale` (F32 [N, 1]) and `<name>.bias`; config.json gains a "quantization" entry."""
-    if not is_quantized(model):
-        raise Fp8Error("save_fp8 needs a quantized model (quantize_model first)")
-    folder = Path(folder)
-    save_dit(model, folder, max_shard_bytes=max_shard_bytes)
-    cfg = json.loads((folder / CONFIG_NAME).read_text())
-    cfg["quantization"] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": "float8_e4m3fn",
-                           "weights": "per-output-channel fp32 scale: <name>.weight_scale [N, 1]",
-                           "activations": "per-token, dynamic", "layers": [f"blocks.*.{p}" for p in BLOCK_LINEARS]}
-    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-
-
-def _fp8_shells(model) -> None:
-    """Meta-built model -> the quantized module structure (empty Fp8Linear on meta)."""
-    for blk, parent, attr, _ in list(_block_targets(model)):
-        lin = getattr(parent, attr)
-        shell = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
-        _set_child(parent, attr, shell)
-        if attr == "2" and isinstance(blk.ffn[1], nn.GELU):
-            blk.ffn[1] = GeluQuantFp8(blk.ffn[1])
-
-
-def load_fp8(folder, device="cpu", progress: bool = False):
-    """A quantized WanModel from save_fp8's folder, bit-identical to what was saved."""
-    folder = Path(folder)
-    raw = read_dit_config(folder)
-    qc = raw.get("quantization") or {}
-    if qc.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{folder} is not a wan-triton fp8 checkpoint (config.json has no "
-                              f"quantization.format = {FORMAT_NAME!r}); load it with WanModel.from_pretrained")
-    if int(qc.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: fp8 format version {qc.get('version')} is newer than this code's "
-                              f"({FORMAT_VERSION})")
-    with torch.device("meta"):
-        model = dit.WanModel(DiTConfig.from_dict(raw))
-    _fp8_shells(model)
-    return load_weights_into(model, folder, dit_weight_files(folder), device, None, progress)
