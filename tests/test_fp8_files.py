@@ -169,3 +169,80 @@ def test_text_encoder_released_after_encoding_comes_back_the_same(seed, tiny_ckp
         assert torch.equal(a, pipe.generate(PROMPT, **args)), f"video {video}"
         assert pipe.text_encoder.released
         assert all(p.is_meta for p in pipe.text_encoder.model.parameters())
+
+
+# ------------------------------------------------------------------ the plan and the command line
+
+def _gpu():
+    from wan_triton.plan import DeviceInfo
+
+    return DeviceInfo("cuda", "cuda", total_memory_gb=25.3, capability=(8, 9), gpu_name="NVIDIA GeForce RTX 4090",
+                      fp8=(True, ""))
+
+
+def test_plan_host_ram_low_with_fp8_needs_fp8_files():
+    from wan_triton import accel
+    from wan_triton.errors import PlanError
+    from wan_triton.plan import Options, plan
+
+    rtx = accel.PRESETS["rtx4090"]
+    with pytest.raises(PlanError, match="must be fp8 expert files .* give fp8_dir=<folder>"):
+        plan(Options(host_ram="low", fp8=True, checkpoint=True), rtx, _gpu())
+    run = plan(Options(host_ram="low", fp8=True, fp8_files=True, checkpoint=True), rtx, _gpu())
+    assert run.offload == "blocks" and run.host_ram == "low" and run.fp8 and run.stream_from_load
+    assert not plan(Options(fp8=True, checkpoint=True), rtx, _gpu()).stream_from_load  # quantized in memory first
+    assert run.t5_release and not run.t5_cpu  # the 24 GB preset: T5 on the GPU for the encode, then freed
+    assert not plan(Options(t5_release=False), rtx, _gpu()).t5_release
+    assert plan(Options(t5_release=True), accel.PRESETS["h200"], _gpu()).t5_release
+
+
+def _cli(monkeypatch, tool, argv):
+    """Run a CLI's main() with a 24 GB fp8 GPU's facts (nothing is built: from_pretrained is refused)."""
+    from wan.pipeline import WanT2V
+    from wan_triton import cli
+    from wan_triton.plan import DeviceInfo
+
+    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, dev=None, fp8=False: _gpu()))
+    monkeypatch.setattr(cli, "check_device", lambda spec: torch.device("cuda"))
+    built = {}
+
+    def no_build(*a, **k):
+        built.update(k)
+        raise SystemExit(99)
+
+    monkeypatch.setattr(WanT2V, "from_pretrained", no_build)
+    monkeypatch.setattr(WanT2V, "from_preset", no_build)
+    main = __import__(f"wan_triton.{tool}", fromlist=["main"]).main
+    try:
+        rc = main(argv + ["--quiet"])
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, built
+
+
+@pytest.mark.parametrize("tool,argv,msg", [
+    ("generate", ["--fp8_dir", "/f"], "--fp8_dir holds fp8 files written from --ckpt_dir's experts"),
+    ("generate", ["--fp8", "--host_ram", "low", "--offload", "blocks", "--ckpt_dir", "/c"],
+     "must be fp8 expert files (the checkpoint's are bf16): give --fp8_dir <folder>"),
+    ("benchmark", ["--fp8_dir", "/f", "--ckpt_dir", "/c", "--mode", "both"], "--fp8_dir loads fp8 experts"),
+])
+def test_cli_fp8_dir_refusals_one_line(tmp_path, capsys, monkeypatch, tool, argv, msg):
+    out = ["--save_file", str(tmp_path / "x.mp4")] if tool == "generate" else ["--out_dir", str(tmp_path / "o")]
+    rc, built = _cli(monkeypatch, tool, argv + ["--task", "tiny"] + out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not built
+    assert len(err) == 1 and msg in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_fp8_dir_loads_fp8_files_and_streams_from_them(tiny_ckpt, tmp_path, monkeypatch):
+    """--fp8_dir implies --fp8, converts the experts once and hands their files to from_pretrained,
+    which streams from load (host RAM low allowed); the 24 GB preset releases the T5."""
+    rc, built = _cli(monkeypatch, "generate", ["--fp8_dir", str(tmp_path / "fp8"), "--ckpt_dir", str(tiny_ckpt),
+                                               "--task", "tiny", "--preset", "rtx4090", "--host_ram", "low",
+                                               "--save_file", str(tmp_path / "x.mp4")])
+    assert rc == 99, "the build was not reached"
+    files = built["expert_files"]
+    assert files.kind == "fp8" and fp8_files.load_fp8(files.low).blocks[0].ffn[0].weight.dtype == E4M3
+    assert built["offload"] == "blocks" and built["host_ram"] == "low" and not built["t5_cpu"]
+    assert (tmp_path / "fp8" / CFG.high_noise_checkpoint / "config.json").is_file()

@@ -167,7 +167,7 @@ def test_offload_from_the_preset_and_the_fit():
 def test_decisions():
     rtx, h200 = accel.PRESETS["rtx4090"], accel.PRESETS["h200"]
     run = plan(Options(), rtx, GPU)
-    assert run.stream_from_load and run.t5_cpu and not run.compile and run.host_ram == "auto"
+    assert run.stream_from_load and not run.t5_cpu and run.t5_release and not run.compile and run.host_ram == "auto"
     assert not plan(Options(loras=True), rtx, GPU).stream_from_load  # LoRAs merge before streaming
     assert not plan(Options(fp8=True), rtx, GPU).stream_from_load  # fp8 quantizes before streaming
     assert not plan(Options(t5_cpu=False, parallel=T5FSDP), rtx, GPU).t5_cpu  # a sharded T5 stays on the GPUs

@@ -84,6 +84,7 @@ class Preset:
     min_mem_gb: float = 0.0
     note: str = ""
     offload: str = ""  # "blocks": stream the DiT blocks (wan.streaming); "" follows offload_model
+    t5_release: bool = False  # the text encoder's weights leave its device after encoding (re-read per video)
 
 
 # Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
@@ -105,9 +106,9 @@ PRESETS = {p.name: p for p in (
                 "on the GPU), T5 stays on the GPU"),
     Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44,
            note="one expert on the GPU (41.1 GB at 720p), T5 on the CPU"),
-    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22, offload="blocks",
-           note="A14B at 720p in 24 GB: DiT blocks stream from pinned CPU memory (57 GB of host RAM for both "
-                "experts), T5 on the CPU"),
+    Preset("rtx4090", offload_model=True, t5_cpu=False, min_mem_gb=22, offload="blocks", t5_release=True,
+           note="A14B at 720p in 24 GB: DiT blocks stream from pinned CPU memory (57 GB of host RAM for both bf16 "
+                "experts; --host_ram low 28 GB; --fp8_dir 14 GB), T5 on the GPU for the encode, then freed"),
     Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
 )}
 # Other names for the same settings (an 80 GB A100 is an H100 for memory purposes): defined
@@ -245,6 +246,7 @@ def pipeline_options(pipeline, options: Options) -> Options:
     cuda = pipeline.device.type == "cuda"
     return replace(options, streaming=getattr(pipeline, "offload", "none") == "blocks",
                    checkpoint=getattr(pipeline, "ckpt_dir", None) is not None,
+                   fp8_files=getattr(getattr(pipeline, "expert_files", None), "kind", "") == "fp8",
                    resident_gb=resident_gb(pipeline) if cuda else None,
                    weights_dtype=str(next(experts[0].parameters()).dtype).replace("torch.", ""))
 
@@ -252,7 +254,8 @@ def pipeline_options(pipeline, options: Options) -> Options:
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
-             fp8: bool | None = None, parallel: ParallelRequest | None = None, **patch_kw) -> Optimized:
+             fp8: bool | None = None, parallel: ParallelRequest | None = None, t5_release: bool | None = None,
+             **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
@@ -263,14 +266,16 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy,
     the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
     were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
-    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process).
+    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the
+    text encoder's weights are freed after encoding and read again for the next video (None: the
+    preset's; `WanT2V.t5_release`).
     Every decision is wan_triton.plan.plan()'s; a combination its table refuses is a PlanError
     (an AccelError) naming the arguments.
     """
     p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
     options = Options(triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32,
                       use_batched_cfg=use_batched_cfg, attention=attention, offload=offload, host_ram=host_ram,
-                      fp8=fp8, parallel=parallel or ParallelRequest())
+                      fp8=fp8, parallel=parallel or ParallelRequest(), t5_release=t5_release)
     return optimize_options(pipeline, p, options, **patch_kw)
 
 
@@ -315,6 +320,10 @@ def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
             ensure_registered(run.attention)
             att.set_backend(run.attention)
     pipeline.use_batched_cfg = run.use_batched_cfg
+    encoder = getattr(pipeline, "text_encoder", None)
+    if run.t5_release and getattr(encoder, "source", None) is None:
+        log.warning("t5_release: this text encoder cannot be read again (no source), so it stays loaded")
+    pipeline.t5_release = run.t5_release and getattr(encoder, "source", None) is not None
     if run.offload == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
         try:
             pipeline.enable_block_streaming(host_ram=run.host_ram)

@@ -368,6 +368,9 @@ def _validate(args):
         raise CLIError("the chart needs matplotlib: pip install matplotlib "
                        "(or install wan-triton with the [bench] extra)") from None
     req = parse_request(args, implied_task(args))
+    if req.extra.get("fp8_dir") and args.mode != "optimized":
+        raise CLIError("--fp8_dir loads fp8 experts, and the reference mode runs the official bf16 ones: use --fp8 "
+                       "(quantized after the reference run) or --mode optimized")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")

@@ -22,6 +22,7 @@ from wan.lora import apply_loras
 from wan.pipeline import WanT2V
 
 from .accel import Optimized, optimize_options
+from .fp8_files import fp8_expert_files
 from .lora_flags import lora_specs
 from .plan import RunPlan
 
@@ -69,9 +70,14 @@ def build_pipeline(req, cleanup: ExitStack, *, stream: bool, t5_cpu: bool | None
     if req.ckpt_dir is None:
         pipe = WanT2V.from_preset(req.config, device=device, t5_cpu=t5_cpu, offload="blocks" if stream else None)
     else:  # with host RAM low the low-noise expert is read at the switch only
+        files = None
+        if req.extra.get("fp8_dir"):  # fp8 expert files, converted once from the checkpoint's experts
+            files = fp8_expert_files(req.ckpt_dir, req.extra["fp8_dir"], req.config, progress=progress,
+                                     dtype=req.config.param_dtype if req.convert_model_dtype else None)
         pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=device, t5_cpu=t5_cpu,
                                       convert_model_dtype=req.convert_model_dtype, progress=progress,
-                                      offload="blocks" if stream else None, host_ram=run.host_ram)
+                                      offload="blocks" if stream else None, host_ram=run.host_ram,
+                                      expert_files=files)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     apply_loras(pipe, list(loras))  # merged first: kernels, fp8, compile, streaming and FSDP see the merged weights

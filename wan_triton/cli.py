@@ -92,6 +92,9 @@ def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) 
       help="with --ckpt_dir: store the DiT weights in bf16 (official flag; default: as stored, fp32)")
     a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     a("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    a("--t5_release", dest="t5_release", action="store_true", default=None,
+      help="free the text encoder's weights after encoding (read again for the next video): its 11.4 GB are free "
+           "while the DiT and the VAE run (default: the preset's; rtx4090: on)")
 
 
 def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: str, guidance: bool = True) -> None:
@@ -153,6 +156,11 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
     a("--fp8", action="store_true", help="lossy: the DiT blocks' linears in fp8 e4m3 (per-channel weights, per-token "
                                          "activations; half the expert weight bytes; GPUs of compute capability "
                                          ">= 8.9; docs/fp8.md) (default: off, bf16 as official)")
+    a("--fp8_dir", default=None, metavar="DIR",
+      help="implies --fp8: read the experts from fp8 expert files in DIR, written there once from --ckpt_dir's "
+           "(block by block, ~14 GB per expert) and re-used by later runs; block streaming then reads the e4m3 "
+           "blocks from them (--host_ram low: ~14 GB of host RAM for the DiT) (default: none, the experts are "
+           "quantized in memory after loading; docs/fp8.md)")
 
 
 def add_offload_flags(p: argparse.ArgumentParser) -> None:
@@ -188,7 +196,7 @@ EXTRA_GROUPS["offload"] = _check_offload
 def _check_host_ram(args) -> str | None:
     """--host_ram {auto,high,low} (block streaming's host memory mode), or None. The plan's rules
     hold: it needs block streaming (asked, or the preset's); low needs checkpoint files
-    (--ckpt_dir) to re-read an expert from, and undoes --fp8."""
+    (--ckpt_dir) to re-read an expert from, with --fp8 fp8 expert files (--fp8_dir)."""
     mode = getattr(args, "host_ram", None)
     if mode is not None:
         plan_request(args, check_device(getattr(args, "device", None)), getattr(args, "preset", None) or "none")
@@ -196,6 +204,18 @@ def _check_host_ram(args) -> str | None:
 
 
 EXTRA_GROUPS["host_ram"] = _check_host_ram
+
+
+def _check_fp8_dir(args) -> str | None:
+    """--fp8_dir DIR (fp8 expert files written from --ckpt_dir's experts, wan_triton.fp8_files), or None."""
+    folder = getattr(args, "fp8_dir", None)
+    if folder is not None and not getattr(args, "ckpt_dir", None):
+        raise CLIError("--fp8_dir holds fp8 files written from --ckpt_dir's experts: give --ckpt_dir (random "
+                       "weights have no files)")
+    return folder
+
+
+EXTRA_GROUPS["fp8_dir"] = _check_fp8_dir
 
 
 # ------------------------------------------------------------------ the request
@@ -376,8 +396,9 @@ def request_options(args):
                    host_ram=g("host_ram"), t5_cpu=bool(g("t5_cpu")), triton=False if g("no_triton") else None,
                    compile=g("compile"), compile_mode=g("compile_mode", "default"),
                    tf32=True if g("tf32") else None, use_batched_cfg=True if g("use_batched_cfg") else None,
-                   attention=g("attention"), fp8=True if g("fp8") else None, parallel=parallel_request(args),
-                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")))
+                   attention=g("attention"), fp8=True if g("fp8") or g("fp8_dir") else None,
+                   parallel=parallel_request(args), loras=any(g(name) for name in ("lora", "lora_high", "lora_low")),
+                   checkpoint=bool(g("ckpt_dir")), fp8_files=bool(g("fp8_dir")), t5_release=g("t5_release"))
 
 
 def plan_request(args, device, preset: str):

@@ -25,6 +25,8 @@ FLAGS = {
     "timeout": ("--dist_timeout", True),
     "tf32": ("--tf32", False),
     "fp8": ("--fp8", False),
+    "fp8_dir": ("--fp8_dir", True),
+    "t5_release": ("--t5_release", False),
     "preset": ("--preset", True),
     "ckpt_dir": ("--ckpt_dir", True),
 }

@@ -90,8 +90,9 @@ RULES = {
                                 "{a} re-reads the idle expert from its checkpoint files, and {b} have none: give "
                                 "ckpt_dir=<folder>"),
     "host_ram_low/fp8": Rule("host_ram='low'", "fp8=True",
-                             "{a} re-reads the idle expert from its bf16 files, which would undo {b}: use "
-                             "host_ram='high' (fp8 experts need half the host memory)"),
+                             "{a} re-reads the idle expert from its files, and with {b} those must be fp8 expert "
+                             "files (the checkpoint's are bf16): give fp8_dir=<folder> (written there once), or use "
+                             "host_ram='high'"),
     "offload/dit_fsdp": Rule("offload_model=True / offload='model' / offload='blocks'", "dit_fsdp=True",
                              "{a} cannot be combined with {b} (the sharded experts stay on the GPUs); drop one "
                              "of them"),
@@ -163,6 +164,8 @@ class Options:
     fp8: bool | None = None              # True quantizes, False dequantizes, None leaves the experts
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     loras: bool = False                  # LoRAs will be merged into the experts
+    fp8_files: bool = False              # the experts are read from fp8 expert files (fp8_dir; wan_triton.fp8_files)
+    t5_release: bool | None = None       # free the text encoder after encoding (re-read per video); None: the preset
     checkpoint: bool | None = None       # weights come from files (None: not known yet)
     # the state of an existing pipeline
     streaming: bool = False              # its blocks stream already
@@ -174,9 +177,10 @@ class Options:
 class RunPlan:
     """Every decision of a run. `offload`: 'none', 'model' (the idle expert waits in host memory)
     or 'blocks' (streamed); `stream_from_load`: block streaming starts while loading (nothing has
-    to see a whole expert first: no LoRA, no fp8, no sharding); LoRAs always merge first, before
-    fp8 and block streaming (`build_pipeline` applies them right after loading). `warnings`:
-    lines for the log (a decision the user may not expect)."""
+    to see a whole expert first: no LoRA, no sharding, fp8 only from fp8 expert files); LoRAs
+    always merge first, before fp8 and block streaming (`build_pipeline` applies them right after
+    loading). `t5_release`: the text encoder's weights are freed after encoding, read again for
+    the next video. `warnings`: lines for the log (a decision the user may not expect)."""
     preset: object                       # the Preset it was made with
     options: Options
     device: DeviceInfo
@@ -192,6 +196,7 @@ class RunPlan:
     fp8: bool | None = None
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     stream_from_load: bool = False
+    t5_release: bool = False
     warnings: tuple = ()
 
     @property
@@ -323,7 +328,7 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
             _refuse("host_ram/offload", a=f"host_ram={o.host_ram!r}", b=f"offload={offload!r}")
         if o.host_ram == "low" and o.checkpoint is False:
             _refuse("host_ram_low/random")
-        if o.host_ram == "low" and o.fp8:
+        if o.host_ram == "low" and o.fp8 and not o.fp8_files:
             _refuse("host_ram_low/fp8")
 
     batched = bool(p.use_batched_cfg if o.use_batched_cfg is None else o.use_batched_cfg) and not par.cfg_parallel
@@ -333,5 +338,7 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         triton=bool(p.triton if o.triton is None else o.triton), compile=compile_, compile_mode=o.compile_mode,
         tf32=bool(p.tf32 if o.tf32 is None else o.tf32) and cuda, use_batched_cfg=batched,
         attention=o.attention, fp8=o.fp8, parallel=par,
-        stream_from_load=offload == "blocks" and cuda and not o.streaming and not o.loras and not o.fp8,
+        stream_from_load=(offload == "blocks" and cuda and not o.streaming and not o.loras
+                          and (not o.fp8 or o.fp8_files)),
+        t5_release=bool(p.t5_release if o.t5_release is None else o.t5_release) and not par.t5_fsdp,
         warnings=tuple(warnings))
