@@ -595,3 +595,24 @@ def test_pipeline_streaming_needs_cuda_as_the_cli_says(tmp_path):
     with pytest.raises(PlanError, match=r"^offload='blocks' needs a CUDA GPU, and none is in use \(device cpu\)$"):
         plan(Options(offload="blocks"), None, DeviceInfo())
     check_offload_device("none", "cpu")  # nothing to move: fine anywhere
+
+
+def test_pin_failure_keeps_blocks_pageable_not_rounded_up(seed, monkeypatch, caplog):
+    """cudaHostRegister refused: the blocks stay in pageable memory, exactly their bytes (torch's
+    pinned allocator would round each block up to a power of two: 0.70 -> 1.07 GB per A14B block,
+    86 GB locked for two experts), one warning; the output is still the resident model's."""
+    import logging
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(cudaError=types.SimpleNamespace(success=0),
+                                 cudaHostRegister=lambda ptr, n, flags: calls.append(n) or 712)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pytest.fail("pinned through torch"))
+    ref, m = _pair(torch.float32, seed)
+    x, t, ctx = _inputs(seed)
+    with caplog.at_level(logging.WARNING, logger="wan.offload"):
+        h = enable_block_streaming(m, "cpu", ring=2, pin=True)
+    assert len(calls) == LAYERS and h.ledger.current == sum(h.sizes) == sum(calls)
+    assert len([r for r in caplog.records if "cudaHostRegister failed" in r.getMessage()]) == 1
+    assert torch.equal(_run(m, torch.float32, x, t, ctx), _run(ref, torch.float32, x, t, ctx))

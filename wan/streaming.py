@@ -197,19 +197,23 @@ class BlockStreamer:
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         """A byte buffer in host memory, page-locked when `pin`. Pinning registers a plain
         allocation (cudaHostRegister) rather than asking torch's pinned allocator, which rounds
-        every request up to a power of two (a 0.70 GB block would lock 1.07 GB)."""
+        every request up to a power of two (a 0.70 GB block would lock 1.07 GB: 86 GB for two A14B
+        experts instead of 56). Where registering fails, the buffer stays pageable (copies run at
+        pageable speed, ~7 GB/s, still behind a 720p block's compute) rather than locking that much
+        more memory that the host can never reclaim; said once."""
         flat = torch.empty(nbytes, dtype=torch.uint8)
         self.ledger.add(nbytes)
         if not self.pin:
             return flat
         rt = torch.cuda.cudart()
-        if rt.cudaHostRegister(flat.data_ptr(), nbytes, 0) == rt.cudaError.success:
+        err = rt.cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        if err == rt.cudaError.success:
             self._registered.add(flat.data_ptr())
-            return flat
-        if not self._warned_pin:
-            log.warning("cudaHostRegister failed: pinning through torch's allocator (rounds sizes up to 2^k)")
+        elif not self._warned_pin:
+            log.warning("cudaHostRegister failed (%s): the %s expert's blocks stay in pageable host memory (host-to-GPU "
+                        "copies at pageable speed)", err, self.label)
             self._warned_pin = True
-        return flat.pin_memory()
+        return flat
 
     def _free_host(self, i: int) -> None:
         """Drop block i's host buffer (unregistering it first when it was registered)."""

@@ -18,12 +18,13 @@ dtype the weights were cast to before quantizing), and `ensure_fp8_expert` re-us
 that source.
 
 `convert_expert` reads the source one tensor at a time (each file opened for one tensor, so at
-most one tensor's pages are mapped), quantizes each block linear's weight on the GPU when there
-is one (the same bits as on the CPU: wan_triton.fp8.quantize_weight) and writes shards of at most
-`max_shard_bytes`: its host memory peak is about one shard plus one source tensor, never an
-expert. It writes into a temporary folder next to the destination and renames it at the end:
-an interrupted conversion leaves no folder that looks finished. The result loads bit-identical
-to `quantize_model` of the same expert loaded in `dtype` (tested).
+most one tensor's pages are mapped) and hands it to `write_fp8_folder`, which quantizes each
+block linear's weight on the GPU when there is one (the same bits as on the CPU:
+wan_triton.fp8.quantize_weight) and writes shards of at most `max_shard_bytes` as they fill: the
+host memory peak is about one shard plus one tensor, never an expert. It writes into a temporary
+folder next to the destination and renames it at the end: an interrupted conversion leaves no
+folder that looks finished (bench/bench_offload.py writes random A14B experts through it). The
+result loads bit-identical to `quantize_model` of the same expert loaded in `dtype` (tested).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from .fp8 import BLOCK_LINEARS, FP8_DTYPE, Fp8Error, Fp8Linear, GeluQuantFp8, _b
 log = logging.getLogger("wan_triton")
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save_fp8", "load_fp8", "load_fp8_without_blocks", "convert_expert",
-           "ensure_fp8_expert", "fp8_expert_files"]
+           "write_fp8_folder", "fp8_block_keys", "ensure_fp8_expert", "fp8_expert_files"]
 
 FORMAT_NAME = "wan-triton-fp8"
 FORMAT_VERSION = 1
@@ -133,19 +134,78 @@ def _source_fingerprint(src: Path, dtype) -> dict:
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else "as stored"}
 
 
-def _out_bytes(key: str, shape, stored: torch.dtype, dtype, fp8_keys: set) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    if key in fp8_keys:
-        return n + shape[0] * 4  # e4m3 codes + fp32 scales
-    return n * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
-
-
 def _read(fname: str, key: str) -> torch.Tensor:
     """One tensor, copied out of its file (the file is mapped only while it is read)."""
     with safe_open(fname, framework="pt", device="cpu") as f:
         return f.get_tensor(key)
+
+
+def fp8_block_keys(num_layers: int) -> set:
+    """The weights that are stored in e4m3 (with a `_scale` beside each): the 10 linears of each block."""
+    return {f"blocks.{i}.{p}.weight" for i in range(num_layers) for p in BLOCK_LINEARS}
+
+
+def write_fp8_folder(dst, raw_config: dict, items, dtype=None, compute_device=None,
+                     max_shard_bytes: int = CONVERT_SHARD_BYTES, source: dict | None = None) -> Path:
+    """Write an fp8 expert folder from `items`, an iterable of (key, tensor) over every tensor of an
+    expert (consumed one at a time): floating tensors cast to `dtype` (None: as they are), the block
+    linears' weights quantized on `compute_device` (default: the GPU when there is one), shards of
+    at most `max_shard_bytes` (or one tensor) written as they fill, then the index, the config with
+    its quantization entry (and `source`), and one rename of the finished folder."""
+    dst = Path(dst)
+    if FP8_DTYPE is None:
+        raise Fp8Error(f"torch {torch.__version__} has no float8_e4m3fn")
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists already: remove it, or use ensure_fp8_expert to re-use it")
+    if compute_device is None:
+        compute_device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp8_keys = fp8_block_keys(DiTConfig.from_dict(raw_config).num_layers)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards, cur, size = [], {}, 0
+
+        def flush():
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(cur, str(tmp / name), metadata={"format": "pt"})
+            shards.append((name, {k: v.numel() * v.element_size() for k, v in cur.items()}))
+
+        for k, t in items:
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            if k in fp8_keys:
+                q, sc = quantize_weight(t.to(compute_device))
+                out = {k: q.cpu(), k + "_scale": sc.cpu()}
+            else:
+                out = {k: t.detach().to("cpu").contiguous()}
+            n = sum(v.numel() * v.element_size() for v in out.values())
+            if cur and size + n > max_shard_bytes:
+                flush()
+                cur, size = {}, 0
+            cur.update(out)
+            size += n
+        if cur or not shards:
+            flush()
+        del cur
+        n = len(shards)
+        names = [WEIGHTS_NAME] if n == 1 else [f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors"
+                                                for i in range(1, n + 1)]
+        weight_map, total = {}, 0
+        for (tmp_name, sizes), name in zip(shards, names):
+            os.replace(tmp / tmp_name, tmp / name)
+            weight_map.update(dict.fromkeys(sizes, name))
+            total += sum(sizes.values())
+        if len(shards) > 1:
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(raw_config, quantization=_quantization_entry(source)),
+                                                  indent=2))
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 def convert_expert(src, dst, dtype=None, compute_device=None, max_shard_bytes: int = CONVERT_SHARD_BYTES,
@@ -154,71 +214,26 @@ def convert_expert(src, dst, dtype=None, compute_device=None, max_shard_bytes: i
     floating tensor cast to `dtype` first (None: as stored; the experts' bf16 with
     convert_model_dtype), each block linear's weight quantized per output channel. Returns `dst`."""
     src, dst = Path(src), Path(dst)
-    if FP8_DTYPE is None:
-        raise Fp8Error(f"torch {torch.__version__} has no float8_e4m3fn")
-    if dst.exists():
-        raise CheckpointError(f"{dst} exists already: remove it, or use ensure_fp8_expert to re-use it")
     raw = read_dit_config(src)
     if "quantization" in raw:
         raise CheckpointError(f"{src} holds quantized weights already")
-    if compute_device is None:
-        compute_device = "cuda" if torch.cuda.is_available() else "cpu"
-    num_layers = DiTConfig.from_dict(raw).num_layers
-    fp8_keys = {f"blocks.{i}.{p}.weight" for i in range(num_layers) for p in BLOCK_LINEARS}
-    file_of, info_of = {}, {}
-    for fname in dit_weight_files(src):
-        for k, info in safetensors_header(fname).items():
-            file_of[k], info_of[k] = fname, info
-    missing = sorted(fp8_keys - set(file_of))
+    file_of = {k: fname for fname in dit_weight_files(src) for k in safetensors_header(fname)}
+    missing = sorted(fp8_block_keys(DiTConfig.from_dict(raw).num_layers) - set(file_of))
     if missing:
         raise CheckpointError(f"{src} has no {missing[0]}: not an expert of this layout")
-    shards, cur, size = [], [], 0  # keys per shard, in the files' order
-    for k, info in info_of.items():
-        n = _out_bytes(k, info.shape, info.torch_dtype or torch.float32, dtype, fp8_keys)
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += n
-    shards.append(cur)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = ([WEIGHTS_NAME] if len(shards) == 1 else
-             [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    bar = tqdm(total=len(info_of), desc=f"fp8 convert {src.name}", unit="tensor", leave=False,
+    bar = tqdm(total=len(file_of), desc=f"fp8 convert {src.name}", unit="tensor", leave=False,
                disable=not progress, dynamic_ncols=True)
+
+    def items():
+        for k, fname in file_of.items():
+            yield k, _read(fname, k)
+            bar.update(1)
+
     try:
-        weight_map, total = {}, 0
-        for name, keys in zip(names, shards):
-            out = {}
-            for k in keys:
-                t = _read(file_of[k], k)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                if k in fp8_keys:
-                    q, s = quantize_weight(t.to(compute_device))
-                    out[k], out[k + "_scale"] = q.cpu(), s.cpu()
-                else:
-                    out[k] = t.contiguous()
-                bar.update(1)
-            save_file(out, str(tmp / name), metadata={"format": "pt"})
-            for k, v in out.items():
-                weight_map[k] = name
-                total += v.numel() * v.element_size()
-            del out
-        if len(shards) > 1:
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2))
-        cfg = dict(raw, quantization=_quantization_entry(_source_fingerprint(src, dtype)))
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return write_fp8_folder(dst, raw, items(), dtype, compute_device, max_shard_bytes,
+                                source=_source_fingerprint(src, dtype))
     finally:
         bar.close()
-    return dst
 
 
 def ensure_fp8_expert(src, dst, dtype=None, compute_device=None, progress: bool = True) -> Path:
