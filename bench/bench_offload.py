@@ -1,28 +1,36 @@
 """Block streaming (wan.streaming) on one GPU under emulated memory caps: step time vs resident,
 peak GPU memory, peak host RSS, H2D bandwidth, and a 2-step generation bit-identical to resident.
 
-    python -m bench.bench_offload --out bench/out/offload_h200.json                  # ~5-6 min on an H200
+    python -m bench.bench_offload --sizes 1280*720 --caps 24 --out bench/out/offload.json   # ~4 min, H100/H200
     python -m bench.bench_offload --layers 4 --sizes 832*480 --caps 24 --gen_size 832*480   # ~1 min smoke
-    python -m bench.bench_offload --video --out bench/out/offload_video24.json          # ~4 min on an H200
+    python -m bench.bench_offload --video --weights fp8 --host_ram low --out bench/out/video24_fp8_low.json
+    python -m bench.bench_offload --video --weights bf16 --host_ram high --out bench/out/video24_bf16.json
 
-`--video`: the whole pipeline under one 24 GB cap, set before anything is built: T5 on the CPU
-(`t5_cpu`, timed), a 4-step 1280x720x81 generation through `WanT2V.generate` with block
-streaming that crosses the expert switch (2 high-noise + 2 low-noise steps: the boundary is
-moved for this, the official 0.875 gives 3 + 1 at 4 steps), then the fp32 VAE decode within the
-cap; per phase max_memory_allocated / max_memory_reserved, time per step, peak host RSS, and the
-40-step video time PROJECTED from the measured step time (T5 + 40 x median step + decode). Then the
-host-RAM-low switch: `--reload_blocks` blocks of the low-noise expert are written in the official
-layout to a temp folder on local disk (`--tmp`), dropped from the page cache (fadvise), and
-re-read into pinned memory through `wan.hostmem.ExpertSource` (cold, then warm); the 40-block
-switch time is extrapolated from them (labelled so) unless `--reload_blocks 40`.
+`--video` (bench/_offload_video.py): the whole 720p pipeline under one 24 GB cap, set before
+anything is built: T5 (on the GPU and freed after encoding, or on the CPU), a 4-step
+1280x720x81 generation through `WanT2V.generate` with block streaming that crosses the expert
+switch, the fp32 decode; bf16 or fp8 experts (fp8 expert files written once into `--tmp`),
+host RAM high or low; then one step of the high-noise expert resident, against the same step
+streamed.
 
-Random A14B weights (bf16, both experts built on the GPU, then their blocks move to pinned host
-memory). Text contexts are random tensors of the T5's width: the text encoder is not part of the
-budget (the 24/40 GB presets run it on the CPU, `--t5_cpu`). A cap of C GB is emulated with
-`torch.cuda.set_per_process_memory_fraction(C * 1e9 / total)`; this bounds what the caching
-allocator may reserve (the CUDA context, ~0.5 GB, is outside it, so C GB of cap stands for a
-card with a little more than C GB: 24 GB < a 4090's 25.3 GB). A step is the cond + uncond pair
-of batch-1 forwards the pipeline makes, with the high-noise expert.
+Host memory (bench/_host.py): each run says first what it will hold in host memory and refuses
+(exit 2, one line) when that does not fit what the host can give minus a margin; a thread
+samples the process's RSS (anonymous and file-backed parts) and stops the run (exit 3) if the
+memory it cannot give back passes that limit; the host peak is printed after each phase and at
+the end, and the JSON is written as the run goes. Why this matters: pinned (page-locked) host
+memory can never be reclaimed; two bf16 experts pin 56 GB, and where cudaHostRegister failed the
+streamer used to pin through torch's allocator, which rounds each 0.70 GB block up to 1.07 GB
+(86 GB for two experts) - enough, with the rest of a 128 GB machine's load, to leave the host no
+memory to answer with (the 2026-12-04 run; its cause was not captured). The streamer now keeps
+such blocks pageable instead (wan/streaming.py).
+
+Default mode: random A14B weights (bf16; each expert built block by block, then moved to the GPU:
+no float32 copy of an expert on the GPU), both experts resident for the reference step, then
+their blocks move to pinned host memory. Text contexts are random tensors of the T5's width. A
+cap of C GB is emulated with `torch.cuda.set_per_process_memory_fraction(C * 1e9 / total)`;
+this bounds what the caching allocator may reserve (the CUDA context, ~0.5 GB, is outside it,
+so C GB of cap stands for a card with a little more than C GB: 24 GB < a 4090's 25.3 GB). A step
+is the cond + uncond pair of batch-1 forwards the pipeline makes, with the high-noise expert.
 """
 from __future__ import annotations
 
@@ -30,24 +38,19 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench._host import HostGuard, status_gb
+from bench._offload_video import add_video_args, expert_block_bytes, run_video
+
 
 def _host_status(key: str) -> float:
-    """VmRSS / VmHWM of this process in GB (0 when unreadable)."""
-    try:
-        with open(f"/proc/{os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return 0.0
+    """VmRSS / VmHWM / RssAnon ... of this process in GB (0 when unreadable)."""
+    return status_gb().get(key, 0.0)
 
 
 def _gb(n: int) -> float:
@@ -85,7 +88,7 @@ def step(model, x, ctx_c, ctx_u, t, seq_len):
     """One denoising step's forwards (cond, uncond), as WanT2V._guided makes them; seconds and outputs."""
     _sync()
     t0 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
         c = model([x[0]], t, [ctx_c[0]], seq_len=seq_len)[0]
         u = model([x[0]], t, [ctx_u[0]], seq_len=seq_len)[0]
     _sync()
@@ -140,21 +143,24 @@ def main(argv=None) -> int:
     ap.add_argument("--video", action="store_true", help="the whole 720p pipeline under one cap (see the docstring)")
     ap.add_argument("--cap", type=float, default=24.0, help="--video: the emulated GPU size in GB")
     ap.add_argument("--video_steps", type=int, default=4, help="--video: steps run (half high-noise, half low)")
-    ap.add_argument("--reload_blocks", type=int, default=4,
-                    help="--video: blocks re-read to time the host-RAM-low switch (40 = a whole expert; 0 skips)")
-    ap.add_argument("--tmp", default=None, help="--video: local-disk folder for the re-read files (default: $TMPDIR)")
+    ap.add_argument("--tmp", default=None, help="--video: local-disk folder for the expert files (default: "
+                                                "bench/out/tmp; not tmpfs)")
+    ap.add_argument("--host_limit_gb", type=float, default=None,
+                    help="host memory this run may hold (default: what the host can give at the start minus "
+                         "max(8 GB, 10 %%)); the run refuses or stops beyond it")
+    add_video_args(ap)
     ap.add_argument("--smoke_cpu", action="store_true", help=argparse.SUPPRESS)  # --video's flow on the tiny model
     args = ap.parse_args(argv)
     if args.video and args.smoke_cpu:
-        return run_video(args)
+        return run_video(args, _set_cap)
     if not torch.cuda.is_available():
         print("bench_offload: error: needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.video:
-        if args.video_steps < 2 or args.reload_blocks < 0:
-            print("bench_offload: error: --video_steps must be >= 2 and --reload_blocks >= 0", file=sys.stderr)
+        if args.video_steps < 2:
+            print("bench_offload: error: --video_steps must be >= 2", file=sys.stderr)
             return 2
-        return run_video(args)
+        return run_video(args, _set_cap)
     if args.out is None:
         args.out = "bench/out/offload.json"
     out_path = Path(args.out)
@@ -164,8 +170,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from bench._expert import expert_inputs
     from wan.configs import T2V_A14B
-    from wan.dit import WanModel
-    from wan.offload import switch_experts
+    from wan.offload import build_streamable_expert, switch_experts
 
     if args.triton:
         import wan_triton
@@ -179,15 +184,24 @@ def main(argv=None) -> int:
                triton=args.triton, ring=args.ring, layers=dit.num_layers, frame_num=args.frame_num,
                caps_gb=caps, rows=[], generation=None)
 
+    guard = HostGuard.start(args.host_limit_gb)
+    # host: an expert's blocks while it is built (then it moves to the GPU), later both experts' blocks pinned
+    if not guard.check(2 * expert_block_bytes(dit, "bf16") + 6e9, "both bf16 experts' blocks pinned + the process",
+                       hint="--layers N shortens the experts", prog="bench_offload"):
+        return 2
     t0 = time.perf_counter()
-    high = WanModel.from_config(dit, device="cuda", dtype=torch.bfloat16, seed=1, zero_head=False)
-    low = WanModel.from_config(dit, device="cuda", dtype=torch.bfloat16, seed=2, zero_head=False)
+    high = build_streamable_expert(dit, "cuda", torch.bfloat16, seed=1).to("cuda")  # block by block: no fp32 expert
+    low = build_streamable_expert(dit, "cuda", torch.bfloat16, seed=2).to("cuda")
     wbytes = sum(p.numel() * p.element_size() for p in high.parameters())
     bbytes = sum(p.numel() * p.element_size() for p in high.blocks[0].parameters())
     res.update(expert_gb=_gb(wbytes), block_gb=_gb(bbytes), build_s=time.perf_counter() - t0)
     res["h2d"] = h2d_bandwidth(bbytes)
     print(f"experts built in {res['build_s']:.1f}s: {_gb(wbytes):.2f} GB each, block {_gb(bbytes):.3f} GB; "
-          f"H2D {res['h2d']}", flush=True)
+          f"H2D {res['h2d']}; {guard.line()}", flush=True)
+
+    def save():
+        res["host"] = guard.report()
+        out_path.write_text(json.dumps(res, indent=2))
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     inputs = {s: expert_inputs(*s, args.frame_num, "cuda", gen) for s in sizes}
@@ -204,7 +218,8 @@ def main(argv=None) -> int:
         row = dict(mode="resident", cap_gb=None, size=f"{s[0]}*{s[1]}", step_s=sec, equal=True, **pk,
                    one_expert_peak_gb=pk["peak_alloc_gb"] - _gb(wbytes))  # what a one-expert-resident run needs
         res["rows"].append(row)
-        print(row, flush=True)
+        print(row, f"| {guard.line()}", flush=True)
+        save()
 
     # 2. the resident 2-step generation (latents are the reference)
     pipe = None
@@ -246,6 +261,8 @@ def main(argv=None) -> int:
     res.update(pin_s=time.perf_counter() - t0, host_rss_before_pin_gb=rss0,
                host_rss_after_pin_gb=_host_status("VmRSS"), pinned_gb=_gb(sum(h.host_bytes for h in handles)),
                gpu_alloc_after_pin_gb=_gb(torch.cuda.memory_allocated()))
+    save()
+    print(f"{guard.line()}", flush=True)
     print(f"streaming on in {res['pin_s']:.1f}s: {res['pinned_gb']:.1f} GB pinned, host RSS "
           f"{rss0:.1f} -> {res['host_rss_after_pin_gb']:.1f} GB, GPU now {res['gpu_alloc_after_pin_gb']:.2f} GB",
           flush=True)
@@ -278,7 +295,8 @@ def main(argv=None) -> int:
             if row.get("step_s"):
                 row["slowdown_pct"] = 100 * (row["step_s"] / ref["step_s"] - 1)
             res["rows"].append(row)
-            print(row, flush=True)
+            print(row, f"| {guard.line()}", flush=True)
+            save()
 
     # 4. the 2-step generation under the smallest cap: latents must equal the resident run's
     if pipe is not None:
@@ -303,9 +321,11 @@ def main(argv=None) -> int:
         except torch.cuda.OutOfMemoryError as err:
             g.update(cap_gb=cap, oom=str(err).splitlines()[0][:200])
             torch.cuda.empty_cache()
-        print(g, flush=True)
+        print(g, f"| {guard.line()}", flush=True)
+        save()
     _set_cap(None, total)
-    res["host_peak_rss_gb"] = _host_status("VmHWM")
+    guard.stop()
+    res["host_peak_rss_gb"] = max(guard.report()["peak_rss_gb"], _host_status("VmHWM"))
 
     # table
     print(f"\n{res['gpu']} | A14B expert {res['expert_gb']:.1f} GB, block {res['block_gb']:.2f} GB | "
@@ -327,214 +347,10 @@ def main(argv=None) -> int:
               f"{g.get('latents_equal')} | streamed peak {g.get('streamed_peak_reserved_gb', math.nan):.1f} GB "
               f"reserved under {g.get('cap_gb')} GB | decode {g.get('decode_s', math.nan):.1f}s peak "
               f"{g.get('decode_peak_reserved_gb', math.nan):.1f} GB reserved")
-    out_path.write_text(json.dumps(res, indent=2))
+    print(guard.line())
+    save()
     print(f"wrote {out_path}")
     return 0
-
-
-def _phase(res: dict, name: str, t0: float) -> None:
-    """Record a phase's seconds, GPU peaks (since the last reset) and host RSS, then reset."""
-    _sync()
-    res["phases"][name] = dict(s=time.perf_counter() - t0, **_peaks(), host_rss_gb=_host_status("VmRSS"))
-    _reset_peak()
-
-
-def time_reload(high_or_low, dit, n: int, tmp: str | None, device="cuda") -> dict:
-    """The host-RAM-low switch on `n` blocks: write them (official layout: config-less single
-    safetensors file of `blocks.*` keys, all ExpertSource reads), drop them from the page cache,
-    re-read into pinned memory (cold), evict, re-read again (warm)."""
-    import tempfile
-
-    import torch.nn as nn
-    from safetensors.torch import save_file
-
-    from wan.checkpoint import WEIGHTS_NAME
-    from wan.dit import WanModel
-    from wan.hostmem import ExpertSource
-    from wan.streaming import BlockStreamer
-
-    out = dict(blocks=n)
-    with tempfile.TemporaryDirectory(dir=tmp, prefix="wan_reload_") as folder:
-        t0 = time.perf_counter()
-        sd = {}
-        for i in range(n):
-            for name, p in high_or_low.blocks[i].named_parameters():
-                sd[f"blocks.{i}.{name}"] = p.detach().clone()  # views of one flat buffer cannot be saved as is
-        path = os.path.join(folder, WEIGHTS_NAME)
-        save_file(sd, path, metadata={"format": "pt"})
-        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
-        del sd
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: the next read comes from the disk
-        finally:
-            os.close(fd)
-        out.update(write_s=time.perf_counter() - t0, gb=_gb(nbytes), folder=folder)
-        with torch.device("meta"):  # the blocks' structure (dtype as streamed); storage comes from the files
-            holder = nn.Module()
-            holder.blocks = WanModel(dataclasses.replace(dit, num_layers=n)).blocks.to(next(
-                high_or_low.blocks.parameters()).dtype)
-        holder.blocks.to_empty(device="cpu")
-        h = BlockStreamer(holder, device, ring=1, source=ExpertSource(folder, holder), load=False,
-                          label="reload-test")
-        out["cold_s"] = h.reload()
-        t0 = time.perf_counter()
-        h.evict()
-        out["evict_s"] = time.perf_counter() - t0
-        out["warm_s"] = h.reload()
-        ok = all(torch.equal(p, high_or_low.blocks[i].get_parameter(name))
-                 for i in range(n) for name, p in holder.blocks[i].named_parameters())
-        out["equal"] = bool(ok)
-        out["ledger_peak_gb"] = _gb(h.ledger.peak)
-        h.remove("cpu")
-    full = dit.num_layers / n
-    out.update(expert_blocks=dit.num_layers, cold_gbps=out["gb"] / out["cold_s"], warm_gbps=out["gb"] / out["warm_s"],
-               switch_cold_s=(out["cold_s"] + out["evict_s"]) * full,
-               switch_warm_s=(out["warm_s"] + out["evict_s"]) * full, extrapolated=n < dit.num_layers)
-    return out
-
-
-def run_video(args) -> int:
-    """--video (see the module docstring)."""
-    import logging
-    import statistics
-
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    from wan.configs import T2V_A14B, get_config
-    from wan.offload import build_streamable_expert
-    from wan.pipeline import WanT2V
-    from wan.schedulers import make_scheduler
-    from wan.streaming import streamer_of
-    from wan.t5 import T5TextEncoder, byte_tokenizer
-    from wan.vae import WanVAE
-
-    out_path = Path(args.out or "bench/out/offload_video.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if args.triton:
-        import wan_triton
-        wan_triton.patch()
-    smoke = args.smoke_cpu  # the same flow on the tiny model on the CPU (tests); no cap, no GPU figures
-    dev = "cpu" if smoke else "cuda"
-    total = 0 if smoke else torch.cuda.get_device_properties(0).total_memory
-    _set_cap(args.cap, total)  # before anything is built: every phase runs under it
-    base = get_config("tiny") if smoke else T2V_A14B
-    (w, h), frames, steps = ((128, 128), 5, args.video_steps) if smoke else ((1280, 720), args.frame_num,
-                                                                              args.video_steps)
-    ts = make_scheduler("unipc", steps, base.sample_shift, "cpu", base.num_train_timesteps).timesteps
-    half = steps // 2
-    boundary = (float(ts[half - 1]) + float(ts[half])) / 2 / base.num_train_timesteps
-    cfg = dataclasses.replace(base, boundary=boundary)
-    if args.layers is not None:
-        cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=args.layers))
-    res = dict(gpu="cpu (smoke)" if smoke else torch.cuda.get_device_name(0), total_gb=_gb(total), cap_gb=args.cap,
-               torch=torch.__version__,
-               triton=args.triton, ring=args.ring, layers=cfg.dit.num_layers, size=f"{w}*{h}", frame_num=frames,
-               steps=steps, timesteps=[int(t) for t in ts], boundary=boundary, official_boundary=base.boundary,
-               phases={})
-    print(f"cap {args.cap:g} GB of {_gb(total):.1f}; {steps} steps {res['timesteps']}, boundary {boundary:.4f} "
-          f"(official {base.boundary}) -> {half} high-noise + {steps - half} low-noise", flush=True)
-
-    _reset_peak()
-    t0 = time.perf_counter()
-    # random umT5-xxl: initialised on the GPU (fast; 11 GB fits the cap), then moved to the CPU where it runs
-    t5 = T5TextEncoder.from_config(cfg, device=dev, dtype=cfg.t5_dtype, seed=0,
-                                   tokenizer=byte_tokenizer(cfg.t5.text_len))
-    t5.model.to("cpu")
-    if not smoke:
-        torch.cuda.empty_cache()
-    vae = WanVAE.from_config(cfg.vae, device=dev, dtype=torch.float32, seed=0)
-    low = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=1)
-    high = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=2)
-    pipe = WanT2V(cfg, t5, vae, low, high, device=dev, t5_cpu=True)
-    pipe._warn_if_cut = lambda what, text: None  # the byte tokenizer stands in for umT5's
-    handles = pipe.enable_block_streaming(ring=args.ring, allow_cpu=smoke)  # the CPU smoke run: the flow only
-    if not smoke:
-        torch.cuda.empty_cache()
-    _phase(res, "build", t0)
-    res["host_plan"] = pipe.host_plan.mode
-    res["pinned_gb"] = _gb(sum(x.host_bytes for x in handles))
-    print("build", res["phases"]["build"], f"pinned {res['pinned_gb']:.1f} GB", flush=True)
-
-    marks = {}
-    enc, dec = pipe.encode_text, pipe.vae.decode
-
-    def encode_text(prompts):  # T5 phase (on the CPU), timed per call
-        _sync()
-        t = time.perf_counter()
-        out = enc(prompts)
-        _sync()
-        marks.setdefault("t5_calls", []).append(time.perf_counter() - t)
-        if len(marks["t5_calls"]) == 2:  # both prompts done: the DiT phase starts here
-            res["phases"]["t5"] = dict(s=sum(marks["t5_calls"]), **_peaks(), host_rss_gb=_host_status("VmRSS"))
-            _reset_peak()
-        return out
-
-    def decode(z, progress=False):  # the DiT phase ends where the decode starts
-        _sync()
-        res["phases"]["denoise"] = dict(**_peaks(), host_rss_gb=_host_status("VmRSS"))
-        _reset_peak()
-        t = time.perf_counter()
-        v = dec(z, progress=progress)
-        _phase(res, "decode", t)
-        return v
-
-    pipe.encode_text, pipe.vae.decode = encode_text, decode
-    prompt = "a red fox runs through fresh snow at dawn, cinematic, 4k"
-    try:
-        video = pipe.generate(prompt, size=(w, h), frame_num=frames, sampling_steps=steps, seed=0, offload_model=False,
-                              progress=True)
-        tm = pipe.last_timings
-        res.update(ok=True, experts=tm.experts, step_s=tm.steps, text_encode_s=tm.text_encode, decode_s=tm.decode,
-                   total_s=tm.total, video_shape=list(video.shape), finite=bool(torch.isfinite(video).all()))
-        res["phases"]["denoise"]["s"] = tm.denoise
-        del video
-    except torch.cuda.OutOfMemoryError as err:
-        res.update(ok=False, oom=str(err).splitlines()[0][:300])
-        print("OOM:", res["oom"], flush=True)
-    res["fits"] = all(ph.get("peak_reserved_gb", 0) <= args.cap for ph in res["phases"].values())
-    if res.get("ok"):
-        med = statistics.median(res["step_s"])
-        res["projected_40_step_s"] = res["text_encode_s"] + 40 * med + res["decode_s"]
-        res["projection"] = "PROJECTED: T5 + 40 x median measured step + decode (not a 40-step run)"
-        res["median_step_s"] = med
-        s0 = streamer_of(high)
-        res["h2d_streamed_gb"] = _gb(sum(streamer_of(m).stats.bytes for m in (high, low)))
-        res["copies"] = s0.stats.copies
-    res["host_peak_rss_gb"] = _host_status("VmHWM")
-
-    if args.reload_blocks:
-        n = min(args.reload_blocks, cfg.dit.num_layers)
-        try:
-            res["reload"] = time_reload(low, cfg.dit, n, args.tmp, device=dev)
-        except OSError as err:
-            res["reload"] = dict(error=str(err)[:300])
-        print("reload", res["reload"], flush=True)
-    _set_cap(None, total)
-
-    print(f"\n{res['gpu']} under a {args.cap:g} GB cap | {cfg.name} {w}x{h}x{frames}, {steps} steps "
-          f"{res.get('experts')} (boundary {boundary:.3f}) | block streaming ring {args.ring}, host RAM "
-          f"{res['host_plan']} ({res['pinned_gb']:.1f} GB pinned)")
-    print(f"{'phase':<10}{'time s':>9}{'alloc GB':>10}{'resv GB':>9}{'host RSS GB':>12}")
-    for name, ph in res["phases"].items():
-        print(f"{name:<10}{ph.get('s', math.nan):>9.1f}{ph.get('peak_alloc_gb', math.nan):>10.1f}"
-              f"{ph.get('peak_reserved_gb', math.nan):>9.1f}{ph.get('host_rss_gb', math.nan):>12.1f}")
-    if res.get("ok"):
-        print(f"steps s: {', '.join(f'{x:.2f}' for x in res['step_s'])} (median {res['median_step_s']:.2f}) | "
-              f"T5 on CPU {res['text_encode_s']:.1f} s | decode {res['decode_s']:.1f} s | fits the cap: {res['fits']}")
-        print(f"40-step video, PROJECTED from the measured step: {res['projected_40_step_s']:.0f} s "
-              f"(= {res['text_encode_s']:.1f} + 40 x {res['median_step_s']:.2f} + {res['decode_s']:.1f})")
-    print(f"host peak RSS {res['host_peak_rss_gb']:.1f} GB")
-    r = res.get("reload")
-    if r and "error" not in r:
-        label = f"EXTRAPOLATED from {r['blocks']} blocks" if r["extrapolated"] else "measured"
-        print(f"host-RAM-low switch ({label}): re-read {r['gb']:.2f} GB cold {r['cold_s']:.2f} s "
-              f"({r['cold_gbps']:.1f} GB/s), warm {r['warm_s']:.2f} s ({r['warm_gbps']:.1f} GB/s), evict "
-              f"{r['evict_s']:.2f} s -> one {r['expert_blocks']}-block expert: {r['switch_cold_s']:.0f} s cold, "
-              f"{r['switch_warm_s']:.0f} s warm; bit-identical {r['equal']}")
-    out_path.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out_path}")
-    return 0 if res.get("ok") else 1
 
 
 if __name__ == "__main__":

@@ -545,20 +545,43 @@ def test_check_host_ram_on_cuda(monkeypatch):
         chk(offload=None, preset="h200")
 
 
-def test_bench_offload_video_flow_on_cpu(tmp_path):
-    """bench_offload --video's flow (cap, T5 on CPU, 4 steps across the switch, decode, JSON, the
-    re-read timing) on the tiny model on the CPU: the GPU run fails for no reason of flow."""
+@pytest.mark.parametrize("weights,host_ram", [("bf16", "high"), ("fp8", "low")])
+def test_bench_offload_video_flow_on_cpu(tmp_path, monkeypatch, weights, host_ram):
+    """bench_offload --video's flow (cap, T5 on the device and released, 4 steps across the switch,
+    decode, the resident step, JSON with the host figures) on the tiny model on the CPU: the GPU run
+    fails for no reason of flow. fp8 + host RAM low: the random experts are written as fp8 expert
+    files once (a second run re-uses them), the low-noise expert is read at the switch, the ledger
+    holds one expert's blocks."""
     import json
 
     from bench.bench_offload import main
 
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fp8 activations by the torch formula: fast, the same bits
+    monkeypatch.setenv("WAN_TRITON_STRICT", "0")
     out = tmp_path / "v.json"
-    assert main(["--video", "--smoke_cpu", "--no-triton", "--reload_blocks", "1", "--tmp", str(tmp_path),
-                 "--out", str(out)]) == 0
+    argv = ["--video", "--smoke_cpu", "--no-triton", "--weights", weights, "--host_ram", host_ram, "--tmp",
+            str(tmp_path / "files"), "--out", str(out)]
+    assert main(argv) == 0
     res = json.loads(out.read_text())
-    assert res["experts"] == ["high", "high", "low", "low"] and res["finite"]
-    assert set(res["phases"]) == {"build", "t5", "denoise", "decode"}
-    assert res["reload"]["equal"] and res["reload"]["extrapolated"] and "projected_40_step_s" in res
+    assert res["experts"] == ["high", "high", "low", "low"] and res["finite"] and res["t5_released"]
+    assert set(res["phases"]) == {"build", "t5", "denoise", "decode"} and "projected_40_step_s" in res
+    assert res["host_plan"] == host_ram and res["resident"]["outputs_equal"]
+    assert res["host"]["peak_rss_gb"] > 0 and res["host"]["limit_gb"] > res["host"]["peak_anon_gb"]
+    if weights == "fp8":
+        assert res["switch_reload_s"] > 0 and res["ledger_peak_gb"] == res["one_expert_held_gb"]
+        assert main(argv) == 0  # the expert files are re-used
+        assert json.loads(out.read_text())["fp8_files"]["high"]["write_s"] < res["fp8_files"]["high"]["write_s"]
+
+
+def test_bench_offload_refuses_what_the_host_cannot_hold(tmp_path, capsys):
+    """A run whose host memory does not fit the limit is one line, exit 2, before anything is built."""
+    from bench.bench_offload import main
+
+    argv = ["--video", "--smoke_cpu", "--no-triton", "--host_limit_gb", "0.5", "--out", str(tmp_path / "v.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs ~" in err[0] and "over the limit of 0.5 GB" in err[0]
+    assert not (tmp_path / "v.json").exists()
 
 
 def test_bench_offload_cap_without_gpu_total(monkeypatch):

@@ -28,7 +28,8 @@ from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_str
 log = logging.getLogger("wan.offload")
 
 __all__ = ["OFFLOAD_MODES", "check_offload_device", "switch_experts", "park_all", "enable_pipeline_streaming",
-           "disable_pipeline_streaming", "build_streamable_expert", "load_experts_for_streaming"]
+           "disable_pipeline_streaming", "build_streamable_expert", "random_expert_shell", "random_blocks",
+           "load_experts_for_streaming"]
 
 OFFLOAD_MODES = ("none", "model", "blocks")
 
@@ -158,15 +159,10 @@ def disable_pipeline_streaming(pipe, device=None) -> None:
 
 
 @torch.no_grad()
-def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0) -> nn.Module:
-    """A random-weight `WanModel` whose blocks never sit on `device` together: the non-block parts
-    are materialised and initialised on `device` by `WanModel.init_weights` (the official init),
-    then each block in turn on `device` in float32 (the peak is one block, ~1.4 GB for A14B),
-    initialised with the same rules (xavier-uniform linears with zero bias, unit norms,
-    modulation ~ N(0, 1) / sqrt(dim)) from a generator seeded (seed, block), cast to `dtype`
-    and moved to host memory. Its values differ from `WanModel.from_config(seed=seed)` (another
-    random stream), its distribution does not. Used by `WanT2V.from_preset(offload="blocks")`."""
-    device = torch.device(device)
+def random_expert_shell(config, device, dtype=torch.bfloat16, seed: int = 0) -> nn.Module:
+    """A random-weight `WanModel` whose parts outside the blocks are materialised and initialised on
+    `device` by `WanModel.init_weights` (the official init) in `dtype`; its blocks are still on
+    `meta` (fill them with `random_blocks`)."""
     with torch.device("meta"):
         model = WanModel(config)
     blocks = model.blocks
@@ -177,13 +173,33 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
         model.to(dtype)
     finally:
         model.blocks = blocks
-    for i, blk in enumerate(blocks):
+    return model
+
+
+@torch.no_grad()
+def random_blocks(model: nn.Module, device, dtype=torch.bfloat16, seed: int = 0):
+    """Yield (i, block) for each block of `random_expert_shell`'s model, materialised on `device` in
+    float32 (the peak is one block, ~1.4 GB for A14B), initialised with the official rules
+    (xavier-uniform linears with zero bias, unit norms, modulation ~ N(0, 1) / sqrt(dim)) from a
+    generator seeded (seed, block), then cast to `dtype`. The caller moves each block on."""
+    for i, blk in enumerate(model.blocks):
         blk.to_empty(device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed * 1_000_003 + i + 1)
         init_linears_and_norms_(blk, gen)
         blk.modulation.normal_(generator=gen).div_(model.dim ** 0.5)
-        blk.to(dtype).to("cpu")
+        yield i, blk.to(dtype)
+
+
+@torch.no_grad()
+def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0) -> nn.Module:
+    """A random-weight `WanModel` whose blocks never sit on `device` together: the non-block parts
+    on `device` (`random_expert_shell`), then each block in turn built on `device` and moved to
+    host memory (`random_blocks`). Its values differ from `WanModel.from_config(seed=seed)`
+    (another random stream), its distribution does not. Used by `WanT2V.from_preset(offload="blocks")`."""
+    model = random_expert_shell(config, device, dtype, seed)
+    for _, blk in random_blocks(model, device, dtype, seed):
+        blk.to("cpu")
     return model.eval().requires_grad_(False)
 
 
