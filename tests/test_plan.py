@@ -452,3 +452,21 @@ def test_kernels_wherever_they_run(monkeypatch):
 
 def test_arg_words():
     assert str(Arg("offload", "blocks")) == "offload='blocks'" and str(Arg("sampling_steps")) == "sampling_steps"
+
+
+def test_names_mean_one_thing():
+    """Issue 30 item 5: a task is a model size (wan.configs.TASKS, WanT2V.from_config), a preset a
+    hardware profile (wan_triton.accel.PRESETS), the plan the RunPlan; the old public names warn."""
+    import wan.configs as configs
+    import wan.hostmem
+    import wan.lora
+    from wan.pipeline import WanT2V
+
+    with pytest.warns(DeprecationWarning, match="TASKS"):
+        assert configs.PRESETS is configs.TASKS
+    with pytest.warns(DeprecationWarning, match="from_config"):
+        assert WanT2V.from_preset("tiny").config.name == "tiny"
+    with pytest.raises(KeyError, match="unknown task 'x'"):
+        configs.get_config("x")
+    assert hasattr(wan.hostmem, "HostRamChoice") and not hasattr(wan.hostmem, "HostPlan")
+    assert hasattr(wan.lora, "map_lora") and not hasattr(wan.lora, "plan_lora")
