@@ -180,6 +180,7 @@ def test_decisions():
     assert not plan(Options(loras=True), rtx, GPU).stream_from_load  # LoRAs merge before streaming
     assert plan(Options(loras=True), rtx, GPU).build_offload == "model"  # ... the experts wait on the host
     assert not plan(Options(fp8=True), rtx, GPU).stream_from_load  # fp8 quantizes before streaming
+    assert not plan(Options(checkpoint=True, diffusers_layout=True), rtx, GPU).stream_from_load  # read whole
     assert not plan(Options(t5_cpu=False, parallel=T5FSDP), rtx, GPU).t5_cpu  # a sharded T5 stays on the GPUs
     assert plan(Options(t5_cpu=True), h200, GPU).t5_cpu
     assert plan(Options(compile=True), h200, GPU).compile and plan(Options(tf32=True), h200, GPU).tf32

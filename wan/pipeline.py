@@ -136,9 +136,11 @@ class WanT2V:
         device = torch.device(device)
         dit_dtype = config.param_dtype if convert_model_dtype else None
         dit_dev = "cpu" if init_on_cpu else device
+        low_dev = "cpu" if offload == "model" else dit_dev  # the idle expert waits on the host either way
         kw["offload"] = offload
         if is_diffusers_layout(ckpt):
-            return cls._from_diffusers_layout(ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, kw)
+            return cls._from_diffusers_layout(ckpt, config, device, t5_cpu, dit_dtype, (dit_dev, low_dev), progress,
+                                              kw)
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
@@ -146,7 +148,7 @@ class WanT2V:
         if offload == "blocks":
             low, high, choice = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
         else:
-            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=low_dev,
                                            progress=progress)
             high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
                                             progress=progress)
@@ -157,16 +159,17 @@ class WanT2V:
         return pipe
 
     @classmethod
-    def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, kw):
-        """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert."""
+    def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, devices, progress, kw):
+        """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert. `devices`:
+        (the high-noise expert's, the low-noise expert's)."""
 
         if kw["offload"] == "blocks":
             raise CheckpointError(f"block streaming reads the official layout only; {ckpt} is in the diffusers "
                                   "layout (load it without streaming)")
         t5 = dl.load_t5(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = dl.load_vae(ckpt / "vae", device=device, dtype=torch.float32)
-        high = dl.load_dit(ckpt / dl.HIGH, dtype=dit_dtype, device=dit_dev, progress=progress)
-        low = dl.load_dit(ckpt / dl.LOW, dtype=dit_dtype, device=dit_dev, progress=progress)
+        high = dl.load_dit(ckpt / dl.HIGH, dtype=dit_dtype, device=devices[0], progress=progress)
+        low = dl.load_dit(ckpt / dl.LOW, dtype=dit_dtype, device=devices[1], progress=progress)
         config = config.replace(dit=high.config, vae=vae.config)  # the files' architecture and latent statistics
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
         pipe.ckpt_dir = ckpt

@@ -130,6 +130,7 @@ class Options:
     modes: tuple = ("optimized",)        # the benchmark may run the reference (official) mode first
     # the weights: where they come from, their size, the state of a pipeline that exists already
     checkpoint: bool | None = None       # weights come from files (None: not known)
+    diffusers_layout: bool = False       # ... in the diffusers layout (read whole: not streamed from load)
     experts_gb: float | None = None      # both experts' weights on the GPU (fp8 counted when asked); None: unknown
     t5_gb: float = 0.0                   # the text encoder's weights
     weights_dtype: str = ""              # the experts' dtype, for the log
@@ -142,8 +143,8 @@ class RunPlan:
     or 'blocks' (streamed); `reference_offload`: the benchmark's reference mode's ('model' on CUDA,
     the official default, unless 'none' or 'model' was asked); `build_offload`: where the build
     puts the experts ('blocks': streamed from load, nothing sees a whole expert: no LoRA, no fp8,
-    no reference mode; 'model': the idle expert waits on the host, also until block streaming
-    starts; 'none'). LoRAs always merge first, before fp8 and block streaming. `warnings`:
+    no reference mode, not the diffusers layout; 'model': the idle expert waits on the host, also
+    until block streaming starts; 'none'). LoRAs always merge first, before fp8 and block streaming. `warnings`:
     `wan.naming.Text` lines for the log (a decision the user may not expect)."""
     preset: object                       # the Preset it was made with
     options: Options
@@ -325,7 +326,7 @@ def _build_offload(o: Options, offload: str, reference: str, cuda: bool) -> str:
     if "reference" in o.modes:
         return reference
     if offload == "blocks":
-        return "model" if o.loras or o.fp8 else "blocks"
+        return "model" if o.loras or o.fp8 or o.diffusers_layout else "blocks"
     return offload
 
 

@@ -215,6 +215,7 @@ def flag_options(args, config, parallel: ParallelRequest, modes: tuple = ("optim
                    fp8=True if g("fp8") else None, parallel=parallel,
                    loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), modes=tuple(modes),
                    checkpoint=bool(g("ckpt_dir")),
+                   diffusers_layout=bool(g("ckpt_dir")) and is_diffusers_layout(g("ckpt_dir")),
                    **_weights(config, g("ckpt_dir"), bool(g("convert_model_dtype")), bool(g("fp8"))))
 
 
