@@ -1,4 +1,4 @@
-"""The end-to-end benchmark CLI on the tiny preset (CPU): outputs, one-mode runs, bad input."""
+"""The end-to-end benchmark CLI on the tiny task (CPU): outputs, one-mode runs, bad input."""
 import json
 import math
 import re

@@ -1,4 +1,4 @@
-"""Two-expert pipeline on the tiny preset: official semantics, determinism, checkpoints, video bytes."""
+"""Two-expert pipeline on the tiny task: official semantics, determinism, checkpoints, video bytes."""
 import re
 
 import pytest

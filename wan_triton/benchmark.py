@@ -1,6 +1,6 @@
 """End-to-end Wan 2.2 T2V benchmark: reference vs optimized, same pipeline, same seed.
 
-    python -m wan_triton.benchmark                                  # tiny preset, CPU-friendly
+    python -m wan_triton.benchmark                                  # the tiny task, CPU-friendly
     python -m wan_triton.benchmark --random-weights --size 1280*720 --sample_steps 4 --no-decode
     wan-benchmark --ckpt_dir ./Wan2.2-T2V-A14B --preset h200 --num_runs 3
 
