@@ -205,10 +205,10 @@ def _run_video(args, set_cap, guard) -> int:
     vae = WanVAE.from_config(cfg.vae, device=dev, dtype=torch.float32, seed=0)
     if args.weights == "fp8":
         files = _files(folders)
-        low, high, plan = load_experts_for_streaming(files, args.host_ram)
+        low, high, choice = load_experts_for_streaming(files, args.host_ram)
         pipe = WanT2V(cfg, t5, vae, low, high, device=dev, t5_cpu=args.t5 == "cpu", t5_release=args.t5 != "cpu")
         pipe.expert_files = files
-        handles = enable_pipeline_streaming(pipe, ring=args.ring, plan=plan, allow_cpu=smoke)
+        handles = enable_pipeline_streaming(pipe, ring=args.ring, choice=choice, allow_cpu=smoke)
     else:
         low = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=1)
         high = build_streamable_expert(cfg.dit, dev, torch.bfloat16, seed=2)
@@ -220,8 +220,8 @@ def _run_video(args, set_cap, guard) -> int:
     _sync()
     res["phases"]["build"] = dict(s=time.perf_counter() - t0, **_peaks(cuda), host_rss_gb=status_gb()["VmRSS"])
     _reset(cuda)
-    res["host_plan"] = pipe.host_plan.mode
-    res["host_plan_reason"] = pipe.host_plan.reason
+    res["host_ram"] = pipe.host_ram_choice.mode
+    res["host_ram_reason"] = pipe.host_ram_choice.reason
     res["pinned_gb"] = sum(x.host_bytes for x in handles) / GB
     print("build", res["phases"]["build"], f"blocks in host memory {res['pinned_gb']:.1f} GB; {guard.line()}",
           flush=True)
@@ -324,7 +324,7 @@ def resident_step(pipe, cfg, w, h, frames, dev, cuda, weights, files, streamed_s
 def _print_table(res, guard, args) -> None:
     print(f"\n{res['gpu']} under a {args.cap:g} GB cap | {res['size']}x{res['frame_num']}, {res['steps']} steps "
           f"{res.get('experts')} (boundary {res['boundary']:.3f}) | {res['weights']} experts, block streaming ring "
-          f"{args.ring}, host RAM {res['host_plan']} ({res['pinned_gb']:.1f} GB of blocks held at the start; ledger "
+          f"{args.ring}, host RAM {res['host_ram']} ({res['pinned_gb']:.1f} GB of blocks held at the start; ledger "
           f"peak {res.get('ledger_peak_gb', math.nan):.1f} GB), T5 {res['t5']}")
     print(f"{'phase':<10}{'time s':>9}{'alloc GB':>10}{'resv GB':>9}{'host RSS GB':>12}")
     for name, ph in res["phases"].items():

@@ -34,7 +34,7 @@ def _torch_formulas(monkeypatch):
 def tiny_ckpt(tmp_path_factory):
     """The tiny pipeline's random weights in the official layout, experts sharded (several files)."""
     folder = tmp_path_factory.mktemp("ckpt")
-    WanT2V.from_preset("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
+    WanT2V.from_config("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
     return folder
 
 
@@ -133,7 +133,7 @@ def test_stream_fp8_files_host_ram_low_equals_resident(seed, tiny_ckpt, tmp_path
     pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="low", allow_cpu=True,
                                   expert_files=files)
     hi, lo = streamer_of(pipe.high_noise_model), streamer_of(pipe.low_noise_model)
-    assert pipe.host_plan.mode == "low" and hi.resident and not lo.resident
+    assert pipe.host_ram_choice.mode == "low" and hi.resident and not lo.resident
     fp8_one = max(hi.blocks_bytes, lo.blocks_bytes)
     bf16_one = block_bytes_in_files(tiny_ckpt / CFG.high_noise_checkpoint)
     for video in range(2):
@@ -162,7 +162,7 @@ def test_text_encoder_released_after_encoding_comes_back_the_same(seed, tiny_ckp
     reads them again (from the checkpoint, or the seed for random weights): the same latents."""
     args = _gen_args(seed)
     make = ((lambda **kw: WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", **kw)) if from_files
-            else (lambda **kw: WanT2V.from_preset("tiny", device="cpu", seed=0, **kw)))
+            else (lambda **kw: WanT2V.from_config("tiny", device="cpu", seed=0, **kw)))
     a = make().generate(PROMPT, **args)
     pipe = make(t5_release=True)
     for video in range(2):
@@ -199,11 +199,11 @@ def test_plan_host_ram_low_with_fp8_needs_fp8_files():
 def _cli(monkeypatch, tool, argv):
     """Run a CLI's main() with a 24 GB fp8 GPU's facts (nothing is built: from_pretrained is refused)."""
     from wan.pipeline import WanT2V
-    from wan_triton import cli
+    from wan_triton import request
     from wan_triton.plan import DeviceInfo
 
-    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, dev=None, fp8=False: _gpu()))
-    monkeypatch.setattr(cli, "check_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, dev=None, fp8=False, attention=None: _gpu()))
+    monkeypatch.setattr(request, "check_device", lambda spec: torch.device("cuda"))
     built = {}
 
     def no_build(*a, **k):
@@ -211,7 +211,7 @@ def _cli(monkeypatch, tool, argv):
         raise SystemExit(99)
 
     monkeypatch.setattr(WanT2V, "from_pretrained", no_build)
-    monkeypatch.setattr(WanT2V, "from_preset", no_build)
+    monkeypatch.setattr(WanT2V, "from_config", no_build)
     main = __import__(f"wan_triton.{tool}", fromlist=["main"]).main
     try:
         rc = main(argv + ["--quiet"])
