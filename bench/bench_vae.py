@@ -1,53 +1,117 @@
-"""VAE decode at full size with random weights: seconds and peak GPU memory.
+"""VAE decode at full size with random weights, variants side by side in one process: seconds
+(median of --runs after a warm-up), peak GPU memory, and the decoded frames' PSNR against the
+fp32 decode of the same latents (the official precision).
 
-    python -m bench.bench_vae --size 1280*720 --frame_num 81 --dtypes float32,bfloat16
+    python -m bench.bench_vae --size 1280*720 --frame_num 81 --out bench/out/vae_720p.json   # ~2 min, H100/H200
+    python -m bench.bench_vae --smoke                                # the flow, CPU: the tiny preset's VAE, 64x64
+
+Variants (`--variants`, comma-separated): fp32 (official: fp32 weights and activations, cuDNN
+with PyTorch's default TF32 for convolutions), bf16 (the VAE in bf16: lossy), fp32-cl and bf16-cl
+(the same with the 3-D convolutions channels-last, `WanVAE.use_channels_last`). PSNR: frames in
+[-1, 1] mapped to [0, 1], 10 log10(1 / MSE) over every pixel of every frame, against fp32's
+frames; also the largest absolute difference. The warm-up decodes 2 latent frames at the full
+size (cuDNN plans for every shape the chunked decode meets), outside the timed runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+VARIANTS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "fp32-cl": (torch.float32, True),
+            "bf16-cl": (torch.bfloat16, True)}
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(PSNR in dB of frames a vs ref, both in [-1, 1], over [0, 1]; max |a - ref|), frame by frame."""
+    se, n, top = 0.0, 0, 0.0
+    for i in range(ref.shape[2]):
+        d = (a[:, :, i].double() - ref[:, :, i].double()) / 2.0
+        se += float((d * d).sum())
+        n += d.numel()
+        top = max(top, float(d.abs().max()) * 2.0)
+    mse = se / n
+    return (math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)), top
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_vae", description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1280*720")
     ap.add_argument("--frame_num", type=int, default=81)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--variants", default="fp32,bf16,fp32-cl,bf16-cl")
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the tiny preset's VAE at 64x64 on the CPU (bf16 convolutions "
+                                                        "are slow on a CPU: the full VAE takes minutes there)")
+    ap.add_argument("--out", "--json", dest="out", default=None, help="JSON path")
     args = ap.parse_args(argv)
-    from wan.configs import VAEConfig
+    from wan.configs import VAEConfig, get_config
     from wan.vae import WanVAE
 
-    w, h = (int(v) for v in args.size.split("*"))
-    z = torch.randn(1, 16, (args.frame_num - 1) // 4 + 1, h // 8, w // 8, device="cuda")
-    rows = []
-    for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        vae = WanVAE.from_config(VAEConfig(), device="cuda", dtype=dtype, seed=0)
-        vae.decode(z[:, :, :2])  # warm-up (cuDNN plans)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            out = vae.decode(z)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        row = dict(dtype=name, size=args.size, frames=out.shape[2], seconds=statistics.median(times), runs=times,
-                   peak_gb=torch.cuda.max_memory_allocated() / 1e9, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    names = [v for v in args.variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or "fp32" not in names:
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}, fp32 included (the reference); got {args.variants}")
+    cuda = torch.cuda.is_available() and not args.smoke
+    dev = "cuda" if cuda else "cpu"
+    w, h = (64, 64) if args.smoke else (int(v) for v in args.size.split("*"))
+    frames = 5 if args.smoke else args.frame_num
+    runs = 1 if args.smoke else args.runs
+    z = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, device=dev,
+                    generator=torch.Generator(device=dev).manual_seed(0))
+    rows, ref = [], None
+    for name in ["fp32"] + [v for v in names if v != "fp32"]:
+        dtype, cl = VARIANTS[name]
+        vae = WanVAE.from_config(get_config("tiny").vae if args.smoke else VAEConfig(), device=dev, dtype=dtype, seed=0)
+        if cl:
+            vae.use_channels_last()
+        with torch.no_grad():
+            vae.decode(z[:, :, :2])  # warm-up: cuDNN plans for the chunk shapes, outside the timing
+            _sync(cuda)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                out = vae.decode(z)
+                _sync(cuda)
+                times.append(time.perf_counter() - t0)
+        row = dict(variant=name, dtype=str(dtype).replace("torch.", ""), channels_last=cl, size=f"{w}*{h}",
+                   frames=out.shape[2], seconds=statistics.median(times), runs=times,
+                   peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+                   tf32_cudnn=torch.backends.cudnn.allow_tf32)
+        if ref is None:
+            ref = out
+            row.update(psnr_db=math.inf, max_abs=0.0)
+        else:
+            row["psnr_db"], row["max_abs"] = psnr(out, ref)
+            row["speedup"] = rows[0]["seconds"] / row["seconds"]
         print(row, flush=True)
         rows.append(row)
-        del vae, out
-        torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        del vae
+        if out is not ref:
+            del out
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"\n| VAE decode {w}x{h}x{frames} | seconds | x fp32 | peak GB | PSNR vs fp32 | max abs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['seconds']:.3f} | {r.get('speedup', 1.0):.2f} | {r['peak_gb']:.1f} | "
+              f"{r['psnr_db']:.1f} dB | {r['max_abs']:.2e} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -410,6 +411,39 @@ class WanT2V:
         self.last_timings = tm
         self.last_seed = seed
         return out
+
+    @torch.no_grad()
+    def warm_up(self, size=(1280, 720), frame_num: int = 81, decode: bool = True) -> float:
+        """The first calls of a generation at `size`, made cheaply so that a timed generation makes
+        none of them (kernel compilation, cuDNN plans, library set-up): the text encoder once, one
+        forward of the high-noise expert on fewer latent frames at the full height and width (the
+        token count's divisibility by 16, on which compiled kernels are keyed, kept; the other
+        expert runs the same kernels, and under host RAM low it is not read here), the VAE decode of
+        2 latent frames at full size. The high-noise expert is left where a generation's first step
+        puts it (on the device unless its blocks stream); nothing a generation computes from
+        changes. Returns the seconds."""
+        t0 = time.perf_counter()
+        w, h = check_request(self.config, size, frame_num, "unipc", 1)
+        z, f, lh, lw = self.latent_shape(w, h, frame_num)
+        one = self.seq_len((z, 1, lh, lw))
+        full = self.seq_len((z, f, lh, lw)) % 16 == 0
+        frames = next(k for k in range(1, f + 1) if (k * one % 16 == 0) == full)
+        dev = self.device
+        context = self.encode_text([""])
+        if self.t5_release:
+            self.release_text_encoder()
+        x = torch.zeros(z, frames, lh, lw, device=dev)
+        tt = torch.tensor([self.config.num_train_timesteps - 1], device=dev)
+        model, _ = self._expert(int(tt.item()), offload=False)  # where the first step would put it
+        with torch.autocast(device_type=dev.type, dtype=self.config.param_dtype):
+            model([x], tt, context, seq_len=self.seq_len((z, frames, lh, lw)))
+        if self.offload == "blocks":
+            park_all(self.low_noise_model, self.high_noise_model)
+        if decode:
+            self.vae.decode(torch.zeros(1, z, min(2, f), lh, lw, device=dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
 
     def _guided(self, model, latent, t, context, context_null, seq_len, scale):
         """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2.

@@ -362,7 +362,10 @@ class WanVAE(nn.Module):
     """Wan2.1 VAE: `encode` video -> normalised latents, `decode` latents -> video in [-1, 1].
 
     Runs in its own parameter dtype with autocast disabled (the official decode is fp32);
-    inputs are cast to the parameter dtype and device, outputs are float32.
+    inputs are cast to the parameter dtype and device, outputs are float32. `use_channels_last()`
+    lays the 3-D convolutions' weights and the decoder's input out channels-last
+    (`torch.channels_last_3d`), which cuDNN may run faster; same math, other kernels (not bit for
+    bit: bench/bench_vae.py measures time and PSNR against the default layout).
     """
 
     def __init__(self, cfg: VAEConfig | None = None):
@@ -377,6 +380,16 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg.dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
                                  self.temperal_upsample)
+        self.channels_last = False
+
+    def use_channels_last(self, on: bool = True) -> "WanVAE":
+        """Lay the 5-D (conv) weights out channels-last, and the decoder's input with them (or back)."""
+        fmt = torch.channels_last_3d if on else torch.contiguous_format
+        for p in self.parameters():
+            if p.dim() == 5:
+                p.data = p.data.contiguous(memory_format=fmt)
+        self.channels_last = on
+        return self
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -460,6 +473,8 @@ class WanVAE(nn.Module):
         ts, ss = self.time_stride, self.space_stride
         mean, inv_std = self._scale(p.device)
         x = (z.to(p.device, torch.float32) / inv_std + mean).to(p.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         out = torch.empty(b, 3, 1 + ts * (t - 1), ss * h, ss * w, dtype=torch.float32, device=p.device)
         with _no_autocast(p.device):
             x = self.conv2(x)
