@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from wan.parallel import ParallelRequest
+from wan.step_cache import CachePolicy
 from wan_triton import accel, cli, fp8
 from wan_triton import plan as planmod
 from wan_triton.errors import AccelError, PlanError
@@ -60,6 +61,12 @@ CASES = {
                                      ["--use_batched_cfg", "--cfg_parallel"],
                                      dict(use_batched_cfg=True, parallel=CFGP), {}),
     "t5_cpu/t5_fsdp": (dict(t5_cpu=True, parallel=T5FSDP), "none", GPU, ["--t5_cpu", "--t5_fsdp"], None, {}),
+    "cache_threshold/cache": (dict(cache=CachePolicy(threshold=0.05)), "none", GPU, ["--cache_threshold", "0.05"],
+                              dict(cache_threshold=0.05), {}),
+    "cache_mag/random": (dict(cache=CachePolicy("mag"), checkpoint=False), "none", GPU, ["--cache", "mag"],
+                         dict(cache="mag"), dict(ckpt_dir=None)),
+    "cache_cfg/cfg_parallel": (dict(cache=CachePolicy(cfg_interval=2), parallel=CFGP), "none", GPU,
+                               ["--cache_cfg", "2", "--cfg_parallel"], dict(cache_cfg=2, parallel=CFGP), {}),
 }
 
 

@@ -15,13 +15,14 @@ import torch
 
 from wan import attention as att
 from wan.parallel import ParallelRequest
+from wan.step_cache import enable_step_cache
 from wan.streaming import OffloadError
 
 from . import fp8 as _fp8
 from .errors import AccelError, PlanError
 from .fp8_attention import ensure_registered
 from .patch import patch
-from .plan import RULES, DeviceInfo, Options, RunPlan, check_cuda_only, plan, preset_offload
+from .plan import RULES, DeviceInfo, Options, RunPlan, cache_policy, check_cuda_only, plan, preset_offload
 
 log = logging.getLogger("wan_triton")
 
@@ -223,6 +224,7 @@ class Optimized:
     offload: str = "none"            # 'none', 'model' (the idle expert in CPU memory) or 'blocks' (streamed)
     attention: str | None = None
     fp8: bool = False                # the experts' block linears in e4m3 (wan_triton.fp8; lossy)
+    cache: str = "off"               # the step cache (wan.step_cache), its summary; lossy when on
     tf32_prev: dict | None = field(default=None, compare=False)
 
     def summary(self) -> str:
@@ -235,7 +237,8 @@ class Optimized:
                  else f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}")
         return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
-                f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
+                f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}"
+                f"{f', step cache {self.cache} (lossy)' if self.cache != 'off' else ''}")
 
 
 def pipeline_options(pipeline, options: Options) -> Options:
@@ -252,7 +255,9 @@ def pipeline_options(pipeline, options: Options) -> Options:
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
-             fp8: bool | None = None, parallel: ParallelRequest | None = None, **patch_kw) -> Optimized:
+             fp8: bool | None = None, parallel: ParallelRequest | None = None, cache=None,
+             cache_threshold: float | None = None, cache_cfg: int | None = None, cache_ratios=None,
+             **patch_kw) -> Optimized:
     """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
@@ -264,13 +269,18 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
     were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
     parallel: the pipeline's wan.parallel.ParallelRequest (default: one process).
+    cache: the step cache (lossy, docs/caching.md): 'easy', 'mag' or 'none', with its
+    cache_threshold, cache_cfg (the CFG-branch cache's interval) and cache_ratios (mag: a ratio
+    file or folder; default <ckpt_dir>/mag_ratios), or a whole wan.step_cache.CachePolicy; None
+    leaves the pipeline's.
     Every decision is wan_triton.plan.plan()'s; a combination its table refuses is a PlanError
     (an AccelError) naming the arguments.
     """
     p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
     options = Options(triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32,
                       use_batched_cfg=use_batched_cfg, attention=attention, offload=offload, host_ram=host_ram,
-                      fp8=fp8, parallel=parallel or ParallelRequest())
+                      fp8=fp8, parallel=parallel or ParallelRequest(),
+                      cache=cache_policy(cache, cache_threshold, cache_cfg, cache_ratios))
     return optimize_options(pipeline, p, options, **patch_kw)
 
 
@@ -301,6 +311,11 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     return changed or bool(done)
 
 
+def _cache_summary(pipeline) -> str:
+    c = getattr(pipeline, "step_cache", None)
+    return "off" if c is None else c.summary()
+
+
 def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
     """Carry a plan out on a pipeline: TF32, the kernels and the attention backend, batched CFG,
     block streaming, regional compile (fp8: `switch_fp8`, before the plan's memory decision)."""
@@ -323,11 +338,13 @@ def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
     if run.compile:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, run.compile_mode)
+    if run.cache is not None:
+        enable_step_cache(pipeline, run.cache)
     p = run.preset
     res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
                     offload_model=run.offload_model, offload=run.offload, attention=run.attention,
                     fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
-                    tf32_prev=tf32_prev)
+                    cache=_cache_summary(pipeline), tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

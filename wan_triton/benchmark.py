@@ -58,7 +58,7 @@ from wan_triton.cli import (CLIError, CLIOutputError, add_accel_flags, add_model
                             run_main, setup_logging)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
-from wan_triton.parser import OneLineParser, parse_bool
+from wan_triton.parser import OneLineParser, add_cache_flags, parse_bool
 from wan_triton.report import MIN_RUNS, markdown, plot
 
 PROG = "wan-benchmark"
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="also write <out_dir>/<name>.frames.pt: each mode's final latents and uint8 frames, to compare "
            "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
     add_lora_flags(p)
+    add_cache_flags(p)
     return p
 
 
@@ -249,7 +250,7 @@ def _psnr_json(p):
 
 # settings that change what is computed or where it runs; with none of them different and nothing
 # patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
-_SAME_FLAGS = ("use_batched_cfg", "offload_model", "offload", "t5_cpu", "attention")
+_SAME_FLAGS = ("use_batched_cfg", "offload_model", "offload", "t5_cpu", "attention", "cache")
 
 
 def same_computation(ref: dict, opt: dict) -> bool:
@@ -409,7 +410,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
             offload = (asked == "model" if asked in ("none", "model") else on_cuda) and on_cuda
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
                             use_batched_cfg=False, offload_model=offload, offload="model" if offload else "none",
-                            t5_cpu=t5_cpu, attention=_attention_in_use(device))
+                            t5_cpu=t5_cpu, attention=_attention_in_use(device), cache="off")
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
@@ -424,7 +425,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
                             tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
                             offload=applied.offload, t5_cpu=t5_cpu, attention=_attention_in_use(device),
-                            fp8=applied.fp8)
+                            fp8=applied.fp8, cache=applied.cache)
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, full_steps, decode)

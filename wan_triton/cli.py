@@ -42,7 +42,7 @@ from .errors import AccelError
 from .flag_words import flag_words
 from .fp8_attention import register
 from .patch import PatchError
-from .plan import DeviceInfo, Options, check_parallel, plan, resolve_offload
+from .plan import DeviceInfo, Options, cache_policy, check_parallel, plan, resolve_offload
 
 # the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
 # the other tasks default to the official example prompt
@@ -377,7 +377,8 @@ def request_options(args):
                    compile=g("compile"), compile_mode=g("compile_mode", "default"),
                    tf32=True if g("tf32") else None, use_batched_cfg=True if g("use_batched_cfg") else None,
                    attention=g("attention"), fp8=True if g("fp8") else None, parallel=parallel_request(args),
-                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")))
+                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")),
+                   cache=cache_policy(g("cache"), g("cache_threshold"), g("cache_cfg"), g("cache_ratios")))
 
 
 def plan_request(args, device, preset: str):

@@ -27,12 +27,20 @@ FLAGS = {
     "fp8": ("--fp8", False),
     "preset": ("--preset", True),
     "ckpt_dir": ("--ckpt_dir", True),
+    "cache": ("--cache", True),
+    "cache_threshold": ("--cache_threshold", True),
+    "cache_cfg": ("--cache_cfg", True),
+    "cache_ratios": ("--cache_ratios", True),
+    "sample_solver": ("--sample_solver", True),
+    "sampling_steps": ("--sample_steps", True),
+    "shift": ("--sample_shift", True),
 }
 
 # wan.requests names the argument it refuses at the start of its message ("shift must be > 0, got 0"):
 # those arguments -> their flags, said when they lead a message.
 LEADING = {"sampling_steps": "--sample_steps", "shift": "--sample_shift", "guide_scale": "--sample_guide_scale",
-           "seed": "--base_seed", "timeout": "--dist_timeout"}
+           "seed": "--base_seed", "timeout": "--dist_timeout", "cache_threshold": "--cache_threshold",
+           "cache_cfg": "--cache_cfg"}
 
 _NAMED = re.compile(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=('[^']*'|[^\s,;:)/]+)")
 

@@ -24,7 +24,7 @@ from .cli import (CLIError, Request, add_accel_flags, add_model_flags, add_offlo
                   add_preset_flags, add_request_flags, default_output_name, implied_task, parse_request, run_main,
                   setup_logging)
 from .lora_flags import add_lora_flags
-from .parser import OneLineParser, parse_bool
+from .parser import OneLineParser, add_cache_flags, parse_bool
 
 PROG = "wan-generate"
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
     add_lora_flags(p)
+    add_cache_flags(p)
     return p
 
 

@@ -25,6 +25,8 @@ import torch
 from wan.hostmem import HOST_RAM_MODES
 from wan.offload import OFFLOAD_MODES, check_offload_device
 from wan.parallel import ParallelRequest
+from wan.step_cache import CacheError, CachePolicy
+from wan.step_cache import check_parallel as check_cache_parallel
 from wan.streaming import OffloadError
 
 from . import fp8 as _fp8
@@ -32,7 +34,7 @@ from .errors import PlanError
 
 __all__ = ["Options", "DeviceInfo", "RunPlan", "Rule", "RULES", "NO_CUDA", "plan", "resolve_offload",
            "preset_offload", "cuda_only", "check_cuda_only", "check_parallel", "fits_resident",
-           "RESIDENT_HEADROOM_GB"]
+           "RESIDENT_HEADROOM_GB", "cache_policy", "check_cache"]
 
 # Memory a generation needs beyond the resident weights, measured at 1280x720x81 on the H200
 # (bench/RESULTS.md): an A14B forward 12.5 GB of activations (41.1 GB peak - 28.6 GB weights),
@@ -99,6 +101,18 @@ RULES = {
                                          "{b} already runs cond and uncond at once, on two halves of the GPUs; "
                                          "drop {a}"),
     "t5_cpu/t5_fsdp": Rule("t5_cpu=True", "t5_fsdp=True", "{a} cannot be combined with {b}; drop one of them"),
+    # the step cache (wan.step_cache; docs/caching.md)
+    "cache_threshold/cache": Rule("cache_threshold=0.05", "cache='none'",
+                                  "{a} is the threshold of a step cache, and none is on ({b}): add cache='easy' or "
+                                  "cache='mag'"),
+    "cache_mag/random": Rule("cache='mag'", "random weights",
+                             "{a} needs the magnitude ratios of this model, and {b} have no checkpoint folder to find "
+                             "them beside: give cache_ratios=<file> (docs/caching.md)"),
+    # the rule of wan.step_cache.check_parallel (the plan calls it), as it words it
+    "cache_cfg/cfg_parallel": Rule("cache_cfg=2", "cfg_parallel=True",
+                                   "{a} derives the unconditional branch from the conditional one in one process, and "
+                                   "{b} computes both at once on two halves of the GPUs (nothing to save): drop one "
+                                   "of them"),
 }
 
 
@@ -162,6 +176,7 @@ class Options:
     attention: str | None = None         # a backend name; None leaves the current choice
     fp8: bool | None = None              # True quantizes, False dequantizes, None leaves the experts
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
+    cache: CachePolicy | None = None     # the step cache (cache_policy()); None leaves the pipeline's
     loras: bool = False                  # LoRAs will be merged into the experts
     checkpoint: bool | None = None       # weights come from files (None: not known yet)
     # the state of an existing pipeline
@@ -191,6 +206,7 @@ class RunPlan:
     attention: str | None = None
     fp8: bool | None = None
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
+    cache: CachePolicy | None = None     # switched on by apply (wan.step_cache.enable_step_cache); lossy
     stream_from_load: bool = False
     warnings: tuple = ()
 
@@ -268,6 +284,36 @@ def check_parallel(par: ParallelRequest, offloaded: str | bool = "", t5_cpu: boo
         _refuse("t5_cpu/t5_fsdp")
 
 
+def cache_policy(cache=None, cache_threshold=None, cache_cfg=None, cache_ratios=None) -> CachePolicy | None:
+    """The step cache asked for, from its API words (the CLIs' --cache, --cache_threshold,
+    --cache_cfg, --cache_ratios): a criterion name ('none', 'easy', 'mag') or a whole CachePolicy;
+    None when nothing is asked (the pipeline's stays)."""
+    if isinstance(cache, CachePolicy):
+        if any(v is not None for v in (cache_threshold, cache_cfg, cache_ratios)):
+            raise PlanError("cache=CachePolicy(...) holds its threshold, CFG interval and ratios: give them there")
+        return cache
+    if all(v is None for v in (cache, cache_threshold, cache_cfg, cache_ratios)):
+        return None
+    return CachePolicy(cache or "none", cache_threshold, 0 if cache_cfg is None else cache_cfg,
+                       ratios_file=None if cache_ratios is None else str(cache_ratios))
+
+
+def check_cache(options: Options) -> None:
+    """The table's rows about the step cache, and the policy's own checks (PlanError)."""
+    c = options.cache
+    if c is None:
+        return
+    try:
+        c.check()
+        check_cache_parallel(c, options.parallel.cfg_parallel)
+    except CacheError as err:
+        raise PlanError(str(err)) from None
+    if c.criterion == "none" and c.threshold is not None:
+        _refuse("cache_threshold/cache", a=f"cache_threshold={c.threshold:g}")
+    if c.criterion == "mag" and c.ratios_file is None and options.checkpoint is False:
+        _refuse("cache_mag/random")
+
+
 # ------------------------------------------------------------------ the plan
 
 def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
@@ -291,6 +337,7 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         except OffloadError as err:
             raise PlanError(str(err)) from None
     check_parallel(par, words if asked not in (None, "none") else "", o.t5_cpu, bool(o.use_batched_cfg))
+    check_cache(o)
 
     warnings = []
     if o.streaming:  # a pipeline that streams its blocks keeps streaming
@@ -332,6 +379,6 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         t5_cpu=(o.t5_cpu or p.t5_cpu) and not par.t5_fsdp,
         triton=bool(p.triton if o.triton is None else o.triton), compile=compile_, compile_mode=o.compile_mode,
         tf32=bool(p.tf32 if o.tf32 is None else o.tf32) and cuda, use_batched_cfg=batched,
-        attention=o.attention, fp8=o.fp8, parallel=par,
+        attention=o.attention, fp8=o.fp8, parallel=par, cache=o.cache,
         stream_from_load=offload == "blocks" and cuda and not o.streaming and not o.loras and not o.fp8,
         warnings=tuple(warnings))
