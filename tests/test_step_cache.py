@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from wan import step_cache as sc
-from wan.mag_ratios import CacheError, MagRatios, fingerprint, load_ratios, ratios_dir, ratios_file_name
-from wan.pipeline import WanT2V, cfg_combine
+from wan.mag_ratios import CacheError, fingerprint, load_ratios, ratios_dir, ratios_file_name
+from wan.pipeline import WanT2V
 from wan.step_cache import CachePolicy, enable_step_cache
 
 ARGS = dict(size="128*128", frame_num=1, sampling_steps=12, seed=7, progress=False, return_latents=True)

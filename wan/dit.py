@@ -517,7 +517,8 @@ class WanModel(nn.Module):
             for block in self.blocks:
                 h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
         else:  # wan.step_cache: a block range runs, or the residual it added at a computed step is added again
-            h = cache.run_blocks(self.blocks, h, lambda block, x: block(x, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype))
+            h = cache.run_blocks(self.blocks, h,
+                                 lambda block, x: block(x, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype))
         out = self.head(h, e)
         if sp is not None:
             out = sp.gather(out)

@@ -88,7 +88,8 @@ class MagRatios:
             steps = int(d["steps"])
             if not ratios or any(len(v) != steps for v in ratios.values()):
                 raise ValueError("one ratio per step and branch")
-            cal = Calibration(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("calibration", {}).items()})
+            cal = Calibration(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in d.get("calibration", {}).items()})
             return cls(model=str(d["model"]), fingerprint=str(d["fingerprint"]), solver=str(d["solver"]), steps=steps,
                        shift=float(d["shift"]), blocks=tuple(int(b) for b in d["blocks"]), ratios=ratios,
                        calibration=cal, path=path)

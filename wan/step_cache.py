@@ -58,7 +58,8 @@ class CriterionDefaults:
     max_skips: int
 
 
-# The defaults are the conservative settings of the quality sweep (bench/cache_sweep.py, docs/caching.md).
+# Set before the quality sweep ran on the trained demo model (bench/cache_sweep.py, docs/caching.md): its
+# conservative pick (the most block calls saved at >= 30 dB) is meant to replace them.
 CRITERION_DEFAULTS = {"easy": CriterionDefaults(threshold=0.05, max_skips=3),
                       "mag": CriterionDefaults(threshold=0.1, max_skips=3)}
 

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's)")
     add_offload_flags(p)
     p.add_argument("--out", default=None,
-                   help="the JSON file to write (default: <ckpt_dir>/mag_ratios/<solver>_<steps>steps_shift<shift>.json; "
-                        "needed without --ckpt_dir)")
+                   help="the JSON file to write (default: <ckpt_dir>/mag_ratios/<solver>_<steps>steps_shift<shift>"
+                        ".json; needed without --ckpt_dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
