@@ -162,19 +162,19 @@ def plot(rows, settings: list[Setting], path: Path, title: str) -> None:
 def build(args) -> WanT2V:
     config = get_config(args.task)
     if args.random:
-        return WanT2V.from_preset(config, device=args.device, seed=0)
+        return WanT2V.from_config(config, device=args.device, seed=0)
     return WanT2V.from_pretrained(args.ckpt_dir or DEMO_CKPT_DIR, config, device=args.device, init_on_cpu=False)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt_dir", default=None, help="checkpoint folder (default: the demo model)")
-    ap.add_argument("--task", default="demo", help="its preset (default: demo)")
+    ap.add_argument("--task", default="demo", help="the task (default: demo)")
     ap.add_argument("--random", action="store_true", help="random weights of --task (smoke runs only: no quality)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=40, help="denoising steps (default: 40, the A14B's)")
-    ap.add_argument("--size", default=None, help="W*H (default: the preset's)")
-    ap.add_argument("--frame_num", type=int, default=None, help="frames (default: the preset's)")
+    ap.add_argument("--size", default=None, help="W*H (default: the task's)")
+    ap.add_argument("--frame_num", type=int, default=None, help="frames (default: the task's)")
     ap.add_argument("--solver", default="unipc")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the gate's {len(PROMPTS)}")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")

@@ -1,4 +1,4 @@
-"""The step cache (wan.step_cache, wan.mag_ratios) on the tiny preset, CPU.
+"""The step cache (wan.step_cache, wan.mag_ratios) on the tiny task, CPU.
 
 - a run that reuses nothing computes exactly the exact output (the hook path is exact);
 - what is counted is what ran: the experts' block hooks see `blocks_run` calls;
@@ -26,7 +26,7 @@ PROMPT = "a red fox runs through snow"
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    p = WanT2V.from_config("tiny", device="cpu", seed=0)
     p.block_calls = [0]
     for m in (p.high_noise_model, p.low_noise_model):
         for b in m.blocks:
@@ -167,11 +167,14 @@ def test_mag_refuses_other_ratios(pipe, ratios, tmp_path):
     undo = enable_step_cache(pipe, CachePolicy("mag", ratios_file=str(folder / "mag_ratios")))
     try:
         with pytest.raises(CacheError, match=r"no magnitude ratios for sample_solver='unipc', sampling_steps=6, "
-                                             r"shift=12 \(there are: sample_solver='unipc', sampling_steps=12"):
+                                             r"shift=12 \(there are: sample_solver='unipc', sampling_steps=12, "
+                                             r"shift=12 \(unipc_12steps_shift12.json\)\)"):
             pipe.generate(PROMPT, **{**ARGS, "sampling_steps": 6})
     finally:
         undo()
-    with pytest.raises(CacheError, match="a pipeline with random weights has no checkpoint folder"):
+    with pytest.raises(CacheError, match=r"^cache='mag' needs the magnitude ratios of this model, and random "
+                                           r"weights have no checkpoint folder to find them beside: give "
+                                           r"cache_ratios=<file> \(docs/caching.md\)$"):
         enable_step_cache(pipe, CachePolicy("mag"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**r.to_json(), "ratios": {"cond": [1.0]}}))
@@ -207,8 +210,8 @@ def test_with_block_streaming(exact):
     """Streaming is bit-identical to resident weights, so the same cached run gives the same bits
     (the skipped blocks are never called, the streamer's ring keeps its order)."""
     policy = CachePolicy("easy", 0.5, cfg_interval=2)
-    a = WanT2V.from_preset("tiny", device="cpu", seed=0)
-    b = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    a = WanT2V.from_config("tiny", device="cpu", seed=0)
+    b = WanT2V.from_config("tiny", device="cpu", seed=0)
     b.enable_block_streaming(ring=2, allow_cpu=True)
     outs = []
     for p in (a, b):
@@ -220,7 +223,7 @@ def test_with_block_streaming(exact):
 
 
 def test_with_a_merged_lora(tmp_path, seed):
-    p = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    p = WanT2V.from_config("tiny", device="cpu", seed=0)
     g = torch.Generator().manual_seed(seed)
     f = tmp_path / "l.safetensors"
     save_file({"blocks.0.self_attn.q.lora_A.weight": torch.randn(4, 64, generator=g),
@@ -237,15 +240,15 @@ def test_with_a_merged_lora(tmp_path, seed):
 # ---------------------------------------------------------------- the command lines
 
 def test_flags_become_the_plan_and_reach_the_pipeline():
-    from wan_triton import accel, cli
+    from wan_triton import accel, request
     from wan_triton.generate import build_parser
 
     args = build_parser().parse_args(["--device", "cpu", "--cache", "easy", "--cache_threshold", "0.2",
                                       "--cache_cfg", "3"])
-    req = cli.parse_request(args, "tiny")
-    assert req.plan.cache == CachePolicy("easy", 0.2, 3) and req.extra["cache"] == req.plan.cache
-    assert cli.parse_request(build_parser().parse_args(["--device", "cpu"]), "tiny").plan.cache is None
-    p = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    req = request.parse_request(args, "tiny")
+    assert req.plan.cache == CachePolicy("easy", 0.2, 3)
+    assert request.parse_request(build_parser().parse_args(["--device", "cpu"]), "tiny").plan.cache is None
+    p = WanT2V.from_config("tiny", device="cpu", seed=0)
     applied = accel.optimize(p, "none", triton=False, cache="easy", cache_cfg=2)  # the API's words
     assert p.step_cache == CachePolicy("easy", cfg_interval=2) and applied.cache.startswith("easy (threshold")
     accel.optimize(p, "none", triton=False)  # cache=None leaves it
@@ -299,7 +302,7 @@ def test_calibrate_cli(tmp_path, capsys):
     assert main(["--device", "cpu", "--quiet", "--frame_num", "1", "--sample_steps", "4", "--out", str(out)]) == 0
     (r,) = load_ratios(out)
     assert r.steps == 4 and r.solver == "unipc" and r.calibration.size == "128*128" and r.model == "tiny"
-    assert r.fingerprint == fingerprint(WanT2V.from_preset("tiny", device="cpu", seed=0))  # the demo's model
+    assert r.fingerprint == fingerprint(WanT2V.from_config("tiny", device="cpu", seed=0))  # the demo's model
     _one_line_exit_2(main, ["--device", "cpu"], capsys, "random weights have no checkpoint folder to write the "
                                                         "ratios beside: give --out FILE")
 

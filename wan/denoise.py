@@ -66,7 +66,9 @@ class Conditioning:
 
 def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond: Conditioning, *, generator,
             offload_model: bool, timings, progress: bool, solver: str, shift: float) -> torch.Tensor:
-    """Run `steps` from `latent` (fp32 noise) and return the final latent. `timings` gets one
+    """Run `steps` from `latent` (fp32 noise) and return the final latent. `offload_model` is the
+    caller's resolved choice (generate(offload_model=None) follows `pipe.offload`: 'model' -> True),
+    never re-decided here. `timings` gets one
     entry per step (and the step cache's counts); `solver` and `shift` name the schedule for the
     step cache's magnitude ratios. The caller holds the autocast region."""
     cache = start_run(pipe, steps, solver=solver, shift=shift)  # None without a step cache

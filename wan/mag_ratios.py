@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .naming import Arg
 from .requests import InputError
 
 __all__ = ["CacheError", "MagRatios", "Calibration", "fingerprint", "ratios_dir", "ratios_file_name",
@@ -58,9 +59,6 @@ class MagRatios:
     ratios: dict                # branch -> tuple of `steps` floats
     calibration: Calibration = Calibration()
     path: str = ""              # where it was read from (messages)
-
-    def schedule(self) -> str:
-        return f"sample_solver={self.solver!r}, sampling_steps={self.steps}, shift={self.shift:g}"
 
     def check(self, fingerprint_: str, blocks: tuple) -> None:
         """CacheError unless these ratios were measured on this model and block range."""
@@ -158,7 +156,15 @@ def find_ratios(found: tuple[MagRatios, ...], solver: str, steps: int, shift: fl
     for r in found:
         if r.solver == solver and r.steps == steps and r.shift == float(shift):
             return r
-    have = "; ".join(f"{r.schedule()} ({Path(r.path).name})" for r in found)
-    raise CacheError(f"no magnitude ratios for sample_solver={solver!r}, sampling_steps={steps}, shift={shift:g} "
-                     f"(there are: {have}); the ratios depend on the schedule: measure them for this one "
-                     "(docs/caching.md)")
+    fields = dict(want=schedule_args(solver, steps, shift))
+    have = []
+    for i, r in enumerate(found):  # each schedule there is, its Args said as the caller says them
+        fields[f"s{i}"], fields[f"f{i}"] = schedule_args(r.solver, r.steps, r.shift), Path(r.path).name
+        have.append(f"{{s{i}}} ({{f{i}}})")
+    raise CacheError(f"no magnitude ratios for {{want}} (there are: {'; '.join(have)}); the ratios depend on the "
+                     "schedule: measure them for this one (docs/caching.md)", **fields)
+
+
+def schedule_args(solver: str, steps: int, shift: float) -> tuple:
+    """A schedule as the Args that name it: sample_solver, sampling_steps, shift."""
+    return Arg("sample_solver", solver), Arg("sampling_steps", steps), Arg("shift", f"{float(shift):g}", literal=True)

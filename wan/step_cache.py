@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .mag_ratios import CacheError, Calibration, MagRatios, find_ratios, fingerprint, load_ratios, ratios_dir
+from .naming import Arg
 
 __all__ = ["CRITERIA", "CRITERION_DEFAULTS", "CacheError", "CachePolicy", "CacheStats", "CacheRun",
-           "enable_step_cache", "disable_step_cache", "check_parallel", "start_run", "calibrate"]
+           "enable_step_cache", "disable_step_cache", "check_parallel", "cfg_cache_conflicts", "no_ratios_args",
+           "NO_RATIOS_REASON", "CFG_PARALLEL_REASON", "start_run", "calibrate"]
 
 log = logging.getLogger("wan.step_cache")
 
@@ -99,11 +101,14 @@ class CachePolicy:
     def check(self, num_layers: int | None = None) -> "CachePolicy":
         """Returns self; CacheError (one line) for a setting that cannot work."""
         if self.criterion not in CRITERIA:
-            raise CacheError(f"cache={self.criterion!r} is not a step cache; choose from {', '.join(CRITERIA)}")
+            raise CacheError("{a} is not a step cache; choose from {choices}", a=Arg("cache", self.criterion),
+                             choices=", ".join(CRITERIA))
         if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise CacheError(f"cache_threshold must be a finite number >= 0, got {self.threshold}")
+            raise CacheError("{a} must be a finite number >= 0, got {value}", a=Arg("cache_threshold"),
+                             value=self.threshold)
         if not isinstance(self.cfg_interval, int) or self.cfg_interval < 0:
-            raise CacheError(f"cache_cfg must be a whole number >= 0 (0: off), got {self.cfg_interval}")
+            raise CacheError("{a} must be a whole number >= 0 (0: off), got {value}", a=Arg("cache_cfg"),
+                             value=self.cfg_interval)
         if not 0 <= self.warmup <= 1:
             raise CacheError(f"the step cache's warmup is a share of the steps, 0..1, got {self.warmup}")
         if self.max_skips is not None and self.max_skips < 1:
@@ -334,22 +339,37 @@ class CacheRun:
 
 # -------------------------------------------------------------------- switching it on
 
+# the rules below are also rows of the acceleration layer's plan table (wan_triton.plan.RULES),
+# which reads their conditions and words from here
+NO_RATIOS_REASON = ("{a} needs the magnitude ratios of this model, and {b} have no checkpoint folder to find them "
+                    "beside: give {ratios} (docs/caching.md)")
+CFG_PARALLEL_REASON = ("{a} derives the unconditional branch from the conditional one in one process, and {b} "
+                       "computes both at once on two halves of the GPUs (nothing to save): drop one of them")
+
+
+def no_ratios_args() -> dict:
+    """NO_RATIOS_REASON's fields."""
+    return dict(a=Arg("cache", "mag"), b="random weights", ratios=Arg("cache_ratios", "<file>", literal=True))
+
+
+def cfg_cache_conflicts(policy: CachePolicy | None, cfg_parallel: bool) -> bool:
+    """The CFG-branch cache derives one branch from the other in one process; under cfg_parallel
+    the two halves of the ranks compute them at the same time (nothing to save)."""
+    return policy is not None and cfg_parallel and policy.cfg_interval >= 2
+
+
 def _ratios_source(pipe, policy: CachePolicy):
     if policy.ratios_file is not None:
         return policy.ratios_file
     if getattr(pipe, "ckpt_dir", None) is None:
-        raise CacheError("cache='mag' needs the magnitude ratios of this model, and a pipeline with random weights has "
-                         "no checkpoint folder to find them beside: give cache_ratios=<file> (docs/caching.md)")
+        raise CacheError(NO_RATIOS_REASON, **no_ratios_args())
     return ratios_dir(pipe.ckpt_dir)
 
 
 def check_parallel(policy: CachePolicy, cfg_parallel: bool) -> None:
-    """The CFG-branch cache derives one branch from the other in one process; under cfg_parallel
-    the two halves of the ranks compute them at the same time (nothing to save). CacheError."""
-    if cfg_parallel and policy.cfg_interval >= 2:
-        raise CacheError(f"cache_cfg={policy.cfg_interval} derives the unconditional branch from the conditional one "
-                         "in one process, and cfg_parallel=True computes both at once on two halves of the GPUs "
-                         "(nothing to save): drop one of them")
+    """CacheError when `cfg_cache_conflicts`."""
+    if cfg_cache_conflicts(policy, cfg_parallel):
+        raise CacheError(CFG_PARALLEL_REASON, a=Arg("cache_cfg", policy.cfg_interval), b=Arg("cfg_parallel", True))
 
 
 def _experts_layers(pipe) -> int:
@@ -399,10 +419,11 @@ def start_run(pipe, steps, *, solver: str, shift: float) -> CacheRun | None:
 
 def calibrate(pipe, prompts, *, steps: int, shift: float, solver: str = "unipc", size=(832, 480),
               frame_num: int = 81, guide_scale=None, seeds=(0,), blocks=None, progress: bool = True,
-              offload_model: bool = True) -> MagRatios:
+              offload_model: bool | None = None) -> MagRatios:
     """Measure the model's magnitude ratios for one schedule: an exact generation (nothing
     reused) per prompt and seed, the ratios averaged over them. Returns them (`save()` them
-    beside the checkpoint: wan.mag_ratios.ratios_dir)."""
+    beside the checkpoint: wan.mag_ratios.ratios_dir). offload_model: as generate()'s (None
+    follows the pipeline's offload mode)."""
     layers = _experts_layers(pipe)
     policy = CachePolicy(blocks=blocks, record=True).check(layers)
     prev, pipe.step_cache = pipe.step_cache, policy

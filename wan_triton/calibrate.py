@@ -24,9 +24,10 @@ from wan.step_cache import calibrate
 from wan.video import check_output_path
 
 from .build import build_pipeline
-from .cli import (CLIError, add_model_flags, add_offload_flags, add_preset_flags, add_request_flags, implied_task,
-                  parse_request, run_main, setup_logging)
+from .exits import CLIError, run_main, setup_logging
+from .flags import add_model_flags, add_offload_flags, add_preset_flags, add_request_flags
 from .parser import OneLineParser, parse_bool
+from .request import implied_task, parse_request
 
 PROG = "python -m wan_triton.calibrate"
 
@@ -63,13 +64,12 @@ def run(args, cleanup: ExitStack) -> Path:
     if out.suffix != ".json":
         raise CLIError(f"--out must end in .json, got {out}")
     check_output_path(out)  # before any model is built
-    built = build_pipeline(req, cleanup, stream=req.plan.stream_from_load and req.ckpt_dir is not None,
-                           progress=not req.quiet)
+    built = build_pipeline(req, cleanup, progress=not req.quiet)  # as the plan says, then applied
     shift = req.config.sample_shift if req.shift is None else req.shift
     logging.info("measuring the magnitude ratios of %s: %s", req.task, req.summary())
     ratios = calibrate(built.pipe, [req.prompt], steps=req.steps, shift=shift, solver=req.solver,
                        size=req.width_height, frame_num=req.frame_num, guide_scale=req.guide_scale,
-                       seeds=(req.seed,), progress=not req.quiet, offload_model=built.applied.offload_model)
+                       seeds=(req.seed,), progress=not req.quiet)  # the offload mode: the applied plan's
     ratios.save(out)
     logging.info("wrote %s (%d steps x %d branches; model %s)", out, ratios.steps, len(ratios.ratios),
                  ratios.fingerprint[:19])
