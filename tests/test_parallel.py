@@ -21,6 +21,7 @@ import torch
 
 from wan import parallel
 from wan.parallel import ParallelError
+from wan.step_cache import CachePolicy
 from wan_triton import request
 from wan_triton.exits import CLIError
 from wan_triton.plan import DeviceInfo
@@ -117,8 +118,9 @@ def _fake_decode(z):
 
 
 def _check_generate(ulysses: int, cfg_parallel: bool, fsdp: bool = False, decode: bool = False,
-                    seed: int = 0) -> dict:
-    """A 2-step generation (latents; or the decoded video) against one process."""
+                    seed: int = 0, cache=None) -> dict:
+    """A 2-step generation (latents; or the decoded video) against one process; with a step cache
+    (wan.step_cache.CachePolicy) 6 steps, both processes cached."""
     import torch.distributed as dist
 
     ref_pipe = _REF.get("pipe") or _REF.setdefault("pipe", _tiny_pipe())
@@ -127,10 +129,19 @@ def _check_generate(ulysses: int, cfg_parallel: bool, fsdp: bool = False, decode
     parallel.apply_to_pipeline(pipe, state, dit_fsdp=fsdp, t5_fsdp=fsdp)
     if decode:
         pipe.vae.decode = ref_pipe.vae.decode = _fake_decode
-    # seed -1 on every rank: each draws its own random seed, rank 0's is broadcast
-    out = pipe.generate("a red fox", seed=-1, return_latents=not decode, **GEN)
-    ref = ref_pipe.generate("a red fox", seed=pipe.last_seed, return_latents=not decode, **GEN)
+    gen = GEN if cache is None else dict(GEN, sampling_steps=6)
+    pipe.step_cache = ref_pipe.step_cache = cache
+    try:  # seed -1 on every rank: each draws its own random seed, rank 0's is broadcast
+        out = pipe.generate("a red fox", seed=-1, return_latents=not decode, **gen)
+        ref = ref_pipe.generate("a red fox", seed=pipe.last_seed, return_latents=not decode, **gen)
+    finally:
+        ref_pipe.step_cache = None
     res = {"seed_same": _same_on_all_ranks(torch.tensor([pipe.last_seed]))}
+    if cache is not None:  # every rank took the one-process decisions
+        mine, one = pipe.last_timings.cache, ref_pipe.last_timings.cache
+        res["reused"] = one.reused
+        res["decisions_as_one_process"] = mine.steps == one.steps
+        res["decisions_same"] = _same_on_all_ranks(torch.tensor([s != "run" for s in mine.steps]))
     if decode:
         res["none_off_rank0"] = (out is None) == (dist.get_rank() != 0)
         if out is not None:
@@ -152,6 +163,8 @@ CHECKS = {
         "gen_u2_decode": lambda: _check_generate(2, False, decode=True),
         "gen_cfg2": lambda: _check_generate(1, True),
         "gen_u2_fsdp": lambda: _check_generate(2, False, fsdp=True),
+        "gen_u2_cache": lambda: _check_generate(2, False, cache=CachePolicy("easy", 0.5, cfg_interval=2)),
+        "gen_cfg2_cache": lambda: _check_generate(1, True, cache=CachePolicy("easy", 0.5)),
     },
     4: {
         "forward_u4": lambda: _check_forward(4, seed=12),
@@ -270,6 +283,16 @@ def test_cfg_parallel2_generate(two):
 def test_cfg_parallel2_x_ulysses2_generate(four):
     r = four["gen_cfg2_u2"]
     print(r)
+    assert r["seed_same"] and r["same"] and r["rel"] < REL
+
+
+@pytest.mark.parametrize("name", ["gen_u2_cache", "gen_cfg2_cache"])
+def test_step_cache_takes_the_same_decisions_on_every_rank(two, name):
+    """Issue 32: under torchrun the ranks take rank 0's (here: the one-process) skip decisions and
+    the output equals the one-process cached output."""
+    r = two[name]
+    print(r)
+    assert r["reused"] > 0 and r["decisions_as_one_process"] and r["decisions_same"]
     assert r["seed_same"] and r["same"] and r["rel"] < REL
 
 

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from wan import pipeline as wp
+from wan import denoise as wden, pipeline as wp
 from wan.configs import TINY, get_config
 from wan.pipeline import WanT2V
 from wan.requests import InputError, check_request
@@ -176,14 +176,14 @@ def test_decode_is_announced_and_attention_is_resolved_before_the_bar(pipe, capl
     from wan import attention as att
 
     seen = []
-    real = wp._progress
+    real = wden._progress
 
     def spy(it, enabled, desc):
         seen.append(str(pipe.device) in att._state["resolved"])
         return real(it, enabled, desc)
 
     att.set_backend(att.get_backend())  # clears the per-device cache: the next call logs again
-    monkeypatch.setattr(wp, "_progress", spy)
+    monkeypatch.setattr(wden, "_progress", spy)
     caplog.set_level("INFO")
     gen(pipe, sampling_steps=2, frame_num=5, return_latents=False)
     assert seen == [True]

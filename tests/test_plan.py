@@ -22,6 +22,7 @@ import torch
 
 from wan.naming import Arg
 from wan.parallel import ParallelRequest
+from wan.step_cache import CachePolicy
 from wan_triton import accel, fp8, request
 from wan_triton import plan as planmod
 from wan_triton.errors import AccelError, PlanError
@@ -69,6 +70,12 @@ CASES = {
                                      dict(use_batched_cfg=True, parallel=CFGP), {}),
     "t5_cpu/t5_fsdp": (dict(t5_cpu=True, parallel=T5FSDP), "none", GPU, ["--t5_cpu", "--t5_fsdp"],
                        dict(parallel=T5FSDP), dict(t5_cpu=True)),
+    "cache_threshold/cache": (dict(cache=CachePolicy(threshold=0.05)), "none", GPU, ["--cache_threshold", "0.05"],
+                              dict(cache_threshold=0.05), {}),
+    "cache_mag/random": (dict(cache=CachePolicy("mag"), checkpoint=False), "none", GPU, ["--cache", "mag"],
+                         dict(cache="mag"), dict(ckpt_dir=None)),
+    "cache_cfg/cfg_parallel": (dict(cache=CachePolicy(cfg_interval=2), parallel=CFGP), "none", GPU,
+                               ["--cache_cfg", "2", "--cfg_parallel"], dict(cache_cfg=2, parallel=CFGP), {}),
 }
 
 

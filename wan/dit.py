@@ -312,6 +312,7 @@ class WanModel(nn.Module):
     """One Wan 2.2 DiT expert, built from a `DiTConfig` (fields = the official config.json keys)."""
 
     sp = None  # wan.parallel.Ulysses: set by wan.parallel.enable_sequence_parallel
+    step_cache = None  # wan.step_cache's run while a cached generation runs (it runs the blocks)
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -511,8 +512,13 @@ class WanModel(nn.Module):
         # mask padded keys only when a sample actually has padding
         k_lens = seq_lens if bool((seq_lens < tokens.shape[1]).any()) else None
         h = tokens if sp is None else sp.shard(tokens)
-        for block in self.blocks:
-            h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
+        cache = self.step_cache
+        if cache is None:
+            for block in self.blocks:
+                h = block(h, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype)
+        else:  # wan.step_cache: a block range runs, or the residual it added at a computed step is added again
+            h = cache.run_blocks(self.blocks, h,
+                                 lambda block, x: block(x, e0, k_lens, grid_sizes, freqs, ctx, mm_dtype))
         out = self.head(h, e)
         if sp is not None:
             out = sp.gather(out)

@@ -168,9 +168,13 @@ class ParallelState:
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed on every rank."""
+        return self.broadcast_int(seed)
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's value (an int64) on every rank: a seed, a step cache's decision."""
         if self.world == 1:
-            return seed
-        t = torch.tensor([seed], dtype=torch.int64, device=self._comm_device())
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
         dist.broadcast(t, src=0)
         return int(t.item())
 

@@ -29,6 +29,7 @@ import torch
 from . import attention, diffusers_layout as dl
 from .checkpoint import CheckpointError, check_checkpoint, is_diffusers_layout
 from .configs import T2VConfig, get_config
+from .denoise import Conditioning, denoise, expert_of, schedule_steps
 from .dit import WanModel
 from .footprint import build_footprint, check_host_ram
 from .hostmem import ExpertFiles
@@ -46,11 +47,6 @@ from .vae import WanVAE
 __all__ = ["WanT2V", "cfg_combine", "expert_of", "schedule_experts"]
 
 log = logging.getLogger("wan.pipeline")
-
-
-def expert_of(config: T2VConfig, t: int) -> str:
-    """The expert of timestep `t`: 'high' (noise) while t >= boundary * num_train_timesteps, else 'low'."""
-    return "high" if t >= config.boundary * config.num_train_timesteps else "low"
 
 
 def schedule_experts(config: T2VConfig, solver: str = "unipc", steps: int | None = None,
@@ -114,6 +110,7 @@ class WanT2V:
         self.t5_release = t5_release
         # "blocks" only once enable_block_streaming has run (wan.offload)
         self.offload = default_offload(self.device) if offload in (None, "blocks") else offload
+        self.step_cache = None  # a wan.step_cache.CachePolicy (enable_step_cache): opt-in, lossy
         self.ckpt_dir = None   # the checkpoint folder (from_pretrained)
         self.expert_files = None  # wan.hostmem.ExpertFiles the experts were read from (from_pretrained)
         self.last_timings: Timings | None = None  # of the latest generate() call
@@ -379,23 +376,14 @@ class WanT2V:
             latent = torch.randn(*shape, dtype=torch.float32, device=dev, generator=gen)
 
             # 3. denoise: expert by timestep, CFG, one solver step (bf16 autocast on every device,
-            #    see the module docstring)
+            #    see the module docstring); the loop is wan.denoise.denoise
             scheduler = make_scheduler(sample_solver, sampling_steps, shift, dev, cfg.num_train_timesteps)
             attention.resolve_backend(dev)  # its log line comes before the progress bar, not inside it
+            cond = Conditioning(context, context_null, seq_len, guide_scale)
             with torch.autocast(device_type=dev.type, dtype=cfg.param_dtype):
-                for t in _progress(scheduler.timesteps, progress, desc="denoise"):
-                    with tm.measure("steps"):
-                        model, gi = self._expert(int(t.item()), offload_model)
-                        tm.experts.append("high" if gi == 1 else "low")
-                        v = self._guided(model, latent, t, context, context_null, seq_len, guide_scale[gi])
-                        latent = scheduler.step(v.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False,
-                                                generator=gen)[0].squeeze(0)
-            if self.offload == "blocks":  # the rings free their memory for the decode
-                park_all(self.low_noise_model, self.high_noise_model)
-            if offload_model and dev.type == "cuda":
-                self.low_noise_model.to("cpu")
-                self.high_noise_model.to("cpu")
-                torch.cuda.empty_cache()
+                latent = denoise(self, latent, scheduler, schedule_steps(cfg, scheduler.timesteps), cond,
+                                 generator=gen, offload_model=offload_model, timings=tm, progress=progress,
+                                 solver=sample_solver, shift=shift)
 
             # 4. decode
             out = latent
@@ -445,31 +433,38 @@ class WanT2V:
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
-    def _guided(self, model, latent, t, context, context_null, seq_len, scale):
+    def _guided(self, model, latent, t, context, context_null, seq_len, scale, cache=None):
         """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2.
-        At scale exactly 1, uncond + 1*(cond - uncond) is cond: one forward, no unconditional pass."""
+        At scale exactly 1, uncond + 1*(cond - uncond) is cond: one forward, no unconditional pass.
+        `cache`: the step cache's run (wan.step_cache), told which CFG branch each forward computes;
+        on a step where its CFG-branch cache holds, the unconditional velocity needs no forward."""
         tt = t.reshape(1).to(self.device)
         if scale == 1.0:  # guidance 1: the combined velocity is the conditional one (also under CFG-parallel)
-            return model([latent], tt, context, seq_len=seq_len)[0]
+            return _forward(model, cache, ("cond",), [latent], tt, context, seq_len)[0]
         par = self.parallel
         if par is not None and par.cfg_parallel:  # this half runs one branch; one exchange per step
-            mine = model([latent], tt, context if par.cfg_rank == 0 else context_null, seq_len=seq_len)[0]
+            mine = _forward(model, cache, (("cond", "uncond")[par.cfg_rank],), [latent], tt,
+                            context if par.cfg_rank == 0 else context_null, seq_len)[0]
             cond, uncond = par.exchange_cfg(mine)
+        elif cache is not None and cache.reuse_uncond:
+            cond = _forward(model, cache, ("cond",), [latent], tt, context, seq_len)[0]
+            uncond = cache.uncond_of(cond)
         elif self.use_batched_cfg:
-            both = model(latent.unsqueeze(0).expand(2, *latent.shape), tt.expand(2),
-                         [context[0], context_null[0]], seq_len=seq_len)
+            both = _forward(model, cache, ("cond", "uncond"), latent.unsqueeze(0).expand(2, *latent.shape),
+                            tt.expand(2), [context[0], context_null[0]], seq_len)
             cond, uncond = both[0], both[1]
         else:
-            cond = model([latent], tt, context, seq_len=seq_len)[0]
-            uncond = model([latent], tt, context_null, seq_len=seq_len)[0]
+            cond = _forward(model, cache, ("cond",), [latent], tt, context, seq_len)[0]
+            uncond = _forward(model, cache, ("uncond",), [latent], tt, context_null, seq_len)[0]
+        if cache is not None:
+            cache.saw_branches(cond, uncond)
         return cfg_combine(uncond, cond, scale)
 
 
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+def _forward(model, cache, branches: tuple, x, tt, context, seq_len):
+    """model(x, tt, context, seq_len=seq_len); with a step cache's run, labelled with the CFG branch
+    of each sample ('cond' / 'uncond'), whose stored residual it keeps or reuses."""
+    if cache is None:
+        return model(x, tt, context, seq_len=seq_len)
+    with cache.branches(branches):
+        return model(x, tt, context, seq_len=seq_len)

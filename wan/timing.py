@@ -31,6 +31,7 @@ class Timings:
     peak_mem_gb: float | None = None  # measured on CUDA only
     experts: list = field(default_factory=list)
     device: str = ""
+    cache: object = None  # wan.step_cache.CacheStats of a run with a step cache (None without)
 
     @property
     def denoise(self) -> float:

@@ -18,13 +18,14 @@ import torch
 from wan import attention as att
 from wan.naming import Arg
 from wan.parallel import ParallelRequest
+from wan.step_cache import enable_step_cache
 from wan.streaming import OffloadError
 
 from . import fp8 as _fp8
 from .errors import AccelError
 from .fp8_attention import ensure_registered
 from .patch import patch
-from .plan import COMPILE_MODES, RULES, Case, DeviceInfo, Options, RunPlan, check_rules, plan
+from .plan import COMPILE_MODES, RULES, Case, DeviceInfo, Options, RunPlan, cache_policy, check_rules, plan
 
 log = logging.getLogger("wan_triton")
 
@@ -212,6 +213,7 @@ class Optimized:
     t5_cpu: bool = False
     attention: str | None = None
     fp8: bool = False                # the experts' block linears in e4m3 (wan_triton.fp8; lossy)
+    cache: str = "off"               # the step cache (wan.step_cache), its summary; lossy when on
     tf32_prev: dict | None = field(default=None, compare=False)
 
     def summary(self) -> str:
@@ -225,7 +227,8 @@ class Optimized:
         return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
                 f"{where}{', T5 on the CPU' if self.t5_cpu else ''}{att_}"
-                f"{', fp8 linears on (lossy)' if self.fp8 else ''}")
+                f"{', fp8 linears on (lossy)' if self.fp8 else ''}"
+                f"{f', step cache {self.cache} (lossy)' if self.cache != 'off' else ''}")
 
 
 def _gb(mods, size=lambda m: sum(p.numel() * p.element_size() for p in m.parameters())) -> float:
@@ -256,7 +259,8 @@ def _kernel_switches() -> tuple:
 def check_kernel_switches(kernels: dict) -> None:
     """An argument optimize() does not know is an AccelError naming it (and the closest one)."""
     known = ("preset", "triton", "compile", "compile_mode", "tf32", "use_batched_cfg", "attention", "offload",
-             "host_ram", "fp8", "parallel", *_kernel_switches())
+             "host_ram", "fp8", "parallel", "cache", "cache_threshold", "cache_cfg", "cache_ratios",
+             *_kernel_switches())
     for name in kernels:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
@@ -268,6 +272,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
              fp8: bool | None = None, parallel: ParallelRequest | None = None, t5_release: bool | None = None,
+             cache=None, cache_threshold: float | None = None, cache_cfg: int | None = None, cache_ratios=None,
              **kernels) -> Optimized:
     """Plan a run for a `wan.WanT2V` (a preset, explicit arguments winning) and apply it; returns
     the `Optimized` record. Afterwards `pipe.generate(prompt)` runs as planned (an explicit
@@ -282,9 +287,13 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     layers were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
     parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the
     text encoder's weights are freed after encoding and read again for the next video (None: the
-    preset's; `WanT2V.t5_release`). `kernels`: patch()'s switches (rms_norm=False, ...). Every
-    decision is wan_triton.plan.plan()'s, under the rules the CLIs obey; what it refuses, and any
-    argument it does not know, is an AccelError naming the arguments (nothing is changed then).
+    preset's; `WanT2V.t5_release`). cache: the step cache (lossy, docs/caching.md): 'easy', 'mag'
+    or 'none', with its cache_threshold, cache_cfg (the CFG-branch cache's interval) and
+    cache_ratios (mag: a ratio file or folder; default <ckpt_dir>/mag_ratios), or a whole
+    wan.step_cache.CachePolicy; None leaves the pipeline's. `kernels`: patch()'s switches
+    (rms_norm=False, ...). Every decision is wan_triton.plan.plan()'s, under the rules the CLIs
+    obey; what it refuses, and any argument it does not know, is an AccelError naming the
+    arguments (nothing is changed then).
     """
     check_kernel_switches(kernels)
     info = DeviceInfo.of(pipeline.device, fp8=bool(fp8), attention=attention)
@@ -292,7 +301,7 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     options = pipeline_options(pipeline, Options(
         triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32, use_batched_cfg=use_batched_cfg,
         attention=attention, offload=offload, host_ram=host_ram, fp8=fp8, parallel=parallel or ParallelRequest(),
-        t5_release=t5_release))
+        t5_release=t5_release, cache=cache_policy(cache, cache_threshold, cache_cfg, cache_ratios)))
     return apply(pipeline, plan(options, p, info), **kernels)
 
 
@@ -313,6 +322,11 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     return changed or bool(done)
 
 
+def _cache_summary(pipeline) -> str:
+    c = getattr(pipeline, "step_cache", None)
+    return "off" if c is None else c.summary()
+
+
 def place_text_encoder(pipeline, cpu: bool) -> None:
     """Run the text encoder on the CPU (`cpu`) or on the pipeline's device."""
     if pipeline.t5_cpu == cpu:
@@ -326,7 +340,8 @@ def place_text_encoder(pipeline, cpu: bool) -> None:
 def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
     """Carry a plan out on a pipeline, deciding nothing: fp8, TF32, the kernels and the attention
     backend, batched CFG, the T5's place, the offload mode (`pipe.offload`; block streaming starts
-    here when the plan streams and the pipeline does not yet), regional compile. Its warnings are
+    here when the plan streams and the pipeline does not yet), regional compile, the step cache
+    (wan.step_cache.enable_step_cache: it reads and checks a mag cache's ratios). Its warnings are
     logged in `say`'s words (the CLIs: flags)."""
     for line in run.warnings:
         log.warning("%s", line.say(say))
@@ -355,11 +370,13 @@ def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
     if run.compile:
         for m in (pipeline.high_noise_model, pipeline.low_noise_model):
             compile_blocks(m, run.compile_mode)
+    if run.cache is not None:
+        enable_step_cache(pipeline, run.cache)
     p = run.preset
     res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
                     offload=run.offload, t5_cpu=run.t5_cpu, attention=run.attention,
                     fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
-                    tf32_prev=tf32_prev)
+                    cache=_cache_summary(pipeline), tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

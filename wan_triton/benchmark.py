@@ -57,8 +57,8 @@ from wan_triton import restore_tf32, unpatch
 from wan_triton.accel import official_tf32
 from wan_triton.build import apply_built, build_pipeline
 from wan_triton.exits import CLIError, CLIOutputError, run_main, setup_logging
-from wan_triton.flags import (add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
-                              add_preset_flags, add_request_flags)
+from wan_triton.flags import (add_accel_flags, add_cache_flags, add_model_flags, add_offload_flags,
+                              add_parallel_flags, add_preset_flags, add_request_flags)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
 from wan_triton.parser import OneLineParser, parse_bool
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="also write <out_dir>/<name>.frames.pt: each mode's final latents and uint8 frames, to compare "
            "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
     add_lora_flags(p)
+    add_cache_flags(p)
     return p
 
 
@@ -258,7 +259,7 @@ def _psnr_json(p):
 
 # settings that change what is computed or where it runs; with none of them different and nothing
 # patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
-_SAME_FLAGS = ("use_batched_cfg", "offload", "t5_cpu", "attention")
+_SAME_FLAGS = ("use_batched_cfg", "offload", "t5_cpu", "attention", "cache")
 
 
 def same_computation(ref: dict, opt: dict) -> bool:
@@ -413,7 +414,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         if "reference" in modes:
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
                             use_batched_cfg=False, offload=plan.reference_offload, t5_cpu=plan.t5_cpu,
-                            attention=_attention_in_use(device))
+                            attention=_attention_in_use(device), cache="off")
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, req, args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
@@ -426,7 +427,8 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
             settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
                             tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload=applied.offload,
-                            t5_cpu=applied.t5_cpu, attention=_attention_in_use(device), fp8=applied.fp8)
+                            t5_cpu=applied.t5_cpu, attention=_attention_in_use(device), fp8=applied.fp8,
+                            cache=applied.cache)
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, req, args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, full_steps, decode)

@@ -46,8 +46,14 @@ FLAGS = {
     "dit_fsdp": Flag("--dit_fsdp"),
     "t5_fsdp": Flag("--t5_fsdp"),
     "timeout": Flag("--dist_timeout", valued=True),
+    # the step cache (wan.step_cache)
+    "cache": Flag("--cache", valued=True),
+    "cache_threshold": Flag("--cache_threshold", valued=True),
+    "cache_cfg": Flag("--cache_cfg", valued=True),
+    "cache_ratios": Flag("--cache_ratios", valued=True),
     # the request (wan.requests): generate()'s argument names
     "sampling_steps": Flag("--sample_steps", valued=True),
+    "sample_solver": Flag("--sample_solver", valued=True),
     "shift": Flag("--sample_shift", valued=True),
     "guide_scale": Flag("--sample_guide_scale", valued=True),
     "seed": Flag("--base_seed", valued=True),

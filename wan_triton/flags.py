@@ -11,13 +11,14 @@ from wan.configs import TASKS
 from wan.hostmem import HOST_RAM_MODES
 from wan.offload import OFFLOAD_MODES
 from wan.requests import SOLVERS
+from wan.step_cache import CRITERIA, CRITERION_DEFAULTS
 
 from .accel import PRESET_CHOICES, preset_help
 from .fp8_attention import register
 from .plan import COMPILE_MODES
 
 __all__ = ["add_model_flags", "add_request_flags", "add_preset_flags", "add_accel_flags", "add_offload_flags",
-           "add_parallel_flags", "attention_registry"]
+           "add_parallel_flags", "add_cache_flags", "attention_registry"]
 
 
 def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) -> None:
@@ -131,6 +132,26 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder's weights over all ranks (FSDP2)")
     g.add_argument("--dist_timeout", type=float, default=600.0,
                    help="seconds a collective may wait before every rank fails (default 600)")
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    """--cache {none,easy,mag}, --cache_threshold, --cache_cfg, --cache_ratios: the step cache
+    (wan.step_cache; lossy, opt-in; docs/caching.md), checked by wan_triton.request before any model."""
+    d = CRITERION_DEFAULTS
+    g = p.add_argument_group("step cache (lossy, opt-in; docs/caching.md)")
+    a = g.add_argument
+    a("--cache", default=None, choices=CRITERIA,
+      help="reuse the DiT blocks' residual on steps that change little: easy (calibration-free, from the change of "
+           "the output), mag (from the model's magnitude ratios, --cache_ratios) (default: none, every step exact)")
+    a("--cache_threshold", type=float, default=None,
+      help=f"the criterion's threshold: higher skips more (default: easy {d['easy'].threshold:g}, mag "
+           f"{d['mag'].threshold:g})")
+    a("--cache_cfg", type=int, default=None, metavar="N",
+      help="CFG-branch cache, alone or with --cache: the unconditional branch runs every N-th step, in between it is "
+           "the conditional one plus their last difference (default: 0, off)")
+    a("--cache_ratios", default=None, metavar="PATH",
+      help="--cache mag: the magnitude-ratio file or folder (default: <ckpt_dir>/mag_ratios; python -m "
+           "wan_triton.calibrate writes them)")
 
 
 def attention_registry():

@@ -21,8 +21,8 @@ from wan.video import check_output_path, check_video_suffix, check_video_writer,
 
 from .build import build_pipeline
 from .exits import CLIError, run_main, setup_logging
-from .flags import (add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags, add_preset_flags,
-                    add_request_flags)
+from .flags import (add_accel_flags, add_cache_flags, add_model_flags, add_offload_flags, add_parallel_flags,
+                    add_preset_flags, add_request_flags)
 from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
 from .request import Request, default_output_name, implied_task, parse_request
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_flags(p)
     a("--quiet", action="store_true", help="no progress bars")
     add_lora_flags(p)
+    add_cache_flags(p)
     return p
 
 

@@ -22,7 +22,8 @@ until every row has a case that reaches it through both the CLI and the API, whe
 
 Rules about wan's own objects stay in wan and are read from here: where offloading runs
 (`wan.offload.offload_runs_on`), torchrun's world (`wan.parallel.check_request`, called by the
-CLIs before they plan).
+CLIs before they plan), the step cache's (`wan.step_cache`: its values, checked before the rows;
+the words and conditions of its rows).
 """
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ from wan.hostmem import HOST_RAM_MODES
 from wan.naming import Arg, Text
 from wan.offload import OFFLOAD_MODES, offload_runs_on
 from wan.parallel import ParallelRequest
+from wan.step_cache import (CFG_PARALLEL_REASON, NO_RATIOS_REASON, CacheError, CachePolicy, cfg_cache_conflicts,
+                            no_ratios_args)
 
 from . import fp8 as _fp8
 from .errors import PlanError
 from .fp8_attention import ensure_registered
 
 __all__ = ["Options", "DeviceInfo", "RunPlan", "Case", "Rule", "RULES", "COMPILE_MODES", "plan", "check_rules",
-           "fits_resident", "RESIDENT_HEADROOM_GB", "MODES"]
+           "fits_resident", "RESIDENT_HEADROOM_GB", "MODES", "cache_policy"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 MODES = ("reference", "optimized")  # the benchmark's: the official state first, then the plan's
@@ -126,6 +129,7 @@ class Options:
     attention: str | None = None         # a backend name; None leaves the current choice
     fp8: bool | None = None              # True quantizes, False dequantizes, None leaves the experts
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
+    cache: CachePolicy | None = None     # the step cache (cache_policy()); None leaves the pipeline's
     loras: bool = False                  # LoRAs will be merged into the experts
     fp8_files: bool = False              # the experts are read from fp8 expert files (fp8_dir; wan_triton.fp8_files)
     t5_release: bool | None = None       # free the text encoder after encoding (re-read per video); None: the preset
@@ -166,6 +170,7 @@ class RunPlan:
     attention: str | None = None
     fp8: bool | None = None
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
+    cache: CachePolicy | None = None     # switched on by apply (wan.step_cache.enable_step_cache); lossy
     resident_gb: float | None = None     # the weights that stay on the GPU with nothing offloaded
     t5_release: bool = False
     warnings: tuple = ()
@@ -287,11 +292,28 @@ RULES = {r.key: r for r in (
     Rule("t5_cpu/t5_fsdp", lambda c: c.o.t5_cpu and c.o.parallel.t5_fsdp,
          "{a} cannot be combined with {b}; drop one of them",
          lambda c: dict(a=Arg("t5_cpu", True), b=Arg("t5_fsdp", True))),
+    # the step cache (wan.step_cache; docs/caching.md)
+    Rule("cache_threshold/cache", lambda c: c.o.cache is not None and c.o.cache.criterion == "none"
+         and c.o.cache.threshold is not None,
+         "{a} is the threshold of a step cache, and none is on ({b}): add {easy} or {mag}",
+         lambda c: dict(a=Arg("cache_threshold", c.o.cache.threshold), b=Arg("cache", "none"),
+                        easy=Arg("cache", "easy"), mag=Arg("cache", "mag"))),
+    Rule("cache_mag/random", lambda c: c.o.cache is not None and c.o.cache.criterion == "mag"
+         and c.o.cache.ratios_file is None and c.o.checkpoint is False,
+         NO_RATIOS_REASON, lambda c: no_ratios_args()),
+    Rule("cache_cfg/cfg_parallel", lambda c: cfg_cache_conflicts(c.o.cache, c.o.parallel.cfg_parallel),
+         CFG_PARALLEL_REASON, lambda c: dict(a=Arg("cache_cfg", c.o.cache.cfg_interval), b=Arg("cfg_parallel", True))),
 )}
 
 
 def check_rules(case: Case) -> None:
-    """Raise the first row of RULES whose condition holds."""
+    """Raise the first row of RULES whose condition holds (after the step cache's own value checks,
+    wan.step_cache.CachePolicy.check, as PlanErrors)."""
+    if case.o.cache is not None:
+        try:
+            case.o.cache.check()
+        except CacheError as err:
+            raise PlanError(err.template, **err.fields) from None
     for rule in RULES.values():
         if rule.when(case):
             raise rule.refuse(**rule.says(case))
@@ -340,6 +362,21 @@ def _build_offload(o: Options, offload: str, reference: str, cuda: bool) -> str:
     return offload
 
 
+def cache_policy(cache=None, cache_threshold=None, cache_cfg=None, cache_ratios=None) -> CachePolicy | None:
+    """The step cache asked for, from its API words (the CLIs' --cache, --cache_threshold,
+    --cache_cfg, --cache_ratios): a criterion name ('none', 'easy', 'mag') or a whole CachePolicy;
+    None when nothing is asked (the pipeline's stays)."""
+    if isinstance(cache, CachePolicy):
+        if any(v is not None for v in (cache_threshold, cache_cfg, cache_ratios)):
+            raise PlanError("{a} holds its threshold, CFG interval and ratios: give them there",
+                            a=Arg("cache", "CachePolicy(...)", literal=True))
+        return cache
+    if all(v is None for v in (cache, cache_threshold, cache_cfg, cache_ratios)):
+        return None
+    return CachePolicy(cache or "none", cache_threshold, 0 if cache_cfg is None else cache_cfg,
+                       ratios_file=None if cache_ratios is None else str(cache_ratios))
+
+
 def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
     """Every decision of a run from what was asked, a preset and the device's facts; the first
     row of RULES that holds is raised (a PlanError, or the row's error: Fp8Error for fp8 on a
@@ -360,5 +397,5 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         compile=bool(p.compile if o.compile is None else o.compile) and cuda and offload != "blocks",
         compile_mode=o.compile_mode, tf32=bool(p.tf32 if o.tf32 is None else o.tf32) and cuda,
         use_batched_cfg=bool(p.use_batched_cfg if o.use_batched_cfg is None else o.use_batched_cfg)
-        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, parallel=par, resident_gb=resident,
-        t5_release=bool(t5_release) and not par.t5_fsdp, warnings=warnings)
+        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, parallel=par, cache=o.cache,
+        resident_gb=resident, t5_release=bool(t5_release) and not par.t5_fsdp, warnings=warnings)

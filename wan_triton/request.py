@@ -3,8 +3,8 @@
 `parse_request(args, default_task, modes)` makes every check that needs no model, in the order a
 user fixes them (task, device, weights, size, frames, solver, steps, prompt), turns the
 acceleration flags into wan_triton.plan.Options and makes the run's one plan (offload, T5
-placement, kernels, the combinations the plan's table refuses), checks the LoRA files and
-torchrun's world, and returns a
+placement, kernels, the step cache, the combinations the plan's table refuses), checks a mag step
+cache's ratio file, the LoRA files and torchrun's world, and returns a
 `Request`: typed fields, the LoRAs and the RunPlan included. Everything after it (build, apply,
 generate) carries the plan out. Errors are CLIErrors in flag words (wan_triton.flag_words).
 """
@@ -24,6 +24,7 @@ from wan.configs import get_config
 from wan.dit import WanModel
 from wan.footprint import build_footprint, text_encoder_bytes
 from wan.hostmem import stored_block_dtype
+from wan.mag_ratios import CacheError, find_ratios, load_ratios, ratios_dir
 from wan.naming import Arg
 from wan.parallel import ParallelError, ParallelRequest
 from wan.parallel import check_request as check_parallel_request
@@ -35,10 +36,10 @@ from .errors import AccelError
 from .exits import CLIError
 from .flag_words import flag_of, in_flags
 from .lora_flags import apply_recipe, parse_lora_flags
-from .plan import DeviceInfo, Options, RunPlan, plan
+from .plan import DeviceInfo, Options, RunPlan, cache_policy, plan
 
 __all__ = ["Request", "parse_request", "flag_options", "offload_from_flags", "parallel_request", "check_device",
-           "check_weights", "check_prompt", "read_prompt_file", "implied_task", "default_output_name", "safe_name",
+           "check_weights", "check_cache_ratios", "check_prompt", "read_prompt_file", "implied_task", "default_output_name", "safe_name",
            "DEMO_TASK", "DEMO_PROMPT", "EXAMPLE_PROMPT"]
 
 # the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
@@ -161,6 +162,20 @@ def check_weights(args, config, device) -> None:
                         "built in %s already: the flag changes nothing", str(config.param_dtype).replace("torch.", ""))
 
 
+def check_cache_ratios(cache, ckpt_dir: str | None, solver: str, steps: int, shift: float) -> None:
+    """--cache mag: the magnitude ratios of this schedule (solver, steps, shift) are there and read
+    (--cache_ratios, else <ckpt_dir>/mag_ratios), before any model is built; whether they were
+    measured on this model is checked once it is built (wan.step_cache.enable_step_cache). CLIError."""
+    source = None if cache is None or cache.criterion != "mag" else (
+        cache.ratios_file or (ratios_dir(ckpt_dir) if ckpt_dir else None))
+    if source is None:  # no cache, not mag, or random weights without a ratio file (the plan's row says it)
+        return
+    try:
+        find_ratios(load_ratios(source), solver, steps, shift)
+    except CacheError as err:
+        raise CLIError(in_flags(err)) from None
+
+
 # ------------------------------------------------------------------ the flags as the plan's options
 
 def parallel_request(args) -> ParallelRequest:
@@ -220,6 +235,7 @@ def flag_options(args, config, parallel: ParallelRequest, modes: tuple = ("optim
                    use_batched_cfg=True if g("use_batched_cfg") else None, attention=g("attention"),
                    fp8=True if fp8 else None, fp8_files=bool(g("fp8_dir")), t5_release=g("t5_release"),
                    parallel=parallel,
+                   cache=cache_policy(g("cache"), g("cache_threshold"), g("cache_cfg"), g("cache_ratios")),
                    loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), modes=tuple(modes),
                    checkpoint=bool(g("ckpt_dir")),
                    diffusers_layout=bool(g("ckpt_dir")) and is_diffusers_layout(g("ckpt_dir")),
@@ -260,6 +276,8 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         run = plan(options, find_preset(g("preset") or "none", info), info)
     except AccelError as err:
         raise CLIError(in_flags(err)) from None
+    check_cache_ratios(run.cache, g("ckpt_dir"), solver, steps,
+                       config.sample_shift if g("sample_shift") is None else g("sample_shift"))
     loras = tuple(parse_lora_flags(args))
     try:  # torchrun's world and the task's heads: wan's rule (how it combines with the rest: the plan's)
         check_parallel_request(par, config.dit.num_heads, device)
