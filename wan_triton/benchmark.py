@@ -18,7 +18,7 @@ and adding it to the run's total. That way each timed run both counts the decode
 the final latents, so parity needs no extra generation: the last timed run of each mode gives
 the latents (relative error) and the decoded frames (PSNR over all uint8 frames).
 
-Offloading: unless `--offload_model` or `--offload none|model` is given (then it applies to both
+Offloading: unless `--offload_model`, `--no-offload` or `--offload none|model` is given (then it applies to both
 modes), the reference uses the official single-GPU default (offload on CUDA) and the optimized
 mode the preset's choice. `--offload blocks` (or a preset that streams) makes only the optimized
 mode stream the DiT blocks from CPU memory; the reference keeps the official default. The
@@ -58,7 +58,7 @@ from wan_triton.cli import (CLIError, CLIOutputError, add_accel_flags, add_model
                             run_main, setup_logging)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
-from wan_triton.parser import OneLineParser, parse_bool
+from wan_triton.parser import OneLineParser, add_no_offload_flag, parse_bool
 from wan_triton.report import MIN_RUNS, markdown, plot
 
 PROG = "wan-benchmark"
@@ -80,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
                                  "(default without)",
                     ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
-    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes", guidance=False)
+    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes")
     # optimization (wan_triton), as in wan-generate
     add_preset_flags(p, default="auto")
     add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
            "reference, preset for optimized)")
+    add_no_offload_flag(p, ", in both modes")
     add_offload_flags(p)
     add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
@@ -448,7 +449,8 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         schema=1,
         config=dict(task=task, weights=built.weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
                     sample_steps=steps, full_steps=full_steps, sample_solver=request.solver,
-                    prompt=req["prompt"], base_seed=args.base_seed, num_runs=args.num_runs, warmup=args.warmup,
+                    prompt=req["prompt"], n_prompt=request.n_prompt or None, base_seed=args.base_seed,
+                    num_runs=args.num_runs, warmup=args.warmup,
                     decode=decode, device=str(device), build_s=built.build_s, recipe=args.recipe,
                     loras=[vars(sp) for sp in built.loras], lora_merge_s=built.lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,

@@ -24,7 +24,7 @@ from .cli import (CLIError, Request, add_accel_flags, add_model_flags, add_offlo
                   add_preset_flags, add_request_flags, default_output_name, implied_task, parse_request, run_main,
                   setup_logging)
 from .lora_flags import add_lora_flags
-from .parser import OneLineParser, parse_bool
+from .parser import OneLineParser, add_no_offload_flag, parse_bool
 
 PROG = "wan-generate"
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's, on with CUDA "
            "without a preset)")
-    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    add_no_offload_flag(p)
     add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     add_parallel_flags(p)
