@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .configs import T2VConfig, parse_size
+from .configs import ROPE_POSITIONS, T2VConfig, parse_size
 
 SOLVERS = ("unipc", "dpm++", "euler")  # euler: the few-step distilled LoRAs (docs/lora.md)
 SEED_MAX = 2 ** 63 - 1  # int64: what the random draw gives and what torchrun broadcasts; -1 draws one
@@ -39,7 +39,8 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
     """Validate a request against `config`; returns (width, height).
 
     size: 'W*H' or (width, height); both multiples of 16 and one of `config.sizes`.
-    frame_num: 4n+1 (the VAE's temporal stride is 4, plus the first frame).
+    frame_num: 4n+1 (the VAE's temporal stride is 4, plus the first frame), at most
+        config.max_frame_num (4093: the latent frames must fit the DiT's RoPE table).
     sampling_steps: None (the config's) or >= 1.
     shift: None (the config's) or a finite number > 0 (the flow shift divides by it).
     guide_scale: None, a number or (low-noise, high-noise), each finite (negative is allowed).
@@ -56,6 +57,9 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
         raise InputError(f"size {sz} is not supported by {config.name}; choose from {', '.join(config.sizes)}")
     if frame_num < 1 or (frame_num - 1) % 4:
         raise InputError(f"frame_num must be 4n+1 (e.g. 5, 17, 81), got {frame_num}")
+    if frame_num > config.max_frame_num:
+        raise InputError(f"frame_num {frame_num} is past the limit of {config.max_frame_num} frames "
+                         f"({ROPE_POSITIONS} latent frames, the length of the model's RoPE table)")
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose {', '.join(map(repr, SOLVERS))}")
     if sampling_steps is not None and sampling_steps < 1:

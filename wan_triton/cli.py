@@ -107,7 +107,8 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
     if guidance:
         a("--n_prompt", default="", help="negative prompt (default: the official one)")
     a("--size", default=None, help=f"WIDTH*HEIGHT, e.g. 1280*720 (default: the task's: {_per_task('default_size')})")
-    a("--frame_num", type=int, default=None, help=f"number of frames, 4n+1 (default: {_per_task('frame_num')})")
+    a("--frame_num", type=int, default=None, help=f"number of frames, 4n+1, at most "
+      f"{min(c.max_frame_num for c in TASKS.values())} (the RoPE table's latent frames) (default: {_per_task('frame_num')})")
     a("--sample_steps", type=int, default=None, help=f"denoising steps (default: {_per_task('sample_steps')})")
     if guidance:
         a("--sample_shift", type=float, default=None,

@@ -32,7 +32,7 @@ FLAGS = {
 # wan.requests names the argument it refuses at the start of its message ("shift must be > 0, got 0"):
 # those arguments -> their flags, said when they lead a message.
 LEADING = {"sampling_steps": "--sample_steps", "shift": "--sample_shift", "guide_scale": "--sample_guide_scale",
-           "seed": "--base_seed", "timeout": "--dist_timeout"}
+           "seed": "--base_seed", "timeout": "--dist_timeout", "frame_num": "--frame_num"}
 
 _NAMED = re.compile(r"\b(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=('[^']*'|[^\s,;:)/]+)")
 
