@@ -196,11 +196,11 @@ def test_presets_and_cuda_only_errors():
 
 
 def test_optimize_flags_reach_the_pipeline():
-    pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
     applied = wan_triton.optimize(pipe, "cpu", triton=True, use_batched_cfg=True, attention="math")
     assert pipe.use_batched_cfg and applied.use_batched_cfg
     assert kernel_of(dit.modulate) is kernels.modulate and att.resolve_backend(torch.device("cpu")) == "math"
-    assert applied.offload_model is False and applied.compile is False
+    assert applied.offload == "none" and pipe.offload == "none" and applied.compile is False
     wan_triton.unpatch()
     att.set_backend("auto")
     if not torch.cuda.is_available():
@@ -229,26 +229,26 @@ def test_resident_fit_at_a14b_sizes():
 
 def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
     """A preset that keeps both experts resident offloads instead when the weights plus the measured
-    headroom exceed the GPU (checked with a fake CUDA device: no GPU needed)."""
+    headroom exceed the GPU (checked with a fake CUDA device: no GPU needed); the pipeline runs the
+    decision (its `offload`)."""
     import types
 
-    tiny_pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
-    fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
-                                 low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
-                                 t5_cpu=False, use_batched_cfg=False)
-    need = accel.resident_gb(fake)
-    assert need == pytest.approx(sum(p.numel() * p.element_size() for m in (
+    tiny_pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
+    need = sum(p.numel() * p.element_size() for m in (
         tiny_pipe.high_noise_model, tiny_pipe.low_noise_model, tiny_pipe.text_encoder.model)
-        for p in m.parameters()) / 1e9)
-    resident = accel.Preset("resident", offload_model=False, t5_cpu=False, triton=False)
-    for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, False),
-                            (need + plan.RESIDENT_HEADROOM_GB - 1e-3, True)):
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda dev, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
+        for p in m.parameters()) / 1e9
+    resident = accel.Preset("resident", offload="none")
+    for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, "none"),
+                            (need + plan.RESIDENT_HEADROOM_GB - 1e-3, "model")):
+        fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
+                                     low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
+                                     t5_cpu=False, use_batched_cfg=False, offload="model")
+        monkeypatch.setattr(plan.DeviceInfo, "of", classmethod(
+            lambda cls, dev=None, fp8=False, attention=None, gb=gpu_gb: plan.DeviceInfo("cuda", "cuda", gb)))
         caplog.clear()
-        applied = wan_triton.optimize(fake, resident)
-        assert applied.offload_model is offload
-        assert ("the idle expert will wait in CPU memory" in caplog.text) is offload
+        applied = wan_triton.optimize(fake, resident, triton=False)
+        assert applied.offload == fake.offload == offload
+        assert ("the idle expert will wait in CPU memory" in caplog.text) is (offload == "model")
     att.set_backend("auto")
 
 
@@ -425,7 +425,7 @@ def test_patch_says_what_it_takes():
         with pytest.raises(TypeError, match="patch"):
             with wan_triton.patched(bad):
                 pass
-    pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
     with pytest.raises(TypeError, match=r"got WanT2V; for a WanT2V, patch\(\) with no argument"):
         wan_triton.patch(pipe)
     assert originals() == before and att.get_backend() == backend

@@ -1,10 +1,12 @@
-"""Frozen dataclass configs and named presets for the Wan 2.2 T2V stack.
+"""Frozen dataclass configs and the named tasks (model sizes) of the Wan 2.2 T2V stack.
 
-`PRESETS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `PRESETS["tiny"]`
-has the same architecture at toy widths, for tests and the built-in demo.
+`TASKS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `TASKS["tiny"]`
+has the same architecture at toy widths, for tests and the built-in demo. (A "preset" is a
+hardware profile of wan_triton, never a model size.)
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -152,14 +154,22 @@ TINY = T2VConfig(
     seed=42,
 )
 
-PRESETS: dict[str, T2VConfig] = {c.name: c for c in (T2V_A14B, TINY)}
+TASKS: dict[str, T2VConfig] = {c.name: c for c in (T2V_A14B, TINY)}
 
 
 def get_config(name: str) -> T2VConfig:
+    """The config of a task by name ('t2v-A14B', 'tiny'); KeyError naming the choices."""
     try:
-        return PRESETS[name]
+        return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
+
+
+def __getattr__(name):
+    if name == "PRESETS":  # deprecated (0.1): the model sizes are tasks; remove in 0.2
+        warnings.warn("wan.configs.PRESETS is now wan.configs.TASKS", DeprecationWarning, stacklevel=2)
+        return TASKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -20,11 +20,12 @@ from wan.requests import SEED_MAX, InputError
 from wan.video import check_output_path, check_video_suffix, check_video_writer, save_video
 
 from .build import build_pipeline
-from .cli import (CLIError, Request, add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
-                  add_preset_flags, add_request_flags, default_output_name, implied_task, parse_request, run_main,
-                  setup_logging)
+from .exits import CLIError, run_main, setup_logging
+from .flags import (add_accel_flags, add_model_flags, add_no_offload_flag, add_offload_flags, add_parallel_flags,
+                    add_preset_flags, add_request_flags)
 from .lora_flags import add_lora_flags
-from .parser import OneLineParser, add_no_offload_flag, parse_bool
+from .parser import OneLineParser, parse_bool
+from .request import Request, default_output_name, implied_task, parse_request
 
 PROG = "wan-generate"
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(req: Request, save_file: str | None) -> Path:
-    ulysses = getattr(req.extra.get("parallel"), "ulysses_size", 1)  # the official name carries it
+    ulysses = req.plan.parallel.ulysses_size  # the official name carries it
     save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt, ulysses=ulysses))
     try:
         return check_video_suffix(save)
@@ -91,16 +92,11 @@ def run(args, cleanup: ExitStack) -> Path | None:
     else:
         logging.info("loading %s from %s on %s", req.task, req.ckpt_dir, req.device)
     logging.info("generating %s%s", req.summary(seed), prompt_note)
-    # block streaming (asked, or the preset's) starts at load when the plan allows it; random weights are
-    # built whole (streamed ones would be other random values)
-    built = build_pipeline(req, cleanup, stream=req.plan.stream_from_load and req.ckpt_dir is not None,
-                           progress=not req.quiet)
+    built = build_pipeline(req, cleanup, progress=not req.quiet)  # as the plan says, then applied
     pipe = built.pipe
     logging.info("%s %s in %.1fs on %s", "built" if req.ckpt_dir is None else "loaded", req.task, built.build_s,
                  built.device)
-    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed),
-                          offload_model=built.applied.offload_model,  # False when the blocks stream
-                          progress=not req.quiet)
+    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), progress=not req.quiet)
     if not built.is_main:
         return None  # rank 0 decodes and writes
     save_video(video, save, fps=req.config.sample_fps)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import EXIT_BAD_INPUT, EXIT_CODES_HELP, process_rank
+from .exits import EXIT_BAD_INPUT, EXIT_CODES_HELP, process_rank
 
-__all__ = ["TEXT_FLAGS", "parse_bool", "HelpFormatter", "OneLineParser", "add_no_offload_flag"]
+__all__ = ["TEXT_FLAGS", "parse_bool", "HelpFormatter", "OneLineParser"]
 
 # flags whose value may itself start with '-' (a prompt): `--prompt -v` is read as `--prompt=-v`
 TEXT_FLAGS = ("--prompt", "--n_prompt")
@@ -62,10 +62,3 @@ class OneLineParser(argparse.ArgumentParser):
         if process_rank() == 0:  # under torchrun every rank parses the same command line: rank 0 says it
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-
-
-def add_no_offload_flag(p: argparse.ArgumentParser, scope: str = "") -> None:
-    """--no-offload (both tools): both experts stay on the GPU, as --offload none; `scope` adds
-    where it applies (wan-benchmark: both modes)."""
-    p.add_argument("--no-offload", dest="no_offload", action="store_true",
-                   help=f"keep both experts on the GPU (= --offload none{scope})")
