@@ -70,6 +70,42 @@ def test_reference_only_default_name(tmp_path, caplog):
     assert "[reference] run 1/1: total" in caplog.text
 
 
+def test_takes_wan_generates_flags(tmp_path, monkeypatch):
+    """wan-benchmark takes every flag of wan-generate but --save_file (it writes a report, not a
+    video), and the sampling ones reach the runs and the report (issue 31, item 8: it lacked
+    --sample_shift, --sample_guide_scale, --n_prompt and --no-offload)."""
+    from wan.pipeline import WanT2V
+    from wan_triton import benchmark, generate
+
+    def flags(p):
+        return {o for a in p._actions for o in a.option_strings}
+
+    assert flags(generate.build_parser()) - flags(benchmark.build_parser()) == {"--save_file"}
+    asked = []
+    real = WanT2V.generate
+
+    def spy(self, prompt, **kw):
+        asked.append((kw["shift"], kw["guide_scale"], kw["n_prompt"]))
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(WanT2V, "generate", spy)
+    rc = main(FAST + ["--mode", "reference", "--no-decode", "--out_dir", str(tmp_path), "--name", "g",
+                      "--sample_shift", "3", "--sample_guide_scale", "2.5", "--n_prompt", "blur"])
+    assert rc == 0 and asked == [(3.0, 2.5, "blur")]
+    cfg = json.loads((tmp_path / "g.json").read_text())["config"]
+    assert (cfg["sample_shift"], cfg["sample_guide_scale"], cfg["n_prompt"]) == (3.0, 2.5, "blur")
+
+
+def test_no_offload_is_offload_none_in_both_modes():
+    """wan-benchmark's --no-offload is wan-generate's: --offload none (fine on a CPU), for both modes."""
+    from wan_triton.benchmark import MODES, build_parser
+    from wan_triton.request import parse_request
+
+    plans = [parse_request(build_parser().parse_args([*flags, "--device", "cpu"]), "tiny", modes=MODES).plan
+             for flags in (["--no-offload"], ["--offload", "none"])]
+    assert all((p.offload, p.reference_offload, p.options.offload) == ("none",) * 3 for p in plans)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--size", "100*100"], "multiples of 16"),
     (["--size", "1280*720"], "not supported"),

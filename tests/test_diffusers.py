@@ -1,7 +1,9 @@
 """wan_triton.patch() on diffusers' Wan transformers (wan_triton/diffusers.py).
 
-Tiny WanTransformer3DModel (2 blocks, 2 heads of 32) with seeded random weights, on the CPU
-through the Triton interpreter. The reference is diffusers' own unpatched forward (the patch
+Tiny WanTransformer3DModel (2 blocks, 2 heads of 32) with seeded random weights, where the
+kernels run: on the GPU when there is one (where the suite runs without the interpreter, and CPU
+tensors would only ever fall back), else on the CPU through the Triton interpreter (conftest sets
+TRITON_INTERPRET=1 there). The reference is diffusers' own unpatched forward (the patch
 must reproduce diffusers' computation order, not the official Wan one): fp32 within 1e-5
 relative, bf16 (weights as from_pretrained(torch_dtype=bf16) leaves them) and bf16 autocast
 within one bf16 rounding step per element. conftest sets WAN_TRITON_STRICT=1, so every test
@@ -18,27 +20,34 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (pi
 
 import wan_triton  # noqa: E402
 from wan_triton import diffusers as wdz  # noqa: E402
+from wan_triton import kernels  # noqa: E402
 from wan_triton.patch import PatchError  # noqa: E402
 
 OPS = ("rms_norm", "rms_norm_rope", "modulate", "gated_residual")
 
+# Where the tests that run the kernels put the model and its inputs: the GPU when there is one,
+# else the CPU, where the kernels need the interpreter from the start of the process.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(DEV == "cpu" and not kernels.interpret_mode(),
+                                   reason="no CUDA device and TRITON_INTERPRET is not 1: the kernels cannot run")
 
-def tiny_transformer(seed: int, layers: int = 2):
+
+def tiny_transformer(seed: int, layers: int = 2, device=DEV):
     torch.manual_seed(seed)
     return diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=96, num_layers=layers, rope_max_seq_len=64).eval()
+        text_dim=16, freq_dim=32, ffn_dim=96, num_layers=layers, rope_max_seq_len=64).eval().to(device)
 
 
-def inputs(seed: int, dtype=torch.float32, batch: int = 1):
+def inputs(seed: int, dtype=torch.float32, batch: int = 1, device=DEV):
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 4, 3, 8, 6, generator=g).to(dtype)  # grid 3 x 4 x 3: non-square RoPE axes
-    ctx = torch.randn(batch, 7, 16, generator=g).to(dtype)
-    return x, torch.tensor([700] * batch), ctx
+    x = torch.randn(batch, 4, 3, 8, 6, generator=g).to(device, dtype)  # grid 3 x 4 x 3: non-square RoPE axes
+    ctx = torch.randn(batch, 7, 16, generator=g).to(device, dtype)
+    return x, torch.tensor([700] * batch, device=device), ctx
 
 
 def run(model, x, t, ctx, autocast=False):
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
         return model(x, t, ctx, return_dict=False)[0]
 
 
@@ -53,6 +62,7 @@ def within_bf16_rounding(out, ref):
     return rel(out, ref) <= 2 ** -7
 
 
+@needs_kernels
 def test_fp32_patched_matches_diffusers(seed):
     model = tiny_transformer(seed)
     x, t, ctx = inputs(seed, batch=2)
@@ -69,6 +79,7 @@ def test_fp32_patched_matches_diffusers(seed):
     wan_triton.unpatch(model)
 
 
+@needs_kernels
 @pytest.mark.parametrize("mode", ["bf16", "autocast"])
 def test_bf16_patched_within_rounding(seed, mode):
     model = tiny_transformer(seed)
@@ -86,6 +97,7 @@ def test_bf16_patched_within_rounding(seed, mode):
     assert all(wan_triton.kernel_stats()[op]["launches"] == 4 for op in OPS)
 
 
+@needs_kernels
 def test_unpatch_restores_exactly(seed):
     model = tiny_transformer(seed)
     x, t, ctx = inputs(seed)
@@ -110,6 +122,7 @@ class _Pipe:
         self.transformer, self.transformer_2 = a, b
 
 
+@needs_kernels
 def test_pipeline_with_two_transformers(seed):
     high, low = tiny_transformer(seed), tiny_transformer(seed + 7, layers=1)
     pipe = _Pipe(high, low)
@@ -126,6 +139,7 @@ def test_pipeline_with_two_transformers(seed):
     assert torch.equal(run(high, x, t, ctx), refs[0]) and torch.equal(run(low, x, t, ctx), refs[1])
 
 
+@needs_kernels
 def test_strict_and_fallback(seed, monkeypatch):
     """model.to(bf16) also casts diffusers' RoPE table: diffusers then rotates in bf16, which the
     kernel does not reproduce. Strict mode raises with that reason; otherwise the call runs
@@ -147,6 +161,7 @@ def test_strict_and_fallback(seed, monkeypatch):
     assert within_bf16_rounding(out, ref), rel(out, ref)
 
 
+@needs_kernels
 def test_flags_choose_the_ops(seed):
     """rope without rms_norm: diffusers' norm then the rope_apply kernel; modulation off: its own."""
     model = tiny_transformer(seed, layers=1)

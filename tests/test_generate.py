@@ -5,7 +5,7 @@ import sys
 import imageio
 import pytest
 
-from wan_triton.generate import main
+from wan_triton.generate import build_parser, main
 
 
 def frames_of(path):
@@ -49,6 +49,7 @@ def _ckpt_missing_vae(tmp_path):
     (["--size", "100*100"], "multiples of 16"),
     (["--size", "1280*720"], "not supported"),
     (["--frame_num", "8"], "4n+1"),
+    (["--frame_num", "4097"], "--frame_num 4097 is past the limit of 4093 frames (1024 latent frames"),
     (["--sample_solver", "heun"], "unknown solver"),
     (["--ckpt_dir", "/nonexistent/ckpt", "--task", "tiny"], "not found"),
     (["--tf32"], "needs a CUDA GPU"),
@@ -68,6 +69,10 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, args, msg):
     assert rc == 2
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))
+
+
+def test_help_gives_the_frame_limit():
+    assert "4n+1, at most 4093" in " ".join(build_parser().format_help().split())
 
 
 def test_missing_checkpoint_part(tmp_path, capsys):

@@ -117,6 +117,49 @@ def test_remove_restores_exactly(seed):
     enable_block_streaming(m, "cpu", ring=3).remove()  # can be enabled again
 
 
+class _FakeCudart:
+    """torch.cuda.cudart() stand-in: records host registrations (a CPU machine cannot pin)."""
+
+    class cudaError:  # noqa: N801 - the name torch's binding has
+        success = 0
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802
+        self.registered.append(ptr)
+        return self.cudaError.success
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return self.cudaError.success
+
+
+def test_dropped_streamer_unregisters_its_pinned_buffers(seed, monkeypatch):
+    """A streamed model dropped without remove() unregisters its page-locked host buffers before
+    their memory is freed. A registered range that is freed stays in CUDA's table: a later CPU
+    tensor at those addresses is then partly "registered", and its copy to the GPU fails with
+    `CUDA error: invalid argument` (issue 31: the VAE's .to(cuda) in
+    test_cuda_from_config_blocks_never_holds_an_expert, after test_cuda_low_ram_equals_resident
+    dropped its streamed pipeline)."""
+    import gc
+
+    rt = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    _, m = _pair(torch.bfloat16, seed, layers=3)
+    h = enable_block_streaming(m, "cpu", ring=2, pin=True)
+    assert len(rt.registered) == 3 and not rt.unregistered
+    del h, m
+    gc.collect()
+    assert sorted(rt.unregistered) == sorted(rt.registered)
+    _, m = _pair(torch.bfloat16, seed, layers=2)  # remove() unregisters each buffer once, as before
+    enable_block_streaming(m, "cpu", ring=1, pin=True).remove()
+    assert len(rt.registered) == 5 and sorted(rt.unregistered) == sorted(rt.registered)
+    del m
+    gc.collect()
+    assert len(rt.unregistered) == 5
+
+
 def test_refuses_bad_requests(seed):
     _, m = _pair(torch.float32, seed, layers=2)
     with pytest.raises(OffloadError, match="ring"):

@@ -87,6 +87,34 @@ def test_bad_requests(size, frames, solver, msg):
         check_request(TINY, size, frames, solver)
 
 
+def test_frame_limit_is_the_rope_table():
+    """frame_num past config.max_frame_num (4093: 1024 latent frames, the RoPE table's rows) is
+    refused before any work (issue 31, item 3: 4097 passed the checks and died in the DiT with an
+    IndexError); 4093 is the exact limit: its latent frames index the table's last row."""
+    from wan.configs import ROPE_POSITIONS, T2V_A14B
+    from wan.dit import WanModel
+
+    for cfg in (TINY, T2V_A14B):
+        assert cfg.max_frame_num == 4093
+        w, h = cfg.default_size.split("*")
+        assert check_request(cfg, cfg.default_size, 4093) == (int(w), int(h))
+        for n in (4097, 1000001):
+            with pytest.raises(InputError, match=f"^frame_num {n} is past the limit of 4093 frames "
+                                                 rf"\(1024 latent frames, the length of the model's RoPE table\)$"):
+                check_request(cfg, cfg.default_size, n)
+    model = WanModel.from_config(TINY.dit, zero_head=False)
+    latent_frames = (TINY.max_frame_num - 1) // TINY.vae_stride[0] + 1
+    assert latent_frames == ROPE_POSITIONS
+    for f in (latent_frames, latent_frames + 1):  # one token per latent frame (2x2 latents, patch 2x2)
+        x = torch.randn(1, 16, f, 2, 2)
+        run = lambda: model(x, torch.tensor([500.0]), [torch.randn(3, 32)])  # noqa: E731
+        if f <= ROPE_POSITIONS:
+            assert run().shape == x.shape
+        else:
+            with pytest.raises(IndexError):
+                run()
+
+
 def test_official_layout_checkpoint_round_trip(tmp_path, pipe):
     pipe.save_pretrained(tmp_path / "ckpt", max_shard_bytes=256 * 1024)
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}

@@ -59,3 +59,22 @@ def test_readme_block_runs(block, tmp_path):
                          timeout=600)
     assert out.returncode == 0, f"README.md line {block['line']}:\n{out.stderr[-3000:]}"
     assert "Traceback" not in out.stderr
+
+
+def test_documented_modules_exist():
+    """Every `python -m <module>` of ours that the README, docs/ and bench/RESULTS.md give exists
+    (issue 31, item 8: RESULTS gave `python3 -m bench.benchmark_t2v` after it had become wan-benchmark)."""
+    docs = [ROOT / "README.md", ROOT / "bench" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {(doc.name, m) for doc in docs
+             for m in re.findall(r"python3? -m ((?:bench|wan|wan_triton)\.[A-Za-z_][\w.]*)", doc.read_text("utf-8"))}
+    assert len(named) > 5
+    missing = [(doc, m) for doc, m in sorted(named) if not (ROOT / (m.replace(".", "/") + ".py")).is_file()]
+    assert not missing
+
+
+def test_gpu_test_command_installs_first_with_the_same_python():
+    """The README's GPU test command installs the package (tests/test_install.py checks the installed
+    package from outside the root) with the interpreter that then runs pytest (issue 31, item 2)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    cmds = [line for line in text.splitlines() if "-m pytest tests" in line and "TRITON_INTERPRET" not in line]
+    assert cmds == ['python -m pip install -e ".[test]" && python -m pytest tests -q']

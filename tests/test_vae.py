@@ -139,9 +139,13 @@ def test_from_config_deterministic():
     assert not torch.equal(sa["decoder.head.2.weight"], sc["decoder.head.2.weight"])
 
 
-def test_progress_bar(tiny32):
-    z = torch.randn(1, 16, 2, 2, 2)
+def test_progress_bar(tiny32, capsys):
+    """Same output with the bar; the bar counts video frames (1 + 4 per latent frame after the
+    first), as the pipeline's 'decoding 9 frames' line does (issue 31 item 9: it said 3/3)."""
+    z = torch.randn(1, 16, 3, 2, 2)
     assert torch.equal(tiny32.decode(z, progress=True), tiny32.decode(z))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "9/9" in bar[-1] and "frame" in bar[-1] and not any("3/3" in line for line in bar), bar
 
 
 # ------------------------------------------------------------------ causality / chunking

@@ -382,3 +382,51 @@ def test_instance_patch_sets_nothing_on_the_model_but_its_forward(tiny):
     assert set(vars(tiny)) - before == {"forward"}
     wan_triton.unpatch(tiny)
     assert set(vars(tiny)) == before and att.get_backend() == backend
+
+
+@needs_kernels
+def test_instance_strict_covers_its_own_ops_only(tiny, monkeypatch):
+    """patch(model, strict=True): a fallback of that model's patched ops raises during its forward,
+    while the process's strict mode (DISPATCH.strict, which the fp8 activation kernels obey) stays
+    as it was: one model's forward switches no global state (issue 30, item 4)."""
+    from wan_triton import fp8
+    from wan_triton.dispatch import DISPATCH
+
+    monkeypatch.delenv(wpatch.STRICT_ENV, raising=False)
+    x64 = torch.randn(2, 5, 64, dtype=torch.float64, device=DEV)  # no kernel takes float64
+    seen = []
+
+    def inside_forward(block, args):
+        fp8.quantize_input(x64)  # not an op of this model's patch: the torch formula, counted
+        with pytest.raises(wan_triton.KernelFallback, match="modulate .*float64"):
+            dit.modulate(x64, x64[:, :1], x64[:, :1], 1e-6)
+        seen.append(DISPATCH.is_strict())
+
+    tiny.blocks[0].register_forward_pre_hook(inside_forward)
+    names = wan_triton.patch(tiny, strict=True)
+    tiny(*_inputs())
+    wan_triton.unpatch(tiny)
+    assert seen == [False]
+    assert names == ["wan.dit.rms_norm", "wan.dit.rope_apply", "wan.dit.rms_norm_rope", "wan.dit.modulate",
+                     "wan.dit.gated_residual", "wan.pipeline.cfg_combine"]  # named as patch() names them
+
+
+def test_patch_says_what_it_takes():
+    """Anything but None, a WanModel or a diffusers Wan model/pipeline is one TypeError that says
+    what patch() takes (issue 31, item 5: a Linear was 'patched', a string died in weakref), and
+    nothing is changed: no op, no attention backend, no wrapper."""
+    before, backend = originals(), att.get_backend()
+    lin = torch.nn.Linear(2, 2)
+    for bad in (lin, "foo", 3):
+        with pytest.raises(TypeError, match=r"patch\(\) takes None .*, one wan\.dit\.WanModel, or a diffusers "
+                                            r"WanTransformer3DModel or pipeline .*; got (Linear|str|int)$") as err:
+            wan_triton.patch(bad, attention="math")
+        assert "\n" not in str(err.value)
+        with pytest.raises(TypeError, match="patch"):
+            with wan_triton.patched(bad):
+                pass
+    pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
+    with pytest.raises(TypeError, match=r"got WanT2V; for a WanT2V, patch\(\) with no argument"):
+        wan_triton.patch(pipe)
+    assert originals() == before and att.get_backend() == backend
+    assert "forward" not in vars(lin) and lin not in wpatch._instances and not wan_triton.is_patched()

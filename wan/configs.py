@@ -18,6 +18,10 @@ DEFAULT_NEG_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+# Rows of the DiT's RoPE table per axis (frames, height, width): the official rope_params(1024, ...).
+# A video's latent grid must fit it: at most 1024 latent frames (T2VConfig.max_frame_num).
+ROPE_POSITIONS = 1024
+
 # Official latent statistics of the Wan2.1 VAE (per channel; not stored in Wan2.1_VAE.pth).
 VAE_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -120,6 +124,12 @@ class T2VConfig:
     low_noise_checkpoint: str = "low_noise_model"
     high_noise_checkpoint: str = "high_noise_model"
     seed: int = -1
+
+    @property
+    def max_frame_num(self) -> int:
+        """The longest video (4n+1 frames) whose latent frames fit the RoPE table (ROPE_POSITIONS
+        rows): 4093 for the official strides."""
+        return (ROPE_POSITIONS * self.dit.patch_size[0] - 1) * self.vae_stride[0] + 1
 
     def replace(self, **kw) -> "T2VConfig":
         return replace(self, **kw)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import attention as _attention
 from .checkpoint import dit_weight_files, load_weights_into, read_dit_config, save_dit
-from .configs import DiTConfig
+from .configs import ROPE_POSITIONS, DiTConfig
 
 __all__ = [
     "WanModel", "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual",
@@ -65,7 +65,7 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return c - 2 * (c // 3), c // 3, c // 3
 
 
-def rope_freqs(head_dim: int, max_pos: int = 1024, theta: float = 10000.0) -> torch.Tensor:
+def rope_freqs(head_dim: int, max_pos: int = ROPE_POSITIONS, theta: float = 10000.0) -> torch.Tensor:
     """The model's RoPE table, complex128 [max_pos, head_dim/2] (docs/rope.md).
 
     Columns are three per-axis ladders side by side, each normalised by its own sub-dimension:

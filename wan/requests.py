@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .configs import T2VConfig, parse_size
+from .configs import ROPE_POSITIONS, T2VConfig, parse_size
 from .naming import Arg, NamedError
 
 SOLVERS = ("unipc", "dpm++", "euler")  # euler: the few-step distilled LoRAs (docs/lora.md)
@@ -42,7 +42,8 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
     """Validate a request against `config`; returns (width, height).
 
     size: 'W*H' or (width, height); both multiples of 16 and one of `config.sizes`.
-    frame_num: 4n+1 (the VAE's temporal stride is 4, plus the first frame).
+    frame_num: 4n+1 (the VAE's temporal stride is 4, plus the first frame), at most
+        config.max_frame_num (4093: the latent frames must fit the DiT's RoPE table).
     sampling_steps: None (the config's) or >= 1.
     shift: None (the config's) or a finite number > 0 (the flow shift divides by it).
     guide_scale: None, a number or (low-noise, high-noise), each finite (negative is allowed).
@@ -59,6 +60,10 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
         raise InputError(f"size {sz} is not supported by {config.name}; choose from {', '.join(config.sizes)}")
     if frame_num < 1 or (frame_num - 1) % 4:
         raise InputError(f"frame_num must be 4n+1 (e.g. 5, 17, 81), got {frame_num}")
+    if frame_num > config.max_frame_num:
+        raise InputError("{arg} {value} is past the limit of {max} frames ({rows} latent frames, the length of "
+                         "the model's RoPE table)", arg=Arg("frame_num"), value=frame_num,
+                         max=config.max_frame_num, rows=ROPE_POSITIONS)
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose {', '.join(map(repr, SOLVERS))}")
     if sampling_steps is not None and sampling_steps < 1:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,17 @@ def placeholder(shape, dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype).expand(tuple(shape))
 
 
+def _unregister(registered: dict) -> None:
+    """Unregister host buffers from CUDA, then let them go. A registered range whose memory is freed
+    stays in the driver's table: a later allocation at those addresses (any CPU tensor) is then
+    partly "registered", and copying it to the GPU fails with `CUDA error: invalid argument`
+    (cudaMemcpy refuses a range that is part registered, part not). Called when a streamer is
+    collected while it still holds registered buffers (a pipeline dropped without remove())."""
+    for ptr in list(registered):
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+        del registered[ptr]
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -147,7 +159,10 @@ class BlockStreamer:
         self.cuda = device.type == "cuda"
         self.pin = self.cuda if pin is None else bool(pin)
         self.stats = StreamStats()
-        self._registered: set[int] = set()
+        # host buffers registered with CUDA (data pointer -> buffer), unregistered before their memory
+        # is freed: by _free_host, else when this streamer is collected (see _unregister)
+        self._registered: dict[int, torch.Tensor] = {}
+        weakref.finalize(self, _unregister, self._registered).atexit = False
         self._warned_pin = False
         self.timing = False  # True: time every copy with CUDA events (copy_bandwidth())
         self._timed: list = []
@@ -210,7 +225,7 @@ class BlockStreamer:
         rt = torch.cuda.cudart()
         err = rt.cudaHostRegister(flat.data_ptr(), nbytes, 0)
         if err == rt.cudaError.success:
-            self._registered.add(flat.data_ptr())
+            self._registered[flat.data_ptr()] = flat
         elif not self._warned_pin:
             log.warning("cudaHostRegister failed (%s): the %s expert's blocks stay in pageable host memory (host-to-GPU "
                         "copies at pageable speed)", err, self.label)
@@ -223,9 +238,8 @@ class BlockStreamer:
         if flat is None:
             return
         if flat.data_ptr() in self._registered:
-            rt = torch.cuda.cudart()
-            rt.cudaHostUnregister(flat.data_ptr())
-            self._registered.discard(flat.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
+            del self._registered[flat.data_ptr()]
         self.ledger.sub(flat.numel())
         self.host[i] = None
 

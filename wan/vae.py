@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .configs import VAEConfig
 
@@ -481,17 +482,17 @@ class WanVAE(nn.Module):
             if not chunked:
                 out.copy_(self.decoder(x))
             else:
-                steps = range(t)
-                if progress:
-                    from tqdm.auto import tqdm
-                    steps = tqdm(steps, desc="VAE decode", unit="frame")
+                # the bar counts video frames (1, then 4 per latent frame), as "decoding N frames" says
+                bar = tqdm(total=out.shape[2], desc="VAE decode", unit="frame", disable=not progress)
                 cache, t0 = FeatureCache(), 0
-                for i in steps:
+                for i in range(t):
                     cache.rewind()
                     y = self.decoder(x[:, :, i:i + 1], cache)
                     out[:, :, t0:t0 + y.shape[2]].copy_(y)
                     t0 += y.shape[2]
+                    bar.update(y.shape[2])
                     del y
+                bar.close()
                 del cache
         return out.clamp_(-1.0, 1.0)
 

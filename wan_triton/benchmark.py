@@ -19,12 +19,12 @@ the final latents, so parity needs no extra generation: the last timed run of ea
 the latents (relative error) and the decoded frames (PSNR over all uint8 frames).
 
 Every choice is the run's one plan (wan_triton.plan, made before the build with the modes that
-run): unless `--offload_model` or `--offload none|model` is given (then it applies to both modes),
-the reference uses the official single-GPU default (offload on CUDA) and the optimized mode the
-preset's choice. `--offload blocks` (or a preset that streams) makes only the optimized mode
-stream the DiT blocks from CPU memory; the reference keeps the official default. The text
-encoder placement (`--t5_cpu` or, when the optimized mode runs, the preset's) is shared by both
-modes. The build keeps the idle expert on the host whenever the first mode offloads.
+run): unless `--offload_model`, `--no-offload` or `--offload none|model` is given (then it
+applies to both modes), the reference uses the official single-GPU default (offload on CUDA) and
+the optimized mode the preset's choice. `--offload blocks` (or a preset that streams) makes only
+the optimized mode stream the DiT blocks from CPU memory; the reference keeps the official
+default. The text encoder placement (`--t5_cpu` or, when the optimized mode runs, the preset's)
+is shared by both modes. The build keeps the idle expert on the host whenever the first mode offloads.
 
 Outputs, written only at the very end (temporary names, then renamed): `<out_dir>/<name>.json`,
 `<name>.md` and `<name>.png` (the chart is skipped, with one warning, when matplotlib is not
@@ -57,7 +57,7 @@ from wan_triton import restore_tf32, unpatch
 from wan_triton.accel import official_tf32
 from wan_triton.build import apply_built, build_pipeline
 from wan_triton.exits import CLIError, CLIOutputError, run_main, setup_logging
-from wan_triton.flags import (add_accel_flags, add_cache_flags, add_model_flags, add_offload_flags,
+from wan_triton.flags import (add_accel_flags, add_cache_flags, add_model_flags, add_no_offload_flag, add_offload_flags,
                               add_parallel_flags, add_preset_flags, add_request_flags)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
@@ -84,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
                                  "(default without)",
                     ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
-    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes", guidance=False)
+    add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes")
     # optimization (wan_triton), as in wan-generate
     add_preset_flags(p, default="auto")
     add_accel_flags(p, triton_help="optimized mode keeps the reference ops")
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU, in both modes (CUDA only; default: official for "
            "reference, preset for optimized)")
+    add_no_offload_flag(p, ", in both modes")
     add_offload_flags(p)
     add_parallel_flags(p)  # both modes run on all ranks (torchrun); rank 0 reports
     # output
@@ -452,7 +453,8 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         schema=1,
         config=dict(task=task, weights=built.weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
                     sample_steps=steps, full_steps=full_steps, sample_solver=request.solver,
-                    prompt=req["prompt"], base_seed=args.base_seed, num_runs=args.num_runs, warmup=args.warmup,
+                    prompt=req["prompt"], n_prompt=request.n_prompt or None, base_seed=args.base_seed,
+                    num_runs=args.num_runs, warmup=args.warmup,
                     decode=decode, device=str(device), build_s=built.build_s, recipe=args.recipe,
                     loras=[vars(sp) for sp in built.loras], lora_merge_s=built.lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,

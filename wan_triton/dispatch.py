@@ -6,7 +6,7 @@ The callers ask the kernel's support check, then this object: `wan_triton.patch`
 reference ops (rms_norm, rope, modulate, ...), `wan_triton.fp8` for the activation quantizers.
 It keeps, per op, the kernel launches, the fallbacks and the last fallback's reason
 (`kernel_stats()`, `fp8.fp8_stats()` read them); counting is skipped while torch.compile traces
-(a Python counter in a traced region would break the graph). Strict mode (`patch(strict=True)`
+(a Python counter in a traced region would break the graph). Strict mode (the global `patch(strict=True)`
 while patched, or WAN_TRITON_STRICT=1 in the environment) turns a fallback into a
 `KernelFallback` error carrying the reason. (wan.attention logs its backend choice without
 counting; it holds no triton code, so it does not come through here.)
@@ -43,7 +43,7 @@ class OpStats:
 class Dispatcher:
     """Per-op counters, the strict switch and the warn-once memory of the kernel-or-reference choices."""
     stats: dict[str, OpStats] = field(default_factory=dict)
-    strict: bool = False                            # patch(strict=True), while patched
+    strict: bool = False                            # the global patch(strict=True), while patched
     warned: set[str] = field(default_factory=set)   # fallback reasons already logged
 
     def is_strict(self) -> bool:

@@ -57,6 +57,7 @@ FLAGS = {
     "shift": Flag("--sample_shift", valued=True),
     "guide_scale": Flag("--sample_guide_scale", valued=True),
     "seed": Flag("--base_seed", valued=True),
+    "frame_num": Flag("--frame_num", valued=True),
     # the benchmark (wan_triton.benchmark)
     "mode": Flag("--mode", valued=True),
 }

@@ -17,8 +17,8 @@ from .accel import PRESET_CHOICES, preset_help
 from .fp8_attention import register
 from .plan import COMPILE_MODES
 
-__all__ = ["add_model_flags", "add_request_flags", "add_preset_flags", "add_accel_flags", "add_offload_flags",
-           "add_parallel_flags", "add_cache_flags", "attention_registry"]
+__all__ = ["add_model_flags", "add_request_flags", "add_preset_flags", "add_accel_flags", "add_no_offload_flag",
+           "add_offload_flags", "add_parallel_flags", "add_cache_flags", "attention_registry"]
 
 
 def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) -> None:
@@ -39,8 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) 
            "while the DiT and the VAE run (default: the preset's; rtx4090: on)")
 
 
-def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: str, guidance: bool = True) -> None:
-    """What to generate: prompt(s), size, frames, steps, solver, seed (+ shift and guidance)."""
+def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: str) -> None:
+    """What to generate: prompt(s), negative prompt, size, frames, steps, shift, guidance, solver, seed."""
 
     a = p.add_argument
     one = p.add_mutually_exclusive_group()
@@ -49,17 +49,16 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
                           "starting with '-' works: --prompt -v or --prompt=-v")
     one.add_argument("--prompt_file", default=None, metavar="PATH",
                      help="read the prompt from a UTF-8 text file, instead of --prompt (default: none)")
-    if guidance:
-        a("--n_prompt", default="", help="negative prompt (default: the official one)")
+    a("--n_prompt", default="", help="negative prompt (default: the official one)")
     a("--size", default=None, help=f"WIDTH*HEIGHT, e.g. 1280*720 (default: the task's: {_per_task('default_size')})")
-    a("--frame_num", type=int, default=None, help=f"number of frames, 4n+1 (default: {_per_task('frame_num')})")
+    a("--frame_num", type=int, default=None, help=f"number of frames, 4n+1, at most "
+      f"{min(c.max_frame_num for c in TASKS.values())} (the RoPE table's latent frames) (default: {_per_task('frame_num')})")
     a("--sample_steps", type=int, default=None, help=f"denoising steps (default: {_per_task('sample_steps')})")
-    if guidance:
-        a("--sample_shift", type=float, default=None,
-          help=f"flow shift of the noise schedule (default: {_per_task('sample_shift')})")
-        a("--sample_guide_scale", type=float, default=None,
-          help="classifier-free guidance scale, one value for both experts (default: (low-noise, high-noise) "
-               f"{_per_task('sample_guide_scale')})")
+    a("--sample_shift", type=float, default=None,
+      help=f"flow shift of the noise schedule (default: {_per_task('sample_shift')})")
+    a("--sample_guide_scale", type=float, default=None,
+      help="classifier-free guidance scale, one value for both experts (default: (low-noise, high-noise) "
+           f"{_per_task('sample_guide_scale')})")
     a("--sample_solver", default=None, help=f"flow solver: {', '.join(SOLVERS)} (default: unipc)")
     a("--base_seed", "--seed", dest="base_seed", type=int, default=seed_default, help=seed_help)
 
@@ -103,6 +102,13 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
            "(block by block, ~14 GB per expert) and re-used by later runs; block streaming then reads the e4m3 "
            "blocks from them (--host_ram low: ~14 GB of host RAM for the DiT) (default: none, the experts are "
            "quantized in memory after loading; docs/fp8.md)")
+
+
+def add_no_offload_flag(p: argparse.ArgumentParser, scope: str = "") -> None:
+    """--no-offload (both tools): both experts stay on the GPU, as --offload none; `scope` adds
+    where it applies (wan-benchmark: both modes)."""
+    p.add_argument("--no-offload", dest="no_offload", action="store_true",
+                   help=f"keep both experts on the GPU (= --offload none{scope})")
 
 
 def add_offload_flags(p: argparse.ArgumentParser) -> None:

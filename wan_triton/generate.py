@@ -21,8 +21,8 @@ from wan.video import check_output_path, check_video_suffix, check_video_writer,
 
 from .build import build_pipeline
 from .exits import CLIError, run_main, setup_logging
-from .flags import (add_accel_flags, add_cache_flags, add_model_flags, add_offload_flags, add_parallel_flags,
-                    add_preset_flags, add_request_flags)
+from .flags import (add_accel_flags, add_cache_flags, add_model_flags, add_no_offload_flag, add_offload_flags,
+                    add_parallel_flags, add_preset_flags, add_request_flags)
 from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
 from .request import Request, default_output_name, implied_task, parse_request
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's, on with CUDA "
            "without a preset)")
-    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU (= --offload none)")
+    add_no_offload_flag(p)
     add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     add_parallel_flags(p)

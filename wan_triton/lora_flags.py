@@ -66,8 +66,8 @@ def add_lora_flags(parser) -> None:
 
 
 def apply_recipe(args) -> None:
-    """Fill the sampling flags the user left unset (None) from --recipe. A tool without a flag
-    (wan-benchmark has no --sample_shift) still gets the recipe's value."""
+    """Fill the sampling flags the user left unset (None) from --recipe. A tool without one of the
+    flags still gets the recipe's value."""
 
     r = RECIPES.get(getattr(args, "recipe", None) or "")
     if r is None:

@@ -2,18 +2,28 @@
 
     import wan_triton
     wan_triton.patch()            # every WanModel / WanT2V in this process
-    wan_triton.patch(model)       # only this model's forward
+    wan_triton.patch(model)       # only this wan.dit.WanModel's forward
     with wan_triton.patched(): ...
     wan_triton.unpatch()          # the exact original function objects are restored
     wan_triton.kernel_stats()     # per op: kernel launches, fallbacks, the last fallback's reason
     wan_triton.patch(pipe)        # a diffusers WanPipeline / WanTransformer3DModel: wan_triton/diffusers.py
 
-Patching never reloads a module: it rebinds module attributes (`wan.dit.rms_norm`, ...) that
-the reference looks up at call time, and remembers the originals. This is the one place that
-decides kernel or reference: each bound op asks the kernel's `*_supports(...)` check and runs
-the kernel when it covers the call, else the saved reference function (the original `wan.dit` /
-`wan.pipeline` object), counting both. `strict=True` (or WAN_TRITON_STRICT=1 in the
-environment) turns a fallback into a `KernelFallback` error that carries the reason.
+Three mechanisms, one function each, every one given `strict` explicitly:
+
+    _patch_globals(flags, strict)          rebinds the module attributes (`wan.dit.rms_norm`, ...)
+                                           that the reference looks up at call time, for the process
+    _patch_instance(model, flags, strict)  wraps one WanModel's forward: the same attributes are
+                                           rebound for the duration of each of its calls, then put back
+    wan_triton.diffusers.patch(obj, flags, strict)   diffusers' Wan transformers (their own block
+                                           forward and attention processor, per model instance)
+
+Patching never reloads a module and never touches weights. Each bound op asks the kernel's
+`*_supports(...)` check per call and runs the kernel when it covers the call, else the saved
+reference function (the original `wan.dit` / `wan.pipeline` object), counting both. `strict=True`
+(or WAN_TRITON_STRICT=1 in the environment) turns a fallback into a `KernelFallback` error that
+carries the reason. The global patch's strict mode is also the process's (`DISPATCH.strict`,
+which the fp8 activation kernels obey too) until unpatch(); a model's strict mode covers its own
+patched ops.
 
 The attention backend is left alone unless `attention=` is given; unpatch()/patched() then
 restore the backend that was set before. The counters and the strict switch live in
@@ -33,6 +43,7 @@ from typing import Callable
 import torch
 
 from wan import attention as att
+from wan.dit import WanModel
 
 from . import diffusers as _diffusers
 
@@ -51,19 +62,24 @@ _TARGETS = {
 }
 OPS = tuple(attr for targets in _TARGETS.values() for _, attr in targets)
 
+ACCEPTS = ("None (every WanModel and WanT2V of this process), one wan.dit.WanModel, or a diffusers "
+           "WanTransformer3DModel or pipeline (WanPipeline: its transformer and transformer_2)")
+
 
 @dataclass(frozen=True, eq=False)
 class BoundOp:
     """What a patched name is bound to: the Triton `kernel` when its `supports` check covers the
-    call, else the saved `reference` function, the choice counted by DISPATCH."""
+    call, else the saved `reference` function, the choice counted by DISPATCH (a fallback raises
+    when `strict`, or in the process's strict mode)."""
     name: str
     kernel: Callable
     supports: Callable
     reference: Callable
+    strict: bool = False
 
     def __call__(self, *args, **kwargs):
         ok, why = self.supports(*args, **kwargs)
-        if DISPATCH.use_kernel(self.name, ok, why):
+        if DISPATCH.use_kernel(self.name, ok, why, strict=self.strict):
             return self.kernel(*args, **kwargs)
         return self.reference(*args, **kwargs)
 
@@ -87,7 +103,7 @@ class InstancePatch:
 
 _originals: dict[tuple[str, str], object] = {}  # (module, attr) -> original, only while patched
 _prev_attention: list[str] = []                 # the backend before patch(attention=...), while patched
-_bound: dict[tuple[str, str], BoundOp] = {}     # (module, attr) -> its bound op, around the current reference
+_bound: dict[tuple[str, str, bool], BoundOp] = {}  # (module, attr, strict) -> its op, around the current reference
 _instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> InstancePatch
 
 
@@ -110,14 +126,15 @@ def _reference(fn):
     return fn.reference if isinstance(fn, BoundOp) else fn
 
 
-def _dispatcher(mod_name: str, attr: str) -> BoundOp:
+def _dispatcher(mod_name: str, attr: str, strict: bool) -> BoundOp:
     """The bound op for (module, attr), around the reference function currently behind it."""
     from wan_triton import kernels  # here, not at the top: `import wan_triton` does not import triton
 
     ref = _reference(getattr(_module(mod_name), attr))
-    op = _bound.get((mod_name, attr))
+    key = (mod_name, attr, strict)
+    op = _bound.get(key)
     if op is None or op.reference is not ref:
-        op = _bound[(mod_name, attr)] = BoundOp(attr, getattr(kernels, attr), getattr(kernels, f"{attr}_supports"), ref)
+        op = _bound[key] = BoundOp(attr, getattr(kernels, attr), getattr(kernels, f"{attr}_supports"), ref, strict)
     return op
 
 
@@ -147,18 +164,6 @@ def _wanted(rms_norm, rope, modulation, residual, cfg):
     return [f for f, on in flags.items() if on]
 
 
-def _swap(flags) -> list[str]:
-    done = []
-    for mod_name, attr in _targets(flags):
-        mod = _module(mod_name)
-        key = (mod_name, attr)
-        if key not in _originals:
-            _originals[key] = getattr(mod, attr)
-        setattr(mod, attr, _dispatcher(mod_name, attr))
-        done.append(f"{mod_name}.{attr}")
-    return done
-
-
 def _set_attention(name: str, saved: list) -> None:
     ensure_registered(name)  # attention="fp8": the opt-in lossy backend (wan_triton/fp8_attention.py)
     prev = att.set_backend(name)
@@ -166,12 +171,24 @@ def _set_attention(name: str, saved: list) -> None:
         saved.append(prev)
 
 
+def _check_target(model) -> None:
+    """TypeError naming what patch() takes, for anything else (before anything is changed)."""
+    if model is None or isinstance(model, WanModel) or _diffusers.is_wan_diffusers(model):
+        return
+    hint = ""
+    if all(hasattr(model, a) for a in ("high_noise_model", "low_noise_model")):  # a wan.pipeline.WanT2V
+        hint = "; for a WanT2V, patch() with no argument (or patch each of pipe.high_noise_model, pipe.low_noise_model)"
+    raise TypeError(f"patch() takes {ACCEPTS}; got {type(model).__name__}{hint}")
+
+
 def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=True, cfg=True,
           attention: str | None = None, strict: bool = False):
     """Use the Triton kernels for the chosen ops. Returns the list of patched names.
 
-    model=None patches globally; a model instance patches only that model's forward (the
-    kernels are swapped in for the duration of each call). Calling twice is harmless.
+    model: None patches globally (every WanModel and WanT2V of the process); a wan.dit.WanModel
+    patches only that model's forward (the kernels are swapped in for the duration of each call);
+    a diffusers WanTransformer3DModel or pipeline patches those models (wan_triton/diffusers.py).
+    Anything else is a TypeError saying so. Calling twice is harmless.
     Falls back to the reference (and logs why) when the kernels cannot run here, unless
     strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
     call the kernel does not cover raises KernelFallback instead of running the reference.
@@ -179,10 +196,11 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     it alone. patch() swaps functions and never touches weights: fp8 linears are
     wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model) (docs/fp8.md).
     """
+    _check_target(model)
     strict = strict or os.environ.get(STRICT_ENV) == "1"
-    ok, why = kernel_support()
     flags = _wanted(rms_norm, rope, modulation, residual, cfg)
-    if _diffusers.is_wan_diffusers(model):  # checked first: an unsupported version changes nothing
+    diffusers = _diffusers.is_wan_diffusers(model)
+    if diffusers:  # checked first: an unsupported version changes nothing
         bad = _diffusers.version_problem()
         if bad and strict:
             raise PatchError(bad)
@@ -192,26 +210,55 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     if attention is not None:
         saved = _prev_attention if model is None else _instances.setdefault(model, InstancePatch()).prev_attention
         _set_attention(attention, saved)
+    ok, why = kernel_support()
     if not ok:
         if strict:
             raise PatchError(f"Triton kernels unavailable: {why}")
         log.warning("wan_triton: kernels not patched (%s); the reference ops stay in place", why)
         return []
-    if _diffusers.is_wan_diffusers(model):
+    if diffusers:
         return _diffusers.patch(model, flags, strict)
     if model is not None:
         return _patch_instance(model, flags, strict)
-    DISPATCH.strict = DISPATCH.strict or strict
-    done = _swap(flags)
+    done = _patch_globals(flags, strict)
     log.info("wan_triton: patched %s (%s%s)", ", ".join(done) or "nothing", why, ", strict" if strict else "")
     return done
 
 
-def _patch_instance(model, flags, strict):
+# ------------------------------------------------------------------ the process: module attributes
+
+def _patch_globals(flags, strict: bool) -> list[str]:
+    """Rebind the module attributes for the process (the originals remembered once); strict mode
+    becomes the process's until unpatch()."""
+    done = []
+    for mod_name, attr in _targets(flags):
+        mod = _module(mod_name)
+        _originals.setdefault((mod_name, attr), getattr(mod, attr))
+        setattr(mod, attr, _dispatcher(mod_name, attr, strict))
+        done.append(f"{mod_name}.{attr}")
+    DISPATCH.strict = DISPATCH.strict or strict
+    return done
+
+
+def _unpatch_globals() -> None:
+    for (mod_name, attr), fn in list(_originals.items()):
+        setattr(_module(mod_name), attr, fn)
+    _originals.clear()
+    DISPATCH.strict = False
+    if _prev_attention:
+        att.set_backend(_prev_attention.pop())
+
+
+# ------------------------------------------------------------------ one model: its forward
+
+def _patch_instance(model, flags, strict: bool) -> list[str]:
+    """Wrap `model.forward` (once; patching again only changes the flags and strict mode)."""
     inst = _instances.setdefault(model, InstancePatch())
-    if inst.flags is not None:  # already wrapped: new flags for the next calls
-        inst.flags, inst.strict = flags, strict
-        return flags
+    wrapped = inst.flags is not None
+    inst.flags, inst.strict = flags, strict
+    names = [f"{mod_name}.{attr}" for mod_name, attr in _targets(flags)]
+    if wrapped:
+        return names
     orig_forward = model.forward
 
     @functools.wraps(orig_forward)
@@ -219,52 +266,49 @@ def _patch_instance(model, flags, strict):
         with _swapped(inst.flags, inst.strict):
             return orig_forward(*args, **kw)
 
-    inst.flags, inst.strict = flags, strict
     inst.own_forward = vars(model).get("forward")
     model.forward = forward
-    log.info("wan_triton: patched %s on one %s instance", ", ".join(flags), type(model).__name__)
-    return flags
+    log.info("wan_triton: patched %s on one %s instance", ", ".join(names), type(model).__name__)
+    return names
 
 
 @contextlib.contextmanager
-def _swapped(flags, strict=False):
-    """Swap in for a region, restoring whatever was bound before (nesting-safe)."""
+def _swapped(flags, strict: bool):
+    """Bind the ops for a region, restoring whatever was bound before (nesting-safe)."""
     saved = []
-    prev_strict = DISPATCH.strict
     try:
-        DISPATCH.strict = prev_strict or strict
         for mod_name, attr in _targets(flags):
             mod = _module(mod_name)
             saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, _dispatcher(mod_name, attr))
+            setattr(mod, attr, _dispatcher(mod_name, attr, strict))
         yield
     finally:
         for mod, attr, fn in reversed(saved):
             setattr(mod, attr, fn)
-        DISPATCH.strict = prev_strict
 
+
+def _unpatch_instance(model) -> None:
+    inst = _instances.pop(model, None)
+    if inst is None:
+        return
+    if inst.flags is not None:
+        if inst.own_forward is None:
+            del model.forward  # back to the class's forward
+        else:
+            model.forward = inst.own_forward
+    if inst.prev_attention:
+        att.set_backend(inst.prev_attention[0])
+
+
+# ------------------------------------------------------------------ undo
 
 def unpatch(model=None) -> None:
     """Restore exactly the original function objects, and the attention backend if patch set it."""
-    if model is not None:
-        _diffusers.unpatch(model)
-        inst = _instances.pop(model, None)
-        if inst is None:
-            return
-        if inst.flags is not None:
-            if inst.own_forward is None:
-                del model.forward  # back to the class's forward
-            else:
-                model.forward = inst.own_forward
-        if inst.prev_attention:
-            att.set_backend(inst.prev_attention[0])
+    if model is None:
+        _unpatch_globals()
         return
-    for (mod_name, attr), fn in list(_originals.items()):
-        setattr(_module(mod_name), attr, fn)
-    _originals.clear()
-    DISPATCH.strict = False
-    if _prev_attention:
-        att.set_backend(_prev_attention.pop())
+    _diffusers.unpatch(model)
+    _unpatch_instance(model)
 
 
 def is_patched() -> bool:
@@ -286,6 +330,7 @@ def patched(model=None, **kw):
             unpatch(model)
         elif not was_patched:
             unpatch()
-        DISPATCH.strict = strict
+        else:
+            DISPATCH.strict = strict  # patched inside a global patch: its strict mode only for the block
         if kw.get("attention") is not None:
             att.set_backend(backend)
