@@ -44,6 +44,7 @@ setup(
         # wan_triton.patch(WanPipeline / WanTransformer3DModel): the range wan_triton/diffusers.py supports
         "diffusers": ["diffusers>=0.35.0,<0.43"],
     },
-    entry_points={"console_scripts": ["wan-generate = wan_triton.generate:main",
-                                      "wan-benchmark = wan_triton.benchmark:main"]},
+    # wan_triton.console imports the tools inside a guard: Ctrl-C during their imports is one line, exit 130
+    entry_points={"console_scripts": ["wan-generate = wan_triton.console:generate",
+                                      "wan-benchmark = wan_triton.console:benchmark"]},
 )

@@ -5,8 +5,12 @@ Every bad request ends in one line on stderr, exit 2 (or 1 for out-of-memory), b
 model is built; nothing is written.
 """
 import argparse
+import os
 import re
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -389,3 +393,40 @@ def test_fp8_rule_is_the_one_optimize_applies(monkeypatch, tmp_path, capsys):
         return
     rc = run_tool("wan-generate", ["--device", dev, "--fp8"], tmp_path)
     assert rc == 2 and "--fp8: the rule said no" in capsys.readouterr().err
+
+
+_INTERRUPT_AT_IMPORT = """
+import sys
+
+class Interrupt:  # one Ctrl-C, while the tool imports {interrupted} (the first seconds of a run)
+    fired = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "{interrupted}" and not Interrupt.fired:
+            Interrupt.fired = True
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["{tool}", "--frame_num", "8"]  # a lost interrupt ends in a bad-input line, exit 2, nothing written
+from {module} import {func}
+sys.exit({func}())
+"""
+
+
+@pytest.mark.parametrize("interrupted", ["torch", "numpy"])
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_ctrl_c_during_the_imports_is_one_line(tool, interrupted):
+    """The console script as setup.py installs it, interrupted while it imports torch: one line and
+    exit code 130, as Ctrl-C later (issue 31 item 9: a KeyboardInterrupt traceback). Also within
+    numpy's import, which torch's C start-up makes itself and whose errors it drops: a Ctrl-C there
+    was lost (the run went on, or died later on a half-imported numpy)."""
+    root = Path(__file__).resolve().parent.parent
+    module, func = re.search(rf'"{tool} = ([\w.]+):(\w+)"', (root / "setup.py").read_text()).groups()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = _INTERRUPT_AT_IMPORT.format(module=module, func=func, interrupted=interrupted, tool=tool)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (130, f"{tool}: interrupted\n"), r.stderr[-2000:]
+    from wan_triton import console  # here: the test above must fail (not error) where it does not exist
+
+    assert console.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED

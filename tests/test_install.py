@@ -94,4 +94,4 @@ def test_installed_names_are_ours():
         pytest.fail(f"wan-triton is not installed for {sys.executable}: {INSTALL}")
     assert sorted((dist.read_text("top_level.txt") or "").split()) == ["wan", "wan_triton"]
     scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
-    assert scripts == {"wan-generate": "wan_triton.generate:main", "wan-benchmark": "wan_triton.benchmark:main"}
+    assert scripts == {"wan-generate": "wan_triton.console:generate", "wan-benchmark": "wan_triton.console:benchmark"}
