@@ -441,7 +441,7 @@ def test_import_is_light_and_patch_stays_the_function():
     used; `wan_triton.patch` is the function, also after its submodule is imported."""
     code = ("import sys, wan_triton\n"
             "heavy = [m for m in ('torch', 'triton', 'torch._inductor', 'wan_triton.kernels') if m in sys.modules]\n"
-            "import wan_triton.cli, wan_triton.patch as p\n"
+            "import wan_triton.request, wan_triton.patch as p\n"
             "from wan_triton import patch, optimize\n"
             "print(heavy, callable(wan_triton.patch), p is patch, wan_triton.patch is patch, optimize.__module__)")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,

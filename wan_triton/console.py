@@ -1,7 +1,7 @@
 """The console scripts `wan-generate` and `wan-benchmark` (setup.py's entry points).
 
 The tools import torch, triton and the models at their top: seconds of work. Ctrl-C during those
-imports ends as Ctrl-C later does (wan_triton.cli.run_main): one line, exit code 130, no
+imports ends as Ctrl-C later does (wan_triton.exits.run_main): one line, exit code 130, no
 traceback. This module and `import wan_triton` import nothing heavy, so the guard is in place
 before the imports start.
 """
@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-EXIT_INTERRUPTED = 130  # = wan_triton.cli.EXIT_INTERRUPTED (cli imports torch: not imported before the guard)
+EXIT_INTERRUPTED = 130  # = wan_triton.exits.EXIT_INTERRUPTED (exits imports torch: not imported before the guard)
 
 
 def _run(prog: str, module: str) -> int:
