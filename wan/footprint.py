@@ -43,18 +43,19 @@ def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False,
     blocks when they stream."""
     from .dit import WanModel
     from .t5 import T5Encoder
-    from .vae import WanVAE
+    from .vae2_2 import vae_class
 
     on_cpu = torch.device(device).type == "cpu"
     dit_bytes = torch.empty((), dtype=dtype or config.param_dtype).element_size()
     parts = []
     if on_cpu or blocks_on_host:
-        parts.append(("two experts", 2 * _numel(lambda: WanModel(config.dit)) * dit_bytes))
+        n = len(config.dit_folders)  # two experts, or the one model of ti2v-5B
+        parts.append(("two experts" if n == 2 else "DiT", n * _numel(lambda: WanModel(config.dit)) * dit_bytes))
     if on_cpu or t5_cpu:
         t5_bytes = torch.empty((), dtype=config.t5_dtype).element_size()
         parts.append(("text encoder", _numel(lambda: T5Encoder(config.t5)) * t5_bytes))
     if on_cpu:
-        parts.append(("VAE", _numel(lambda: WanVAE(config.vae)) * 4))
+        parts.append(("VAE", _numel(lambda: vae_class(config.vae)(config.vae)) * 4))
     return Footprint(tuple(parts))
 
 
