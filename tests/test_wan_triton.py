@@ -234,8 +234,8 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
 
     tiny_pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
     fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
-                                 low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
-                                 t5_cpu=False, use_batched_cfg=False)
+                                 low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
+                                 text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False)
     need = accel.resident_gb(fake)
     assert need == pytest.approx(sum(p.numel() * p.element_size() for m in (
         tiny_pipe.high_noise_model, tiny_pipe.low_noise_model, tiny_pipe.text_encoder.model)

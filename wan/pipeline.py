@@ -212,6 +212,10 @@ class WanT2V:
         return unload_from_pipeline(self)
 
     # ------------------------------------------------------------------ helpers
+    def dit_models(self) -> tuple:
+        """The DiT models this pipeline runs: the two experts (ti2v-5B's pipeline has one)."""
+        return (self.high_noise_model, self.low_noise_model)
+
     def latent_shape(self, width: int, height: int, frame_num: int) -> tuple[int, int, int, int]:
         st, sh, sw = self.config.vae_stride
         return (self.config.vae.z_dim, (frame_num - 1) // st + 1, height // sh, width // sw)

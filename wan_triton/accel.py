@@ -199,9 +199,9 @@ def get_preset(name: str = "auto", device=None) -> Preset:
 # ------------------------------------------------------------------ optimize
 
 def resident_gb(pipeline) -> float:
-    """GB of weights that stay on the GPU when nothing is offloaded: both experts, plus the T5
-    unless it runs on the CPU."""
-    mods = [pipeline.high_noise_model, pipeline.low_noise_model]
+    """GB of weights that stay on the GPU when nothing is offloaded: the DiT models (both experts,
+    or ti2v-5B's one), plus the T5 unless it runs on the CPU."""
+    mods = list(pipeline.dit_models())
     if not pipeline.t5_cpu:
         mods.append(pipeline.text_encoder.model)
     return sum(p.numel() * p.element_size() for m in mods for p in m.parameters()) / 1e9
@@ -241,9 +241,9 @@ class Optimized:
 def pipeline_options(pipeline, options: Options) -> Options:
     """`options` with the facts of an existing pipeline: whether its blocks stream, where its
     weights come from, the size of the weights that would stay on the GPU."""
-    experts = (pipeline.high_noise_model, pipeline.low_noise_model)
+    experts = pipeline.dit_models()
     cuda = pipeline.device.type == "cuda"
-    return replace(options, streaming=getattr(pipeline, "offload", "none") == "blocks",
+    return replace(options, streaming=getattr(pipeline, "offload", "none") == "blocks", dit_models=len(experts),
                    checkpoint=getattr(pipeline, "ckpt_dir", None) is not None,
                    resident_gb=resident_gb(pipeline) if cuda else None,
                    weights_dtype=str(next(experts[0].parameters()).dtype).replace("torch.", ""))
@@ -290,7 +290,7 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     if on is None:
         return False
     done, changed = [], False
-    for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+    for m in pipeline.dit_models():
         if on and not _fp8.is_quantized(m):
             done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
         elif not on and _fp8.is_quantized(m):
@@ -321,13 +321,13 @@ def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
         except OffloadError as err:
             raise AccelError(str(err)) from None
     if run.compile:
-        for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+        for m in pipeline.dit_models():
             compile_blocks(m, run.compile_mode)
     p = run.preset
     res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
                     offload_model=run.offload_model, offload=run.offload, attention=run.attention,
-                    fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
+                    fp8=any(_fp8.is_quantized(m) for m in pipeline.dit_models()),
                     tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

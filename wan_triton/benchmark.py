@@ -56,6 +56,7 @@ from wan_triton.build import build_pipeline, optimize_built
 from wan_triton.cli import (CLIError, CLIOutputError, add_accel_flags, add_model_flags, add_offload_flags,
                             add_parallel_flags, add_preset_flags, add_request_flags, implied_task, parse_request,
                             run_main, setup_logging)
+from wan_triton.image_flags import add_image_flags, image_kwargs
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
 from wan_triton.parser import OneLineParser, parse_bool
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="also write <out_dir>/<name>.frames.pt: each mode's final latents and uint8 frames, to compare "
            "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
     add_lora_flags(p)
+    add_image_flags(p)
     return p
 
 
@@ -197,7 +199,7 @@ def to_reference(pipe) -> dict:
     previous TF32 settings."""
 
     wan_triton.unpatch()
-    for m in (pipe.high_noise_model, pipe.low_noise_model):
+    for m in pipe.dit_models():
         wan_triton.unpatch(m)
     pipe.use_batched_cfg = False
 
@@ -398,7 +400,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
              request.summary())
     asked = "none" if par.dit_fsdp else request.extra["offload"]  # --dit_fsdp: the shards stay on the GPUs
 
-    req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
+    req = dict(request.generate_kwargs(), **image_kwargs(request), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
     results, latents, frames = {}, {}, {}
     tf32_saved = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from wan import parallel
 from wan.lora import apply_loras
-from wan.pipeline import WanT2V
+from wan.tasks import pipeline_class
 
 from .accel import Optimized, optimize_options
 from .lora_flags import lora_specs
@@ -66,10 +66,11 @@ def build_pipeline(req, cleanup: ExitStack, *, stream: bool, t5_cpu: bool | None
     device = state.device if state is not None else req.device
     t5_cpu = run.t5_cpu if t5_cpu is None else t5_cpu
     t0 = time.perf_counter()
+    pipeline = pipeline_class(req.config)  # WanT2V, WanI2V or WanTI2V (wan.tasks)
     if req.ckpt_dir is None:
-        pipe = WanT2V.from_preset(req.config, device=device, t5_cpu=t5_cpu, offload="blocks" if stream else None)
+        pipe = pipeline.from_preset(req.config, device=device, t5_cpu=t5_cpu, offload="blocks" if stream else None)
     else:  # with host RAM low the low-noise expert is read at the switch only
-        pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=device, t5_cpu=t5_cpu,
+        pipe = pipeline.from_pretrained(req.ckpt_dir, req.config, device=device, t5_cpu=t5_cpu,
                                       convert_model_dtype=req.convert_model_dtype, progress=progress,
                                       offload="blocks" if stream else None, host_ram=run.host_ram)
     build_s = time.perf_counter() - t0

@@ -377,7 +377,15 @@ def request_options(args):
                    compile=g("compile"), compile_mode=g("compile_mode", "default"),
                    tf32=True if g("tf32") else None, use_batched_cfg=True if g("use_batched_cfg") else None,
                    attention=g("attention"), fp8=True if g("fp8") else None, parallel=parallel_request(args),
-                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")))
+                   loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), checkpoint=bool(g("ckpt_dir")),
+                   dit_models=task_dit_models(args))
+
+
+def task_dit_models(args) -> int:
+    """DiT models of the asked task: 2 experts, or 1 (ti2v-5B); 2 for a task that does not exist
+    (refused by parse_request)."""
+    cfg = TASKS.get(getattr(args, "task", None) or implied_task(args))
+    return 2 if cfg is None else len(cfg.dit_folders)
 
 
 def plan_request(args, device, preset: str):

@@ -99,6 +99,12 @@ RULES = {
                                          "{b} already runs cond and uncond at once, on two halves of the GPUs; "
                                          "drop {a}"),
     "t5_cpu/t5_fsdp": Rule("t5_cpu=True", "t5_fsdp=True", "{a} cannot be combined with {b}; drop one of them"),
+    # a task with one DiT model (ti2v-5B; docs/models.md)
+    "offload/one_model": Rule("offload='blocks'", "a one-model task (ti2v-5B)",
+                              "{a} streams the blocks of an A14B task's two experts; {b} fits a 24 GB GPU with "
+                              "offload='model' (the model leaves the GPU for the VAE decode)"),
+    "loras/one_model": Rule("LoRAs", "a one-model task (ti2v-5B)",
+                            "{a} merge into an A14B task's experts (high / low noise); {b} is not supported"),
 }
 
 
@@ -164,6 +170,7 @@ class Options:
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     loras: bool = False                  # LoRAs will be merged into the experts
     checkpoint: bool | None = None       # weights come from files (None: not known yet)
+    dit_models: int = 2                  # DiT models the task runs: 2 experts (A14B), 1 (ti2v-5B)
     # the state of an existing pipeline
     streaming: bool = False              # its blocks stream already
     resident_gb: float | None = None     # GB that stay on the GPU with nothing offloaded (None: not measured)
@@ -291,6 +298,10 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         except OffloadError as err:
             raise PlanError(str(err)) from None
     check_parallel(par, words if asked not in (None, "none") else "", o.t5_cpu, bool(o.use_batched_cfg))
+    if o.dit_models == 1 and asked == "blocks":
+        _refuse("offload/one_model", a=words)
+    if o.dit_models == 1 and o.loras:
+        _refuse("loras/one_model")
 
     warnings = []
     if o.streaming:  # a pipeline that streams its blocks keeps streaming
@@ -299,6 +310,10 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         offload = "none"
     else:
         offload = asked or preset_offload(p)
+    if o.dit_models == 1 and offload == "blocks":  # a preset's streaming: the one model waits in CPU memory instead
+        offload = "model"
+        warnings.append(f"preset {p.name} streams the DiT blocks of an A14B task; this task has one model, which "
+                        "waits in CPU memory during the VAE decode instead (offload='model')")
     if (cuda and offload == "none" and asked is None and not par.dit_fsdp and o.resident_gb is not None
             and device.total_memory_gb is not None and not fits_resident(o.resident_gb, device.total_memory_gb)):
         offload = "model"
