@@ -102,3 +102,12 @@ def test_video_and_batched_cfg(pipe, image):
 def test_image_is_required(pipe):
     with pytest.raises(InputError, match="needs an image"):
         pipe.generate("a cat", **RUN)
+
+
+def test_block_streaming_is_bit_identical(image):
+    """The experts' machinery is WanT2V's: streamed blocks (on the CPU here, allow_cpu) give the same latents."""
+    pipe = WanI2V.from_preset("i2v-tiny", device="cpu")
+    ref = pipe.generate("a cat", image=image, **RUN, return_latents=True)
+    pipe.enable_block_streaming(allow_cpu=True)
+    assert pipe.offload == "blocks"
+    assert torch.equal(pipe.generate("a cat", image=image, **RUN, return_latents=True), ref)
