@@ -85,5 +85,6 @@ def test_benchmark_image_mode(tmp_path, image):
     assert rc == 0
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["config"]["task"] == "ti2v-tiny"
+    assert report["config"]["latent_shape"] == [48, 2, 6, 10]  # the image's 160x96, not --size's 128x128
     assert report["modes"]["reference"]["experts"] == ["model", "model"]
     assert report["comparison"]["latents_rel_err"] == 0.0  # nothing patched: the same computation

@@ -112,6 +112,11 @@ def test_bad_requests(pipe):
         pipe.generate("x", **{**RUN, "size": "1280*720"})
     with pytest.raises(OffloadError, match="ti2v-5B is one model"):
         WanTI2V.from_preset("ti2v-tiny", offload="blocks")
+    with pytest.raises(OffloadError, match="ti2v-5B is one model"):
+        pipe.enable_block_streaming()
+    from wan.lora import LoraError
+    with pytest.raises(LoraError, match="ti2v-5B is not supported"):
+        pipe.load_lora("x.safetensors")
 
 
 def test_checkpoint_round_trip_official_layout(pipe, tmp_path):

@@ -28,6 +28,7 @@ from .configs import TI2VConfig, get_config
 from .dit import WanModel
 from .footprint import build_footprint, check_host_ram
 from .image import ti2v_frame, ti2v_size
+from .lora import LoraError
 from .offload import OffloadError
 from .pipeline import WanT2V, _progress
 from .requests import InputError, check_request
@@ -83,6 +84,14 @@ class WanTI2V:
     def dit_models(self) -> tuple:
         """The DiT models this pipeline runs (one)."""
         return (self.model,)
+
+    def enable_block_streaming(self, *args, **kw):
+        """Refused: block streaming streams an A14B task's two experts (OffloadError, one line)."""
+        _one_model_only("blocks")
+
+    def load_lora(self, *args, **kw):
+        """Refused: the LoRA tables merge into an A14B task's experts (LoraError, one line)."""
+        raise LoraError("LoRAs merge into an A14B task's experts (high / low noise); ti2v-5B is not supported")
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -446,6 +446,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         if decode:
             cmp_["psnr_db"] = _psnr_json(psnr_uint8(frames["optimized"], frames["reference"]))
         cmp_.update(timing_verdict(ref.to_dict(), opt.to_dict()))
+    video_wh = getattr(pipe, "last_size", None) or tuple(map(int, size.split("*")))  # image tasks: the image's
     report = dict(
         schema=1,
         config=dict(task=task, weights=built.weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
@@ -454,7 +455,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
                     decode=decode, device=str(device), build_s=built.build_s, recipe=args.recipe,
                     loras=[vars(sp) for sp in built.loras], lora_merge_s=built.lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,
-                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num)),
+                    latent_shape=list(pipe.latent_shape(*video_wh, frame_num)),
                     parallel=dict(world=par.world, ulysses_size=par.ulysses_size, cfg_parallel=par.cfg_parallel,
                                   dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)),
         modes={k: v.to_dict() for k, v in results.items()},
