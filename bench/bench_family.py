@@ -141,7 +141,7 @@ def video24(args) -> list:
     total = torch.cuda.get_device_properties(dev).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * 1e9 / total))
     t0 = time.perf_counter()
-    pipe = WanTI2V.from_preset("ti2v-5B", device=dev, t5_cpu=True)
+    pipe = WanTI2V.from_config("ti2v-5B", device=dev, t5_cpu=True)
     build_s = time.perf_counter() - t0
     applied = wan_triton.optimize(pipe, "rtx4090")
     img = Image.fromarray((np.random.default_rng(0).random((1080, 1920, 3)) * 255).astype(np.uint8))
@@ -150,8 +150,7 @@ def video24(args) -> list:
         torch.cuda.reset_peak_memory_stats()
         try:
             video = pipe.generate("two cats boxing on a stage", image=image, size="1280*704", frame_num=121,
-                                  sampling_steps=args.steps, seed=1, offload_model=applied.offload_model,
-                                  progress=False)
+                                  sampling_steps=args.steps, seed=1, progress=False)  # pipe.offload: applied
             tm = pipe.last_timings
             step = statistics.median(tm.steps)
             row = dict(mode=label, cap_gb=args.cap, video=list(video.shape), steps=len(tm.steps), step_s=step,

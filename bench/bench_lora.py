@@ -8,7 +8,7 @@ What it does: builds one random bf16 expert at the preset's shapes directly on t
 random LoRA file in the PEFT layout (`diffusion_model.blocks.N.{self_attn,cross_attn}.{q,k,v,o}` and
 `ffn.{0,2}`, lora_A/lora_B, bf16, every one of the blocks: 400 linears for A14B) and then times:
 
-- plan: reading the file header and checking every key and shape against the model
+- map: reading the file header and checking every key and shape against the model
 - merge keep=none: the CLI's one-shot merge (no copy of the originals)
 - merge keep=cpu: the API default (originals copied to pinned host memory first)
 - unmerge: putting the originals back; checked bit for bit against checksums taken beforehand
@@ -110,18 +110,18 @@ def main(argv=None) -> int:
     n_mod, n_bytes = timed("write LoRA file", lambda: write_random_lora(model, lora_path, args.rank, args.seed,
                                                                         torch.bfloat16))
     res.update(modules=n_mod, lora_file_bytes=n_bytes, lora_path=str(lora_path) if args.save_lora else None)
-    plan = timed("plan (header + key/shape checks)", lambda: L.plan_lora(lora_path, model))
-    names = sorted(plan.terms)
+    lmap = timed("map (header + key/shape checks)", lambda: L.map_lora(lora_path, model))
+    names = sorted(lmap.terms)
     touched_bytes = sum(dict(model.named_parameters())[n].numel() * 2 for n in names)
     res["touched_gb"] = touched_bytes / 1e9
 
-    timed("merge keep=none (CLI)", lambda: L.merge_loras(model, [(plan, 1.0)], keep="none"))
+    timed("merge keep=none (CLI)", lambda: L.merge_loras(model, [(lmap, 1.0)], keep="none"))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = build()  # untouched weights again (same seed)
     before = timed("checksums before", lambda: checksums(model, names))
-    timed("merge keep=cpu (API default)", lambda: L.merge_loras(model, [(plan, 1.0)], keep="cpu"))
+    timed("merge keep=cpu (API default)", lambda: L.merge_loras(model, [(lmap, 1.0)], keep="cpu"))
     changed = checksums(model, names)
     res["merge_changed_all"] = all(changed[n] != before[n] for n in names)
     timed("unmerge", lambda: L.unmerge_loras(model))

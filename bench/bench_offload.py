@@ -452,7 +452,7 @@ def run_video(args) -> int:
     if not smoke:
         torch.cuda.empty_cache()
     _phase(res, "build", t0)
-    res["host_plan"] = pipe.host_plan.mode
+    res["host_ram"] = pipe.host_ram_choice.mode
     res["pinned_gb"] = _gb(sum(x.host_bytes for x in handles))
     print("build", res["phases"]["build"], f"pinned {res['pinned_gb']:.1f} GB", flush=True)
 
@@ -514,7 +514,7 @@ def run_video(args) -> int:
 
     print(f"\n{res['gpu']} under a {args.cap:g} GB cap | {cfg.name} {w}x{h}x{frames}, {steps} steps "
           f"{res.get('experts')} (boundary {boundary:.3f}) | block streaming ring {args.ring}, host RAM "
-          f"{res['host_plan']} ({res['pinned_gb']:.1f} GB pinned)")
+          f"{res['host_ram']} ({res['pinned_gb']:.1f} GB pinned)")
     print(f"{'phase':<10}{'time s':>9}{'alloc GB':>10}{'resv GB':>9}{'host RSS GB':>12}")
     for name, ph in res["phases"].items():
         print(f"{name:<10}{ph.get('s', math.nan):>9.1f}{ph.get('peak_alloc_gb', math.nan):>10.1f}"

@@ -190,7 +190,7 @@ def part_video(config, args, dev, state_sp, state_cfg, log, is_main):
     from wan_triton.metrics import psnr_uint8
 
     t0 = time.perf_counter()
-    pipe = WanT2V.from_preset(config, device=dev, seed=0)
+    pipe = WanT2V.from_config(config, device=dev, seed=0, offload="none")
     log(f"video: built the pipeline in {time.perf_counter() - t0:.1f} s")
     req = dict(size=args.video_size, frame_num=args.video_frames, sampling_steps=args.video_steps,
                seed=args.seed, offload_model=False, progress=is_main)

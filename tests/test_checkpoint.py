@@ -24,7 +24,7 @@ def pristine(tmp_path_factory):
     from wan.pipeline import WanT2V
 
     d = tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-tiny"
-    WanT2V.from_preset("tiny").save_pretrained(d, max_shard_bytes=64 * 1024)
+    WanT2V.from_config("tiny").save_pretrained(d, max_shard_bytes=64 * 1024)
     return d
 
 

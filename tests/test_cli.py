@@ -1,4 +1,5 @@
-"""wan_triton.cli: the request checks both CLIs share, and that the two tools answer alike.
+"""wan_triton.request / flags / exits: the request checks both CLIs share, and that the two tools
+answer alike.
 
 Every bad request ends in one line on stderr, exit 2 (or 1 for out-of-memory), before any
 model is built; nothing is written.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from wan_triton import benchmark as benchmark_t2v
-from wan_triton import accel, cli, generate
+from wan_triton import accel, exits, generate, request
 
 TOOLS = {"wan-generate": generate, "wan-benchmark": benchmark_t2v}
 NO_CUDA = not torch.cuda.is_available()
@@ -25,7 +26,7 @@ def no_build(monkeypatch):
     def must_not_build(*a, **k):
         raise AssertionError("a model was built before the request was checked")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     monkeypatch.setattr(WanT2V, "from_pretrained", must_not_build)
 
 
@@ -80,11 +81,11 @@ def test_out_of_memory_while_building_is_one_line(tmp_path, capsys, monkeypatch,
     def oom(*a, **k):
         raise exc
 
-    monkeypatch.setattr(WanT2V, "from_preset", oom)
+    monkeypatch.setattr(WanT2V, "from_config", oom)
     rc = run_tool(tool, ["--device", "cpu", "--no-triton"], tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"{tool}: error: {msg}")
-    hint = cli.HOST_OOM_HINT if "host" in msg else cli.gpu_oom_hint()
+    hint = exits.HOST_OOM_HINT if "host" in msg else exits.gpu_oom_hint()
     assert err[0].endswith(hint)
 
 
@@ -93,7 +94,7 @@ def test_other_runtime_errors_still_raise():
         raise RuntimeError("a bug, not the user's input")
 
     with pytest.raises(RuntimeError, match="a bug"):
-        cli.run_main("x", boom)
+        exits.run_main("x", boom)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -158,7 +159,7 @@ def test_preset_aliases_are_defined_once():
     "-v", "",
 ])
 def test_default_output_names_are_safe_and_bounded(prompt):
-    name = cli.default_output_name("t2v-A14B", "1280*720", prompt, when=datetime(2026, 1, 2, 3, 4, 5))
+    name = request.default_output_name("t2v-A14B", "1280*720", prompt, when=datetime(2026, 1, 2, 3, 4, 5))
     print(repr(prompt), "->", name)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.mp4", name), name
     assert len(name) <= 110 and name.endswith("_20260102_030405.mp4")
@@ -166,8 +167,8 @@ def test_default_output_names_are_safe_and_bounded(prompt):
 
 
 def test_safe_name_keeps_readable_prompts():
-    assert cli.safe_name("a red fox, in snow!") == "a_red_fox_in_snow"
-    assert cli.safe_name("***") == "video"
+    assert request.safe_name("a red fox, in snow!") == "a_red_fox_in_snow"
+    assert request.safe_name("***") == "video"
 
 
 def _ns(**kw):
@@ -178,24 +179,36 @@ def _ns(**kw):
 
 
 def test_parse_request_fills_the_request():
-    req = cli.parse_request(_ns(size="160x96", frame_num=9, sample_steps=3, prompt="a cat", base_seed=5,
+    req = request.parse_request(_ns(size="160x96", frame_num=9, sample_steps=3, prompt="a cat", base_seed=5,
                                 sample_solver="dpm++"), "tiny")
     assert (req.task, str(req.device), req.size, req.width_height, req.frame_num, req.steps) == \
         ("tiny", "cpu", "160*96", (160, 96), 9, 3)
-    assert req.prompt_given and req.prompt == "a cat" and req.seed == 5 and req.preset == "none"
+    assert req.prompt_given and req.prompt == "a cat" and req.seed == 5 and req.plan.preset.name == "none"
     kw = req.generate_kwargs()
     assert kw["sample_solver"] == "dpm++" and kw["sampling_steps"] == 3 and kw["seed"] == 5
     o = req.plan.options  # the acceleration flags as given: None, the preset decides
     assert (o.triton, o.compile, o.compile_mode, o.tf32, o.use_batched_cfg, o.attention, o.fp8) == \
         (None, None, "default", None, None, "auto", None)
-    demo = cli.parse_request(_ns(), "tiny")
-    assert not demo.prompt_given and demo.prompt == cli.DEMO_PROMPT and demo.size == "128*128"
+    demo = request.parse_request(_ns(), "tiny")
+    assert not demo.prompt_given and demo.prompt == request.DEMO_PROMPT and demo.size == "128*128"
 
 
-def test_extra_flag_groups_reach_the_request(monkeypatch):
-    """How later features add a flag group: add_<group>_flags + an EXTRA_GROUPS entry."""
-    monkeypatch.setitem(cli.EXTRA_GROUPS, "lora", lambda args: getattr(args, "lora", None))
-    assert cli.parse_request(_ns(lora="x.safetensors"), "tiny").extra["lora"] == "x.safetensors"
+def test_the_request_is_typed(tmp_path):
+    """Issue 30: every flag group lands in a typed field of the Request (or its plan), read by name
+    in the code, never a dict filled at import time and read by string keys."""
+    import dataclasses
+
+    from wan.lora import LoraSpec
+
+    lora = tmp_path / "a.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(lora))
+    req = request.parse_request(generate.build_parser().parse_args(["--lora", f"{lora}:0.5", "--device", "cpu"]),
+                                "tiny")
+    assert req.loras == (LoraSpec(path=str(lora), strength=0.5, expert="both"),)
+    assert req.plan.parallel.world == 1 and req.plan.offload == "none" and req.plan.options.loras
+    fields = {f.name: f.type for f in dataclasses.fields(request.Request)}
+    assert "extra" not in fields and not any("dict" in str(t) for t in fields.values())
 
 
 def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
@@ -206,15 +219,15 @@ def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
     from wan.pipeline import WanT2V
 
     caplog.set_level("INFO")
-    pipe = WanT2V.from_preset("tiny", device="cpu")
+    pipe = WanT2V.from_config("tiny", device="cpu")
     prev = att.set_backend("math")
     try:
         res = wan_triton.optimize(pipe, "none", triton=False)
         assert isinstance(res, accel.Optimized) and att.get_backend() == "math"  # attention=None: untouched
         with pytest.raises(dataclasses.FrozenInstanceError):
-            res.offload_model = True
-        assert (res.preset, res.triton, res.patched, res.offload_model, res.tf32_prev) == \
-            ("none", False, (), False, None)
+            res.offload = "model"
+        assert (res.preset, res.triton, res.patched, res.offload, res.tf32_prev) == \
+            ("none", False, (), "none", None)
         line = caplog.records[-1].getMessage()
         assert line.startswith("preset none (only the flags): Triton kernels off") and "{" not in line
         assert "flags'" not in line
@@ -226,18 +239,25 @@ def test_optimize_returns_a_frozen_result_and_leaves_attention_alone(caplog):
 
 
 def test_flag_words_say_wan_arguments_as_flags():
-    """wan names its arguments (`name=value`), the CLIs report them as flags (wan_triton.flag_words)."""
-    from wan_triton.flag_words import flag_words
+    """wan names its arguments as Args (`name=value` in str()), the CLIs say each one as its flag from
+    one table (wan_triton.flag_words); no text is rewritten."""
+    from wan.naming import Arg, NamedError
+    from wan_triton.flag_words import flag_of, in_flags
 
-    assert flag_words("offload='blocks' conflicts with offload_model=True: give one of them") == \
-        "--offload blocks conflicts with --offload_model True: give one of them"
-    assert flag_words("no_offload=True, compile=True, cfg_parallel=True, t5_cpu=True") == \
-        "--no-offload, --compile, --cfg_parallel, --t5_cpu"
-    assert flag_words("ulysses_size=3 must divide; timeout=0.0 must be > 0") == \
-        "--ulysses_size 3 must divide; --dist_timeout 0.0 must be > 0"
-    assert flag_words("host_ram='low' re-reads") == "--host_ram low re-reads"
-    text = "N must equal ulysses_size x 2; compile=False; size=1280*720; --offload blocks"
-    assert flag_words(text) == text  # bare names, switches set False, other names and flags: as they are
+    err = NamedError("{a} conflicts with {b}: give one of them", a=Arg("offload", "blocks"),
+                     b=Arg("offload_model", True))
+    assert str(err) == "offload='blocks' conflicts with offload_model=True: give one of them"
+    assert in_flags(err) == "--offload blocks conflicts with --offload_model True: give one of them"
+    many = NamedError("{asks}", asks=[Arg("no_offload", True), Arg("compile", True), Arg("cfg_parallel", True),
+                                      Arg("t5_cpu", True)])
+    assert in_flags(many) == "--no-offload, --compile, --cfg_parallel, --t5_cpu"
+    assert [flag_of(a) for a in (Arg("ulysses_size", 3), Arg("timeout"), Arg("host_ram", "low"),
+                                 Arg("sampling_steps"), Arg("compile", False), Arg("triton", False),
+                                 Arg("ckpt_dir", "<folder>", literal=True), Arg("size", "1280*720"))] == \
+        ["--ulysses_size 3", "--dist_timeout", "--host_ram low", "--sample_steps", "--no-compile", "--no-triton",
+         "--ckpt_dir <folder>", "size='1280*720'"]  # an argument without a flag keeps its API words
+    text = "N must equal ulysses_size x 2; compile=False; --offload blocks"
+    assert in_flags(NamedError(text)) == in_flags(ValueError(text)) == text  # plain text is never rewritten
 
 
 def test_wan_holds_no_argparse():
@@ -297,17 +317,17 @@ def test_bad_shift_and_guidance_one_line_before_any_model(tmp_path, capsys, no_b
 def test_prompt_file_and_seed_alias_reach_the_request(tmp_path, capsys):
     f = tmp_path / "p.txt"
     f.write_text("  a red fox in the snow\n", encoding="utf-8")
-    req = cli.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--seed", "7",
+    req = request.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--seed", "7",
                                                                  "--device", "cpu"]), "tiny")
     assert req.prompt == "a red fox in the snow" and req.prompt_given and req.seed == 7
     f.write_text(" \n", encoding="utf-8")
-    with pytest.raises(cli.CLIError, match=f"--prompt_file {re.escape(str(f))} is empty"):
-        cli.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--device", "cpu"]), "tiny")
+    with pytest.raises(exits.CLIError, match=f"--prompt_file {re.escape(str(f))} is empty"):
+        request.parse_request(generate.build_parser().parse_args(["--prompt_file", str(f), "--device", "cpu"]), "tiny")
 
 
 def test_convert_model_dtype_without_ckpt_dir_says_so(caplog):
     caplog.set_level("WARNING")
-    cli.parse_request(generate.build_parser().parse_args(["--convert_model_dtype", "--device", "cpu"]), "tiny")
+    request.parse_request(generate.build_parser().parse_args(["--convert_model_dtype", "--device", "cpu"]), "tiny")
     assert "--convert_model_dtype applies to checkpoint weights (--ckpt_dir)" in caplog.text
 
 
@@ -315,12 +335,12 @@ def test_recipe_logs_what_it_set_and_the_summary_names_solver_shift_guidance(cap
     caplog.set_level("INFO")
     args = generate.build_parser().parse_args(["--recipe", "lightning-4step", "--sample_steps", "6", "--device",
                                                "cpu"])
-    req = cli.parse_request(args, "tiny")
+    req = request.parse_request(args, "tiny")
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe "))
     assert line == ("recipe lightning-4step sets --sample_shift 5, --sample_guide_scale 1, --sample_solver euler "
                     "(given, kept: --sample_steps 6)")
     assert req.summary(seed=3) == "128*128, 17 frames, 6 steps, solver euler, shift 5, guidance 1, seed 3"
-    plain = cli.parse_request(generate.build_parser().parse_args(["--device", "cpu"]), "tiny")
+    plain = request.parse_request(generate.build_parser().parse_args(["--device", "cpu"]), "tiny")
     assert "solver unipc, shift 12, guidance 3 (low-noise) / 4 (high-noise)" in plain.summary(seed=42)
 
 
@@ -339,16 +359,16 @@ def test_io_failure_is_exit_3_and_torchrun_other_ranks_are_quiet(capsys, monkeyp
         raise OutputWriteError("cannot write v.mp4: No space left on device")
 
     def bad():
-        raise cli.CLIError("--sample_shift must be > 0, got 0")
+        raise exits.CLIError("--sample_shift must be > 0, got 0")
 
-    assert cli.run_main("x", disk_full) == cli.EXIT_IO == 3
+    assert exits.run_main("x", disk_full) == exits.EXIT_IO == 3
     assert capsys.readouterr().err.strip() == "x: error: cannot write v.mp4: No space left on device"
     monkeypatch.setenv("RANK", "1")  # torchrun: every rank made the same check; rank 0 says it
-    assert cli.run_main("x", bad) == 2 and capsys.readouterr().err == ""
-    assert cli.run_main("x", disk_full) == 3  # a failure of this rank's own is still reported, with its rank
+    assert exits.run_main("x", bad) == 2 and capsys.readouterr().err == ""
+    assert exits.run_main("x", disk_full) == 3  # a failure of this rank's own is still reported, with its rank
     assert capsys.readouterr().err.strip() == "x: error (rank 1): cannot write v.mp4: No space left on device"
     monkeypatch.setenv("RANK", "0")
-    assert cli.run_main("x", bad) == 2 and capsys.readouterr().err.strip() == "x: error: --sample_shift must be > 0, " \
+    assert exits.run_main("x", bad) == 2 and capsys.readouterr().err.strip() == "x: error: --sample_shift must be > 0, " \
                                                                                "got 0"
 
 
@@ -364,7 +384,7 @@ def test_fp8_rule_is_the_one_optimize_applies(monkeypatch, tmp_path, capsys):
     if NO_CUDA:  # the CUDA-only flag check answers first on a CPU; the rule itself is checked directly
         with pytest.raises(fp8.Fp8Error, match="the rule said no"):
             from wan.pipeline import WanT2V
-            accel.optimize(WanT2V.from_preset("tiny"), "cpu", fp8=True)
+            accel.optimize(WanT2V.from_config("tiny"), "cpu", fp8=True)
         assert seen and str(seen[0]) == "cpu"
         return
     rc = run_tool("wan-generate", ["--device", dev, "--fp8"], tmp_path)

@@ -47,7 +47,7 @@ def test_i2v_image_mode(tmp_path, image):
 def test_ti2v_checkpoint_through_ckpt_dir(tmp_path):
     from wan.pipeline_ti2v import WanTI2V
 
-    WanTI2V.from_preset("ti2v-tiny").save_pretrained(tmp_path / "ckpt")
+    WanTI2V.from_config("ti2v-tiny").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "v.mp4"
     assert main(["--task", "ti2v-tiny", "--ckpt_dir", str(tmp_path / "ckpt"), "--save_file", str(out), *FAST]) == 0
     assert _frames(out)[0] == 5

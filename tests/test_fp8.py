@@ -330,7 +330,7 @@ def test_optimize_fp8_switch(monkeypatch, caplog):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("WAN_TRITON_STRICT", "0")
-    pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
     with pytest.raises(fp8.Fp8Error, match="fp8 matrix products need an NVIDIA GPU"):  # as --fp8 on a CPU
         wan_triton.optimize(pipe, "cpu", fp8=True)
     assert not fp8.is_quantized(pipe.high_noise_model)  # refused before anything changed
@@ -358,7 +358,7 @@ def test_cli_fp8_without_fp8_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     def must_not_build(*a, **k):
         raise AssertionError("a model was built before --fp8 was checked")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     monkeypatch.setattr(WanT2V, "from_pretrained", must_not_build)
     if HAS_CUDA:  # a GPU here: pretend it is pre-Ada
         monkeypatch.setattr(fp8, "fp8_support", lambda device=None: (False, "X is compute capability 8.0; fp8 "

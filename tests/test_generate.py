@@ -29,7 +29,7 @@ def test_demo_writes_mp4(tmp_path, caplog):
 def test_tiny_checkpoint_through_ckpt_dir(tmp_path):
     from wan.pipeline import WanT2V
 
-    WanT2V.from_preset("tiny").save_pretrained(tmp_path / "ckpt")
+    WanT2V.from_config("tiny").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "v.mp4"
     rc = main(["--task", "tiny", "--ckpt_dir", str(tmp_path / "ckpt"), "--save_file", str(out),
                "--frame_num", "5", "--sample_steps", "2", "--base_seed", "3", "--quiet"])
@@ -40,7 +40,7 @@ def _ckpt_missing_vae(tmp_path):
     from wan.pipeline import WanT2V
 
     d = tmp_path / "ckpt"
-    WanT2V.from_preset("tiny").save_pretrained(d)
+    WanT2V.from_config("tiny").save_pretrained(d)
     (d / "Wan2.1_VAE.pth").unlink()
     return d
 
@@ -55,7 +55,7 @@ def _ckpt_missing_vae(tmp_path):
     (["--compile"], "needs a CUDA GPU"),
     (["--offload_model", "True"], "needs a CUDA GPU"),
     (["--preset", "h200"], "needs a CUDA GPU"),
-    (["--task", "t2v-XXL"], "unknown preset"),
+    (["--task", "t2v-XXL"], "unknown task"),
     (["--save_file", "out.avi"], ".mp4"),
     (["--sample_steps", "0"], "sample_steps"),
 ])
@@ -112,7 +112,21 @@ def test_flags_reach_the_pipeline(tmp_path, monkeypatch):
     assert p.use_batched_cfg and p.t5_cpu and seen["backend"] == "math" and not seen["patched"]
     assert (seen["sample_solver"], seen["sampling_steps"], seen["shift"], seen["guide_scale"], seen["seed"]) == \
         ("dpm++", 7, 3.5, 6.0, 123)
-    assert seen["prompt"] == "a boat" and seen["offload_model"] is False and seen["progress"] is False
+    assert seen["prompt"] == "a boat" and seen["progress"] is False
+    assert "offload_model" not in seen and p.offload == "none"  # the plan's mode is the pipeline's (CPU: none)
+
+
+@pytest.mark.parametrize("flags", [["--no-offload"], ["--offload", "none"], ["--offload_model", "False"]])
+def test_no_offload_runs_on_a_cpu(tmp_path, monkeypatch, flags):
+    """Issue 31 item 6: --no-offload is --offload none (described the same in --help): both run on a
+    CPU, where there is nothing to offload."""
+    from wan.pipeline import WanT2V
+
+    seen = {}
+    monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
+    assert main([*flags, "--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu", "--frame_num", "5",
+                 "--no-triton"]) == 0
+    assert (tmp_path / "v.mp4").exists()
 
 
 @pytest.mark.parametrize("how", ["module", "binary"])
@@ -132,7 +146,7 @@ def test_no_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, how):
     def must_not_build(*a, **k):
         raise AssertionError("a model was built although the MP4 cannot be written")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     out = tmp_path / "v.mp4"
     rc = main(["--save_file", str(out), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,7 +166,7 @@ def test_unwritable_output_fails_before_any_model(tmp_path, capsys, monkeypatch,
     def must_not_build(*a, **k):
         raise AssertionError("a model was built although the output cannot be written")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     if where == "file_parent":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "sub" / "v.mp4"
@@ -284,7 +298,7 @@ def test_demo_without_prompt_says_it_uses_the_demo_prompt(tmp_path, monkeypatch,
     monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
     assert main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu", "--no-triton"]) == 0
     assert "the demo prompt" in caplog.text
-    from wan_triton.cli import DEMO_PROMPT
+    from wan_triton.request import DEMO_PROMPT
     assert seen["prompt"] == DEMO_PROMPT
 
 
@@ -338,7 +352,7 @@ def test_broken_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, exe
     def must_not_build(*a, **k):
         raise AssertionError("a model was built although ffmpeg does not run")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", exe)
     rc = main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -355,9 +369,9 @@ def test_demo_prompt_fits_the_tiny_text_encoder():
     from pathlib import Path
 
     from wan.pipeline import WanT2V
-    from wan_triton.cli import DEMO_PROMPT
+    from wan_triton.request import DEMO_PROMPT
 
-    pipe = WanT2V.from_preset("tiny")
+    pipe = WanT2V.from_config("tiny")
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     snippet = re.search(r'pipe\.generate\("([^"]+)", size=\(128, 128\)', readme).group(1)
     for text in (DEMO_PROMPT, snippet):

@@ -25,7 +25,7 @@ from wan_triton import kernels
 from wan.pipeline import WanT2V
 
 hf = importlib.util.find_spec("kernels")  # Hugging Face's package, when transformers brought it
-pipe = WanT2V.from_preset("tiny", device="cpu")
+pipe = WanT2V.from_config("tiny", device="cpu")
 wan_triton.patch(strict=True)             # strict: any fallback to the reference raises
 video = pipe.generate("a red ball", size=(128, 128), frame_num=5, sampling_steps=1, seed=0, progress=False)
 stats = wan_triton.kernel_stats()

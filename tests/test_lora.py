@@ -206,7 +206,7 @@ def test_fp32_merge_matches_float64(tmp_path, seed):
 def test_stacked_and_per_expert_strengths(tmp_path, seed, caplog):
     caplog.set_level("INFO", logger="wan.lora")
     gen = torch.Generator().manual_seed(seed)
-    pipe = WanT2V.from_preset("tiny")
+    pipe = WanT2V.from_config("tiny")
     hi0, lo0 = copy.deepcopy(pipe.high_noise_model), copy.deepcopy(pipe.low_noise_model)
     a = random_lora(hi0, gen, rank=3)
     b = random_lora(hi0, gen, rank=5, modules=LINEARS[5:12], alpha=10.0)
@@ -268,7 +268,7 @@ def _two_pass(self, model, latent, t, context, context_null, seq_len, scale):
 
 @pytest.mark.parametrize("solver", ["unipc", "euler"])
 def test_guidance_one_skips_the_unconditional_pass(monkeypatch, seed, solver):
-    pipe = WanT2V.from_preset("tiny")
+    pipe = WanT2V.from_config("tiny")
     calls = {"dit": 0, "text": 0}
     for m in (pipe.high_noise_model, pipe.low_noise_model):
         m.register_forward_pre_hook(lambda *a: calls.__setitem__("dit", calls["dit"] + 1))
@@ -304,14 +304,14 @@ def test_lightning_recipe_schedule_and_experts(seed):
     out = sch.step(v, sch.timesteps[0], x)[0]
     assert torch.equal(out, x + (sch.sigmas[1] - sch.sigmas[0]) * v)
 
-    pipe = WanT2V.from_preset("tiny")
+    pipe = WanT2V.from_config("tiny")
     pipe.generate("x", size=(128, 128), frame_num=5, sampling_steps=4, shift=5.0, sample_solver="euler",
                   guide_scale=1.0, seed=1, progress=False, return_latents=True)
     assert pipe.last_timings.experts == ["high", "high", "low", "low"]
 
 
 def test_recipe_fills_only_unset_flags():
-    from wan_triton.cli import parse_request
+    from wan_triton.request import parse_request
     from wan_triton.lora_flags import apply_recipe
 
     ns = argparse.Namespace(recipe="lightning-4step", sample_steps=6, sample_shift=None, sample_guide_scale=None,
@@ -326,7 +326,7 @@ def test_recipe_fills_only_unset_flags():
     req = parse_request(argparse.Namespace(recipe="lightning-4step", sample_solver="unipc", device="cpu"), "tiny")
     assert (req.steps, req.shift, req.guide_scale, req.solver) == (4, 5.0, 1.0, "unipc")
     req = parse_request(argparse.Namespace(device="cpu"), "tiny")
-    assert req.solver == "unipc" and req.steps == get_config("tiny").sample_steps and req.extra["lora"] == []
+    assert req.solver == "unipc" and req.steps == get_config("tiny").sample_steps and req.loras == ()
 
 
 @pytest.mark.parametrize("text,path,strength", [
@@ -388,7 +388,7 @@ def test_bad_lora_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypatch
     def must_not_build(*a, **k):
         raise AssertionError("a model was built before the LoRA was checked")
 
-    monkeypatch.setattr(WanT2V, "from_preset", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     out = tmp_path / "out" / "v.mp4"
     rc = main([flag, f"{path}:0.8", "--save_file", str(out), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -429,7 +429,7 @@ def test_cli_lora_and_recipe_end_to_end(tmp_path, caplog, seed):
 def test_lora_for_an_expert_the_schedule_never_reaches_warns(tmp_path, caplog, seed):
     """Issue 22: --lora_low with a schedule whose steps are all high-noise (1 step; 2 steps at shift 12)
     says the LoRA changes nothing; with 4 lightning steps both experts run: no warning."""
-    from wan_triton import cli, generate, lora_flags
+    from wan_triton import generate, lora_flags, request
 
     gen = torch.Generator().manual_seed(seed)
     f = tmp_path / "l.safetensors"
@@ -438,7 +438,7 @@ def test_lora_for_an_expert_the_schedule_never_reaches_warns(tmp_path, caplog, s
     for argv, warns in ((["--sample_steps", "1"], True), (["--sample_steps", "2", "--sample_shift", "12"], True),
                         (["--recipe", "lightning-4step"], False)):
         caplog.clear()
-        req = cli.parse_request(generate.build_parser().parse_args(["--lora_low", str(f), "--device", "cpu"] + argv),
+        req = request.parse_request(generate.build_parser().parse_args(["--lora_low", str(f), "--device", "cpu"] + argv),
                                 "tiny")
         lora_flags.lora_specs(req)
         hit = [r.getMessage() for r in caplog.records if "never runs" in r.getMessage()]

@@ -10,6 +10,7 @@ import torch
 
 from wan.configs import get_config
 from wan.dit import WanModel
+from wan_triton.accel import NO_PRESET
 from wan_triton.errors import PlanError
 from wan_triton.plan import DeviceInfo, Options, plan
 from wan.streaming import OffloadError, enable_block_streaming, streamer_of
@@ -150,10 +151,10 @@ def test_expert_switch_in_pipeline_equals_resident(seed):
 
     args = dict(size="128*128", frame_num=5, sampling_steps=2, shift=3.0, seed=seed % 1000, progress=False,
                 return_latents=True, offload_model=False)
-    ref = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    ref = WanT2V.from_config("tiny", device="cpu", seed=0)
     a = ref.generate("a red fox runs through snow", **args)
     assert ref.last_timings.experts == ["high", "low"]  # the switch happens inside the 2 steps
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
     handles = pipe.enable_block_streaming(ring=2, allow_cpu=True)
     b = pipe.generate("a red fox runs through snow", **args)
     assert pipe.last_timings.experts == ["high", "low"]
@@ -166,15 +167,11 @@ def _offload_plan(preset_mode="none", device_type="cuda", **asked):
     """wan_triton.plan's offload decision for a preset of that mode on a device of that type."""
     from wan_triton.accel import Preset
 
-    p = Preset("p", offload_model=preset_mode == "model", t5_cpu=False,
-               offload="blocks" if preset_mode == "blocks" else "")
+    p = Preset("p", offload=preset_mode)
     return plan(Options(**asked), p, DeviceInfo(device_type, device_type)).offload
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(offload="blocks", offload_model=True), "conflicts"),
-    (dict(offload="none", offload_model=True), "conflicts"),
-    (dict(offload="blocks", no_offload=True), "conflicts"),
     (dict(offload="blocks", device_type="cpu"), "needs a CUDA GPU"),
     (dict(offload="model", device_type="cpu"), "needs a CUDA GPU"),
     (dict(offload="blocks", compile=True), "compile"),
@@ -186,30 +183,32 @@ def test_resolve_offload_rejects(kw, msg):
 
 def test_resolve_offload_choices():
     assert _offload_plan(preset_mode="blocks") == "blocks"
-    assert _offload_plan(offload_model=True, preset_mode="blocks") == "model"
-    assert _offload_plan(offload="model", offload_model=True) == "model"
-    assert _offload_plan(no_offload=True, preset_mode="model") == "none"
+    assert _offload_plan(offload="model", preset_mode="blocks") == "model"
+    assert _offload_plan(offload="none", preset_mode="model") == "none"
     assert _offload_plan(device_type="cpu") == "none"
+    assert _offload_plan(offload="none", device_type="cpu") == "none"  # nothing to offload: fine anywhere
 
 
 @pytest.mark.parametrize("tool", ["wan-generate", "wan-benchmark"])
 @pytest.mark.parametrize("args,msg", [
     (["--offload", "blocks"], "--offload blocks needs a CUDA GPU"),
-    (["--offload", "model", "--offload_model", "False"], "conflicts"),
+    (["--offload", "model", "--offload_model", "False"], "--offload model conflicts with --offload_model False"),
+    (["--offload", "none", "--offload_model", "True"], "--offload none conflicts with --offload_model True"),
+    (["--offload_model", "True"], "--offload_model True needs a CUDA GPU"),
     (["--offload", "sideways"], "invalid choice"),
     (["--host_ram", "low"], "--host_ram low applies to block streaming"),
     (["--host_ram", "high", "--offload", "model"], "needs a CUDA GPU"),
     (["--host_ram", "medium"], "invalid choice"),
 ])
 def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, args, msg):
-    """Both CLIs take --offload (wan_triton.cli.add_offload_flags); parse_request checks it
-    (EXTRA_GROUPS["offload"]) before any model is built: one line, exit 2, no file."""
+    """Both CLIs take --offload (wan_triton.flags.add_offload_flags); parse_request checks it (and
+    the plan's rules) before any model is built: one line, exit 2, no file."""
     from wan.pipeline import WanT2V
 
     def no_build(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(WanT2V, "from_preset", no_build)
+    monkeypatch.setattr(WanT2V, "from_config", no_build)
     if tool == "wan-generate":
         from wan_triton.generate import main
         out = ["--save_file", str(tmp_path / "x.mp4")]
@@ -227,17 +226,19 @@ def test_cli_bad_offload_one_line_exit_2(tmp_path, capsys, monkeypatch, tool, ar
 
 
 def test_parse_request_offload_mode():
-    """Request.extra["offload"]: the flags as one mode, None when none is given (the preset decides)."""
+    """The offload flags as one mode in the plan's Options, None when none is given (the preset
+    decides); the flag asked is kept for messages."""
     import argparse
 
-    from wan_triton import cli
+    from wan_triton import request
 
-    def req(**kw):
+    def opts(**kw):
         base = dict(device="cpu", preset="none", offload=None, offload_model=None, no_offload=False, compile=None)
-        return cli.parse_request(argparse.Namespace(**{**base, **kw}), "tiny").extra["offload"]
+        return request.parse_request(argparse.Namespace(**{**base, **kw}), "tiny").plan.options
 
-    assert req() is None
-    assert req(offload="none") == "none" and req(offload_model=False) == "none"
+    assert opts().offload is None
+    assert opts(offload="none").offload == "none" and opts(offload_model=False).offload == "none"
+    assert str(opts(offload_model=False).offload_as) == "offload_model=False"
 
 
 def test_optimize_offload_field():
@@ -247,16 +248,16 @@ def test_optimize_offload_field():
     from wan.pipeline import WanT2V
     from wan_triton.accel import AccelError, Optimized
 
-    pipe = WanT2V.from_preset("tiny", device="cpu")
+    pipe = WanT2V.from_config("tiny", device="cpu")
     try:
         res = wan_triton.optimize(pipe, "none", triton=False)
-        assert isinstance(res, Optimized) and (res.offload, res.offload_model) == ("none", False)
+        assert isinstance(res, Optimized) and res.offload == "none" and pipe.offload == "none"
         assert "idle expert offloaded to CPU: no" in res.summary()
         with pytest.raises(AccelError, match="offload='blocks' needs a CUDA GPU"):
             wan_triton.optimize(pipe, "none", triton=False, offload="blocks")
         pipe.enable_block_streaming(allow_cpu=True)  # on CPU the ring is plain tensors: optimize() keeps it and says so
         res = wan_triton.optimize(pipe, "none", triton=False)
-        assert res.offload == "blocks" and not res.offload_model and "DiT blocks streamed" in res.summary()
+        assert res.offload == "blocks" and pipe.offload == "blocks" and "DiT blocks streamed" in res.summary()
         with pytest.raises(AccelError, match="already streams"):
             wan_triton.optimize(pipe, "none", triton=False, offload="model")
     finally:
@@ -291,7 +292,7 @@ def tiny_ckpt(tmp_path_factory):
     from wan.pipeline import WanT2V
 
     folder = tmp_path_factory.mktemp("ckpt")
-    WanT2V.from_preset("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
+    WanT2V.from_config("tiny", device="cpu", seed=0).save_pretrained(folder, max_shard_bytes=40_000)
     return folder
 
 
@@ -303,12 +304,12 @@ def test_low_ram_equals_resident_across_switches_and_one_expert_held(seed, tiny_
     from wan.pipeline import WanT2V
 
     args = _low_ram_args(seed)
-    ref = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    ref = WanT2V.from_config("tiny", device="cpu", seed=0)
     a = ref.generate("a red fox runs through snow", **args)
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
     with caplog.at_level(logging.INFO, logger="wan.offload"):
         hi, lo = pipe.enable_block_streaming(ring=2, host_ram="low", ckpt_dir=tiny_ckpt, allow_cpu=True)
-    assert pipe.host_plan.mode == "low"
+    assert pipe.host_ram_choice.mode == "low"
     line = [r.getMessage() for r in caplog.records if "host RAM: low" in r.getMessage()]
     assert len(line) == 1 and "forced" in line[0] and "GB available" in line[0], line
     one = max(hi.blocks_bytes, lo.blocks_bytes)
@@ -342,7 +343,7 @@ def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplo
                                       allow_cpu=True)
     assert any("read at the expert switch, not now" in r.getMessage() for r in caplog.records)
     hi, lo = streamer_of(pipe.high_noise_model), streamer_of(pipe.low_noise_model)
-    assert pipe.offload == "blocks" and pipe.host_plan.mode == "low" and not lo.resident and lo.stats.reloads == 0
+    assert pipe.offload == "blocks" and pipe.host_ram_choice.mode == "low" and not lo.resident and lo.stats.reloads == 0
     assert all(p.untyped_storage().nbytes() <= p.element_size() for p in pipe.low_noise_model.blocks.parameters())
     assert pipe.host_ledger.peak == hi.blocks_bytes
     assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
@@ -350,7 +351,7 @@ def test_from_pretrained_low_ram_never_reads_both_experts(seed, tiny_ckpt, caplo
     # high: both read, as before (the deferred path is not taken)
     pipe = WanT2V.from_pretrained(tiny_ckpt, "tiny", device="cpu", offload="blocks", host_ram="high",
                                   allow_cpu=True)
-    assert pipe.host_plan.mode == "high" and all(streamer_of(m).resident for m in (pipe.high_noise_model,
+    assert pipe.host_ram_choice.mode == "high" and all(streamer_of(m).resident for m in (pipe.high_noise_model,
                                                                                    pipe.low_noise_model))
     assert torch.equal(a, pipe.generate("a red fox runs through snow", **args))
 
@@ -386,40 +387,40 @@ def test_low_ram_forward_on_evicted_expert_reloads(seed, tiny_ckpt):
     assert h.stats.reloads == 1
 
 
-def test_host_plan_auto_and_refusals():
-    from wan.hostmem import HostMemory, host_plan
+def test_choose_host_ram_auto_and_refusals():
+    from wan.hostmem import HostMemory, choose_host_ram
 
     gb = 10 ** 9
     short, ample = HostMemory(30 * gb, "test"), HostMemory(200 * gb, "test")
-    p = host_plan(57 * gb, 29 * gb, "auto", held_bytes=0, memory=short)
+    p = choose_host_ram(57 * gb, 29 * gb, "auto", held_bytes=0, memory=short)
     assert p.mode == "low" and "57.2" not in p.reason and "57.0 GB" in p.reason and "30.0 GB available" in p.reason
     with pytest.raises(TypeError):  # a frozen dataclass: fields, not dict keys
         p["mode"]
-    assert host_plan(57 * gb, 29 * gb, "auto", memory=ample).mode == "high"
+    assert choose_host_ram(57 * gb, 29 * gb, "auto", memory=ample).mode == "high"
     # both experts already in host memory: pinning needs only the headroom more
-    assert host_plan(57 * gb, 29 * gb, "auto", held_bytes=57 * gb, memory=short).mode == "high"
-    p = host_plan(57 * gb, 29 * gb, "auto", can_reload=False, why_not="no folder", memory=short)
+    assert choose_host_ram(57 * gb, 29 * gb, "auto", held_bytes=57 * gb, memory=short).mode == "high"
+    p = choose_host_ram(57 * gb, 29 * gb, "auto", can_reload=False, why_not="no folder", memory=short)
     assert p.mode == "high" and "no folder" in p.reason
-    assert host_plan(57 * gb, 29 * gb, "high", memory=short).mode == "high"
+    assert choose_host_ram(57 * gb, 29 * gb, "high", memory=short).mode == "high"
     with pytest.raises(OffloadError, match="host_ram='low' re-reads"):
-        host_plan(57 * gb, 29 * gb, "low", can_reload=False, why_not="random weights", memory=ample)
+        choose_host_ram(57 * gb, 29 * gb, "low", can_reload=False, why_not="random weights", memory=ample)
     with pytest.raises(OffloadError, match="unknown host RAM mode"):
-        host_plan(1, 1, "medium", memory=ample)
+        choose_host_ram(1, 1, "medium", memory=ample)
 
 
 def test_low_ram_refuses_without_files_or_with_loras(seed, tiny_ckpt, monkeypatch):
     from wan import lora
     from wan.pipeline import WanT2V
 
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
     monkeypatch.setattr(lora, "loaded_loras", lambda m: [("x.safetensors", 1.0)])
     with pytest.raises(OffloadError, match="LoRAs are merged"):
         pipe.enable_block_streaming(host_ram="low", ckpt_dir=tiny_ckpt, allow_cpu=True)
-    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt, allow_cpu=True) and pipe.host_plan.mode == "high"
+    assert pipe.enable_block_streaming(host_ram="auto", ckpt_dir=tiny_ckpt, allow_cpu=True) and pipe.host_ram_choice.mode == "high"
     with pytest.raises(lora.LoraError, match="before block streaming"):
         pipe.load_lora("x.safetensors")
     monkeypatch.undo()
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
     with pytest.raises(OffloadError, match="random weights"):
         pipe.enable_block_streaming(host_ram="low", allow_cpu=True)
     with pytest.raises(OffloadError, match="not this expert"):  # a folder of another architecture
@@ -441,8 +442,8 @@ def test_host_memory_reads_cgroup_limit(monkeypatch):
     assert hostmem.host_memory().source in ("MemAvailable", "unknown")
 
 
-def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
-    """from_preset(offload="blocks"): the model is materialised on the device without its blocks,
+def test_from_config_blocks_builds_blocks_off_device(seed, monkeypatch):
+    """from_config(offload="blocks"): the model is materialised on the device without its blocks,
     then each block alone (to_empty per block, then to host memory); the blocks end in host
     memory, streaming is on, and the run is deterministic. (The GPU test measures the peak.)"""
     from wan.pipeline import WanT2V
@@ -459,7 +460,7 @@ def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
         return real(self, device=device, recurse=recurse)
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True)
     monkeypatch.undo()
     layers = pipe.config.dit.num_layers
     assert calls == [("model", 0), *[("block", 0)] * layers] * 2  # per expert: no block rides with the model
@@ -470,7 +471,7 @@ def test_from_preset_blocks_builds_blocks_off_device(seed, monkeypatch):
         assert all(p.float().std() > 0 for n, p in m.blocks.named_parameters() if n.endswith("attn.q.weight"))
     args = _low_ram_args(seed)
     a = pipe.generate("a red fox", **args)
-    b = WanT2V.from_preset("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True).generate("a red fox", **args)
+    b = WanT2V.from_config("tiny", device="cpu", seed=0, offload="blocks", allow_cpu=True).generate("a red fox", **args)
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
@@ -492,8 +493,8 @@ def test_cuda_low_ram_equals_resident(seed, tiny_ckpt):
 
 
 @pytest.mark.gpu
-def test_cuda_from_preset_blocks_never_holds_an_expert(monkeypatch):
-    """from_preset(device="cuda", offload="blocks"): whenever a block is materialised, it is the
+def test_cuda_from_config_blocks_never_holds_an_expert(monkeypatch):
+    """from_config(device="cuda", offload="blocks"): whenever a block is materialised, it is the
     only block on the GPU; afterwards every block is in pinned host memory."""
     from wan.pipeline import WanT2V
 
@@ -510,7 +511,7 @@ def test_cuda_from_preset_blocks_never_holds_an_expert(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
     cfg = get_config("tiny")
     cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=6))
-    pipe = WanT2V.from_preset(cfg, device="cuda", seed=0, offload="blocks")
+    pipe = WanT2V.from_config(cfg, device="cuda", seed=0, offload="blocks")
     monkeypatch.undo()
     # this failed once in three GPU runs (2026-11-30) with its output lost: the messages say which part
     assert len(seen) == 12 and most[0] == 1, f"blocks materialised: {len(seen)}, most on the GPU at once: {most[0]}"
@@ -525,23 +526,25 @@ def test_check_host_ram_on_cuda(monkeypatch):
     any value needs block streaming (asked, or from the preset)."""
     import argparse
 
-    from wan_triton import cli
+    from wan_triton import request
+    from wan_triton.exits import CLIError
 
-    monkeypatch.setattr(cli, "check_device", lambda spec: torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # presets ask; nothing runs on it
+    gpu = DeviceInfo("cuda", "cuda", total_memory_gb=143.7, gpu_name="NVIDIA H200")
+    monkeypatch.setattr(request, "check_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, dev=None, fp8=False, attention=None: gpu))
 
     def chk(**kw):
         base = dict(device="cuda", preset="none", offload="blocks", offload_model=None, no_offload=False,
                     compile=None, host_ram="low", ckpt_dir="/ckpt")
-        return cli._check_host_ram(argparse.Namespace(**{**base, **kw}))
+        return request.parse_request(argparse.Namespace(**{**base, **kw}), "tiny").plan.host_ram
 
-    assert chk() == "low" and chk(host_ram="auto", ckpt_dir=None) == "auto" and chk(host_ram=None) is None
+    assert chk() == "low" and chk(host_ram="auto", ckpt_dir=None) == "auto" and chk(host_ram=None) == "auto"
     assert chk(offload=None, preset="rtx4090") == "low"  # the preset streams
-    with pytest.raises(cli.CLIError, match="give --ckpt_dir"):
+    with pytest.raises(CLIError, match="give --ckpt_dir"):
         chk(ckpt_dir=None)
-    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+    with pytest.raises(CLIError, match="add --offload blocks"):
         chk(offload="model")
-    with pytest.raises(cli.CLIError, match="add --offload blocks"):
+    with pytest.raises(CLIError, match="add --offload blocks"):
         chk(offload=None, preset="h200")
 
 
@@ -580,18 +583,19 @@ def test_bench_offload_cap_without_gpu_total(monkeypatch):
 
 def test_pipeline_streaming_needs_cuda_as_the_cli_says(tmp_path):
     """Issue 22: pipe.enable_block_streaming() on a CPU is refused by the rule --offload blocks obeys
-    (wan.offload.check_offload_device), as are from_preset/from_pretrained(offload="blocks")."""
+    (wan.offload.check_offload_device), as are from_config/from_pretrained(offload="blocks")."""
     from wan.offload import check_offload_device
     from wan.pipeline import WanT2V
 
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
     with pytest.raises(OffloadError, match=r"^block streaming needs a CUDA GPU, and none is in use \(device cpu\)$"):
         pipe.enable_block_streaming(ring=2)
     assert pipe.offload == "none" and streamer_of(pipe.high_noise_model) is None
-    with pytest.raises(OffloadError, match="block streaming needs a CUDA GPU"):
-        WanT2V.from_preset("tiny", device="cpu", offload="blocks")
-    with pytest.raises(OffloadError, match="block streaming needs a CUDA GPU"):
-        WanT2V.from_pretrained(tmp_path, "tiny", device="cpu", offload="blocks")
+    for mode in ("blocks", "model"):
+        with pytest.raises(OffloadError, match=f"offload='{mode}' needs a CUDA GPU"):
+            WanT2V.from_config("tiny", device="cpu", offload=mode)
+        with pytest.raises(OffloadError, match=f"offload='{mode}' needs a CUDA GPU"):
+            WanT2V.from_pretrained(tmp_path, "tiny", device="cpu", offload=mode)
     with pytest.raises(PlanError, match=r"^offload='blocks' needs a CUDA GPU, and none is in use \(device cpu\)$"):
-        plan(Options(offload="blocks"), None, DeviceInfo())
+        plan(Options(offload="blocks"), NO_PRESET, DeviceInfo())
     check_offload_device("none", "cpu")  # nothing to move: fine anywhere

@@ -21,7 +21,9 @@ import torch
 
 from wan import parallel
 from wan.parallel import ParallelError
-from wan_triton.cli import check_parallel_args
+from wan_triton import request
+from wan_triton.exits import CLIError
+from wan_triton.plan import DeviceInfo
 
 REL = 1e-5
 
@@ -131,7 +133,7 @@ def _tiny_pipe():
     from wan.pipeline import WanT2V
 
     cfg = get_config("tiny").replace(param_dtype=torch.float32)
-    return WanT2V.from_preset(cfg, device="cpu", seed=0)
+    return WanT2V.from_config(cfg, device="cpu", seed=0)
 
 
 GEN = dict(size=(160, 96), frame_num=5, sampling_steps=2, progress=False)
@@ -332,40 +334,52 @@ def test_rope_token_offset_matches_slice(seed):
     assert torch.equal(rope_apply(x[:, 36:], grid, freqs, token_offset=36), rope_apply(x, grid, freqs)[:, 36:])
 
 
-class _Args:
-    def __init__(self, **kw):
-        self.ulysses_size, self.cfg_parallel, self.dit_fsdp, self.t5_fsdp, self.dist_timeout = 1, False, False, \
-            False, 600.0
-        self.__dict__.update(kw)
-
-
 TORCHRUN = lambda n: {"RANK": "0", "WORLD_SIZE": str(n), "MASTER_ADDR": "x", "LOCAL_WORLD_SIZE": str(n)}  # noqa
 
 
-@pytest.mark.parametrize("kw, env, msg", [
-    (dict(ulysses_size=2), {}, "needs torchrun"),
-    (dict(cfg_parallel=True), {}, "needs torchrun"),
-    (dict(dit_fsdp=True), {}, "needs torchrun"),
-    (dict(ulysses_size=2), TORCHRUN(4), "needs 2"),
-    (dict(ulysses_size=2, cfg_parallel=True), TORCHRUN(2), "needs 4"),
-    (dict(), TORCHRUN(2), "needs 1"),
-    (dict(ulysses_size=3), TORCHRUN(3), "must divide"),
-    (dict(ulysses_size=0), TORCHRUN(1), ">= 1"),
-    (dict(ulysses_size=2, dit_fsdp=True, offload=True), TORCHRUN(2), "--offload_model"),
-    (dict(ulysses_size=2, t5_fsdp=True, t5_cpu=True), TORCHRUN(2), "--t5_cpu"),
-    (dict(cfg_parallel=True, use_batched_cfg=True), TORCHRUN(2), "--use_batched_cfg"),
+def _parse(monkeypatch, argv, env, gpu=False):
+    """parse_request of wan-generate's flags under torchrun's `env` (on a CPU, or a GPU's facts faked:
+    the plan's rows about CUDA runs)."""
+    from wan_triton.generate import build_parser
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if gpu:
+        monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, dev=None, fp8=False, attention=None:
+                                                          DeviceInfo("cuda", "cuda", 143.7)))
+        monkeypatch.setattr(request, "check_device", lambda spec: torch.device("cuda"))
+    return request.parse_request(build_parser().parse_args([*argv, "--device", "cuda" if gpu else "cpu"]), "tiny")
+
+
+@pytest.mark.parametrize("argv, env, gpu, msg", [
+    (["--ulysses_size", "2"], {}, False, "--ulysses_size 2 needs torchrun"),
+    (["--cfg_parallel"], {}, False, "--cfg_parallel needs torchrun"),
+    (["--dit_fsdp"], {}, False, "--dit_fsdp needs torchrun"),
+    (["--ulysses_size", "2"], TORCHRUN(4), False, "needs 2"),
+    (["--ulysses_size", "2", "--cfg_parallel"], TORCHRUN(2), False, "--ulysses_size 2 x 2 (--cfg_parallel) needs 4"),
+    ([], TORCHRUN(2), False, "needs 1 (N must equal --ulysses_size x 2 with --cfg_parallel, else --ulysses_size)"),
+    (["--ulysses_size", "3"], TORCHRUN(3), False, "--ulysses_size 3 must divide"),
+    (["--ulysses_size", "0"], TORCHRUN(1), False, "--ulysses_size 0 must be >= 1"),
+    (["--dist_timeout", "0"], {}, False, "--dist_timeout must be > 0 seconds"),
+    (["--ulysses_size", "2", "--dit_fsdp", "--offload_model", "True"], TORCHRUN(2), True,
+     "--offload_model True cannot be combined with --dit_fsdp"),
+    (["--ulysses_size", "2", "--t5_fsdp", "--t5_cpu"], TORCHRUN(2), True, "--t5_cpu cannot be combined with --t5_fsdp"),
+    (["--cfg_parallel", "--use_batched_cfg"], TORCHRUN(2), True, "drop --use_batched_cfg"),
 ])
-def test_bad_combinations_rejected(kw, env, msg):
-    offload, t5_cpu = kw.pop("offload", None), kw.pop("t5_cpu", False)
-    with pytest.raises(ParallelError, match=msg.replace("-", r"\-")) as e:
-        check_parallel_args(_Args(**kw), 40, torch.device("cpu"), offload, t5_cpu, env=env)
-    assert "\n" not in str(e.value)
+def test_bad_combinations_rejected(monkeypatch, argv, env, gpu, msg):
+    """torchrun's world and the heads (wan.parallel.check_request) and the combinations (the plan's
+    table), said with the flags: one line."""
+    with pytest.raises(CLIError) as e:
+        _parse(monkeypatch, argv, env, gpu)
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_good_combinations_accepted():
-    assert check_parallel_args(_Args(), 40, torch.device("cpu"), env={}).world == 1
-    r = check_parallel_args(_Args(ulysses_size=4, cfg_parallel=True, dit_fsdp=True, t5_fsdp=True), 40,
-                            torch.device("cpu"), env=TORCHRUN(8))
+def test_good_combinations_accepted(monkeypatch):
+    assert _parse(monkeypatch, [], {}).plan.parallel.world == 1
+    r = parallel.check_request(parallel.ParallelRequest(4, True, True, True), 40, torch.device("cpu"),
+                               env=TORCHRUN(8))
     assert r.world == 8
 
 
@@ -381,28 +395,27 @@ def test_cli_without_torchrun_is_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_parse_request_checks_the_parallel_flags(monkeypatch):
-    """The group is registered in wan_triton.cli: both CLIs get its flags, parse_request checks them
-    (against the task's heads) before any model is built and fills Request.extra['parallel']."""
+    """Both CLIs get the group's flags (wan_triton.flags); parse_request checks them (against the
+    task's heads) before any model is built; the request's plan carries them."""
     from wan_triton.benchmark import build_parser as bench_parser
-    from wan_triton import cli
     from wan_triton.generate import build_parser
 
     for k, v in TORCHRUN(2).items():
         monkeypatch.setenv(k, v)
     args = build_parser().parse_args(["--ulysses_size", "2", "--device", "cpu"])
-    assert cli.parse_request(args, "tiny").extra["parallel"].ulysses_size == 2
+    assert request.parse_request(args, "tiny").plan.parallel.ulysses_size == 2
     args = bench_parser().parse_args(["--cfg_parallel", "--device", "cpu"])
-    assert cli.parse_request(args, "tiny").extra["parallel"].cfg_parallel
+    assert request.parse_request(args, "tiny").plan.parallel.cfg_parallel
     for argv, msg in ((["--ulysses_size", "2", "--cfg_parallel"], "needs 4"),
                       (["--cfg_parallel", "--use_batched_cfg"], "--use_batched_cfg")):
-        with pytest.raises(cli.CLIError, match=msg):
-            cli.parse_request(build_parser().parse_args([*argv, "--device", "cpu"]), "tiny")
+        with pytest.raises(CLIError, match=msg):
+            request.parse_request(build_parser().parse_args([*argv, "--device", "cpu"]), "tiny")
 
 
 def test_default_name_carries_the_ulysses_size():
     from datetime import datetime
 
-    from wan_triton.cli import default_output_name
+    from wan_triton.request import default_output_name
 
     when = datetime(2026, 1, 2, 3, 4, 5)
     assert default_output_name("t2v-A14B", "1280*720", "a cat", when, ulysses=4) == \
@@ -455,7 +468,7 @@ def test_torchrun_warnings_on_rank_0_only(tmp_path):
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0])
-def test_dist_timeout_must_be_finite_and_positive(timeout):
+def test_dist_timeout_must_be_finite_and_positive(monkeypatch, timeout):
     """Issue 22: NaN passed a plain '<= 0' check."""
-    with pytest.raises(ParallelError, match=rf"^--dist_timeout must be > 0 seconds \(a finite number\), got {timeout}$"):
-        check_parallel_args(_Args(dist_timeout=timeout), 40, torch.device("cpu"), env={})
+    with pytest.raises(CLIError, match=rf"^--dist_timeout must be > 0 seconds \(a finite number\), got {timeout}$"):
+        _parse(monkeypatch, ["--dist_timeout", str(timeout)], {})

@@ -1,4 +1,4 @@
-"""Two-expert pipeline on the tiny preset: official semantics, determinism, checkpoints, video bytes."""
+"""Two-expert pipeline on the tiny task: official semantics, determinism, checkpoints, video bytes."""
 import re
 
 import pytest
@@ -13,7 +13,7 @@ from wan.video import save_video, video_to_uint8
 
 @pytest.fixture(scope="module")
 def pipe():
-    return WanT2V.from_preset("tiny", device="cpu", seed=0)
+    return WanT2V.from_config("tiny", device="cpu", seed=0)
 
 
 def gen(pipe, **kw):
@@ -120,11 +120,11 @@ def _read_ffmpeg(path):
 
 
 def test_random_weights_with_the_real_umt5_vocab_build():
-    """`from_preset` at the real vocab (as --random-weights does at full size) needs no tokenizer files."""
+    """`from_config` at the real vocab (as --random-weights does at full size) needs no tokenizer files."""
     from dataclasses import replace
 
     cfg = TINY.replace(name="tiny-bigvocab", t5=replace(TINY.t5, vocab_size=256384))
-    p = WanT2V.from_preset(cfg, device="cpu")
+    p = WanT2V.from_config(cfg, device="cpu")
     ctx = p.encode_text(["hello"])
     assert ctx[0].shape == (len("hello") + 1, TINY.t5.dim)
 
@@ -132,7 +132,7 @@ def test_random_weights_with_the_real_umt5_vocab_build():
 # ------------------------------------------------------------------ lean pipeline: state, logs, precision
 
 def test_last_seed_and_timings_start_empty_and_drawn_seed_is_kept():
-    p = WanT2V.from_preset("tiny", device="cpu", seed=0)
+    p = WanT2V.from_config("tiny", device="cpu", seed=0)
     assert p.last_seed is None and p.last_timings is None
     gen(p, seed=-1, sampling_steps=1, frame_num=1)
     assert isinstance(p.last_seed, int) and p.last_seed >= 0
@@ -315,6 +315,6 @@ def test_random_a14b_on_a_small_host_is_one_line(monkeypatch):
     monkeypatch.setattr(hostmem, "host_memory", lambda: hostmem.HostMemory(24 * 10 ** 9, "cgroup memory.max"))
     with pytest.raises(InputError, match=r"building t2v-A14B on cpu needs ~69\.0 GB of host RAM .* and 24\.0 GB is "
                                          r"free \(cgroup memory.max\)"):
-        WanT2V.from_preset("t2v-A14B", device="cpu")
+        WanT2V.from_config("t2v-A14B", device="cpu")
     cuda = build_footprint(get_config("t2v-A14B"), "cuda", t5_cpu=True)  # experts on the GPU: only the T5 here
     assert [name for name, _ in cuda.parts] == ["text encoder"]

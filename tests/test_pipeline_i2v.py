@@ -18,7 +18,7 @@ RUN = dict(size="128*128", frame_num=5, sampling_steps=3, seed=11, progress=Fals
 
 @pytest.fixture(scope="module")
 def pipe():
-    return WanI2V.from_preset("i2v-tiny", device="cpu")
+    return WanI2V.from_config("i2v-tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_image_is_required(pipe):
 
 def test_block_streaming_is_bit_identical(image):
     """The experts' machinery is WanT2V's: streamed blocks (on the CPU here, allow_cpu) give the same latents."""
-    pipe = WanI2V.from_preset("i2v-tiny", device="cpu")
+    pipe = WanI2V.from_config("i2v-tiny", device="cpu")
     ref = pipe.generate("a cat", image=image, **RUN, return_latents=True)
     pipe.enable_block_streaming(allow_cpu=True)
     assert pipe.offload == "blocks"

@@ -18,7 +18,7 @@ RUN = dict(size="128*128", frame_num=5, sampling_steps=2, seed=7, progress=False
 
 @pytest.fixture(scope="module")
 def pipe():
-    return WanTI2V.from_preset("ti2v-tiny", device="cpu")
+    return WanTI2V.from_config("ti2v-tiny", device="cpu")
 
 
 def _image(w=160, h=90, seed=0):
@@ -111,7 +111,7 @@ def test_bad_requests(pipe):
     with pytest.raises(InputError, match="not supported by ti2v-tiny"):
         pipe.generate("x", **{**RUN, "size": "1280*720"})
     with pytest.raises(OffloadError, match="ti2v-5B is one model"):
-        WanTI2V.from_preset("ti2v-tiny", offload="blocks")
+        WanTI2V.from_config("ti2v-tiny", offload="blocks")
     with pytest.raises(OffloadError, match="ti2v-5B is one model"):
         pipe.enable_block_streaming()
     from wan.lora import LoraError

@@ -58,7 +58,7 @@ def test_expert_inputs_follow_the_config():
     assert tuple(x.shape) == (1, 16, 21, 90, 160) and L == 75_600
     assert c.shape == (1, 60, 4096) and u.shape == (1, 120, 4096) and c.dtype == torch.bfloat16
     x, c, u, t, L = expert_inputs(160, 96, 17, "cpu", g, config=TINY)
-    pipe = WanT2V.from_preset("tiny")
+    pipe = WanT2V.from_config("tiny")
     assert L == pipe.seq_len(tuple(x.shape[1:])) and c.shape[-1] == TINY.dit.text_dim
     m = build_expert("cpu", layers=1, config=TINY)
     assert len(m.blocks) == 1 and m.blocks[0].self_attn.q.weight.dtype == torch.bfloat16

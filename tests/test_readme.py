@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written (CPU, tiny preset, each in a fresh process
+"""Every ```python block of README.md runs as written (CPU, tiny task, each in a fresh process
 in an empty folder). A block that needs what CI lacks says so on the line before its fence:
 
     <!-- needs: checkpoint, gpu -->

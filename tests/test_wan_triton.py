@@ -16,8 +16,8 @@ from wan_triton import accel, plan
 
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
-NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"),
-         (dit, "gated_residual"), (pipeline, "cfg_combine")]
+NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"), (dit, "modulate_rows"),
+         (dit, "gated_residual"), (dit, "gated_residual_rows"), (pipeline, "cfg_combine")]
 
 
 def originals():
@@ -41,7 +41,7 @@ def test_patch_unpatch_restores_the_same_objects():
     before = originals()
     backend = att.get_backend()
     done = wan_triton.patch()
-    assert len(done) == 6 and wan_triton.is_patched()
+    assert len(done) == len(NAMES) == 8 and wan_triton.is_patched()
     for mod, name in NAMES:
         assert kernel_of(getattr(mod, name)) is getattr(kernels, name), name
         assert getattr(mod, name).__wan_triton_reference__ is before[name], name
@@ -111,7 +111,8 @@ def test_patched_model_matches_reference(tiny):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
     n = len(tiny.blocks)
     assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
-                              gated_residual=2 * n, cfg_combine=0), wan_triton.kernel_stats()
+                              gated_residual=2 * n, cfg_combine=0, modulate_rows=0,  # one t: no token rows
+                              gated_residual_rows=0), wan_triton.kernel_stats()
     assert not any(fallbacks().values()), wan_triton.kernel_stats()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
@@ -196,11 +197,11 @@ def test_presets_and_cuda_only_errors():
 
 
 def test_optimize_flags_reach_the_pipeline():
-    pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
+    pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
     applied = wan_triton.optimize(pipe, "cpu", triton=True, use_batched_cfg=True, attention="math")
     assert pipe.use_batched_cfg and applied.use_batched_cfg
     assert kernel_of(dit.modulate) is kernels.modulate and att.resolve_backend(torch.device("cpu")) == "math"
-    assert applied.offload_model is False and applied.compile is False
+    assert applied.offload == "none" and pipe.offload == "none" and applied.compile is False
     wan_triton.unpatch()
     att.set_backend("auto")
     if not torch.cuda.is_available():
@@ -229,26 +230,27 @@ def test_resident_fit_at_a14b_sizes():
 
 def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
     """A preset that keeps both experts resident offloads instead when the weights plus the measured
-    headroom exceed the GPU (checked with a fake CUDA device: no GPU needed)."""
+    headroom exceed the GPU (checked with a fake CUDA device: no GPU needed); the pipeline runs the
+    decision (its `offload`)."""
     import types
 
-    tiny_pipe = pipeline.WanT2V.from_preset("tiny", device="cpu")
-    fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
-                                 low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
-                                 text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False)
-    need = accel.resident_gb(fake)
-    assert need == pytest.approx(sum(p.numel() * p.element_size() for m in (
+    tiny_pipe = pipeline.WanT2V.from_config("tiny", device="cpu")
+    need = sum(p.numel() * p.element_size() for m in (
         tiny_pipe.high_noise_model, tiny_pipe.low_noise_model, tiny_pipe.text_encoder.model)
-        for p in m.parameters()) / 1e9)
-    resident = accel.Preset("resident", offload_model=False, t5_cpu=False, triton=False)
-    for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, False),
-                            (need + plan.RESIDENT_HEADROOM_GB - 1e-3, True)):
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda dev, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
+        for p in m.parameters()) / 1e9
+    resident = accel.Preset("resident", offload="none")
+    for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, "none"),
+                            (need + plan.RESIDENT_HEADROOM_GB - 1e-3, "model")):
+        fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
+                                     low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
+                                     text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False,
+                                     offload="model")
+        monkeypatch.setattr(plan.DeviceInfo, "of", classmethod(
+            lambda cls, dev=None, fp8=False, attention=None, gb=gpu_gb: plan.DeviceInfo("cuda", "cuda", gb)))
         caplog.clear()
-        applied = wan_triton.optimize(fake, resident)
-        assert applied.offload_model is offload
-        assert ("the idle expert will wait in CPU memory" in caplog.text) is offload
+        applied = wan_triton.optimize(fake, resident, triton=False)
+        assert applied.offload == fake.offload == offload
+        assert ("the idle expert will wait in CPU memory" in caplog.text) is (offload == "model")
     att.set_backend("auto")
 
 

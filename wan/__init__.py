@@ -7,7 +7,7 @@ import importlib
 _EXPORTS = {
     "WanModel": "wan.dit",
     "DiTConfig": "wan.configs", "T5Config": "wan.configs", "VAEConfig": "wan.configs",
-    "T2VConfig": "wan.configs", "PRESETS": "wan.configs", "get_config": "wan.configs",
+    "T2VConfig": "wan.configs", "TASKS": "wan.configs", "get_config": "wan.configs",
     "T5Encoder": "wan.t5", "WanVAE": "wan.vae",
     "FlowUniPCMultistepScheduler": "wan.schedulers", "FlowDPMSolverMultistepScheduler": "wan.schedulers",
     "WanT2V": "wan.pipeline", "WanTI2V": "wan.pipeline_ti2v", "WanI2V": "wan.pipeline_i2v",

@@ -1,12 +1,14 @@
-"""Frozen dataclass configs and named presets (the task table) for the Wan 2.2 family.
+"""Frozen dataclass configs and the named tasks (model sizes) of the Wan 2.2 family.
 
-`PRESETS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `PRESETS["tiny"]`
+`TASKS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `TASKS["tiny"]`
 has the same architecture at toy widths, for tests and the built-in demo. The rest of the family
 (docs/models.md): `ti2v-5B` (one model, the Wan2.2 VAE, text or image to video) and `i2v-A14B` (two
-experts conditioned on an image), each with a toy-width preset (`ti2v-tiny`, `i2v-tiny`).
+experts conditioned on an image), each with a toy-width task (`ti2v-tiny`, `i2v-tiny`). (A "preset"
+is a hardware profile of wan_triton, never a model size.)
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -150,10 +152,18 @@ TINY = T2VConfig(
 )
 
 def get_config(name: str) -> "T2VConfig | TI2VConfig":
+    """The config of a task by name ('t2v-A14B', 'tiny', 'ti2v-5B', ...); KeyError naming the choices."""
     try:
-        return PRESETS[name]
+        return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
+
+
+def __getattr__(name):
+    if name == "PRESETS":  # deprecated (0.1): the model sizes are tasks; remove in 0.2
+        warnings.warn("wan.configs.PRESETS is now wan.configs.TASKS", DeprecationWarning, stacklevel=2)
+        return TASKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -248,5 +258,5 @@ I2V_TINY = TINY.replace(name="i2v-tiny", dit=replace(TINY.dit, model_type="i2v",
                         boundary=0.900, sample_guide_scale=(3.5, 3.5))
 
 # the task table: name -> config (T2VConfig: the two-expert tasks; TI2VConfig: the one-model task)
-PRESETS: dict[str, "T2VConfig | TI2VConfig"] = {c.name: c for c in (T2V_A14B, TINY, TI2V_5B, TI2V_TINY, I2V_A14B,
-                                                                     I2V_TINY)}
+TASKS: dict[str, "T2VConfig | TI2VConfig"] = {c.name: c for c in (T2V_A14B, TINY, TI2V_5B, TI2V_TINY, I2V_A14B,
+                                                                   I2V_TINY)}

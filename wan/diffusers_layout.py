@@ -6,7 +6,7 @@
     text_encoder/           config.json (UMT5EncoderModel) + model*.safetensors
     tokenizer/              the umT5 tokenizer files (read by transformers' AutoTokenizer, as in the official layout)
     vae/                    config.json (AutoencoderKLWan) + diffusion_pytorch_model.safetensors
-    scheduler/              not read: the solver settings come from the preset (docs/schedulers.md)
+    scheduler/              not read: the solver settings come from the task config (docs/schedulers.md)
 
 Pure key and shape logic: nothing here imports diffusers. Each component gets a key table file
 name -> our name, built from the architecture (the DiT's from wan.lora's module-name pairs, the

@@ -1,11 +1,12 @@
 """Host memory (RAM) a pipeline build takes, checked before anything is built.
 
-`WanT2V.from_preset` builds the experts, the text encoder and the VAE where they will run; the
-parts that land in host memory (all of them on a CPU, the text encoder with t5_cpu, the DiT
-blocks when they stream) are counted here from the configs (models built on the meta device:
-no memory), and compared with what the host can still give (`wan.hostmem.host_memory`: the
-cgroup limit minus its usage, else MemAvailable). Too little is one line (InputError) instead
-of an out-of-memory kill minutes later.
+`WanT2V.from_config` builds the experts, the text encoder and the VAE where they will run; the
+parts that land in host memory (all of them on a CPU, the text encoder with t5_cpu, the idle
+expert with offload 'model', the DiT blocks when they stream) are counted here from the configs
+(models built on the meta device: no memory), and compared with what the host can still give
+(`wan.hostmem.host_memory`: the cgroup limit minus its usage, else MemAvailable). Too little is
+one line (InputError) instead of an out-of-memory kill minutes later. `expert_bytes` and
+`text_encoder_bytes` give the same sizes to the plan (what stays on the GPU).
 """
 from __future__ import annotations
 
@@ -36,27 +37,39 @@ class Footprint:
         return ", ".join(f"{name} {n / 1e9:.1f} GB" for name, n in self.parts)
 
 
-def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False, blocks_on_host: bool = False
+def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False, offload: str = "none"
                     ) -> Footprint:
-    """What `from_preset(config, device, dtype, t5_cpu, offload="blocks" if blocks_on_host)` holds
-    in host memory: everything on a CPU; else the text encoder with `t5_cpu` and the experts'
-    blocks when they stream."""
-    from .dit import WanModel
-    from .t5 import T5Encoder
+    """What `from_config(config, device, dtype, t5_cpu, offload)` holds in host memory: everything
+    on a CPU; else the text encoder with `t5_cpu`, the idle expert with offload 'model' (ti2v-5B's
+    one model, during the VAE decode) and the DiT blocks with 'blocks'."""
     from .vae2_2 import vae_class
 
     on_cpu = torch.device(device).type == "cpu"
-    dit_bytes = torch.empty((), dtype=dtype or config.param_dtype).element_size()
     parts = []
-    if on_cpu or blocks_on_host:
-        n = len(config.dit_folders)  # two experts, or the one model of ti2v-5B
-        parts.append(("two experts" if n == 2 else "DiT", n * _numel(lambda: WanModel(config.dit)) * dit_bytes))
+    n = len(config.dit_folders)  # two experts, or the one model of ti2v-5B
+    if on_cpu or offload == "blocks":
+        parts.append(("two experts" if n == 2 else "DiT", n * expert_bytes(config, dtype)))
+    elif offload == "model":
+        parts.append(("the idle expert" if n == 2 else "DiT", expert_bytes(config, dtype)))
     if on_cpu or t5_cpu:
-        t5_bytes = torch.empty((), dtype=config.t5_dtype).element_size()
-        parts.append(("text encoder", _numel(lambda: T5Encoder(config.t5)) * t5_bytes))
+        parts.append(("text encoder", text_encoder_bytes(config)))
     if on_cpu:
         parts.append(("VAE", _numel(lambda: vae_class(config.vae)(config.vae)) * 4))
     return Footprint(tuple(parts))
+
+
+def expert_bytes(config: T2VConfig, dtype=None) -> int:
+    """The bytes of one expert's weights in `dtype` (default: the config's param_dtype)."""
+    from .dit import WanModel
+
+    return _numel(lambda: WanModel(config.dit)) * torch.empty((), dtype=dtype or config.param_dtype).element_size()
+
+
+def text_encoder_bytes(config: T2VConfig) -> int:
+    """The bytes of the text encoder's weights (in the config's t5_dtype)."""
+    from .t5 import T5Encoder
+
+    return _numel(lambda: T5Encoder(config.t5)) * torch.empty((), dtype=config.t5_dtype).element_size()
 
 
 def check_host_ram(config: T2VConfig, footprint: Footprint, device) -> None:

@@ -1,8 +1,8 @@
 """Host memory for block streaming: how much the host can give, which experts' blocks it holds
-(`HostPlan`), and re-reading an expert's blocks from its safetensors files.
+(`HostRamChoice`), and re-reading an expert's blocks from its safetensors files.
 
 Host RAM short (`host_ram="low"`): both A14B experts' blocks are 57 GB of pinned host memory.
-When the host cannot hold that plus headroom (`host_plan`, from `host_memory()`: a cgroup limit
+When the host cannot hold that plus headroom (`choose_host_ram`, from `host_memory()`: a cgroup limit
 minus its usage, else MemAvailable), only the active expert's blocks stay in (pinned) host
 memory; the idle expert's parameters point at a 1-element placeholder (right shape, no
 storage). At the expert switch (high -> low, once per video) the idle expert is evicted first,
@@ -12,7 +12,7 @@ memory-mapped with `safe_open`, each tensor cast to the parameter's dtype the wa
 buffers. The streamers' host bytes are counted in a `HostLedger` shared by both experts: its
 peak is one expert's blocks.
 
-Loading for streaming reads the plan's inputs from the files' headers before any weight
+Loading for streaming reads the choice's inputs from the files' headers before any weight
 (`block_bytes_in_files`); in low mode the low-noise expert is loaded without its blocks
 (`load_dit_without_blocks`). The pipeline-level policy (which expert when) is wan.offload.
 """
@@ -30,12 +30,14 @@ from .checkpoint import (CheckpointError, check_keys, check_shape, dit_weight_fi
                          safetensors_header)
 from .configs import DiTConfig
 from .dit import WanModel
+from .naming import Arg
 from .streaming import OffloadError, placeholder
 
 log = logging.getLogger("wan.offload")
 
-__all__ = ["HOST_RAM_MODES", "HEADROOM_BYTES", "HostMemory", "HostPlan", "ExpertSource", "host_memory",
-           "host_available_bytes", "host_plan", "block_bytes_in_files", "load_dit_without_blocks"]
+__all__ = ["HOST_RAM_MODES", "HEADROOM_BYTES", "HostMemory", "HostRamChoice", "ExpertSource", "host_memory",
+           "host_available_bytes", "choose_host_ram", "block_bytes_in_files", "stored_block_dtype",
+           "load_dit_without_blocks"]
 
 HOST_RAM_MODES = ("auto", "high", "low")  # high: both experts' blocks pinned; low: the active one only
 HEADROOM_BYTES = 8 * 10 ** 9  # host memory kept free beyond the pinned blocks (T5 on CPU, frames, the OS)
@@ -136,7 +138,7 @@ class ExpertSource:
 
 
 @dataclass(frozen=True)
-class HostPlan:
+class HostRamChoice:
     """The host-memory mode of block streaming and why (GB are 1e9 bytes)."""
     mode: str                  # "high": both experts' blocks pinned; "low": the active expert's only
     asked: str                 # auto / high / low
@@ -146,16 +148,17 @@ class HostPlan:
     reason: str
 
 
-def host_plan(both_bytes: int, one_bytes: int, asked: str = "auto", held_bytes: int = 0,
-              can_reload: bool = True, why_not: str = "", memory: HostMemory | None = None,
-              headroom: int = HEADROOM_BYTES) -> HostPlan:
+def choose_host_ram(both_bytes: int, one_bytes: int, asked: str = "auto", held_bytes: int = 0,
+                    can_reload: bool = True, why_not: str = "", memory: HostMemory | None = None,
+                    headroom: int = HEADROOM_BYTES) -> HostRamChoice:
     """Choose the host-memory mode. `held_bytes` of blocks already sit in host memory (experts
     loaded on the CPU: pinning swaps their storage block by block, so they are not needed twice);
     high needs `both_bytes - held_bytes + headroom` more than is there now. `can_reload` is False
     without checkpoint files for both experts (`why_not` says why): then low cannot be chosen.
     Raises OffloadError for a forced low that cannot work or an unknown mode."""
     if asked not in HOST_RAM_MODES:
-        raise OffloadError(f"unknown host RAM mode {asked!r}; choose from {', '.join(HOST_RAM_MODES)}")
+        raise OffloadError("unknown host RAM mode {a}; choose from {modes}", a=Arg("host_ram", asked),
+                           modes=", ".join(HOST_RAM_MODES))
     mem = host_memory() if memory is None else memory
     gb = lambda n: n / 1e9  # noqa: E731
     need_more = max(both_bytes - held_bytes, 0) + headroom
@@ -163,19 +166,20 @@ def host_plan(both_bytes: int, one_bytes: int, asked: str = "auto", held_bytes: 
             else "host memory unknown")
     facts = (f"both experts' blocks need {gb(both_bytes):.1f} GB pinned, {gb(held_bytes):.1f} GB of them already "
              f"in host memory, + {gb(headroom):.0f} GB headroom; {have}")
-    plan = lambda mode, why: HostPlan(mode, asked, gb(both_bytes), gb(one_bytes),  # noqa: E731
-                                      None if mem.available is None else gb(mem.available), why)
+    choice = lambda mode, why: HostRamChoice(mode, asked, gb(both_bytes), gb(one_bytes),  # noqa: E731
+                                             None if mem.available is None else gb(mem.available), why)
     if asked == "low":
         if not can_reload:
-            raise OffloadError(f"host_ram='low' re-reads the idle expert from its checkpoint files: {why_not}")
-        return plan("low", f"forced (host_ram='low'); {facts}")
+            raise OffloadError("{a} re-reads the idle expert from its checkpoint files: {why}",
+                               a=Arg("host_ram", "low"), why=why_not)
+        return choice("low", f"forced (host_ram='low'); {facts}")
     if asked == "high":
-        return plan("high", f"forced (host_ram='high'); {facts}")
+        return choice("high", f"forced (host_ram='high'); {facts}")
     if mem.available is None or need_more <= mem.available:
-        return plan("high", f"{facts}: both fit" if mem.available is not None else f"{have}; pinning both")
+        return choice("high", f"{facts}: both fit" if mem.available is not None else f"{have}; pinning both")
     if not can_reload:
-        return plan("high", f"{facts}: short, but low cannot be used ({why_not}); pinning both anyway")
-    return plan("low", f"{facts}: short, so only the active expert's blocks stay in host memory "
+        return choice("high", f"{facts}: short, but low cannot be used ({why_not}); pinning both anyway")
+    return choice("low", f"{facts}: short, so only the active expert's blocks stay in host memory "
                        f"({gb(one_bytes):.1f} GB) and the other is re-read at the switch")
 
 
@@ -192,6 +196,19 @@ def block_bytes_in_files(folder, dtype=None) -> int:
             if k.startswith("blocks."):
                 total += math.prod(info.shape) * (dtype or _stored_dtype(info)).itemsize
     return total
+
+
+def stored_block_dtype(folder) -> torch.dtype | None:
+    """The dtype an expert's files store its blocks in (the official checkpoints: float32), from
+    the first header; None when the files cannot be read (loading them says why)."""
+    try:
+        for fname in dit_weight_files(folder):
+            for k, info in safetensors_header(fname).items():
+                if k.startswith("blocks."):
+                    return _stored_dtype(info)
+    except (CheckpointError, OSError):
+        return None
+    return None
 
 
 def load_dit_without_blocks(folder, dtype=None) -> nn.Module:

@@ -23,7 +23,7 @@ full-delta keys `.diff`, `.diff_b`, `.diff_m`.
 
 Also here: the few-step distilled recipes (`RECIPES`: the sampling settings a distilled LoRA pair
 was trained for; their flow Euler solver is `wan.schedulers.FlowEulerScheduler`), `check_loras`
-(every file planned against an architecture built on the meta device, before any real model
+(every file mapped against an architecture built on the meta device, before any real model
 exists) and `apply_loras` (merge a list of `LoraSpec`s into both experts). The command-line flags
 live in `wan_triton/lora_flags.py`.
 """
@@ -42,7 +42,7 @@ from .requests import InputError, check_finite
 log = logging.getLogger("wan.lora")
 
 __all__ = [
-    "LoraError", "LoraSpec", "LoraPlan", "plan_lora", "merge_loras", "merge_lora", "unmerge_loras",
+    "LoraError", "LoraSpec", "LoraMap", "map_lora", "merge_loras", "merge_lora", "unmerge_loras",
     "loaded_loras", "official_to_diffusers", "Recipe", "RECIPES", "check_loras", "apply_loras",
 ]
 
@@ -191,7 +191,7 @@ class _Term:
 
 
 @dataclass
-class LoraPlan:
+class LoraMap:
     """What one file does to one architecture: parameter name -> terms (before strength)."""
     path: Path
     terms: dict = field(default_factory=dict)
@@ -221,7 +221,7 @@ def _open(path: Path):
         raise LoraError(f"{path} is not a readable safetensors file ({first})") from None
 
 
-def plan_lora(path, model) -> LoraPlan:
+def map_lora(path, model) -> LoraMap:
     """Read the header of a LoRA file and map every tensor onto a parameter of `model` (a WanModel,
     real or on the meta device). Raises LoraError (one line) for: a missing or non-safetensors file,
     a key that maps to no parameter of this model, an unsupported adapter type, an incomplete
@@ -232,7 +232,7 @@ def plan_lora(path, model) -> LoraPlan:
         keys = list(f.keys())
         shape = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
         alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
-    plan = LoraPlan(path=path, n_tensors=len(keys))
+    lmap = LoraMap(path=path, n_tensors=len(keys))
     if not keys:
         raise LoraError(f"{path.name}: the file holds no tensors, nothing for this model")
     diffusers = any(m in k for k in keys for m in _DIFFUSERS_MARKERS)
@@ -293,14 +293,14 @@ def plan_lora(path, model) -> LoraPlan:
                 if a.numel() != 1:
                     raise LoraError(f"{path.name}: {slot['alpha']!r} should be a scalar, has shape {list(a.shape)}")
                 scale = float(a.float().item()) / rank
-            plan.terms.setdefault(param, []).append(_Term("lowrank", (slot["up"], slot["down"]), scale, rank))
+            lmap.terms.setdefault(param, []).append(_Term("lowrank", (slot["up"], slot["down"]), scale, rank))
         else:
             d = shape[slot[g]]
             if _squeeze(d) != _squeeze(want):
                 raise LoraError(f"{path.name}: {slot[g]!r} {list(d)} does not fit {param} {list(want)} "
                                 f"(a LoRA for another model size?)")
-            plan.terms.setdefault(param, []).append(_Term("diff", (slot[g],), 1.0))
-    return plan
+            lmap.terms.setdefault(param, []).append(_Term("diff", (slot[g],), 1.0))
+    return lmap
 
 
 def _numel(shape) -> int:
@@ -365,11 +365,11 @@ def _keep_copy(w: torch.Tensor, keep: str):
 
 @torch.no_grad()
 def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -> int:
-    """Merge several LoRAs into `model` in one pass: items = [(path or LoraPlan, strength), ...].
+    """Merge several LoRAs into `model` in one pass: items = [(path or LoraMap, strength), ...].
 
     Each touched parameter becomes cast(W32 + sum_i strength_i * scale_i * delta_i), float32 math on
     `device` (default: the parameter's own device), written in place (the Parameter object is
-    kept). Every file is planned (validated) before anything changes. Returns the number of
+    kept). Every file is mapped (validated) before anything changes. Returns the number of
     parameters changed."""
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
@@ -379,7 +379,7 @@ def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -
         except InputError as err:
             raise LoraError(f"{err} ({getattr(it, 'path', it)})") from None
     names = _names_of(model)
-    plans = [(it if isinstance(it, LoraPlan) else plan_lora(it, names), float(s)) for it, s in items]
+    maps = [(it if isinstance(it, LoraMap) else map_lora(it, names), float(s)) for it, s in items]
     params = dict(model.named_parameters())
     st = _state(model)
     if st.loaded and st.keep != keep and "none" in (st.keep, keep):
@@ -387,14 +387,14 @@ def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -
     st.keep = keep
     t0 = time.perf_counter()
     touched: dict[str, list] = {}
-    for plan, s in plans:
-        for pname, terms in plan.terms.items():
-            touched.setdefault(pname, []).extend((plan, s, t) for t in terms)
+    for lmap, s in maps:
+        for pname, terms in lmap.terms.items():
+            touched.setdefault(pname, []).extend((lmap, s, t) for t in terms)
     handles, p = {}, None
     try:
-        for plan, _ in plans:
-            if plan.path not in handles:
-                handles[plan.path] = _open(plan.path).__enter__()
+        for lmap, _ in maps:
+            if lmap.path not in handles:
+                handles[lmap.path] = _open(lmap.path).__enter__()
         with _NoTF32():
             for pname in sorted(touched):
                 p = params[pname]
@@ -402,8 +402,8 @@ def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -
                 if pname not in st.originals:
                     st.originals[pname] = _keep_copy(p.data, keep)
                 acc = p.data.to(device=dev, dtype=torch.float32, copy=True)
-                for plan, s, term in touched[pname]:
-                    f = handles[plan.path]
+                for lmap, s, term in touched[pname]:
+                    f = handles[lmap.path]
                     if term.kind == "lowrank":
                         up = f.get_tensor(term.keys[0]).to(device=dev, dtype=torch.float32)
                         down = f.get_tensor(term.keys[1]).to(device=dev, dtype=torch.float32)
@@ -419,18 +419,18 @@ def merge_loras(model, items, keep: str = "cpu", device=None, label: str = "") -
     if p is not None and p.device.type == "cuda":
         torch.cuda.synchronize(p.device)
     dt = time.perf_counter() - t0
-    for plan, s in plans:
-        st.loaded.append((str(plan.path), s))
-        log.info("LoRA %s -> %s: %d modules changed (strength %g%s)", plan.path.name, label or "model",
-                 plan.modules, s, _scale_note(plan))
-    log.info("merged %d LoRA(s) into %s in %.2f s (%d parameters, originals kept: %s)", len(plans),
+    for lmap, s in maps:
+        st.loaded.append((str(lmap.path), s))
+        log.info("LoRA %s -> %s: %d modules changed (strength %g%s)", lmap.path.name, label or "model",
+                 lmap.modules, s, _scale_note(lmap))
+    log.info("merged %d LoRA(s) into %s in %.2f s (%d parameters, originals kept: %s)", len(maps),
              label or "model", dt, len(touched), keep)
     return len(touched)
 
 
-def _scale_note(plan: LoraPlan) -> str:
-    scales = {round(t.scale, 6) for ts in plan.terms.values() for t in ts if t.kind == "lowrank"}
-    ranks = {t.rank for ts in plan.terms.values() for t in ts if t.kind == "lowrank"}
+def _scale_note(lmap: LoraMap) -> str:
+    scales = {round(t.scale, 6) for ts in lmap.terms.values() for t in ts if t.kind == "lowrank"}
+    ranks = {t.rank for ts in lmap.terms.values() for t in ts if t.kind == "lowrank"}
     if not scales:
         return ", full deltas"
     return f", rank {'/'.join(map(str, sorted(ranks)))}, alpha/rank {'/'.join(f'{x:g}' for x in sorted(scales))}"
@@ -469,8 +469,8 @@ def load_lora_into_pipeline(pipe, path, strength: float = 1.0, expert: str = "bo
         raise LoraError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
     targets = [("high", pipe.high_noise_model), ("low", pipe.low_noise_model)]
     targets = [t for t in targets if expert in ("both", t[0])]
-    plan = plan_lora(path, targets[0][1])  # both experts share one architecture
-    return {name: merge_loras(m, [(plan, strength)], keep=keep, device=device, label=f"{name}-noise expert")
+    lmap = map_lora(path, targets[0][1])  # both experts share one architecture
+    return {name: merge_loras(m, [(lmap, strength)], keep=keep, device=device, label=f"{name}-noise expert")
             for name, m in targets}
 
 
@@ -506,7 +506,7 @@ RECIPES = {r.name: r for r in (
 
 def check_loras(specs, dit_config=None) -> None:
     """Check LoRA files before any model is built: each exists and is safetensors; with `dit_config`
-    (a wan.configs.DiTConfig), every key and shape is planned against that architecture (a model on
+    (a wan.configs.DiTConfig), every key and shape is mapped onto that architecture (a model on
     the meta device, no memory). Raises LoraError (one line)."""
     names = None
     if dit_config is not None and specs:
@@ -520,7 +520,7 @@ def check_loras(specs, dit_config=None) -> None:
             with _open(p):
                 pass
         else:
-            plan_lora(p, names)
+            map_lora(p, names)
 
 
 def apply_loras(pipe, specs, keep: str = "none") -> None:

@@ -1,13 +1,15 @@
 """The pipeline's offload policy: where the DiT weights wait between uses.
 
     none     both experts stay on the device
-    model    the idle expert waits in host memory (the official `offload_model=True`)
+    model    the idle expert waits in host memory (the official `offload_model=True`, and the
+             official default on one GPU: `default_offload`)
     blocks   both experts' blocks stream from host memory, block by block (wan.streaming), with
-             the host memory planned by wan.hostmem (both experts' blocks held, or the active
+             the host memory chosen by wan.hostmem (both experts' blocks held, or the active
              one's only, the other re-read from its files at the switch)
 
-`check_offload_device` is the rule for where offloading runs (wan_triton.plan calls it when it
-decides the mode). Under block streaming `enable_pipeline_streaming` sets a `WanT2V` up,
+A `WanT2V` records its mode in `pipe.offload`; `generate()` follows it unless told otherwise.
+`offload_runs_on` is the rule for where offloading runs (`check_offload_device` raises it;
+wan_triton.plan's table reads it). Under block streaming `enable_pipeline_streaming` sets a `WanT2V` up,
 `switch_experts` runs at the expert switch (high -> low, once per video) and `park_all` after
 the denoising loop; `build_streamable_expert` and `load_experts_for_streaming` make experts
 whose blocks never sit on the device (random weights) or in host memory twice (a checkpoint).
@@ -22,24 +24,37 @@ import torch.nn as nn
 
 from . import lora
 from .dit import WanModel, init_linears_and_norms_
-from .hostmem import ExpertSource, HostPlan, block_bytes_in_files, host_plan, load_dit_without_blocks
+from .hostmem import ExpertSource, HostRamChoice, block_bytes_in_files, choose_host_ram, load_dit_without_blocks
+from .naming import Arg
 from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_streaming, streamer_of
 
 log = logging.getLogger("wan.offload")
 
-__all__ = ["OFFLOAD_MODES", "check_offload_device", "switch_experts", "park_all", "enable_pipeline_streaming",
-           "disable_pipeline_streaming", "build_streamable_expert", "load_experts_for_streaming"]
+__all__ = ["OFFLOAD_MODES", "default_offload", "offload_runs_on", "check_offload_device", "switch_experts", "park_all",
+           "enable_pipeline_streaming", "disable_pipeline_streaming", "build_streamable_expert",
+           "load_experts_for_streaming"]
 
 OFFLOAD_MODES = ("none", "model", "blocks")
 
 
-def check_offload_device(mode: str, device, what: str | None = None) -> None:
+def default_offload(device) -> str:
+    """The official default on one GPU: 'model' (the idle expert waits in host memory) on CUDA;
+    'none' elsewhere (on a CPU the weights sit in host memory already)."""
+    return "model" if torch.device(device).type == "cuda" else "none"
+
+
+def offload_runs_on(mode: str, device) -> bool:
     """The one rule for where offloading runs: 'model' and 'blocks' move weights between host memory
     and a CUDA device; on a CPU the weights already sit in host memory and there is nothing to
-    save. Raises OffloadError naming `what` (default: "offload='<mode>'")."""
-    dev = torch.device(device)
-    if mode != "none" and dev.type != "cuda":
-        raise OffloadError(f"{what or f'offload={mode!r}'} needs a CUDA GPU, and none is in use (device {dev})")
+    save."""
+    return mode == "none" or torch.device(device).type == "cuda"
+
+
+def check_offload_device(mode: str, device, what: Arg | str | None = None) -> None:
+    """`offload_runs_on`, raised: OffloadError naming `what` (default: the argument offload=<mode>)."""
+    if not offload_runs_on(mode, device):
+        raise OffloadError("{what} needs a CUDA GPU, and none is in use (device {dev})",
+                           what=Arg("offload", mode) if what is None else what, dev=torch.device(device))
 
 
 def _on_device(model: nn.Module, device) -> bool:
@@ -94,15 +109,15 @@ def _expert_folders(pipe, ckpt_dir) -> tuple[dict | None, str]:
 
 
 def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
-                              ckpt_dir=None, plan: HostPlan | None = None, allow_cpu: bool = False
+                              ckpt_dir=None, choice: HostRamChoice | None = None, allow_cpu: bool = False
                               ) -> list[BlockStreamer]:
     """`WanT2V.enable_block_streaming`: stream both experts; both start idle (nothing on the
     device) and the pipeline's expert switch places the active one's non-block parts.
 
     host_ram: "high" keeps both experts' blocks in pinned host memory; "low" keeps the one in
     use only and re-reads the other from `ckpt_dir` (default: the folder the pipeline was loaded
-    from) at the switch; "auto" picks low when the host is short (`host_plan`, logged). `plan`:
-    one made already (`load_experts_for_streaming`, before the experts were read). A pipeline on
+    from) at the switch; "auto" picks low when the host is short (`choose_host_ram`, logged).
+    `choice`: one made already (`load_experts_for_streaming`, before the experts were read). A pipeline on
     the CPU is refused (check_offload_device) unless `allow_cpu`: the machinery then runs there
     anyway, saving nothing (the tests check it on the CPU)."""
     if not allow_cpu:
@@ -117,13 +132,13 @@ def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host
     if deferred and folders is None:
         raise OffloadError(f"the {'/'.join(sorted(deferred))}-noise expert's blocks were not read, and they cannot "
                            f"be: {why_not}")
-    if plan is None:
+    if choice is None:
         held -= sum(n for n, (label, _) in zip(sizes, experts) if label in deferred)
-        plan = host_plan(sum(sizes), max(sizes), host_ram, held, folders is not None, why_not)
-    log.info("block streaming host RAM: %s (%s)", plan.mode, plan.reason)
+        choice = choose_host_ram(sum(sizes), max(sizes), host_ram, held, folders is not None, why_not)
+    log.info("block streaming host RAM: %s (%s)", choice.mode, choice.reason)
     ledger, handles = HostLedger(), []
     for label, m in experts:
-        low = plan.mode == "low"
+        low = choice.mode == "low"
         src = ExpertSource(folders[label], m) if low or label in deferred else None
         # low: the high-noise expert (the first a video uses) stays in host memory, the other waits in its files
         load = (not low or label == "high") and label not in deferred
@@ -137,19 +152,20 @@ def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host
     if pipe.device.type == "cuda":
         torch.cuda.empty_cache()
     pipe.offload = "blocks"
-    pipe.host_plan = plan
+    pipe.host_ram_choice = choice
     pipe.host_ledger = ledger
     return handles
 
 
 def disable_pipeline_streaming(pipe, device=None) -> None:
-    """Undo `enable_pipeline_streaming`: both experts become normal models on `device`
-    (default: the CPU, as the official offload keeps idle experts)."""
+    """Undo `enable_pipeline_streaming`: both experts become normal models on `device` (default:
+    the CPU, as the official offload keeps idle experts); the pipeline's mode becomes the official
+    default (`default_offload`)."""
     for m in (pipe.high_noise_model, pipe.low_noise_model):
         s = streamer_of(m)
         if s is not None:
             s.remove("cpu" if device is None else device)
-    pipe.offload = "none"
+    pipe.offload = default_offload(pipe.device)
 
 
 @torch.no_grad()
@@ -160,7 +176,7 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
     initialised with the same rules (xavier-uniform linears with zero bias, unit norms,
     modulation ~ N(0, 1) / sqrt(dim)) from a generator seeded (seed, block), cast to `dtype`
     and moved to host memory. Its values differ from `WanModel.from_config(seed=seed)` (another
-    random stream), its distribution does not. Used by `WanT2V.from_preset(offload="blocks")`."""
+    random stream), its distribution does not. Used by `WanT2V.from_config(offload="blocks")`."""
     device = torch.device(device)
     with torch.device("meta"):
         model = WanModel(config)
@@ -183,17 +199,17 @@ def build_streamable_expert(config, device, dtype=torch.bfloat16, seed: int = 0)
 
 
 def load_experts_for_streaming(ckpt, config, dtype=None, host_ram: str = "auto", progress: bool = False):
-    """(low, high, plan): both experts of an official folder, for block streaming. The host-memory
-    plan is made first, from the files' headers (nothing read yet): in low mode the low-noise
+    """(low, high, choice): both experts of an official folder, for block streaming. The host-memory
+    mode is chosen first, from the files' headers (nothing read yet): in low mode the low-noise
     expert's blocks are not read at all (the switch reads them), so loading never holds both."""
     ckpt = Path(ckpt)
     folders = {"high": ckpt / config.high_noise_checkpoint, "low": ckpt / config.low_noise_checkpoint}
     sizes = [block_bytes_in_files(folders[e], dtype) for e in ("high", "low")]
-    plan = host_plan(sum(sizes), max(sizes), host_ram, held_bytes=0)
+    choice = choose_host_ram(sum(sizes), max(sizes), host_ram, held_bytes=0)
     high = WanModel.from_pretrained(folders["high"], dtype=dtype, device="cpu", progress=progress)
-    if plan.mode == "low":
+    if choice.mode == "low":
         log.info("host RAM low: the low-noise expert's blocks are read at the expert switch, not now")
         low = load_dit_without_blocks(folders["low"], dtype=dtype)
     else:
         low = WanModel.from_pretrained(folders["low"], dtype=dtype, device="cpu", progress=progress)
-    return low, high, plan
+    return low, high, choice

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import attention as _attention
+from .naming import Arg, NamedError
 
 __all__ = [
     "ParallelError", "Ulysses", "ParallelState", "init_from_env", "build_state", "start", "destroy",
@@ -38,9 +39,9 @@ __all__ = [
 ]
 
 
-class ParallelError(ValueError):
-    """A bad parallel configuration: one line naming the arguments as `name=value` (the CLIs report
-    it with their flags, exit code 2)."""
+class ParallelError(NamedError):
+    """A bad parallel configuration: one line naming the arguments (`Arg`s: `name=value` here, the
+    flags in the CLIs, exit code 2)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -199,8 +200,9 @@ def build_state(ulysses_size: int = 1, cfg_parallel: bool = False, device=None) 
     world, rank = dist.get_world_size(), dist.get_rank()
     halves = 2 if cfg_parallel else 1
     if world != ulysses_size * halves:
-        raise ParallelError(f"{world} processes, but ulysses_size={ulysses_size}"
-                            f"{' x 2 (cfg_parallel=True)' if cfg_parallel else ''} needs {ulysses_size * halves}")
+        x2 = " x 2 ({cfg})" if cfg_parallel else ""
+        raise ParallelError("{world} processes, but {u}" + x2 + " needs {n}", world=world, n=ulysses_size * halves,
+                            u=Arg("ulysses_size", ulysses_size), cfg=Arg("cfg_parallel", True))
     u, c = rank % ulysses_size, rank // ulysses_size
     sp_group = cfg_group = None
     for h in range(halves):  # every rank creates every group, in the same order
@@ -271,7 +273,8 @@ def enable_sequence_parallel(model, ulysses: Ulysses | None):
     """Make `model` (a WanModel) run Ulysses: shards tokens in forward, all-to-all around each
     self-attention. `None` restores the one-GPU path."""
     if ulysses is not None and model.num_heads % ulysses.size:
-        raise ParallelError(f"ulysses_size={ulysses.size} must divide the {model.num_heads} attention heads")
+        raise ParallelError("{u} must divide the {n} attention heads", u=Arg("ulysses_size", ulysses.size),
+                            n=model.num_heads)
     model.sp = ulysses
     for blk in model.blocks:
         blk.self_attn.sp = ulysses
@@ -300,8 +303,8 @@ def shard_model(module, blocks, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise ParallelError(f"FSDP2 sharding (dit_fsdp=True / t5_fsdp=True) needs torch >= 2.6, this is torch "
-                            f"{torch.__version__}") from None
+        raise ParallelError("FSDP2 sharding ({dit} / {t5}) needs torch >= 2.6, this is torch {v}",
+                            dit=Arg("dit_fsdp", True), t5=Arg("t5_fsdp", True), v=torch.__version__) from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for blk in blocks:
         fully_shard(blk, mesh=mesh)
@@ -351,27 +354,28 @@ def check_request(req: ParallelRequest, num_heads: int, device: torch.device, en
     naming the arguments as `name=value`. (How it combines with the other options of a run is
     wan_triton.plan's table.)"""
     env = os.environ if env is None else env
-    u = f"ulysses_size={req.ulysses_size}"
+    u = Arg("ulysses_size", req.ulysses_size)
     if req.ulysses_size < 1:
-        raise ParallelError(f"{u} must be >= 1")
+        raise ParallelError("{u} must be >= 1", u=u)
     if not math.isfinite(req.timeout) or req.timeout <= 0:  # NaN would pass a plain '<= 0'
-        raise ParallelError(f"timeout must be > 0 seconds (a finite number), got {req.timeout}")
+        raise ParallelError("{t} must be > 0 seconds (a finite number), got {v}", t=Arg("timeout"), v=req.timeout)
     if num_heads % req.ulysses_size:
-        raise ParallelError(f"{u} must divide the model's {num_heads} attention heads")
-    asked = [name for name, on in ((u, req.ulysses_size > 1), ("cfg_parallel=True", req.cfg_parallel),
-                                   ("dit_fsdp=True", req.dit_fsdp), ("t5_fsdp=True", req.t5_fsdp)) if on]
+        raise ParallelError("{u} must divide the model's {n} attention heads", u=u, n=num_heads)
+    asked = [a for a, on in ((u, req.ulysses_size > 1), (Arg("cfg_parallel", True), req.cfg_parallel),
+                             (Arg("dit_fsdp", True), req.dit_fsdp), (Arg("t5_fsdp", True), req.t5_fsdp)) if on]
     torchrun = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
     world = int(env.get("WORLD_SIZE", 1)) if torchrun else 1
     if asked and not torchrun:
-        raise ParallelError(f"{', '.join(asked)} needs torchrun: start {req.world} processes, one per GPU "
-                            f"(torchrun --nproc_per_node {req.world} ...)")
+        raise ParallelError("{asked} needs torchrun: start {n} processes, one per GPU (torchrun --nproc_per_node {n} "
+                            "...)", asked=asked, n=req.world)
     if world != req.world:
-        what = u + (" x 2 (cfg_parallel=True)" if req.cfg_parallel else "")
-        raise ParallelError(f"torchrun started {world} processes, but {what} needs {req.world} "
-                            f"(N must equal ulysses_size x 2 with cfg_parallel=True, else ulysses_size)")
+        x2 = " x 2 ({cfg})" if req.cfg_parallel else ""
+        raise ParallelError("torchrun started {world} processes, but {u}" + x2 + " needs {n} (N must equal {bare_u} "
+                            "x 2 with {cfg}, else {bare_u})", world=world, u=u, n=req.world,
+                            cfg=Arg("cfg_parallel", True), bare_u=Arg("ulysses_size"))
     if (req.dit_fsdp or req.t5_fsdp) and world == 1:
-        fsdp = " / ".join(n for n, on in (("dit_fsdp=True", req.dit_fsdp), ("t5_fsdp=True", req.t5_fsdp)) if on)
-        raise ParallelError(f"{fsdp} needs more than one process")
+        fsdp = [a for a, on in ((Arg("dit_fsdp", True), req.dit_fsdp), (Arg("t5_fsdp", True), req.t5_fsdp)) if on]
+        raise ParallelError("{fsdp} needs more than one process", fsdp=fsdp)
     if world > 1 and device.type == "cuda":  # the same verdict on every rank of a node
         per_node = int(env.get("LOCAL_WORLD_SIZE", world))
         if per_node > torch.cuda.device_count():

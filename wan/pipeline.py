@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,10 +31,12 @@ from .configs import T2VConfig, get_config
 from .dit import WanModel
 from .footprint import build_footprint, check_host_ram
 from .lora import LoraError, load_lora_into_pipeline, unload_from_pipeline
-from .offload import (build_streamable_expert, check_offload_device, enable_pipeline_streaming,
-                      load_experts_for_streaming, park_all, switch_experts)
+from .naming import Arg
+from .offload import (OFFLOAD_MODES, build_streamable_expert, check_offload_device, default_offload,
+                      enable_pipeline_streaming, load_experts_for_streaming, park_all, switch_experts)
 from .requests import check_request
 from .schedulers import make_scheduler
+from .streaming import OffloadError
 from .t5 import T5TextEncoder, byte_tokenizer, clean_text
 from .timing import Timings
 from .vae import WanVAE
@@ -58,6 +61,25 @@ def schedule_experts(config: T2VConfig, solver: str = "unipc", steps: int | None
     return [expert_of(config, int(t.item())) for t in sch.timesteps]
 
 
+def _offload_mode(offload: str | None, device, allow_cpu: bool) -> str:
+    """A build's offload mode: None is the official default (wan.offload.default_offload); an
+    unknown mode is an OffloadError, as is offloading off CUDA (unless `allow_cpu`: tests)."""
+    mode = default_offload(device) if offload is None else offload
+    if mode not in OFFLOAD_MODES:
+        raise OffloadError("unknown offload mode {a}; choose from {modes}", a=Arg("offload", mode),
+                           modes=", ".join(OFFLOAD_MODES))
+    if not allow_cpu:
+        check_offload_device(mode, device)
+    return mode
+
+
+def _to_host(model):
+    """`model` moved to host memory, its device memory given back."""
+    model = model.to("cpu")
+    torch.cuda.empty_cache()
+    return model
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond), float32."""
     return uncond + scale * (cond - uncond)
@@ -66,13 +88,16 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch
 class WanT2V:
     """Wan 2.2 T2V-A14B: text encoder, two DiT experts, VAE, flow solver.
 
-    Build with `from_pretrained(ckpt_dir)` (official layout) or `from_preset(name)` (random weights).
+    Build with `from_pretrained(ckpt_dir)` (official layout) or `from_config(task)` (random weights).
+    `offload` is where the DiT weights wait between uses (wan.offload): 'none', 'model' (the idle
+    expert in host memory) or 'blocks' (streamed); None: the official default, 'model' on CUDA.
+    `generate()` follows it unless its `offload_model` says otherwise.
     """
 
     parallel = None  # wan.parallel.ParallelState under torchrun (set by wan.parallel.apply_to_pipeline)
 
     def __init__(self, config: T2VConfig, text_encoder, vae, low_noise_model, high_noise_model,
-                 device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False):
+                 device="cuda", t5_cpu: bool = False, use_batched_cfg: bool = False, offload: str | None = None):
         self.config = config
         self.text_encoder = text_encoder
         self.vae = vae
@@ -81,7 +106,8 @@ class WanT2V:
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
-        self.offload = "none"  # "blocks" after enable_block_streaming (wan.offload)
+        # "blocks" only once enable_block_streaming has run (wan.offload)
+        self.offload = default_offload(self.device) if offload in (None, "blocks") else offload
         self.ckpt_dir = None   # the checkpoint folder (from_pretrained)
         self.last_timings: Timings | None = None  # of the latest generate() call
         self.last_seed: int | None = None         # the seed it used (drawn when seed < 0)
@@ -94,14 +120,15 @@ class WanT2V:
                         **kw) -> "WanT2V":
         """Load a checkpoint folder, official or diffusers layout (docs/diffusers.md). DiT params
         stay in their stored dtype (fp32) unless `convert_model_dtype` (then `config.param_dtype`, as
-        the official flag does). offload="blocks": block streaming is on when it returns; the
-        host-memory mode (`host_ram`, wan.hostmem.host_plan) is chosen before the experts are read,
-        and in low mode the low-noise expert's blocks are only read at the expert switch. Streaming
-        needs a CUDA device (OffloadError on a CPU unless `allow_cpu`, see `enable_block_streaming`)."""
+        the official flag does). The experts wait in host memory (`init_on_cpu`) until generate()
+        moves the active one in; `offload` (see the class) is recorded. offload="blocks": block
+        streaming is on when it returns; the host-memory mode (`host_ram`, wan.hostmem.choose_host_ram)
+        is chosen before the experts are read, and in low mode the low-noise expert's blocks are only
+        read at the expert switch. Offloading needs a CUDA device (OffloadError on a CPU unless
+        `allow_cpu`, see `enable_block_streaming`)."""
 
         config = get_config(config) if isinstance(config, str) else config
-        if offload == "blocks" and not allow_cpu:
-            check_offload_device("blocks", device, what="block streaming")
+        offload = _offload_mode(offload, device, allow_cpu)
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {ckpt}")
@@ -109,58 +136,72 @@ class WanT2V:
         device = torch.device(device)
         dit_dtype = config.param_dtype if convert_model_dtype else None
         dit_dev = "cpu" if init_on_cpu else device
+        low_dev = "cpu" if offload == "model" else dit_dev  # the idle expert waits on the host either way
+        kw["offload"] = offload
         if is_diffusers_layout(ckpt):
-            return cls._from_diffusers_layout(ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, offload, kw)
+            return cls._from_diffusers_layout(ckpt, config, device, t5_cpu, dit_dtype, (dit_dev, low_dev), progress,
+                                              kw)
         t5 = T5TextEncoder.from_pretrained(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = WanVAE.from_pretrained(ckpt / config.vae_checkpoint, device=device, dtype=torch.float32,
                                      cfg=config.vae)
-        plan = None
+        choice = None
         if offload == "blocks":
-            low, high, plan = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
+            low, high, choice = load_experts_for_streaming(ckpt, config, dit_dtype, host_ram, progress)
         else:
-            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
+            low = WanModel.from_pretrained(ckpt / config.low_noise_checkpoint, dtype=dit_dtype, device=low_dev,
                                            progress=progress)
             high = WanModel.from_pretrained(ckpt / config.high_noise_checkpoint, dtype=dit_dtype, device=dit_dev,
                                             progress=progress)
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
         pipe.ckpt_dir = ckpt  # block streaming with host RAM low re-reads an expert from here
-        if plan is not None:
-            enable_pipeline_streaming(pipe, plan=plan, allow_cpu=allow_cpu)
+        if choice is not None:
+            enable_pipeline_streaming(pipe, choice=choice, allow_cpu=allow_cpu)
         return pipe
 
     @classmethod
-    def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, dit_dev, progress, offload, kw):
-        """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert."""
+    def _from_diffusers_layout(cls, ckpt, config, device, t5_cpu, dit_dtype, devices, progress, kw):
+        """The Wan2.2-T2V-A14B-Diffusers layout: transformer/ is the high-noise expert. `devices`:
+        (the high-noise expert's, the low-noise expert's)."""
 
-        if offload == "blocks":
-            raise CheckpointError("block streaming (offload='blocks') reads the official layout only; "
-                                  f"{ckpt} is in the diffusers layout")
+        if kw["offload"] == "blocks":
+            raise CheckpointError(f"block streaming reads the official layout only; {ckpt} is in the diffusers "
+                                  "layout (load it without streaming)")
         t5 = dl.load_t5(ckpt, config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype)
         vae = dl.load_vae(ckpt / "vae", device=device, dtype=torch.float32)
-        high = dl.load_dit(ckpt / dl.HIGH, dtype=dit_dtype, device=dit_dev, progress=progress)
-        low = dl.load_dit(ckpt / dl.LOW, dtype=dit_dtype, device=dit_dev, progress=progress)
+        high = dl.load_dit(ckpt / dl.HIGH, dtype=dit_dtype, device=devices[0], progress=progress)
+        low = dl.load_dit(ckpt / dl.LOW, dtype=dit_dtype, device=devices[1], progress=progress)
         config = config.replace(dit=high.config, vae=vae.config)  # the files' architecture and latent statistics
         pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
         pipe.ckpt_dir = ckpt
         return pipe
 
     @classmethod
-    def from_preset(cls, config: T2VConfig | str = "tiny", device="cpu", dtype=None, seed: int = 0,
+    def from_config(cls, config: T2VConfig | str = "tiny", device="cpu", dtype=None, seed: int = 0,
                     t5_cpu=False, offload: str | None = None, allow_cpu: bool = False, **kw) -> "WanT2V":
-        """Random weights at the preset's real shapes (official init, head randomised so the
-        output is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`.
-        First checks that the host memory holds what lands there (wan.footprint; InputError, one
-        line, otherwise: the A14B on a CPU takes ~69 GB).
-        offload="blocks": the experts' blocks are built one at a time and go to host memory, and
-        block streaming is on (a 24 GB card never holds an expert; other random values)."""
+        """Random weights at the task's real shapes (official init, head randomised so the output
+        is not zero), built directly on `device`. DiT dtype defaults to `param_dtype`. First
+        checks that the host memory holds what lands there (wan.footprint; InputError, one line,
+        otherwise: the A14B on a CPU takes ~69 GB).
+        offload (see the class; None: 'model' on CUDA): 'model' builds the low-noise expert (idle
+        until the expert switch) on `device` and moves it to host memory before the high-noise one
+        is built, so the device never holds both (same values as a resident build); 'blocks'
+        builds the experts' blocks one at a time into host memory and turns block streaming on (a
+        24 GB card never holds an expert; other random values)."""
 
         config = get_config(config) if isinstance(config, str) else config
         device = torch.device(device)
         dtype = dtype or config.param_dtype
-        if offload == "blocks" and not allow_cpu:
-            check_offload_device("blocks", device, what="block streaming")
-        check_host_ram(config, build_footprint(config, device, dtype, t5_cpu, blocks_on_host=offload == "blocks"),
+        offload = _offload_mode(offload, device, allow_cpu)
+        check_host_ram(config, build_footprint(config, device, dtype, t5_cpu, offload),
                        device)  # one line now rather than an out-of-memory kill while building
+        if offload == "blocks":  # the experts first: their build peaks (fp32 init) before the T5 takes its share
+            low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
+            high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
+        else:
+            low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
+            if offload == "model" and device.type == "cuda":
+                low = _to_host(low)
+            high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
         tok = None
         if config.t5.vocab_size > 256 + 3:  # real umT5 vocab: no tokenizer files without a checkpoint
             log.info("random weights: the built-in byte tokenizer stands in for umT5's (no tokenizer files)")
@@ -168,15 +209,17 @@ class WanT2V:
         t5 = T5TextEncoder.from_config(config, device="cpu" if t5_cpu else device, dtype=config.t5_dtype, seed=seed,
                                        tokenizer=tok)
         vae = WanVAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
+        pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, offload=offload, **kw)
         if offload == "blocks":
-            low = build_streamable_expert(config.dit, device, dtype, seed=seed + 1)
-            high = build_streamable_expert(config.dit, device, dtype, seed=seed + 2)
-            pipe = cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
             pipe.enable_block_streaming(allow_cpu=allow_cpu)
-            return pipe
-        low = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
-        high = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 2, zero_head=False)
-        return cls(config, t5, vae, low, high, device=device, t5_cpu=t5_cpu, **kw)
+        return pipe
+
+    @classmethod
+    def from_preset(cls, *args, **kw) -> "WanT2V":
+        """Deprecated (0.1; removed in 0.2): `from_config` (a task is a model size; a preset is a
+        hardware profile of wan_triton)."""
+        warnings.warn("WanT2V.from_preset is now WanT2V.from_config", DeprecationWarning, stacklevel=2)
+        return cls.from_config(*args, **kw)
 
     def enable_block_streaming(self, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
                                ckpt_dir=None, allow_cpu: bool = False):
@@ -267,15 +310,17 @@ class WanT2V:
     @torch.no_grad()
     def generate(self, prompt: str, size=(1280, 720), frame_num: int = 81, shift: float | None = None,
                  sample_solver: str = "unipc", sampling_steps: int | None = None, guide_scale=None,
-                 n_prompt: str = "", seed: int = -1, offload_model: bool = True, progress: bool = True,
+                 n_prompt: str = "", seed: int = -1, offload_model: bool | None = None, progress: bool = True,
                  return_latents: bool = False):
         """-> video [3, frame_num, height, width] float32 in [-1, 1] (or latents [16, F, H, W]).
 
         size is (width, height) or 'W*H'. guide_scale: float (both experts) or (low-noise,
         high-noise). seed < 0 draws one (kept in `last_seed`); per-stage times land in
-        `last_timings`.
+        `last_timings`. offload_model: True moves the idle expert to host memory, False keeps
+        both on the device; None follows the pipeline's `offload` ('model': True).
         """
 
+        offload_model = self.offload == "model" if offload_model is None else offload_model
         cfg = self.config
         shift = cfg.sample_shift if shift is None else shift
         sampling_steps = cfg.sample_steps if sampling_steps is None else sampling_steps

@@ -53,8 +53,8 @@ class WanI2V(WanT2V):
         return super().from_pretrained(ckpt_dir, config, **kw)
 
     @classmethod
-    def from_preset(cls, config="i2v-tiny", **kw) -> "WanI2V":
-        return super().from_preset(config, **kw)
+    def from_config(cls, config="i2v-tiny", **kw) -> "WanI2V":
+        return super().from_config(config, **kw)
 
     def video_size(self, size, image) -> tuple[int, int]:
         """(width, height): the official rule for `image` within the area of `size`."""
@@ -74,7 +74,7 @@ class WanI2V(WanT2V):
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size=(1280, 720), frame_num: int = 81, shift: float | None = None,
                  sample_solver: str = "unipc", sampling_steps: int | None = None, guide_scale=None,
-                 n_prompt: str = "", seed: int = -1, offload_model: bool = True, progress: bool = True,
+                 n_prompt: str = "", seed: int = -1, offload_model: bool | None = None, progress: bool = True,
                  return_latents: bool = False):
         """-> video [3, frame_num, height, width] float32 in [-1, 1] (or latents [16, F, H/8, W/8]).
 
@@ -83,6 +83,7 @@ class WanI2V(WanT2V):
         height) lands in `last_size`. Other arguments as WanT2V.generate."""
         if image is None:
             raise InputError(f"{self.config.name} needs an image (image=wan.image.load_image(path))")
+        offload_model = self.offload == "model" if offload_model is None else offload_model
         cfg = self.config
         shift = cfg.sample_shift if shift is None else shift
         steps = cfg.sample_steps if sampling_steps is None else sampling_steps

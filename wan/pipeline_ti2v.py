@@ -29,8 +29,9 @@ from .dit import WanModel
 from .footprint import build_footprint, check_host_ram
 from .image import ti2v_frame, ti2v_size
 from .lora import LoraError
-from .offload import OffloadError
-from .pipeline import WanT2V, _progress
+from .naming import Arg
+from .offload import OffloadError, default_offload
+from .pipeline import WanT2V, _offload_mode, _progress
 from .requests import InputError, check_request
 from .schedulers import make_scheduler
 from .t5 import T5TextEncoder, byte_tokenizer
@@ -45,14 +46,25 @@ log = logging.getLogger("wan.pipeline")
 
 def _one_model_only(offload: str | None) -> None:
     if offload == "blocks":
-        raise OffloadError("block streaming (offload='blocks') streams the two experts of an A14B task; ti2v-5B "
-                           "is one model that fits a 24 GB GPU resident: use offload='model'")
+        raise OffloadError("block streaming ({a}) streams the two experts of an A14B task; ti2v-5B is one model "
+                           "that fits a 24 GB GPU resident: use {model}", a=Arg("offload", "blocks"),
+                           model=Arg("offload", "model"))
+
+
+def _offload(offload: str | None, device, allow_cpu: bool) -> str:
+    """A build's offload mode, as WanT2V's ('blocks' refused): None is the official default
+    ('model' on CUDA: the model waits in host memory during the VAE decode)."""
+    _one_model_only(offload)
+    return _offload_mode(offload, device, allow_cpu)
 
 
 class WanTI2V:
     """Wan 2.2 TI2V-5B: text encoder, one DiT (`model`), the Wan2.2 VAE, flow solver.
 
-    Build with `from_pretrained(ckpt_dir)` (official layout) or `from_preset(name)` (random weights).
+    Build with `from_pretrained(ckpt_dir)` (official layout) or `from_config(task)` (random weights).
+    `offload` is where the model waits while the VAE decodes: 'none' or 'model' (host memory);
+    None: the official default, 'model' on CUDA. `generate()` follows it unless its
+    `offload_model` says otherwise ('blocks' is refused: one model, no experts to stream).
     """
 
     parallel = None  # wan.parallel.ParallelState under torchrun (set by wan.parallel.apply_to_pipeline)
@@ -67,7 +79,7 @@ class WanTI2V:
     _guided = WanT2V._guided
 
     def __init__(self, config: TI2VConfig, text_encoder, vae, model, device="cuda", t5_cpu: bool = False,
-                 use_batched_cfg: bool = False):
+                 use_batched_cfg: bool = False, offload: str | None = None):
         self.config = config
         self.text_encoder = text_encoder
         self.vae = vae
@@ -75,7 +87,8 @@ class WanTI2V:
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
         self.use_batched_cfg = use_batched_cfg
-        self.offload = "none"  # block streaming is refused for this task
+        _one_model_only(offload)
+        self.offload = default_offload(self.device) if offload is None else offload
         self.ckpt_dir = None
         self.last_timings: Timings | None = None
         self.last_seed: int | None = None
@@ -97,13 +110,14 @@ class WanTI2V:
     @classmethod
     def from_pretrained(cls, ckpt_dir, config: TI2VConfig | str = "ti2v-5B", device="cuda", t5_cpu=False,
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
-                        offload: str | None = None, host_ram: str = "auto", **kw) -> "WanTI2V":
+                        offload: str | None = None, host_ram: str = "auto", allow_cpu: bool = False,
+                        **kw) -> "WanTI2V":
         """Load the official Wan2.2-TI2V-5B folder: config.json + safetensors of the DiT at its top,
         Wan2.2_VAE.pth, the T5 and its tokenizer. The DiT keeps its stored dtype unless
         `convert_model_dtype` (then bf16, as the official flag). `host_ram` is block streaming's
-        and unused here (offload='blocks' is refused)."""
+        and unused here (offload='blocks' is refused); `offload` is recorded (see the class)."""
         config = get_config(config) if isinstance(config, str) else config
-        _one_model_only(offload)
+        offload = _offload(offload, device, allow_cpu)
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {ckpt}")
@@ -117,20 +131,20 @@ class WanTI2V:
         model = WanModel.from_pretrained(ckpt / config.dit_checkpoint, progress=progress,
                                          dtype=config.param_dtype if convert_model_dtype else None,
                                          device="cpu" if init_on_cpu else device)
-        pipe = cls(config, t5, vae, model, device=device, t5_cpu=t5_cpu, **kw)
+        pipe = cls(config, t5, vae, model, device=device, t5_cpu=t5_cpu, offload=offload, **kw)
         pipe.ckpt_dir = ckpt
         return pipe
 
     @classmethod
-    def from_preset(cls, config: TI2VConfig | str = "ti2v-tiny", device="cpu", dtype=None, seed: int = 0,
-                    t5_cpu=False, offload: str | None = None, **kw) -> "WanTI2V":
-        """Random weights at the preset's real shapes (official init, head randomised), built on
-        `device` after the host-memory check (wan.footprint)."""
+    def from_config(cls, config: TI2VConfig | str = "ti2v-tiny", device="cpu", dtype=None, seed: int = 0,
+                    t5_cpu=False, offload: str | None = None, allow_cpu: bool = False, **kw) -> "WanTI2V":
+        """Random weights at the task's real shapes (official init, head randomised), built on
+        `device` after the host-memory check (wan.footprint); `offload` is recorded (see the class)."""
         config = get_config(config) if isinstance(config, str) else config
-        _one_model_only(offload)
         device = torch.device(device)
+        offload = _offload(offload, device, allow_cpu)
         dtype = dtype or config.param_dtype
-        check_host_ram(config, build_footprint(config, device, dtype, t5_cpu), device)
+        check_host_ram(config, build_footprint(config, device, dtype, t5_cpu, offload), device)
         tok = None
         if config.t5.vocab_size > 256 + 3:
             log.info("random weights: the built-in byte tokenizer stands in for umT5's (no tokenizer files)")
@@ -139,7 +153,7 @@ class WanTI2V:
                                        tokenizer=tok)
         vae = Wan22VAE.from_config(config.vae, device=device, dtype=torch.float32, seed=seed)
         model = WanModel.from_config(config.dit, device=device, dtype=dtype, seed=seed + 1, zero_head=False)
-        return cls(config, t5, vae, model, device=device, t5_cpu=t5_cpu, **kw)
+        return cls(config, t5, vae, model, device=device, t5_cpu=t5_cpu, offload=offload, **kw)
 
     def save_pretrained(self, ckpt_dir, max_shard_bytes: int = 5 * 2 ** 30):
         """Write the official layout (the DiT at the top of the folder)."""
@@ -161,13 +175,15 @@ class WanTI2V:
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size=None, frame_num: int | None = None, shift: float | None = None,
                  sample_solver: str = "unipc", sampling_steps: int | None = None, guide_scale=None,
-                 n_prompt: str = "", seed: int = -1, offload_model: bool = True, progress: bool = True,
+                 n_prompt: str = "", seed: int = -1, offload_model: bool | None = None, progress: bool = True,
                  return_latents: bool = False):
         """-> video [3, frame_num, height, width] float32 in [-1, 1] (or latents [48, F, H/16, W/16]).
 
         image: a PIL image (wan.image.load_image) for the image mode, None for text. size: (width,
         height) or 'W*H', one of config.sizes (default config.default_size); in image mode its area.
-        guide_scale: one number (default 5.0). The video's (width, height) lands in `last_size`."""
+        guide_scale: one number (default 5.0). The video's (width, height) lands in `last_size`.
+        offload_model: True moves the model to host memory for the decode; None follows `offload`."""
+        offload_model = self.offload == "model" if offload_model is None else offload_model
         cfg = self.config
         size = cfg.default_size if size is None else size
         frame_num = cfg.frame_num if frame_num is None else frame_num

@@ -7,13 +7,15 @@ from __future__ import annotations
 import math
 
 from .configs import T2VConfig, parse_size
+from .naming import Arg, NamedError
 
 SOLVERS = ("unipc", "dpm++", "euler")  # euler: the few-step distilled LoRAs (docs/lora.md)
 SEED_MAX = 2 ** 63 - 1  # int64: what the random draw gives and what torchrun broadcasts; -1 draws one
 
 
-class InputError(ValueError):
-    """Bad user input (size, frame count, solver, ...): reported as one line by the CLI."""
+class InputError(NamedError):
+    """Bad user input (size, frame count, solver, ...): one line naming the argument (an `Arg`, said
+    as its flag by the CLIs)."""
 
 
 def check_finite(name: str, value) -> float:
@@ -21,16 +23,17 @@ def check_finite(name: str, value) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
+        raise InputError("{arg} must be a number, got {value!r}", arg=Arg(name), value=value) from None
     if not math.isfinite(x):
-        raise InputError(f"{name} must be a finite number, got {value}")
+        raise InputError("{arg} must be a finite number, got {value}", arg=Arg(name), value=value)
     return x
 
 
 def check_seed(seed: int | None) -> None:
     """None or -1 (draw one), else 0 .. SEED_MAX; InputError otherwise."""
     if seed is not None and seed != -1 and not 0 <= seed <= SEED_MAX:
-        raise InputError(f"seed must be -1 (random) or 0..{SEED_MAX}, got {seed}")
+        raise InputError("{arg} must be -1 (random) or 0..{max}, got {seed}", arg=Arg("seed"), max=SEED_MAX,
+                         seed=seed)
 
 
 def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc",
@@ -59,9 +62,9 @@ def check_request(config: T2VConfig, size, frame_num: int, solver: str = "unipc"
     if solver not in SOLVERS:
         raise InputError(f"unknown solver {solver!r}; choose {', '.join(map(repr, SOLVERS))}")
     if sampling_steps is not None and sampling_steps < 1:
-        raise InputError(f"sampling_steps must be >= 1, got {sampling_steps}")
+        raise InputError("{arg} must be >= 1, got {value}", arg=Arg("sampling_steps"), value=sampling_steps)
     if shift is not None and check_finite("shift", shift) <= 0:
-        raise InputError(f"shift must be > 0, got {shift}")
+        raise InputError("{arg} must be > 0, got {value}", arg=Arg("shift"), value=shift)
     if guide_scale is not None:
         for g in (guide_scale if isinstance(guide_scale, (tuple, list)) else (guide_scale,)):
             check_finite("guide_scale", g)

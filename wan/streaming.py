@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .naming import NamedError
+
 log = logging.getLogger("wan.offload")  # the logger of the whole offload path (streaming, hostmem, offload)
 
 __all__ = ["BlockStreamer", "OffloadError", "StreamStats", "HostLedger", "enable_block_streaming", "streamer_of",
@@ -52,7 +54,7 @@ __all__ = ["BlockStreamer", "OffloadError", "StreamStats", "HostLedger", "enable
 _ALIGN = 512  # byte alignment of each tensor inside a flat buffer (>= what any kernel asks for)
 
 
-class OffloadError(ValueError):
+class OffloadError(NamedError):
     """A streaming request that cannot work (compiled blocks, bad ring size, ...): one line."""
 
 

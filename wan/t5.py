@@ -18,7 +18,7 @@ Per layer l (x in the model dtype, e.g. bf16; no Python loop over the batch):
 
 `T5TextEncoder` is what the pipeline calls: tokenizer + cleaning + encoder, returning one
 `[n_i, dim]` tensor per text, trimmed to its real length (incl. `</s>`).
-The tiny preset uses a byte-level tokenizer built in code (`byte_tokenizer()`), no files.
+The tiny task uses a byte-level tokenizer built in code (`byte_tokenizer()`), no files.
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 def byte_tokenizer(model_max_length: int = 512):
-    """Tokenizer for tiny presets, built in code: ids pad=0 `<pad>`, eos=1 `</s>`, unk=2
+    """Tokenizer for tiny tasks, built in code: ids pad=0 `<pad>`, eos=1 `</s>`, unk=2
     `<unk>`, then byte b -> b + 3 (259 ids); `</s>` is appended by the post-processor.
     A `transformers` fast tokenizer, so `save_pretrained` / `AutoTokenizer` work offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -377,8 +377,8 @@ class T5TextEncoder:
         if tokenizer is None:
             if cfg.vocab_size == UMT5_VOCAB_SIZE:
                 raise ValueError(
-                    f"preset {config.name!r} uses the real umT5 vocabulary ({UMT5_VOCAB_SIZE}); the built-in "
-                    f"byte tokenizer only serves tiny presets. Pass tokenizer= (an object or the "
+                    f"task {config.name!r} uses the real umT5 vocabulary ({UMT5_VOCAB_SIZE}); the built-in "
+                    f"byte tokenizer only serves tiny tasks. Pass tokenizer= (an object or the "
                     f"'{config.t5_tokenizer}' folder) or use T5TextEncoder.from_pretrained(ckpt_dir, config).")
             if cfg.vocab_size < 256 + BYTE_OFFSET:
                 raise ValueError(f"T5 vocab {cfg.vocab_size} is too small for the byte tokenizer "

@@ -3,29 +3,30 @@ batched CFG, attention choice, hardware presets, and `optimize()` that applies t
 
 None of these re-implement the model: they flip switches on the `wan` objects. What to switch
 is decided by wan_triton.plan (`plan()`, one table of rules); `optimize()` makes the plan from its
-arguments and the pipeline's state, then `apply()` carries it out.
+arguments and the pipeline's state, then `apply()` carries it out: after it, `pipe.generate(prompt)`
+runs as planned (the offload mode is the pipeline's `offload`, batched CFG its `use_batched_cfg`).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from wan import attention as att
+from wan.naming import Arg
 from wan.parallel import ParallelRequest
 from wan.streaming import OffloadError
 
 from . import fp8 as _fp8
-from .errors import AccelError, PlanError
+from .errors import AccelError
 from .fp8_attention import ensure_registered
 from .patch import patch
-from .plan import RULES, DeviceInfo, Options, RunPlan, check_cuda_only, plan, preset_offload
+from .plan import COMPILE_MODES, RULES, Case, DeviceInfo, Options, RunPlan, check_rules, plan
 
 log = logging.getLogger("wan_triton")
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 # ------------------------------------------------------------------ TF32
@@ -60,9 +61,10 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
     """Regional compile: each DiT block is compiled in place (the 40 blocks share one graph,
     so it compiles once). The patched Triton kernels are custom ops, traced without breaks."""
     if mode not in COMPILE_MODES:
-        raise AccelError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
+        raise RULES["compile_mode/unknown"].refuse(a=Arg("compile_mode", mode), choices=", ".join(COMPILE_MODES))
     if getattr(model, "_block_streamer", None) is not None:
-        raise PlanError(RULES["compile/blocks"].message(b="a model that streams its blocks"))
+        raise RULES["compile/blocks"].refuse(a=Arg("compile", True), b="a model that streams its blocks", source="",
+                                             model=Arg("offload", "model"))
     for blk in model.blocks:
         blk.compile(mode=mode, dynamic=dynamic)
     return model
@@ -72,18 +74,18 @@ def compile_blocks(model, mode: str = "default", dynamic: bool | None = False):
 
 @dataclass(frozen=True)
 class Preset:
-    """What to turn on for a class of GPU (memory decides offloading and T5 placement).
-    `note` is the one-line reason, shown in --help and in the start-up log."""
+    """What to turn on for a class of GPU (its memory decides where the weights wait and where the
+    T5 runs). `offload`: 'none' (both experts on the GPU), 'model' (the idle expert in CPU memory)
+    or 'blocks' (the DiT blocks stream from CPU memory). `note` is the one-line reason, shown in
+    --help and in the start-up log. The Triton kernels are on wherever they run (the plan)."""
     name: str
-    offload_model: bool
-    t5_cpu: bool
+    offload: str
+    t5_cpu: bool = False
     use_batched_cfg: bool = False
     compile: bool = False
     tf32: bool = False
-    triton: bool = True
     min_mem_gb: float = 0.0
     note: str = ""
-    offload: str = ""  # "blocks": stream the DiT blocks (wan.streaming); "" follows offload_model
 
 
 # Chosen from measurements on an H200 (bench/RESULTS.md, 2026-11-30), not from hopes:
@@ -95,25 +97,28 @@ class Preset:
 # - TF32: only the tiny fp32 GEMMs (time embedding, head) would change -> off (exactness).
 # So a preset decides what memory decides: whether the idle expert and the T5 leave the GPU.
 PRESETS = {p.name: p for p in (
-    Preset("h200", offload_model=False, t5_cpu=False, min_mem_gb=120,
+    Preset("h200", offload="none", min_mem_gb=120,
            note="both bf16 experts (57 GB) and the T5 (11 GB) stay on the GPU"),
-    Preset("h100", offload_model=True, t5_cpu=False, min_mem_gb=75,
+    Preset("h100", offload="model", min_mem_gb=75,
            note="one expert on the GPU (28.6 GB + 12.5 GB of 720p activations + T5 11 GB); the idle one waits "
                 "in CPU memory"),
-    Preset("a100-40g", offload_model=True, t5_cpu=False, min_mem_gb=38, offload="blocks",
+    Preset("a100-40g", offload="blocks", min_mem_gb=38,
            note="one expert on the GPU at 720p needs 41.1 GB: DiT blocks stream from pinned CPU memory (~15 GB "
                 "on the GPU), T5 stays on the GPU"),
-    Preset("l40s", offload_model=True, t5_cpu=True, min_mem_gb=44,
+    Preset("l40s", offload="model", t5_cpu=True, min_mem_gb=44,
            note="one expert on the GPU (41.1 GB at 720p), T5 on the CPU"),
-    Preset("rtx4090", offload_model=True, t5_cpu=True, min_mem_gb=22, offload="blocks",
+    Preset("rtx4090", offload="blocks", t5_cpu=True, min_mem_gb=22,
            note="A14B at 720p in 24 GB: DiT blocks stream from pinned CPU memory (57 GB of host RAM for both "
                 "experts), T5 on the CPU"),
-    Preset("cpu", offload_model=False, t5_cpu=False, triton=False, note="no GPU: reference ops"),
+    Preset("cpu", offload="none", note="no GPU: reference ops (the Triton kernels only under TRITON_INTERPRET=1)"),
 )}
 # Other names for the same settings (an 80 GB A100 is an H100 for memory purposes): defined
 # once above, listed under both names.
 PRESET_ALIASES = {"a100-80g": "h100"}
 PRESETS.update({alias: replace(PRESETS[name], name=alias) for alias, name in PRESET_ALIASES.items()})
+# `--preset none`: only what the flags say, the official offloading default ('model' on CUDA; nothing
+# moves on a CPU), the kernels wherever they run
+NO_PRESET = Preset("none", offload="model", note="only the flags")
 # What --preset accepts: auto (detect the GPU), none (no preset: only the flags), then the presets.
 PRESET_CHOICES = ("auto", "none", *PRESETS)
 
@@ -150,7 +155,7 @@ def preset_for(info: DeviceInfo) -> Preset:
 
 def preset_flags(p: Preset) -> str:
     """The CLI flags a preset amounts to, for messages."""
-    return f"--offload {preset_offload(p)}" + (" --t5_cpu" if p.t5_cpu else "")
+    return f"--offload {p.offload}" + (" --t5_cpu" if p.t5_cpu else "")
 
 
 def oom_hint(device=None) -> str:
@@ -166,51 +171,34 @@ def oom_hint(device=None) -> str:
     return f"try --preset {p.name} ({preset_flags(p)}), or if that ran, {small}"
 
 
-def no_preset(device) -> Preset:
-    """`--preset none`: only what the flags say, the official offloading default (on with CUDA),
-    and the kernels wherever they can run (CUDA, or the Triton interpreter on CPU)."""
-    device = torch.device(device)
-    kernels_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return Preset("none", offload_model=device.type == "cuda", t5_cpu=False, triton=kernels_here,
-                  note="only the flags")
-
-
 def find_preset(name: str, info: DeviceInfo) -> Preset:
     """A preset by name for a device of known facts: 'auto' picks it (preset_for), 'none' is
-    `no_preset`. Whether it can run there is the plan's rule (a GPU preset needs CUDA)."""
+    NO_PRESET. Whether it can run there is the plan's rule (a GPU preset needs CUDA)."""
     if name == "auto":
         return preset_for(info)
     if name == "none":
-        return no_preset(info.name)
+        return NO_PRESET
     if name not in PRESETS:
-        raise AccelError(f"unknown preset {name!r}; choose from {', '.join(PRESET_CHOICES)}")
+        raise AccelError("unknown {a}; choose from {choices}", a=Arg("preset", name), choices=", ".join(PRESET_CHOICES))
     return PRESETS[name]
 
 
 def get_preset(name: str = "auto", device=None) -> Preset:
     """A preset by name for `device` (default: cuda when available): 'auto' detects the GPU, 'none'
-    is `no_preset(device)`; a GPU preset without CUDA is a PlanError (the plan's rule)."""
+    is NO_PRESET; a GPU preset without CUDA is a PlanError (the plan's rule)."""
     info = DeviceInfo.of(device)
     p = find_preset(name, info)
-    check_cuda_only(Options(), p, info)
+    check_rules(Case(Options(), p, info, "none"))
     return p
 
 
 # ------------------------------------------------------------------ optimize
 
-def resident_gb(pipeline) -> float:
-    """GB of weights that stay on the GPU when nothing is offloaded: the DiT models (both experts,
-    or ti2v-5B's one), plus the T5 unless it runs on the CPU."""
-    mods = list(pipeline.dit_models())
-    if not pipeline.t5_cpu:
-        mods.append(pipeline.text_encoder.model)
-    return sum(p.numel() * p.element_size() for m in mods for p in m.parameters()) / 1e9
-
-
 @dataclass(frozen=True)
 class Optimized:
-    """What `optimize()` applied. Pass `offload_model` to generate(); give `tf32_prev` to
-    restore_tf32() to undo the TF32 switch (None when TF32 was not touched)."""
+    """What `optimize()` applied (the pipeline runs it: `pipe.generate(prompt)` needs no extra
+    argument). Give `tf32_prev` to restore_tf32() to undo the TF32 switch (None when TF32 was not
+    touched)."""
     preset: str
     note: str
     triton: bool
@@ -219,8 +207,8 @@ class Optimized:
     compile_mode: str = "default"
     tf32: bool = False
     use_batched_cfg: bool = False
-    offload_model: bool = False      # offload == "model"
     offload: str = "none"            # 'none', 'model' (the idle expert in CPU memory) or 'blocks' (streamed)
+    t5_cpu: bool = False
     attention: str | None = None
     fp8: bool = False                # the experts' block linears in e4m3 (wan_triton.fp8; lossy)
     tf32_prev: dict | None = field(default=None, compare=False)
@@ -230,58 +218,77 @@ class Optimized:
         onoff = {True: "on", False: "off"}
         kern = f"on ({len(self.patched)} ops)" if self.patched else ("off" if not self.triton else "unavailable")
         comp = f"on ({self.compile_mode})" if self.compile else "off"
-        att = f", attention {self.attention}" if self.attention else ""
+        att_ = f", attention {self.attention}" if self.attention else ""
         where = ("DiT blocks streamed from CPU memory" if self.offload == "blocks"
-                 else f"idle expert offloaded to CPU: {'yes' if self.offload_model else 'no'}")
+                 else f"idle expert offloaded to CPU: {'yes' if self.offload == 'model' else 'no'}")
         return (f"preset {self.preset} ({self.note}): Triton kernels {kern}, torch.compile {comp}, "
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
-                f"{where}{att}{', fp8 linears on (lossy)' if self.fp8 else ''}")
+                f"{where}{', T5 on the CPU' if self.t5_cpu else ''}{att_}"
+                f"{', fp8 linears on (lossy)' if self.fp8 else ''}")
+
+
+def _gb(mods, size=lambda m: sum(p.numel() * p.element_size() for p in m.parameters())) -> float:
+    return sum(size(m) for m in mods) / 1e9
 
 
 def pipeline_options(pipeline, options: Options) -> Options:
-    """`options` with the facts of an existing pipeline: whether its blocks stream, where its
-    weights come from, the size of the weights that would stay on the GPU."""
+    """`options` with the facts of an existing pipeline: where its T5 runs, whether its blocks
+    stream, where its weights come from, its DiT models (both experts, or ti2v-5B's one) and their
+    size on the GPU (after fp8 when fp8 is asked), the size of its text encoder."""
     experts = pipeline.dit_models()
-    cuda = pipeline.device.type == "cuda"
-    return replace(options, streaming=getattr(pipeline, "offload", "none") == "blocks", dit_models=len(experts),
+    quantize = options.fp8 and not any(_fp8.is_quantized(m) for m in experts)
+    return replace(options, t5_cpu=options.t5_cpu or pipeline.t5_cpu,
+                   streaming=getattr(pipeline, "offload", "none") == "blocks", dit_models=len(experts),
                    checkpoint=getattr(pipeline, "ckpt_dir", None) is not None,
-                   resident_gb=resident_gb(pipeline) if cuda else None,
+                   experts_gb=_gb(experts, _fp8.quantized_bytes) if quantize else _gb(experts),
+                   t5_gb=_gb([pipeline.text_encoder.model]),
                    weights_dtype=str(next(experts[0].parameters()).dtype).replace("torch.", ""))
+
+
+def _kernel_switches() -> tuple:
+    """The keyword arguments optimize() passes on to patch(): its switches (rms_norm=, rope=, ...)."""
+    return tuple(n for n, prm in inspect.signature(patch).parameters.items()
+                 if prm.kind is inspect.Parameter.KEYWORD_ONLY and n != "attention")
+
+
+def check_kernel_switches(kernels: dict) -> None:
+    """An argument optimize() does not know is an AccelError naming it (and the closest one)."""
+    known = ("preset", "triton", "compile", "compile_mode", "tf32", "use_batched_cfg", "attention", "offload",
+             "host_ram", "fp8", "parallel", *_kernel_switches())
+    for name in kernels:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            raise AccelError("optimize() has no argument {a}{hint}; it takes {known}", a=Arg(name),
+                             hint=f" (did you mean {near[0]}?)" if near else "", known=", ".join(known))
 
 
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
-             fp8: bool | None = None, parallel: ParallelRequest | None = None, **patch_kw) -> Optimized:
-    """Apply a preset (explicit arguments win) to a `wan.WanT2V`; returns an `Optimized`.
+             fp8: bool | None = None, parallel: ParallelRequest | None = None, **kernels) -> Optimized:
+    """Plan a run for a `wan.WanT2V` (a preset, explicit arguments winning) and apply it; returns
+    the `Optimized` record. Afterwards `pipe.generate(prompt)` runs as planned (an explicit
+    `offload_model=` to generate() still wins).
 
     attention: a backend name sets it (also with triton off); None leaves the current choice
     alone. offload: 'none', 'model' or 'blocks' (None: the preset's; on CUDA only); 'blocks'
-    turns on block streaming here (`WanT2V.enable_block_streaming`). The result's
-    `offload_model` is what the caller passes to generate(). host_ram: 'auto', 'high' or 'low',
-    the host-memory mode of block streaming (wan.hostmem.host_plan; None: auto). fp8: True
-    quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model; lossy,
-    the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16 layers
-    were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
-    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process).
-    Every decision is wan_triton.plan.plan()'s; a combination its table refuses is a PlanError
-    (an AccelError) naming the arguments.
+    turns on block streaming here (`WanT2V.enable_block_streaming`). host_ram: 'auto', 'high' or
+    'low', the host-memory mode of block streaming (wan.hostmem.choose_host_ram; None: auto). fp8:
+    True quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model;
+    lossy, the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16
+    layers were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
+    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). `kernels`:
+    patch()'s switches (rms_norm=False, ...). Every decision is wan_triton.plan.plan()'s, under
+    the rules the CLIs obey; what it refuses, and any argument it does not know, is an AccelError
+    naming the arguments (nothing is changed then).
     """
-    p = get_preset(preset, pipeline.device) if isinstance(preset, str) else preset
-    options = Options(triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32,
-                      use_batched_cfg=use_batched_cfg, attention=attention, offload=offload, host_ram=host_ram,
-                      fp8=fp8, parallel=parallel or ParallelRequest())
-    return optimize_options(pipeline, p, options, **patch_kw)
-
-
-def optimize_options(pipeline, preset: Preset, options: Options, **patch_kw) -> Optimized:
-    """optimize() for options made already (the CLIs'): plan with the pipeline's state, apply."""
-    options = pipeline_options(pipeline, options)
-    device = DeviceInfo.of(pipeline.device, fp8=bool(options.fp8))
-    run = plan(options, preset, device)
-    if switch_fp8(pipeline, run.fp8):  # fp8 experts take half the bytes: the fit decision sees them
-        run = plan(pipeline_options(pipeline, options), preset, device)
-    return apply(pipeline, run, **patch_kw)
+    check_kernel_switches(kernels)
+    info = DeviceInfo.of(pipeline.device, fp8=bool(fp8), attention=attention)
+    p = find_preset(preset, info) if isinstance(preset, str) else preset
+    options = pipeline_options(pipeline, Options(
+        triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32, use_batched_cfg=use_batched_cfg,
+        attention=attention, offload=offload, host_ram=host_ram, fp8=fp8, parallel=parallel or ParallelRequest()))
+    return apply(pipeline, plan(options, p, info), **kernels)
 
 
 def switch_fp8(pipeline, on: bool | None) -> bool:
@@ -301,32 +308,48 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     return changed or bool(done)
 
 
-def apply(pipeline, run: RunPlan, **patch_kw) -> Optimized:
-    """Carry a plan out on a pipeline: TF32, the kernels and the attention backend, batched CFG,
-    block streaming, regional compile (fp8: `switch_fp8`, before the plan's memory decision)."""
+def place_text_encoder(pipeline, cpu: bool) -> None:
+    """Run the text encoder on the CPU (`cpu`) or on the pipeline's device."""
+    if pipeline.t5_cpu == cpu:
+        return
+    pipeline.text_encoder.model.to("cpu" if cpu else pipeline.device)
+    pipeline.t5_cpu = cpu
+    if cpu and pipeline.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
+    """Carry a plan out on a pipeline, deciding nothing: fp8, TF32, the kernels and the attention
+    backend, batched CFG, the T5's place, the offload mode (`pipe.offload`; block streaming starts
+    here when the plan streams and the pipeline does not yet), regional compile. Its warnings are
+    logged in `say`'s words (the CLIs: flags)."""
     for line in run.warnings:
-        log.warning("%s", line)
+        log.warning("%s", line.say(say))
+    switch_fp8(pipeline, run.fp8)
     tf32_prev = enable_tf32(True) if run.tf32 else None
     if run.triton:  # patch() sets the backend and unpatch() restores the previous one
-        patched = tuple(patch(attention=run.attention, **patch_kw))
+        patched = tuple(patch(attention=run.attention, **kernels))
     else:
         patched = ()
         if run.attention is not None:
             ensure_registered(run.attention)
             att.set_backend(run.attention)
     pipeline.use_batched_cfg = run.use_batched_cfg
+    place_text_encoder(pipeline, run.t5_cpu)
     if run.offload == "blocks" and getattr(pipeline, "offload", "none") != "blocks":
         try:
             pipeline.enable_block_streaming(host_ram=run.host_ram)
         except OffloadError as err:
-            raise AccelError(str(err)) from None
+            raise AccelError(err.template, **err.fields) from None
+    elif run.offload != "blocks":
+        pipeline.offload = run.offload
     if run.compile:
         for m in pipeline.dit_models():
             compile_blocks(m, run.compile_mode)
     p = run.preset
     res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
-                    offload_model=run.offload_model, offload=run.offload, attention=run.attention,
+                    offload=run.offload, t5_cpu=run.t5_cpu, attention=run.attention,
                     fp8=any(_fp8.is_quantized(m) for m in pipeline.dit_models()),
                     tf32_prev=tf32_prev)
     log.info("%s", res.summary())

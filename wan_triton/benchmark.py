@@ -1,6 +1,6 @@
 """End-to-end Wan 2.2 T2V benchmark: reference vs optimized, same pipeline, same seed.
 
-    python -m wan_triton.benchmark                                  # tiny preset, CPU-friendly
+    python -m wan_triton.benchmark                                  # the tiny task, CPU-friendly
     python -m wan_triton.benchmark --random-weights --size 1280*720 --sample_steps 4 --no-decode
     wan-benchmark --ckpt_dir ./Wan2.2-T2V-A14B --preset h200 --num_runs 3
 
@@ -18,14 +18,17 @@ and adding it to the run's total. That way each timed run both counts the decode
 the final latents, so parity needs no extra generation: the last timed run of each mode gives
 the latents (relative error) and the decoded frames (PSNR over all uint8 frames).
 
-Offloading: unless `--offload_model` or `--offload none|model` is given (then it applies to both
-modes), the reference uses the official single-GPU default (offload on CUDA) and the optimized
-mode the preset's choice. `--offload blocks` (or a preset that streams) makes only the optimized
-mode stream the DiT blocks from CPU memory; the reference keeps the official default. The
-text encoder placement (`--t5_cpu` or the preset's) is shared by both modes.
+Every choice is the run's one plan (wan_triton.plan, made before the build with the modes that
+run): unless `--offload_model` or `--offload none|model` is given (then it applies to both modes),
+the reference uses the official single-GPU default (offload on CUDA) and the optimized mode the
+preset's choice. `--offload blocks` (or a preset that streams) makes only the optimized mode
+stream the DiT blocks from CPU memory; the reference keeps the official default. The text
+encoder placement (`--t5_cpu` or, when the optimized mode runs, the preset's) is shared by both
+modes. The build keeps the idle expert on the host whenever the first mode offloads.
 
 Outputs, written only at the very end (temporary names, then renamed): `<out_dir>/<name>.json`,
-`<name>.md` and `<name>.png`. Bad input: one line on stderr, exit code 2, no file.
+`<name>.md` and `<name>.png` (the chart is skipped, with one warning, when matplotlib is not
+installed). Bad input: one line on stderr, exit code 2, no file.
 """
 from __future__ import annotations
 
@@ -52,15 +55,15 @@ from wan.requests import InputError
 from wan.video import check_output_path, video_to_uint8
 from wan_triton import restore_tf32, unpatch
 from wan_triton.accel import official_tf32
-from wan_triton.build import build_pipeline, optimize_built
-from wan_triton.cli import (CLIError, CLIOutputError, add_accel_flags, add_model_flags, add_offload_flags,
-                            add_parallel_flags, add_preset_flags, add_request_flags, implied_task, parse_request,
-                            run_main, setup_logging)
-from wan_triton.image_flags import add_image_flags, image_kwargs
+from wan_triton.build import apply_built, build_pipeline
+from wan_triton.exits import CLIError, CLIOutputError, run_main, setup_logging
+from wan_triton.flags import (add_accel_flags, add_image_flags, add_model_flags, add_offload_flags,
+                              add_parallel_flags, add_preset_flags, add_request_flags)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
 from wan_triton.parser import OneLineParser, parse_bool
 from wan_triton.report import MIN_RUNS, markdown, plot
+from wan_triton.request import implied_task, parse_request
 
 PROG = "wan-benchmark"
 MODES = ("reference", "optimized")
@@ -193,15 +196,17 @@ def run_mode(pipe, mode: str, settings: dict, req: dict, num_runs: int, warmup: 
     return res, latents, frames
 
 
-def to_reference(pipe) -> dict:
-    """The official state: reference ops, two-call CFG, PyTorch's default TF32 settings (fp32
-    matmuls exact, cuDNN convolutions with TF32, as the official code runs). Returns the
-    previous TF32 settings."""
+def to_reference(pipe, offload: str) -> dict:
+    """The official state: reference ops, two-call CFG, the reference mode's offload (the plan's
+    `reference_offload`), PyTorch's default TF32 settings (fp32 matmuls exact, cuDNN convolutions
+    with TF32, as the official code runs). Returns the previous TF32 settings."""
 
     wan_triton.unpatch()
     for m in pipe.dit_models():
         wan_triton.unpatch(m)
     pipe.use_batched_cfg = False
+    if pipe.offload != "blocks":  # a pipeline streamed from load runs the optimized mode only
+        pipe.offload = offload
 
     return official_tf32()
 
@@ -251,7 +256,7 @@ def _psnr_json(p):
 
 # settings that change what is computed or where it runs; with none of them different and nothing
 # patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
-_SAME_FLAGS = ("use_batched_cfg", "offload_model", "offload", "t5_cpu", "attention")
+_SAME_FLAGS = ("use_batched_cfg", "offload", "t5_cpu", "attention")
 
 
 def same_computation(ref: dict, opt: dict) -> bool:
@@ -321,14 +326,21 @@ def check_out_dir(out_dir: Path, name: str) -> None:
 
 
 def write_outputs(report: dict, out_dir: Path, name: str) -> dict:
-    """Write <name>.json/.md/.png under temporary names, then rename them all; returns the paths."""
+    """Write <name>.json/.md/.png under temporary names, then rename them all; returns the paths
+    written. Without matplotlib the chart is skipped with one warning: the figures are in the
+    JSON and the Markdown."""
     final = output_paths(out_dir, name)
     tmp = {ext: out_dir / f".{name}.partial.{ext}" for ext in final}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         tmp["md"].write_text(markdown(report), encoding="utf-8")
-        plot(report, tmp["png"])
+        try:
+            plot(report, tmp["png"])
+        except ImportError:
+            log.warning("matplotlib is not installed: %s skipped (pip install matplotlib, or the [bench] extra)",
+                        final["png"].name)
+            del final["png"]
         for ext in final:
             tmp[ext].replace(final[ext])
     except OSError as err:  # disk full, permissions changed during the run, ...
@@ -364,12 +376,7 @@ def _validate(args):
         raise CLIError(f"--num_runs must be >= 1, got {args.num_runs}")
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
-    try:  # the PNG chart is written last: check its dependency before any model is built
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise CLIError("the chart needs matplotlib: pip install matplotlib "
-                       "(or install wan-triton with the [bench] extra)") from None
-    req = parse_request(args, implied_task(args))
+    req = parse_request(args, implied_task(args), modes=MODES if args.mode == "both" else (args.mode,))
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name
                                   or args.name.startswith(".")):
         raise CLIError(f"--name must be a plain file stem, got {args.name!r}")
@@ -384,51 +391,42 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
     task, config, size, frame_num, steps = (request.task, request.config, request.size, request.frame_num,
                                             request.steps)
     full_steps = steps if args.recipe else config.sample_steps  # what "full length" means for this run
-    modes = MODES if args.mode == "both" else (args.mode,)
+    modes = request.plan.options.modes
     name = args.name or f"benchmark_{task}_{size.replace('*', 'x')}_{datetime.now():%Y%m%d_%H%M%S}"
     check_out_dir(Path(args.out_dir), name)
     plan = request.plan
     par = plan.parallel
-    # the preset places the T5 only when the optimized mode runs; both modes share the placement
-    t5_cpu = plan.t5_cpu if "optimized" in modes else request.t5_cpu and not par.t5_fsdp
-    # streamed optimized run only (random weights): the blocks are built one at a time, never a whole expert
-    # on the GPU; a checkpoint is loaded whole (the optimized mode streams it)
-    stream = plan.stream_from_load and modes == ("optimized",) and not args.ckpt_dir
-    built = build_pipeline(request, cleanup, stream=stream, t5_cpu=t5_cpu, optimize=False, progress=not args.quiet)
-    pipe, device, on_cuda = built.pipe, built.device, built.device.type == "cuda"
+    built = build_pipeline(request, cleanup, apply_plan=False, progress=not args.quiet)  # as the plan says
+    pipe, device = built.pipe, built.device
     log.info("built %s (%s weights) on %s in %.1f s; each run: %s", task, built.weights, device, built.build_s,
              request.summary())
-    asked = "none" if par.dit_fsdp else request.extra["offload"]  # --dit_fsdp: the shards stay on the GPUs
 
-    req = dict(request.generate_kwargs(), **image_kwargs(request), prompt=request.prompt, progress=not args.quiet)
+    req = dict(request.generate_kwargs(), prompt=request.prompt, progress=not args.quiet)
     decode = not args.no_decode
     results, latents, frames = {}, {}, {}
     tf32_saved = []
     try:
-        tf32_saved.append(to_reference(pipe))  # the reference state, also the start of a lone optimized run
+        # the reference state, also the start of a lone optimized run
+        tf32_saved.append(to_reference(pipe, plan.reference_offload))
         if "reference" in modes:
-            # the flags as one mode (asked, above); blocks stream in the optimized mode only
-            offload = (asked == "model" if asked in ("none", "model") else on_cuda) and on_cuda
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
-                            use_batched_cfg=False, offload_model=offload, offload="model" if offload else "none",
-                            t5_cpu=t5_cpu, attention=_attention_in_use(device))
+                            use_batched_cfg=False, offload=plan.reference_offload, t5_cpu=plan.t5_cpu,
+                            attention=_attention_in_use(device))
             res, latents["reference"], frames["reference"] = run_mode(
-                pipe, "reference", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
+                pipe, "reference", settings, req, args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
         if "optimized" in modes:
-            applied = optimize_built(built).applied
+            applied = apply_built(built).applied
             if applied.compile and args.warmup == 0:
                 log.warning("--compile with --warmup 0: the timed runs include compilation")
             if applied.tf32_prev is not None:
                 tf32_saved.append(applied.tf32_prev)
-            offload = applied.offload_model  # the flags' mode, else the preset's; False when the blocks stream
             settings = dict(preset=applied.preset, triton=applied.triton, patched=len(applied.patched),
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
-                            tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload_model=offload,
-                            offload=applied.offload, t5_cpu=t5_cpu, attention=_attention_in_use(device),
-                            fp8=applied.fp8)
+                            tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload=applied.offload,
+                            t5_cpu=applied.t5_cpu, attention=_attention_in_use(device), fp8=applied.fp8)
             res, latents["optimized"], frames["optimized"] = run_mode(
-                pipe, "optimized", settings, dict(req, offload_model=offload), args.num_runs, args.warmup, decode)
+                pipe, "optimized", settings, req, args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, full_steps, decode)
     finally:
         unpatch()

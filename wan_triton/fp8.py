@@ -59,7 +59,7 @@ from .kernels.quant_fp8 import AMAX_FLOOR, E4M3_MAX, FP8_DTYPE, quant_fp8, quant
 log = logging.getLogger("wan_triton")
 
 __all__ = ["Fp8Linear", "GeluQuantFp8", "QuantizedInput", "Fp8Error", "Fp8Summary", "LOSSY_NOTE", "BLOCK_LINEARS",
-           "quantize_model", "dequantize_model", "is_quantized", "save_fp8", "load_fp8", "fp8_support",
+           "quantize_model", "dequantize_model", "is_quantized", "quantized_bytes", "save_fp8", "load_fp8", "fp8_support",
            "check_fp8_device",
            "quantize_rows_reference", "quantize_weight", "fp8_stats", "reset_fp8_stats"]
 
@@ -366,6 +366,19 @@ def _block_targets(model):
 
 def _nbytes(m: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def quantized_bytes(model, dtype=None) -> int:
+    """The bytes of `model`'s parameters once `quantize_model` has run (a model on the meta device
+    is fine): each block linear's weight in e4m3 plus its fp32 scales, the rest as it is (in
+    `dtype` when given: the dtype the weights will be loaded in)."""
+    size = lambda p: p.numel() * (p.element_size() if dtype is None else dtype.itemsize)  # noqa: E731
+    total = sum(size(p) for p in model.parameters())
+    for _blk, parent, attr, _path in _block_targets(model):
+        lin = getattr(parent, attr)
+        if type(lin) is nn.Linear:
+            total += lin.weight.numel() + 4 * lin.out_features - size(lin.weight)
+    return total
 
 
 def is_quantized(model) -> bool:

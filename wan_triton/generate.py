@@ -21,12 +21,12 @@ from wan.requests import SEED_MAX, InputError
 from wan.video import check_output_path, check_video_suffix, check_video_writer, save_video
 
 from .build import build_pipeline
-from .cli import (CLIError, Request, add_accel_flags, add_model_flags, add_offload_flags, add_parallel_flags,
-                  add_preset_flags, add_request_flags, default_output_name, implied_task, parse_request, run_main,
-                  setup_logging)
-from .image_flags import add_image_flags, image_kwargs
+from .exits import CLIError, run_main, setup_logging
+from .flags import (add_accel_flags, add_image_flags, add_model_flags, add_offload_flags, add_parallel_flags,
+                    add_preset_flags, add_request_flags)
 from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
+from .request import Request, default_output_name, implied_task, parse_request
 
 PROG = "wan-generate"
 
@@ -34,7 +34,7 @@ PROG = "wan-generate"
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1])
     add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or tiny (default without); ti2v-5B, "
-                                 "i2v-A14B (docs/models.md) and their toy-width presets ti2v-tiny, i2v-tiny",
+                                 "i2v-A14B (docs/models.md) and their toy-width tasks ti2v-tiny, i2v-tiny",
                     ckpt_help="official folder of the task, e.g. Wan2.2-T2V-A14B (default: none, the built-in tiny "
                               "demo)")
     add_request_flags(p, seed_default=-1, seed_help="default: -1, a random seed (the demo uses its fixed seed, 42)")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--offload_model", type=parse_bool, default=None,
       help="True/False: move the idle expert to CPU memory (CUDA only; default: the preset's, on with CUDA "
            "without a preset)")
-    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU")
+    a("--no-offload", dest="no_offload", action="store_true", help="keep both experts on the GPU (= --offload none)")
     add_offload_flags(p)
     add_accel_flags(p, triton_help="keep the reference ops (no kernels)")
     add_parallel_flags(p)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(req: Request, save_file: str | None) -> Path:
-    ulysses = getattr(req.extra.get("parallel"), "ulysses_size", 1)  # the official name carries it
+    ulysses = req.plan.parallel.ulysses_size  # the official name carries it
     save = Path(save_file) if save_file else Path(default_output_name(req.task, req.size, req.prompt, ulysses=ulysses))
     try:
         return check_video_suffix(save)
@@ -96,16 +96,11 @@ def run(args, cleanup: ExitStack) -> Path | None:
     else:
         logging.info("loading %s from %s on %s", req.task, req.ckpt_dir, req.device)
     logging.info("generating %s%s", req.summary(seed), prompt_note)
-    # block streaming (asked, or the preset's) starts at load when the plan allows it; random weights are
-    # built whole (streamed ones would be other random values)
-    built = build_pipeline(req, cleanup, stream=req.plan.stream_from_load and req.ckpt_dir is not None,
-                           progress=not req.quiet)
+    built = build_pipeline(req, cleanup, progress=not req.quiet)  # as the plan says, then applied
     pipe = built.pipe
     logging.info("%s %s in %.1fs on %s", "built" if req.ckpt_dir is None else "loaded", req.task, built.build_s,
                  built.device)
-    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), **image_kwargs(req),
-                          offload_model=built.applied.offload_model,  # False when the blocks stream
-                          progress=not req.quiet)
+    video = pipe.generate(req.prompt, **dict(req.generate_kwargs(), seed=seed), progress=not req.quiet)
     if not built.is_main:
         return None  # rank 0 decodes and writes
     save_video(video, save, fps=req.config.sample_fps)

@@ -4,11 +4,11 @@
     --lora_high / --lora_low      one expert only (repeatable)
     --recipe lightning-4step      steps 4, shift 5, guidance 1, euler, for the flags left unset
 
-Importing this module registers the group with wan_triton.cli: `apply_recipe` runs first in
-`parse_request` (so the recipe's values pass the same checks as typed ones), and
-`Request.extra["lora"]` holds the requested `LoraSpec`s, each file found and readable as
-safetensors. `lora_specs(req)` then plans every key and shape against the task's architecture
-(on the meta device), still before any model is built. The LoRA math is in wan/lora.py.
+wan_triton.request.parse_request calls `apply_recipe` first (so the recipe's values pass the
+same checks as typed ones) and `parse_lora_flags` (each file found and readable as safetensors):
+`Request.loras` holds the `LoraSpec`s. `lora_specs(req)` then maps every key and shape onto the
+task's architecture (on the meta device), still before any model is built. The LoRA math is in
+wan/lora.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from wan.lora import RECIPES, LoraSpec, check_loras
 from wan.pipeline import schedule_experts
 
-from .cli import ARG_DEFAULTS, EXTRA_GROUPS, CLIError
+from .exits import CLIError
 
 __all__ = ["parse_lora_arg", "add_lora_flags", "apply_recipe", "parse_lora_flags", "lora_specs", "warn_unreached"]
 
@@ -93,10 +93,10 @@ def parse_lora_flags(args) -> list:
 
 
 def lora_specs(req) -> list:
-    """Request.extra["lora"] with every key and shape checked against the task's DiT (meta device,
-    no memory): call before building models. Raises LoraError (one line)."""
+    """Request.loras with every key and shape checked against the task's DiT (meta device, no
+    memory): call before building models. Raises LoraError (one line)."""
 
-    specs = req.extra.get("lora", [])
+    specs = list(req.loras)
     check_loras(specs, req.config.dit)
     warn_unreached(req, specs)
     return specs
@@ -118,7 +118,3 @@ def warn_unreached(req, specs) -> None:
                             sp.expert, sp.path, sp.expert, req.steps, req.solver, shift,
                             req.config.boundary * req.config.num_train_timesteps)
 
-
-EXTRA_GROUPS["lora"] = parse_lora_flags
-if apply_recipe not in ARG_DEFAULTS:
-    ARG_DEFAULTS.append(apply_recipe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import EXIT_BAD_INPUT, EXIT_CODES_HELP, process_rank
+from .exits import EXIT_BAD_INPUT, EXIT_CODES_HELP, process_rank
 
 __all__ = ["TEXT_FLAGS", "parse_bool", "HelpFormatter", "OneLineParser"]
 
