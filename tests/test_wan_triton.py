@@ -19,8 +19,8 @@ from wan_triton import accel, plan
 
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
-NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"),
-         (dit, "gated_residual"), (pipeline, "cfg_combine")]
+NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"), (dit, "modulate_rows"),
+         (dit, "gated_residual"), (dit, "gated_residual_rows"), (pipeline, "cfg_combine")]
 
 
 def originals():
@@ -44,7 +44,7 @@ def test_patch_unpatch_restores_the_same_objects():
     before = originals()
     backend = att.get_backend()
     done = wan_triton.patch()
-    assert len(done) == 6 and wan_triton.is_patched()
+    assert len(done) == len(NAMES) == 8 and wan_triton.is_patched()
     for mod, name in NAMES:
         assert kernel_of(getattr(mod, name)) is getattr(kernels, name), name
         assert getattr(mod, name).__wan_triton_reference__ is before[name], name
@@ -114,7 +114,8 @@ def test_patched_model_matches_reference(tiny):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
     n = len(tiny.blocks)
     assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
-                              gated_residual=2 * n, cfg_combine=0), wan_triton.kernel_stats()
+                              gated_residual=2 * n, cfg_combine=0, modulate_rows=0,  # one t: no token rows
+                              gated_residual_rows=0), wan_triton.kernel_stats()
     assert not any(fallbacks().values()), wan_triton.kernel_stats()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
@@ -244,8 +245,9 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
     for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, "none"),
                             (need + plan.RESIDENT_HEADROOM_GB - 1e-3, "model")):
         fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
-                                     low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
-                                     t5_cpu=False, use_batched_cfg=False, offload="model")
+                                     low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
+                                     text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False,
+                                     offload="model")
         monkeypatch.setattr(plan.DeviceInfo, "of", classmethod(
             lambda cls, dev=None, fp8=False, attention=None, gb=gpu_gb: plan.DeviceInfo("cuda", "cuda", gb)))
         caplog.clear()
