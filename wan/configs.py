@@ -241,6 +241,8 @@ class TI2VConfig:
     dit_checkpoint: str = "."          # config.json + safetensors at the top of the checkpoint folder
     seed: int = -1
 
+    max_frame_num = T2VConfig.max_frame_num  # the same RoPE table and temporal stride
+
     def replace(self, **kw) -> "TI2VConfig":
         return replace(self, **kw)
 
