@@ -237,7 +237,7 @@ def test_one_model_task_decisions():
     so; nothing streams from load); everything else is planned as for the experts."""
     rtx, h200 = accel.PRESETS["rtx4090"], accel.PRESETS["h200"]
     run = plan(Options(dit_models=1), rtx, GPU)
-    assert run.offload == run.build_offload == "model" and not run.stream_from_load and run.t5_cpu
+    assert run.offload == run.build_offload == "model" and not run.stream_from_load and run.t5_release
     assert "one model" in str(run.warnings[0])
     assert plan(Options(dit_models=1, compile=True), rtx, GPU).compile  # offload='model' compiles
     assert plan(Options(dit_models=1), h200, GPU).offload == plan(Options(), h200, GPU).offload

@@ -115,12 +115,15 @@ class WanTI2V:
     def from_pretrained(cls, ckpt_dir, config: TI2VConfig | str = "ti2v-5B", device="cuda", t5_cpu=False,
                         convert_model_dtype=False, init_on_cpu=True, progress: bool = False,
                         offload: str | None = None, host_ram: str = "auto", allow_cpu: bool = False,
-                        **kw) -> "WanTI2V":
+                        expert_files=None, **kw) -> "WanTI2V":
         """Load the official Wan2.2-TI2V-5B folder: config.json + safetensors of the DiT at its top,
         Wan2.2_VAE.pth, the T5 and its tokenizer. The DiT keeps its stored dtype unless
         `convert_model_dtype` (then bf16, as the official flag). `host_ram` is block streaming's
-        and unused here (offload='blocks' is refused); `offload` is recorded (see the class)."""
+        and unused here (offload='blocks' is refused); `offload` is recorded (see the class).
+        `expert_files` (fp8 expert files) are an A14B task's: None here (CheckpointError otherwise)."""
         config = get_config(config) if isinstance(config, str) else config
+        if expert_files is not None:
+            raise CheckpointError(f"fp8 expert files are written from an A14B task's two experts; {config.name} has one model")
         offload = _offload(offload, device, allow_cpu)
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
