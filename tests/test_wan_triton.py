@@ -413,7 +413,8 @@ def test_instance_strict_covers_its_own_ops_only(tiny, monkeypatch):
     wan_triton.unpatch(tiny)
     assert seen == [False]
     assert names == ["wan.dit.rms_norm", "wan.dit.rope_apply", "wan.dit.rms_norm_rope", "wan.dit.modulate",
-                     "wan.dit.gated_residual", "wan.pipeline.cfg_combine"]  # named as patch() names them
+                     "wan.dit.modulate_rows", "wan.dit.gated_residual", "wan.dit.gated_residual_rows",
+                     "wan.pipeline.cfg_combine"]  # named as patch() names them
 
 
 def test_patch_says_what_it_takes():
