@@ -429,4 +429,4 @@ def test_ctrl_c_during_the_imports_is_one_line(tool, interrupted):
     assert (r.returncode, r.stderr) == (130, f"{tool}: interrupted\n"), r.stderr[-2000:]
     from wan_triton import console  # here: the test above must fail (not error) where it does not exist
 
-    assert console.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED
+    assert console.EXIT_INTERRUPTED == exits.EXIT_INTERRUPTED
