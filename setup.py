@@ -16,6 +16,7 @@ install_requires = [
     "imageio-ffmpeg",
     "tqdm",
     "numpy",
+    "pillow",  # input images of the image-conditioned tasks (ti2v-5B, i2v-A14B)
 ]
 # Triton ships wheels for Linux only; elsewhere the kernels fall back to PyTorch.
 if sys.platform.startswith("linux"):

@@ -132,7 +132,7 @@ def test_help_gives_every_flag_text_and_default(tool):
         if act.nargs != 0:  # a flag with a value says its default
             assert "default" in text, (act.option_strings, text)
     h = p.format_help()
-    assert "--task {t2v-A14B,tiny}" in h and "(default: unipc)" in h and "(default: None)" not in h
+    assert "--task {t2v-A14B,tiny,ti2v-5B,ti2v-tiny,i2v-A14B,i2v-tiny}" in h and "(default: unipc)" in h and "(default: None)" not in h
 
 
 def test_both_tools_accept_the_same_presets():
@@ -429,4 +429,4 @@ def test_ctrl_c_during_the_imports_is_one_line(tool, interrupted):
     assert (r.returncode, r.stderr) == (130, f"{tool}: interrupted\n"), r.stderr[-2000:]
     from wan_triton import console  # here: the test above must fail (not error) where it does not exist
 
-    assert console.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED
+    assert console.EXIT_INTERRUPTED == exits.EXIT_INTERRUPTED

@@ -100,6 +100,35 @@ def _check_forward_patched(ulysses: int, seed: int) -> dict:
             "fallbacks": sum(s["fallbacks"] for s in stats.values())}
 
 
+def _check_forward_tokens(ulysses: int, seed: int) -> dict:
+    """The TI2V image mode under Ulysses (wan_triton.patch(), strict): per-token timesteps with the
+    first frame's 15 tokens at 0 over 45 + 1 padded tokens; each rank takes its part of the token
+    index with its tokens."""
+    import wan_triton
+    from wan.configs import get_config
+    from wan.dit import WanModel
+    from wan.tokens import TokenTimesteps
+
+    cfg = get_config("ti2v-tiny").dit
+    model = WanModel.from_config(cfg, dtype=torch.float32, seed=seed, zero_head=False)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 48, 3, 6, 10, generator=g)  # 3 frames of 3*5 tokens
+    ctx = [torch.randn(7, cfg.text_dim, generator=g)]
+    padded = -(-45 // ulysses) * ulysses
+    tt = TokenTimesteps.first_frame(torch.tensor(700), 15, padded)
+    ref = model(x, tt, ctx, seq_len=padded)
+    state = parallel.build_state(ulysses_size=ulysses)
+    with wan_triton.patched(strict=True):
+        one = model(x, tt, ctx, seq_len=padded)
+        wan_triton.reset_kernel_stats()
+        with parallel.sequence_parallel(model, state.ulysses):
+            out = model(x, tt, ctx, seq_len=padded)
+        stats = wan_triton.kernel_stats()
+    return {"rel_one_patched": _rel(out, one), "rel_reference": _rel(out, ref), "same": _same_on_all_ranks(out),
+            "rows_launches": stats["modulate_rows"]["launches"],
+            "fallbacks": sum(s["fallbacks"] for s in stats.values())}
+
+
 def _tiny_pipe():
     from wan.configs import get_config
     from wan.pipeline import WanT2V
@@ -160,6 +189,7 @@ CHECKS = {
     2: {
         "forward_u2": lambda: _check_forward(2, seed=11),
         "forward_u2_patched": lambda: _check_forward_patched(2, seed=13),
+        "forward_u2_tokens": lambda: _check_forward_tokens(2, seed=17),
         "gen_u2_decode": lambda: _check_generate(2, False, decode=True),
         "gen_cfg2": lambda: _check_generate(1, True),
         "gen_u2_fsdp": lambda: _check_generate(2, False, fsdp=True),
@@ -258,6 +288,14 @@ def test_ulysses2_forward_with_kernels(two):
     assert r["rope_launches"] == 2 * 2 and r["fallbacks"] == 0 and r["same"]  # q and k in each of 2 layers
     assert r["rel_one_patched"] < REL
     assert r["rel_reference"] < 1e-4  # kernels vs the float64-RoPE reference, fp32
+
+
+def test_ulysses2_forward_per_token_timesteps(two):
+    """TI2V image mode under Ulysses: the rows kernels run on each rank's shard of the token index."""
+    r = two["forward_u2_tokens"]
+    print(r)
+    assert r["rows_launches"] == 2 * 2 + 1 and r["fallbacks"] == 0 and r["same"]  # 2 per block, 1 in the head
+    assert r["rel_one_patched"] < REL and r["rel_reference"] < 1e-4
 
 
 def test_ulysses4_forward_uneven_sequence(four):

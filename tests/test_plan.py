@@ -76,6 +76,15 @@ CASES = {
                          dict(cache="mag"), dict(ckpt_dir=None)),
     "cache_cfg/cfg_parallel": (dict(cache=CachePolicy(cfg_interval=2), parallel=CFGP), "none", GPU,
                                ["--cache_cfg", "2", "--cfg_parallel"], dict(cache_cfg=2, parallel=CFGP), {}),
+    "offload/one_model": (dict(offload="blocks", dit_models=1), "none", GPU,
+                          ["--offload", "blocks", "--task", "ti2v-tiny", "--random-weights"], dict(offload="blocks"),
+                          dict(one_model=True)),
+    "loras/one_model": (dict(loras=True, dit_models=1), "none", GPU,
+                        ["--lora", "x.safetensors", "--task", "ti2v-tiny", "--random-weights"], None, {}),
+    "cache/one_model": (dict(cache=CachePolicy("easy"), dit_models=1), "none", GPU,
+                        ["--cache", "easy", "--task", "ti2v-tiny", "--random-weights"], dict(cache="easy"),
+                        dict(one_model=True)),
+    "fp8_files/one_model": (dict(fp8=True, fp8_files=True, checkpoint=True, dit_models=1), "none", GPU, None, None, {}),
 }
 
 
@@ -92,11 +101,13 @@ def tiny():
     return WanT2V.from_config("tiny", device="cpu")
 
 
-def _fake(tiny, device: DeviceInfo, **state):
-    """The pipeline optimize() sees: the tiny one's models, on `device` (nothing runs there)."""
+def _fake(tiny, device: DeviceInfo, one_model: bool = False, **state):
+    """The pipeline optimize() sees: the tiny one's models (one of them: a one-model task like
+    ti2v-5B), on `device` (nothing runs there)."""
+    models = (tiny.high_noise_model,) if one_model else (tiny.high_noise_model, tiny.low_noise_model)
     base = dict(device=torch.device(device.name), high_noise_model=tiny.high_noise_model,
-                low_noise_model=tiny.low_noise_model, text_encoder=tiny.text_encoder, t5_cpu=False,
-                use_batched_cfg=False, offload="none", ckpt_dir=None, progress=False)
+                low_noise_model=tiny.low_noise_model, dit_models=lambda: models, text_encoder=tiny.text_encoder,
+                t5_cpu=False, use_batched_cfg=False, offload="none", ckpt_dir=None, progress=False)
     return types.SimpleNamespace(**{**base, **state})
 
 
@@ -219,6 +230,18 @@ def test_the_benchmark_modes_are_planned_too():
     assert plan(Options(modes=planmod.MODES, offload="none"), h200, GPU).reference_offload == "none"  # asked: both
     assert plan(Options(modes=planmod.MODES), h200, GPU).reference_offload == "model"  # official default
     assert plan(Options(modes=planmod.MODES), accel.NO_PRESET, CPU).reference_offload == "none"  # nothing moves
+
+
+def test_one_model_task_decisions():
+    """ti2v-5B (one DiT): a preset that streams the blocks offloads the model instead (a warning says
+    so; nothing streams from load); everything else is planned as for the experts."""
+    rtx, h200 = accel.PRESETS["rtx4090"], accel.PRESETS["h200"]
+    run = plan(Options(dit_models=1), rtx, GPU)
+    assert run.offload == run.build_offload == "model" and not run.stream_from_load and run.t5_release
+    assert "one model" in str(run.warnings[0])
+    assert plan(Options(dit_models=1, compile=True), rtx, GPU).compile  # offload='model' compiles
+    assert plan(Options(dit_models=1), h200, GPU).offload == plan(Options(), h200, GPU).offload
+    assert plan(Options(dit_models=1, fp8=True), h200, GPU).fp8
 
 
 def test_cli_request_carries_the_plan():

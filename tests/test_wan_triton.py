@@ -20,7 +20,7 @@ from wan_triton import accel, plan
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
 NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"),
-         (dit, "gated_residual"), (pipeline, "cfg_combine")]
+         (dit, "gated_residual"), (pipeline, "cfg_combine"), (dit, "modulate_rows"), (dit, "gated_residual_rows")]
 
 
 def originals():
@@ -44,7 +44,7 @@ def test_patch_unpatch_restores_the_same_objects():
     before = originals()
     backend = att.get_backend()
     done = wan_triton.patch()
-    assert len(done) == 6 and wan_triton.is_patched()
+    assert len(done) == len(NAMES) and wan_triton.is_patched()
     for mod, name in NAMES:
         assert kernel_of(getattr(mod, name)) is getattr(kernels, name), name
         assert getattr(mod, name).__wan_triton_reference__ is before[name], name
@@ -114,7 +114,8 @@ def test_patched_model_matches_reference(tiny):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
     n = len(tiny.blocks)
     assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
-                              gated_residual=2 * n, cfg_combine=0), wan_triton.kernel_stats()
+                              gated_residual=2 * n, cfg_combine=0, modulate_rows=0, gated_residual_rows=0), \
+        wan_triton.kernel_stats()  # one timestep per sample: the per-token rows kernels do not run
     assert not any(fallbacks().values()), wan_triton.kernel_stats()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
@@ -244,8 +245,9 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
     for gpu_gb, offload in ((need + plan.RESIDENT_HEADROOM_GB + 1e-3, "none"),
                             (need + plan.RESIDENT_HEADROOM_GB - 1e-3, "model")):
         fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
-                                     low_noise_model=tiny_pipe.low_noise_model, text_encoder=tiny_pipe.text_encoder,
-                                     t5_cpu=False, use_batched_cfg=False, offload="model")
+                                     low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
+                                     text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False,
+                                     offload="model")
         monkeypatch.setattr(plan.DeviceInfo, "of", classmethod(
             lambda cls, dev=None, fp8=False, attention=None, gb=gpu_gb: plan.DeviceInfo("cuda", "cuda", gb)))
         caplog.clear()
@@ -411,7 +413,8 @@ def test_instance_strict_covers_its_own_ops_only(tiny, monkeypatch):
     wan_triton.unpatch(tiny)
     assert seen == [False]
     assert names == ["wan.dit.rms_norm", "wan.dit.rope_apply", "wan.dit.rms_norm_rope", "wan.dit.modulate",
-                     "wan.dit.gated_residual", "wan.pipeline.cfg_combine"]  # named as patch() names them
+                     "wan.dit.modulate_rows", "wan.dit.gated_residual", "wan.dit.gated_residual_rows",
+                     "wan.pipeline.cfg_combine"]  # named as patch() names them
 
 
 def test_patch_says_what_it_takes():

@@ -460,7 +460,8 @@ def is_diffusers_layout(ckpt_dir) -> bool:
 
 def checkpoint_problems(ckpt_dir, config) -> list[str]:
     """Every problem with the files a run of `config` needs under `ckpt_dir`, in one list:
-    both expert folders, the T5 and VAE .pth files, the tokenizer folder (layout: docs/checkpoint.md);
+    the DiT folders (`config.dit_folders`: both experts, or the one model of ti2v-5B at the top), the T5
+    and VAE .pth files, the tokenizer folder (layout: docs/checkpoint.md, docs/models.md);
     in the diffusers layout its five folders (docs/diffusers.md)."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
@@ -471,7 +472,7 @@ def checkpoint_problems(ckpt_dir, config) -> list[str]:
             problems += _dit_problems(ckpt / sub, weights, index)
         problems += _tokenizer_problems(ckpt / "tokenizer")
         return [" ".join(p.split()) for p in problems]
-    for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
+    for sub in config.dit_folders:
         problems += _dit_problems(ckpt / sub)
     for name in (config.t5_checkpoint, config.vae_checkpoint):
         bad = _pth_problem(ckpt / name)

@@ -1,8 +1,10 @@
-"""Frozen dataclass configs and the named tasks (model sizes) of the Wan 2.2 T2V stack.
+"""Frozen dataclass configs and the named tasks (model sizes) of the Wan 2.2 family.
 
 `TASKS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `TASKS["tiny"]`
-has the same architecture at toy widths, for tests and the built-in demo. (A "preset" is a
-hardware profile of wan_triton, never a model size.)
+has the same architecture at toy widths, for tests and the built-in demo. The rest of the family
+(docs/models.md): `ti2v-5B` (one model, the Wan2.2 VAE, text or image to video) and `i2v-A14B` (two
+experts conditioned on an image), each with a toy-width task (`ti2v-tiny`, `i2v-tiny`). (A "preset"
+is a hardware profile of wan_triton, never a model size.)
 """
 from __future__ import annotations
 
@@ -134,6 +136,11 @@ class T2VConfig:
     def replace(self, **kw) -> "T2VConfig":
         return replace(self, **kw)
 
+    @property
+    def dit_folders(self) -> tuple[str, ...]:
+        """The DiT folders of the checkpoint layout, relative to the checkpoint folder."""
+        return (self.high_noise_checkpoint, self.low_noise_checkpoint)
+
 
 T2V_A14B = T2VConfig(name="t2v-A14B", dit=DiTConfig(), t5=T5Config(), vae=VAEConfig())
 
@@ -154,11 +161,8 @@ TINY = T2VConfig(
     seed=42,
 )
 
-TASKS: dict[str, T2VConfig] = {c.name: c for c in (T2V_A14B, TINY)}
-
-
-def get_config(name: str) -> T2VConfig:
-    """The config of a task by name ('t2v-A14B', 'tiny'); KeyError naming the choices."""
+def get_config(name: str) -> "T2VConfig | TI2VConfig":
+    """The config of a task by name ('t2v-A14B', 'tiny', 'ti2v-5B', ...); KeyError naming the choices."""
     try:
         return TASKS[name]
     except KeyError:
@@ -179,3 +183,92 @@ def parse_size(size: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"size must look like WIDTH*HEIGHT, got {size!r}") from None
     return w, h
+
+
+# ------------------------------------------------------------------ the rest of the family (docs/models.md)
+
+# Official latent statistics of the Wan2.2 VAE (48 channels; not stored in Wan2.2_VAE.pth).
+VAE22_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+              0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+              -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+              -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+VAE22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+             0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+             0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+             0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
+
+@dataclass(frozen=True)
+class VAE22Config:
+    """Wan2.2 VAE hyper-parameters (official vae2_2: 48 latent channels, stride 4x16x16 = 2x2 pixel
+    folding x three x2 down-samplings)."""
+    dim: int = 160                     # encoder base width
+    dec_dim: int = 256                 # decoder base width
+    z_dim: int = 48
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple = (False, True, True)
+    patch_size: int = 2                # pixels folded into channels before the encoder (3 -> 12)
+    mean: tuple = VAE22_MEAN
+    std: tuple = VAE22_STD
+
+
+@dataclass(frozen=True)
+class TI2VConfig:
+    """Everything the one-model text/image-to-video pipeline needs (official ti2v-5B values by default).
+
+    No expert split: one DiT, stored in the checkpoint folder itself (`dit_checkpoint` = "."). In
+    image mode the video size follows the image's aspect ratio within the area of `size`."""
+    name: str
+    dit: DiTConfig
+    t5: T5Config
+    vae: VAE22Config
+    param_dtype: torch.dtype = torch.bfloat16
+    t5_dtype: torch.dtype = torch.bfloat16
+    num_train_timesteps: int = 1000
+    sample_fps: int = 24
+    frame_num: int = 121
+    vae_stride: tuple = (4, 16, 16)
+    sample_shift: float = 5.0
+    sample_steps: int = 50
+    sample_guide_scale: float = 5.0
+    sample_neg_prompt: str = DEFAULT_NEG_PROMPT
+    sizes: tuple = ("1280*704", "704*1280")
+    default_size: str = "1280*704"
+    t5_checkpoint: str = "models_t5_umt5-xxl-enc-bf16.pth"
+    t5_tokenizer: str = "google/umt5-xxl"
+    vae_checkpoint: str = "Wan2.2_VAE.pth"
+    dit_checkpoint: str = "."          # config.json + safetensors at the top of the checkpoint folder
+    seed: int = -1
+
+    max_frame_num = T2VConfig.max_frame_num  # the same RoPE table and temporal stride
+
+    def replace(self, **kw) -> "TI2VConfig":
+        return replace(self, **kw)
+
+    @property
+    def dit_folders(self) -> tuple[str, ...]:
+        return (self.dit_checkpoint,)
+
+
+TI2V_5B = TI2VConfig(
+    name="ti2v-5B",
+    dit=DiTConfig(model_type="ti2v", in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30),
+    t5=T5Config(), vae=VAE22Config())
+
+TI2V_TINY = TI2VConfig(
+    name="ti2v-tiny",
+    dit=replace(TINY.dit, model_type="ti2v", in_dim=48, out_dim=48),
+    t5=TINY.t5, vae=VAE22Config(dim=8, dec_dim=8), t5_dtype=torch.float32,
+    frame_num=17, sample_steps=8, sizes=("128*128", "160*96", "96*160"), default_size="128*128", seed=42)
+
+# I2V-A14B: the T2V-A14B experts' architecture with 36 input channels (16 noise + 4 mask + 16 image latent)
+I2V_A14B = T2VConfig(name="i2v-A14B", dit=DiTConfig(model_type="i2v", in_dim=36), t5=T5Config(), vae=VAEConfig(),
+                     sample_shift=5.0, sample_steps=40, boundary=0.900, sample_guide_scale=(3.5, 3.5))
+
+I2V_TINY = TINY.replace(name="i2v-tiny", dit=replace(TINY.dit, model_type="i2v", in_dim=36), sample_shift=5.0,
+                        boundary=0.900, sample_guide_scale=(3.5, 3.5))
+
+# the task table: name -> config (T2VConfig: the two-expert tasks; TI2VConfig: the one-model task)
+TASKS: dict[str, "T2VConfig | TI2VConfig"] = {c.name: c for c in (T2V_A14B, TINY, TI2V_5B, TI2V_TINY, I2V_A14B,
+                                                                   I2V_TINY)}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import Conditioned
 from .configs import T2VConfig
 from .offload import park_all
 from .step_cache import start_run
@@ -62,6 +63,7 @@ class Conditioning:
     context_null: list | None     # the negative prompt's (None when neither expert uses guidance)
     seq_len: int                  # tokens per sample (padded as the official code pads)
     guide_scale: tuple            # (low-noise, high-noise)
+    y: torch.Tensor | None = None  # channels after the latent's in every call (I2V: mask + image latent)
 
 
 def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond: Conditioning, *, generator,
@@ -76,6 +78,7 @@ def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond
         for step in _progress(steps, progress, desc="denoise"):
             with timings.measure("steps"):
                 model, gi = pipe._expert(int(step.t.item()), offload_model)
+                model = model if cond.y is None else Conditioned(model, y=cond.y)
                 timings.experts.append(step.expert)
                 scale = cond.guide_scale[gi]
                 if cache is None:

@@ -1,4 +1,4 @@
-"""Wan 2.2 DiT (`WanModel`), one expert of T2V-A14B, in pure PyTorch.
+"""Wan 2.2 DiT (`WanModel`): an expert of T2V-A14B / I2V-A14B, or the TI2V-5B model, in pure PyTorch.
 
 Computes what the official `wan/modules/model.py` computes, op by op in the same precision
 (docs/precision.md; RoPE: docs/rope.md; weights: docs/checkpoint.md), with two waste cuts that cannot change the result beyond the
@@ -8,9 +8,11 @@ no Python loop over the batch (RoPE positions are built for the whole batch at o
 The hot element-wise ops are module-level functions looked up at call time, so
 `wan_triton.patch()` can swap them and `unpatch()` can put them back:
 
-    rms_norm, rope_apply, rms_norm_rope, modulate, gated_residual
+    rms_norm, rope_apply, rms_norm_rope, modulate, gated_residual, modulate_rows, gated_residual_rows
 
-(`attention` lives in `wan.attention`, `cfg_combine` in `wan.pipeline`.)
+(`attention` lives in `wan.attention`, `cfg_combine` in `wan.pipeline`.) Per-token timesteps (the
+TI2V image mode) are embedded once per distinct value (wan/tokens.py); `modulate_rows` and
+`gated_residual_rows` then take [K, C] tables and a token index instead of [B, L, C] tensors.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import torch.nn.functional as F
 from . import attention as _attention
 from .checkpoint import dit_weight_files, load_weights_into, read_dit_config, save_dit
 from .configs import ROPE_POSITIONS, DiTConfig
+from .tokens import TokenRows, timesteps_to_embed
 
 __all__ = [
-    "WanModel", "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual",
+    "WanModel", "rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "modulate_rows",
+    "gated_residual_rows",
     "rope_params", "rope_split", "rope_freqs", "rope_table", "sinusoidal_embedding_1d",
 ]
 
@@ -155,6 +159,41 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return x + y * gate
 
 
+def modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """modulate() with per-token rows: token (b, l) takes shift[index[b, l]] and scale[index[b, l]]
+    (tables [K, C], index [B, L] int); the same values as modulate() with the rows gathered."""
+    i = index.long()
+    return modulate(x, shift[i], scale[i], eps, out_dtype)
+
+
+def gated_residual_rows(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """gated_residual() with per-token rows: token (b, l) takes gate[index[b, l]] (table [K, C])."""
+    return gated_residual(x, y, gate[index.long()])
+
+
+def modulate_rows_into(layer: nn.Module, x, shift, scale, index, eps: float, out_dtype=None):
+    """modulate_into() with per-token rows (an fp8 linear gets the rows gathered to [B, L, C])."""
+    own = getattr(layer, "modulate_input", None)
+    if own is None:
+        return modulate_rows(x, shift, scale, index, eps, out_dtype)
+    i = index.long()
+    return own(x, shift[i], scale[i], eps, out_dtype)
+
+
+def _modulated(layer, x, m, i: int, eps: float, out_dtype, index):
+    """The input of `layer`: x modulated by shift m[:, i] and scale m[:, i + 1], one row per
+    sample (index None, m [B, 6, C]) or per token (m [K, 6, C] rows selected by index)."""
+    if index is None:
+        return modulate_into(layer, x, m[:, i:i + 1], m[:, i + 1:i + 2], eps, out_dtype)
+    return modulate_rows_into(layer, x, m[:, i], m[:, i + 1], index, eps, out_dtype)
+
+
+def _gated(x, y, m, i: int, index):
+    """x + y * m[:, i], the gate per sample (index None) or per token."""
+    return gated_residual(x, y, m[:, i:i + 1]) if index is None else gated_residual_rows(x, y, m[:, i], index)
+
+
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
     """[N] -> float64 [N, dim]: concat(cos(t*w), sin(t*w)), w_k = 10000^(-k/(dim/2))."""
     half = dim // 2
@@ -278,19 +317,20 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def forward(self, x, e0, seq_lens, grid_sizes, freqs, context, mm_dtype=None):
-        """x [B, L, C] (bf16 into block 0, fp32 after); e0 [B, 6, C] fp32."""
-        m = self.modulation + e0  # [B, 6, C] fp32: shift, scale, gate (attn); shift, scale, gate (ffn)
-        shift_msa, scale_msa, gate_msa = m[:, 0:1], m[:, 1:2], m[:, 2:3]
-        shift_ffn, scale_ffn, gate_ffn = m[:, 3:4], m[:, 4:5], m[:, 5:6]
+        """x [B, L, C] (bf16 into block 0, fp32 after); e0 [B, 6, C] fp32, or TokenRows of [K, 6, C]
+        (per-token timesteps)."""
+        index = e0.index if isinstance(e0, TokenRows) else None
+        # [B or K, 6, C] fp32: shift, scale, gate (attn); shift, scale, gate (ffn)
+        m = self.modulation + (e0 if index is None else e0.rows)
         # attention casts q/k to the matmul dtype and its output is re-cast by the `o` Linear:
         # hand tensors over in that dtype directly (identical values, fewer bytes)
         attn_out = mm_dtype
-        y = self.self_attn(modulate_into(self.self_attn.q, x, shift_msa, scale_msa, self.eps, mm_dtype), seq_lens,
-                           grid_sizes, freqs, attn_out)
-        x = gated_residual(x, y, gate_msa)
+        y = self.self_attn(_modulated(self.self_attn.q, x, m, 0, self.eps, mm_dtype, index), seq_lens, grid_sizes,
+                           freqs, attn_out)
+        x = _gated(x, y, m, 2, index)
         x = x + self.cross_attn(self.norm3(x), context, attn_out)
-        y = self.ffn(modulate_into(self.ffn[0], x, shift_ffn, scale_ffn, self.eps, mm_dtype))
-        return gated_residual(x, y, gate_ffn)
+        y = self.ffn(_modulated(self.ffn[0], x, m, 3, self.eps, mm_dtype, index))
+        return _gated(x, y, m, 5, index)
 
 
 class Head(nn.Module):
@@ -302,14 +342,22 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
 
     def forward(self, x, e):
-        """x [B, L, C] fp32; e [B, C] fp32 (time_embedding output). fp32 GEMM out."""
-        hm = self.modulation + e[:, None, :]  # [B, 2, C]: shift, scale (same e for both)
-        u = modulate(x, hm[:, 0:1], hm[:, 1:2], self.eps)
+        """x [B, L, C] fp32; e [B, C] fp32 (time_embedding output), or TokenRows of [K, C]. fp32 GEMM out."""
+        if isinstance(e, TokenRows):
+            hm = self.modulation + e.rows[:, None, :]  # [K, 2, C]
+            u = modulate_rows(x, hm[:, 0], hm[:, 1], e.index, self.eps)
+        else:
+            hm = self.modulation + e[:, None, :]  # [B, 2, C]: shift, scale (same e for both)
+            u = modulate(x, hm[:, 0:1], hm[:, 1:2], self.eps)
         return _linear_fp32(self.head, u)
 
 
+MODEL_TYPES = ("t2v", "i2v", "ti2v")  # the official config.json's model_type values of the Wan 2.2 family
+
+
 class WanModel(nn.Module):
-    """One Wan 2.2 DiT expert, built from a `DiTConfig` (fields = the official config.json keys)."""
+    """One Wan 2.2 DiT, built from a `DiTConfig` (fields = the official config.json keys): an expert of
+    t2v-A14B (model_type 't2v') or i2v-A14B ('i2v', 36 input channels), or the ti2v-5B model ('ti2v')."""
 
     sp = None  # wan.parallel.Ulysses: set by wan.parallel.enable_sequence_parallel
     step_cache = None  # wan.step_cache's run while a cached generation runs (it runs the blocks)
@@ -320,8 +368,8 @@ class WanModel(nn.Module):
             raise TypeError(f"WanModel takes a DiTConfig, got {type(config).__name__} "
                             "(WanModel.from_kwargs(**official) accepts the official keyword arguments)")
         c = config
-        if c.model_type != "t2v":
-            raise ValueError(f"only model_type='t2v' is supported, got {c.model_type!r}")
+        if c.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {c.model_type!r}")
         if tuple(c.window_size) != (-1, -1):
             raise ValueError("only global attention (window_size=(-1, -1)) is supported")
         if c.dim % c.num_heads or (c.dim // c.num_heads) % 2:
@@ -469,7 +517,8 @@ class WanModel(nn.Module):
         return outs
 
     def time_embed(self, t: torch.Tensor):
-        """t [B] -> (e [B, C], e0 [B, 6, C]), fp32 GEMMs, sinusoid in float64."""
+        """t [N] -> (e [N, C], e0 [N, 6, C]), fp32 GEMMs, sinusoid in float64 (N = B samples, or the
+        K distinct values of per-token timesteps)."""
         with torch.autocast(device_type=t.device.type, enabled=False):
             s = sinusoidal_embedding_1d(self.freq_dim, t.reshape(-1)).float()
             lin1, act, lin2 = self.time_embedding
@@ -477,15 +526,18 @@ class WanModel(nn.Module):
             e0 = _linear_fp32(self.time_projection[1], self.time_projection[0](e)).unflatten(1, (6, self.dim))
         return e, e0
 
-    def forward(self, x, t, context, seq_len: int | None = None):
-        """x: Tensor [B, in_dim, F, H, W] or list of [in_dim, F, H, W]; t: [B] timesteps;
-        context: list of [L_i, text_dim] or Tensor [B, L, text_dim]. Returns float32 in x's container type."""
+    def forward(self, x, t, context, seq_len: int | None = None, y=None):
+        """x: Tensor [B, in_dim, F, H, W] or list of [in_dim, F, H, W]; t: [B] timesteps, or per token:
+        [B, seq] (official) or a TokenTimesteps; context: list of [L_i, text_dim] or Tensor [B, L, text_dim];
+        y: conditioning channels concatenated after x's (official i2v: mask + image latent).
+        Returns float32 in x's container type."""
         is_list = not isinstance(x, torch.Tensor)
         device = self.patch_embedding.weight.device
         if is_list:
-            x = [u.to(device) for u in x]
+            x = [u.to(device) if v is None else torch.cat([u, v]).to(device)
+                 for u, v in zip(x, [None] * len(x) if y is None else y)]
         else:
-            x = x.to(device)
+            x = x.to(device) if y is None else torch.cat([x, y], dim=1).to(device)
         mm_dtype = autocast_dtype(device.type)
 
         tokens, grid_sizes, seq_lens = self._embed_video(x)
@@ -499,12 +551,13 @@ class WanModel(nn.Module):
             tokens = sp.pad(tokens)
         seq_lens = seq_lens.to(device)
 
-        t = torch.as_tensor(t, device=device)
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t must hold one timestep per sample, shape [{B}], got {tuple(t.shape)}")
-        e, e0 = self.time_embed(t)
+        values, index = timesteps_to_embed(t, B, L if seq_len is None else seq_len, device)
+        e, e0 = self.time_embed(values)
+        if index is not None:  # per-token rows; Ulysses: this rank's tokens only
+            index = index.expand(B, -1)
+            if sp is not None:
+                index = sp.shard(F.pad(index, (0, tokens.shape[1] - index.shape[1])))
+            e, e0 = TokenRows(e, index), TokenRows(e0, index)
         ctx = self._embed_text(context, B, device)
         freqs = self._freqs(device)
         _attention.resolve_backend(device)  # choose (and log) outside any compiled block

@@ -40,20 +40,21 @@ class Footprint:
 def build_footprint(config: T2VConfig, device, dtype=None, t5_cpu: bool = False, offload: str = "none"
                     ) -> Footprint:
     """What `from_config(config, device, dtype, t5_cpu, offload)` holds in host memory: everything
-    on a CPU; else the text encoder with `t5_cpu`, the idle expert with offload 'model' and both
-    experts' blocks with 'blocks'."""
-    from .vae import WanVAE
+    on a CPU; else the text encoder with `t5_cpu`, the idle expert with offload 'model' (ti2v-5B's
+    one model, during the VAE decode) and the DiT blocks with 'blocks'."""
+    from .vae2_2 import vae_class
 
     on_cpu = torch.device(device).type == "cpu"
     parts = []
+    n = len(config.dit_folders)  # two experts, or the one model of ti2v-5B
     if on_cpu or offload == "blocks":
-        parts.append(("two experts", 2 * expert_bytes(config, dtype)))
+        parts.append(("two experts" if n == 2 else "DiT", n * expert_bytes(config, dtype)))
     elif offload == "model":
-        parts.append(("the idle expert", expert_bytes(config, dtype)))
+        parts.append(("the idle expert" if n == 2 else "DiT", expert_bytes(config, dtype)))
     if on_cpu or t5_cpu:
         parts.append(("text encoder", text_encoder_bytes(config)))
     if on_cpu:
-        parts.append(("VAE", _numel(lambda: WanVAE(config.vae)) * 4))
+        parts.append(("VAE", _numel(lambda: vae_class(config.vae)(config.vae)) * 4))
     return Footprint(tuple(parts))
 
 

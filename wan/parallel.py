@@ -317,10 +317,10 @@ def shard_model(module, blocks, device: torch.device):
 
 
 def apply_to_pipeline(pipe, state: ParallelState, dit_fsdp: bool = False, t5_fsdp: bool = False):
-    """Give a WanT2V its parallel state: Ulysses hooks on both experts, optional FSDP2 sharding
-    of the experts and of the text encoder. Every rank must call it."""
+    """Give a pipeline its parallel state: Ulysses hooks on its DiT models (both experts, or the one
+    of ti2v-5B), optional FSDP2 sharding of them and of the text encoder. Every rank must call it."""
     pipe.parallel = state
-    for m in (pipe.low_noise_model, pipe.high_noise_model):
+    for m in pipe.dit_models():
         enable_sequence_parallel(m, state.ulysses)
         if dit_fsdp and state.world > 1:
             shard_model(m, m.blocks, state.device)

@@ -266,6 +266,10 @@ class WanT2V:
         return unload_from_pipeline(self)
 
     # ------------------------------------------------------------------ helpers
+    def dit_models(self) -> tuple:
+        """The DiT models this pipeline runs: the two experts (ti2v-5B's pipeline has one)."""
+        return (self.high_noise_model, self.low_noise_model)
+
     def latent_shape(self, width: int, height: int, frame_num: int) -> tuple[int, int, int, int]:
         st, sh, sw = self.config.vae_stride
         return (self.config.vae.z_dim, (frame_num - 1) // st + 1, height // sh, width // sw)
@@ -424,7 +428,7 @@ class WanT2V:
         tt = torch.tensor([self.config.num_train_timesteps - 1], device=dev)
         model, _ = self._expert(int(tt.item()), offload=False)  # where the first step would put it
         with torch.autocast(device_type=dev.type, dtype=self.config.param_dtype):
-            model([x], tt, context, seq_len=self.seq_len((z, frames, lh, lw)))
+            self._warm_up_forward(model, x, tt, context, self.seq_len((z, frames, lh, lw)))
         if self.offload == "blocks":
             park_all(self.low_noise_model, self.high_noise_model)
         if decode:
@@ -432,6 +436,10 @@ class WanT2V:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
+
+    def _warm_up_forward(self, model, x, tt, context, seq_len):
+        """warm_up's one forward (a pipeline with conditioning channels adds them)."""
+        model([x], tt, context, seq_len=seq_len)
 
     def _guided(self, model, latent, t, context, context_null, seq_len, scale, cache=None):
         """One CFG-combined velocity for one step: two batch-1 forwards (official) or one batch-2.

@@ -25,6 +25,7 @@ class Timings:
     """Per-stage wall times (seconds, device-synchronised) and peak GPU memory of one call (None
     off CUDA, where it is not measured)."""
     text_encode: float = 0.0
+    image_encode: float = 0.0        # the image-conditioned tasks' VAE encode of the input image
     steps: list = field(default_factory=list)
     decode: float = 0.0
     total: float = 0.0
@@ -54,5 +55,6 @@ class Timings:
 
     def summary(self) -> str:
         mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device.startswith("cuda") else ""
-        return (f"text {self.text_encode:.2f}s | denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
+        image = f"image {self.image_encode:.2f}s | " if self.image_encode else ""
+        return (f"text {self.text_encode:.2f}s | {image}denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
                 f"decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")

@@ -208,19 +208,21 @@ class Resample(nn.Module):
     downsample2d: ZeroPad2d(0,1,0,1) (right/bottom only) + Conv2d(C,C,3,stride 2).
     downsample3d: the same, then `time_conv` = conv (3,1,1), stride 2 in time, no padding,
         over frames [x0, x1, ...]; frame 0 is kept as is:  T = 1+2k frames -> 1+k.
-    upsample2d: nearest-exact x2 + Conv2d(C, C/2, 3, pad 1).
+    upsample2d: nearest-exact x2 + Conv2d(C, up_dim, 3, pad 1); up_dim = C/2 (Wan2.1) unless given
+        (the Wan2.2 VAE keeps C).
     upsample3d: first `time_conv` = causal conv (3,1,1) C -> 2C over frames 1.. (frame 0 never
         enters it), the two C-halves interleaved in time (T = 1+k frames -> 1+2k), then as
         upsample2d.
     """
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, up_dim: int | None = None):
         super().__init__()
         if mode not in ("upsample2d", "upsample3d", "downsample2d", "downsample3d"):
             raise ValueError(f"unknown Resample mode {mode!r}")
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            out = dim // 2 if up_dim is None else up_dim
+            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, out, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":
@@ -367,20 +369,22 @@ class WanVAE(nn.Module):
     lays the 3-D convolutions' weights and the decoder's input out channels-last
     (`torch.channels_last_3d`), which cuDNN may run faster; same math, other kernels (not bit for
     bit: bench/bench_vae.py measures time and PSNR against the default layout).
+    The Wan2.2 VAE (wan.vae2_2.Wan22VAE) is this class with its own encoder, decoder, config
+    and file name (the hooks `_make_encoder`, `_make_decoder`, `config_class`, `checkpoint_name`).
     """
+
+    config_class = VAEConfig
+    checkpoint_name = "Wan2.1_VAE.pth"   # the file `from_pretrained` reads in a checkpoint folder
 
     def __init__(self, cfg: VAEConfig | None = None):
         super().__init__()
-        cfg = cfg or VAEConfig()
+        cfg = cfg or self.config_class()
         self.config = cfg
         self.z_dim = cfg.z_dim
-        self.temperal_upsample = tuple(cfg.temperal_downsample)[::-1]
-        self.encoder = Encoder3d(cfg.dim, cfg.z_dim * 2, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
-                                 cfg.temperal_downsample)
+        self.encoder = self._make_encoder(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder3d(cfg.dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
-                                 self.temperal_upsample)
+        self.decoder = self._make_decoder(cfg)
         self.channels_last = False
 
     def use_channels_last(self, on: bool = True) -> "WanVAE":
@@ -391,6 +395,16 @@ class WanVAE(nn.Module):
                 p.data = p.data.contiguous(memory_format=fmt)
         self.channels_last = on
         return self
+
+    @staticmethod
+    def _make_encoder(cfg) -> nn.Module:
+        return Encoder3d(cfg.dim, cfg.z_dim * 2, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
+                         cfg.temperal_downsample)
+
+    @staticmethod
+    def _make_decoder(cfg) -> nn.Module:
+        return Decoder3d(cfg.dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.attn_scales,
+                         tuple(cfg.temperal_downsample)[::-1])
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -413,7 +427,8 @@ class WanVAE(nn.Module):
     # ---- encode ---------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B,3,F,H,W] in [-1,1] -> normalised latents [B,z,(F-1)//ts+1,H/8,W/8] (fp32).
+        """video [B,3,F,H,W] in [-1,1] -> normalised latents [B,z,(F-1)//ts+1,H/ss,W/ss] (fp32),
+        ts, ss = time_stride, space_stride (4, 8 for Wan2.1).
 
         Chunks: frame 0, then frames [1+4(i-1), 1+4i) (trailing frames beyond 1+4k are dropped,
         as officially). latents = (mu - mean) * (1/std), mu = first z channels of conv1(enc).
@@ -453,7 +468,7 @@ class WanVAE(nn.Module):
     # ---- decode ---------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """latents [B,z,T,h,w] -> video [B,3,1+4(T-1),8h,8w], float32, clamped to [-1,1].
+        """latents [B,z,T,h,w] -> video [B,3,1+ts(T-1),ss*h,ss*w], float32, clamped to [-1,1].
 
         mu = z / (1/std) + mean in fp32; conv2 on all frames; then the decoder runs one latent
         frame at a time with the feature cache; each chunk is written straight into the
@@ -523,9 +538,9 @@ class WanVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32,
                         cfg: VAEConfig | None = None) -> "WanVAE":
-        """Load the official `Wan2.1_VAE.pth` (plain state dict, official keys).
+        """Load the official `Wan2.1_VAE.pth` (`checkpoint_name`; plain state dict, official keys).
 
-        `path` is the .pth file or a folder holding `Wan2.1_VAE.pth`. The model is built on
+        `path` is the .pth file or a folder holding it. The model is built on
         `meta` and the (memory-mapped) tensors are assigned, cast to `dtype`, on `device`.
         Raises CheckpointError for a missing/unreadable file, missing/unexpected keys or shapes.
         """
@@ -533,7 +548,7 @@ class WanVAE(nn.Module):
 
         path = Path(path)
         if path.is_dir():
-            path = path / "Wan2.1_VAE.pth"
+            path = path / cls.checkpoint_name
         sd = load_pth(path, device="cpu")
         with torch.device("meta"):
             model = cls(cfg)

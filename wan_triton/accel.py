@@ -237,12 +237,12 @@ def _gb(mods, size=lambda m: sum(p.numel() * p.element_size() for p in m.paramet
 
 def pipeline_options(pipeline, options: Options) -> Options:
     """`options` with the facts of an existing pipeline: where its T5 runs, whether its blocks
-    stream, where its weights come from, the size of its experts on the GPU (after fp8 when fp8 is
-    asked) and of its text encoder."""
-    experts = (pipeline.high_noise_model, pipeline.low_noise_model)
+    stream, where its weights come from, its DiT models (both experts, or ti2v-5B's one) and their
+    size on the GPU (after fp8 when fp8 is asked), the size of its text encoder."""
+    experts = pipeline.dit_models()
     quantize = options.fp8 and not any(_fp8.is_quantized(m) for m in experts)
     return replace(options, t5_cpu=options.t5_cpu or pipeline.t5_cpu,
-                   streaming=getattr(pipeline, "offload", "none") == "blocks",
+                   streaming=getattr(pipeline, "offload", "none") == "blocks", dit_models=len(experts),
                    checkpoint=getattr(pipeline, "ckpt_dir", None) is not None,
                    fp8_files=getattr(getattr(pipeline, "expert_files", None), "kind", "") == "fp8",
                    experts_gb=_gb(experts, _fp8.quantized_bytes) if quantize else _gb(experts),
@@ -311,7 +311,7 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     if on is None:
         return False
     done, changed = [], False
-    for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+    for m in pipeline.dit_models():
         if on and not _fp8.is_quantized(m):
             done.append(_fp8.quantize_model(m, progress=getattr(pipeline, "progress", True), log_line=False))
         elif not on and _fp8.is_quantized(m):
@@ -368,7 +368,7 @@ def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
     elif run.offload != "blocks":
         pipeline.offload = run.offload
     if run.compile:
-        for m in (pipeline.high_noise_model, pipeline.low_noise_model):
+        for m in pipeline.dit_models():
             compile_blocks(m, run.compile_mode)
     if run.cache is not None:
         enable_step_cache(pipeline, run.cache)
@@ -376,7 +376,7 @@ def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
     res = Optimized(preset=p.name, note=p.note, triton=run.triton, patched=patched, compile=run.compile,
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
                     offload=run.offload, t5_cpu=run.t5_cpu, attention=run.attention,
-                    fp8=any(_fp8.is_quantized(m) for m in (pipeline.high_noise_model, pipeline.low_noise_model)),
+                    fp8=any(_fp8.is_quantized(m) for m in pipeline.dit_models()),
                     cache=_cache_summary(pipeline), tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

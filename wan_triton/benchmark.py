@@ -57,8 +57,8 @@ from wan_triton import restore_tf32, unpatch
 from wan_triton.accel import official_tf32
 from wan_triton.build import apply_built, build_pipeline
 from wan_triton.exits import CLIError, CLIOutputError, run_main, setup_logging
-from wan_triton.flags import (add_accel_flags, add_cache_flags, add_model_flags, add_no_offload_flag, add_offload_flags,
-                              add_parallel_flags, add_preset_flags, add_request_flags)
+from wan_triton.flags import (add_accel_flags, add_cache_flags, add_image_flags, add_model_flags, add_no_offload_flag,
+                              add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags)
 from wan_triton.lora_flags import add_lora_flags
 from wan_triton.metrics import band, psnr_uint8, rel_err
 from wan_triton.parser import OneLineParser, parse_bool
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
            "runs made in different processes or on different GPUs (python -m bench.compare_frames A B)")
     add_lora_flags(p)
     add_cache_flags(p)
+    add_image_flags(p)
     return p
 
 
@@ -206,7 +207,7 @@ def to_reference(pipe, offload: str) -> dict:
     with TF32, as the official code runs). Returns the previous TF32 settings."""
 
     wan_triton.unpatch()
-    for m in (pipe.high_noise_model, pipe.low_noise_model):
+    for m in pipe.dit_models():
         wan_triton.unpatch(m)
     pipe.use_batched_cfg = False
     if pipe.offload != "blocks":  # a pipeline streamed from load runs the optimized mode only
@@ -449,6 +450,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         if decode:
             cmp_["psnr_db"] = _psnr_json(psnr_uint8(frames["optimized"], frames["reference"]))
         cmp_.update(timing_verdict(ref.to_dict(), opt.to_dict()))
+    video_wh = getattr(pipe, "last_size", None) or tuple(map(int, size.split("*")))  # image tasks: the image's
     report = dict(
         schema=1,
         config=dict(task=task, weights=built.weights, ckpt_dir=args.ckpt_dir, size=size, frame_num=frame_num,
@@ -458,7 +460,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
                     decode=decode, device=str(device), build_s=built.build_s, recipe=args.recipe,
                     loras=[vars(sp) for sp in built.loras], lora_merge_s=built.lora_s, sample_shift=request.shift,
                     sample_guide_scale=request.guide_scale,
-                    latent_shape=list(pipe.latent_shape(*map(int, size.split("*")), frame_num)),
+                    latent_shape=list(pipe.latent_shape(*video_wh, frame_num)),
                     parallel=dict(world=par.world, ulysses_size=par.ulysses_size, cfg_parallel=par.cfg_parallel,
                                   dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)),
         modes={k: v.to_dict() for k, v in results.items()},

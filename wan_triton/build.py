@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from wan import parallel
 from wan.lora import apply_loras
-from wan.pipeline import WanT2V
+from wan.tasks import pipeline_class
 
 from .accel import Optimized, apply
 from .flag_words import flag_of
@@ -64,16 +64,17 @@ def build_pipeline(req, cleanup: ExitStack, *, apply_plan: bool = True, progress
     cleanup.callback(parallel.destroy, state)
     device = state.device if state is not None else req.device
     t0 = time.perf_counter()
+    pipeline = pipeline_class(req.config)  # WanT2V, WanI2V or WanTI2V (wan.tasks)
     if req.ckpt_dir is None:
-        pipe = WanT2V.from_config(req.config, device=device, t5_cpu=run.t5_cpu, offload=run.build_offload)
+        pipe = pipeline.from_config(req.config, device=device, t5_cpu=run.t5_cpu, offload=run.build_offload)
     else:  # with host RAM low the low-noise expert is read at the switch only
         files = None
         if req.fp8_dir:  # fp8 expert files, converted once from the checkpoint's experts
             files = fp8_expert_files(req.ckpt_dir, req.fp8_dir, req.config, progress=progress,
                                      dtype=req.config.param_dtype if req.convert_model_dtype else None)
-        pipe = WanT2V.from_pretrained(req.ckpt_dir, req.config, device=device, t5_cpu=run.t5_cpu,
-                                      convert_model_dtype=req.convert_model_dtype, progress=progress,
-                                      offload=run.build_offload, host_ram=run.host_ram, expert_files=files)
+        pipe = pipeline.from_pretrained(req.ckpt_dir, req.config, device=device, t5_cpu=run.t5_cpu,
+                                        convert_model_dtype=req.convert_model_dtype, progress=progress,
+                                        offload=run.build_offload, host_ram=run.host_ram, expert_files=files)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     apply_loras(pipe, list(loras))  # merged first: kernels, fp8, compile, streaming and FSDP see the merged weights

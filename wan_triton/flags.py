@@ -12,13 +12,14 @@ from wan.hostmem import HOST_RAM_MODES
 from wan.offload import OFFLOAD_MODES
 from wan.requests import SOLVERS
 from wan.step_cache import CRITERIA, CRITERION_DEFAULTS
+from wan.tasks import image_tasks
 
 from .accel import PRESET_CHOICES, preset_help
 from .fp8_attention import register
 from .plan import COMPILE_MODES
 
-__all__ = ["add_model_flags", "add_request_flags", "add_preset_flags", "add_accel_flags", "add_no_offload_flag",
-           "add_offload_flags", "add_parallel_flags", "add_cache_flags", "attention_registry"]
+__all__ = ["add_model_flags", "add_request_flags", "add_image_flags", "add_preset_flags", "add_accel_flags",
+           "add_no_offload_flag", "add_offload_flags", "add_parallel_flags", "add_cache_flags", "attention_registry"]
 
 
 def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) -> None:
@@ -61,6 +62,16 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
            f"{_per_task('sample_guide_scale')})")
     a("--sample_solver", default=None, help=f"flow solver: {', '.join(SOLVERS)} (default: unipc)")
     a("--base_seed", "--seed", dest="base_seed", type=int, default=seed_default, help=seed_help)
+
+
+def add_image_flags(p: argparse.ArgumentParser) -> None:
+    """--image PATH: the video's first frame (required by i2v-A14B, optional for ti2v-5B: its image
+    mode, refused by the text-only tasks; docs/models.md)."""
+
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help=f"input image, the video's first frame (required by {image_tasks('required')}; optional "
+                        f"for {image_tasks('optional')}: its image mode); the video takes the image's aspect ratio "
+                        "within the area of --size (default: none)")
 
 
 def _per_task(attr: str) -> str:

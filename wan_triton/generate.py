@@ -2,7 +2,8 @@
 
 With no --ckpt_dir it runs the built-in tiny demo model (random weights, fixed seed, CPU or
 GPU) and writes a short MP4; another task without --ckpt_dir needs --random-weights. With
---ckpt_dir it loads the official Wan2.2-T2V-A14B layout.
+--ckpt_dir it loads the official layout of the task (t2v-A14B, ti2v-5B, i2v-A14B: docs/models.md);
+--image gives the first frame (required by i2v-A14B, ti2v-5B's image mode).
 Official flags keep their names and defaults; the acceleration flags come from wan_triton.
 Bad input is reported as one line on stderr with exit code 2, before any model is built, and
 no file is written.
@@ -21,8 +22,8 @@ from wan.video import check_output_path, check_video_suffix, check_video_writer,
 
 from .build import build_pipeline
 from .exits import CLIError, run_main, setup_logging
-from .flags import (add_accel_flags, add_cache_flags, add_model_flags, add_no_offload_flag, add_offload_flags,
-                    add_parallel_flags, add_preset_flags, add_request_flags)
+from .flags import (add_accel_flags, add_cache_flags, add_image_flags, add_model_flags, add_no_offload_flag,
+                    add_offload_flags, add_parallel_flags, add_preset_flags, add_request_flags)
 from .lora_flags import add_lora_flags
 from .parser import OneLineParser, parse_bool
 from .request import Request, default_output_name, implied_task, parse_request
@@ -32,9 +33,12 @@ PROG = "wan-generate"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1])
-    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or tiny (default without)",
-                    ckpt_help="official Wan2.2-T2V-A14B folder (default: none, the built-in tiny demo)")
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or tiny (default without); ti2v-5B, "
+                                 "i2v-A14B (docs/models.md) and their toy-width tasks ti2v-tiny, i2v-tiny",
+                    ckpt_help="official folder of the task, e.g. Wan2.2-T2V-A14B (default: none, the built-in tiny "
+                              "demo)")
     add_request_flags(p, seed_default=-1, seed_help="default: -1, a random seed (the demo uses its fixed seed, 42)")
+    add_image_flags(p)
     a = p.add_argument
     a("--save_file", default=None, help="output .mp4 path (default: <task>_<W>x<H>_1_<prompt>_<time>.mp4 in the "
                                         "current folder)")
@@ -102,7 +106,7 @@ def run(args, cleanup: ExitStack) -> Path | None:
         return None  # rank 0 decodes and writes
     save_video(video, save, fps=req.config.sample_fps)
     logging.info("seed %d | %s", pipe.last_seed, pipe.last_timings.summary())
-    logging.info("saved %s (%d frames, %s)", save, video.shape[1], req.size)
+    logging.info("saved %s (%d frames, %dx%d)", save, video.shape[1], video.shape[3], video.shape[2])
     return save
 
 

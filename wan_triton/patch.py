@@ -56,8 +56,8 @@ log = logging.getLogger("wan_triton")
 _TARGETS = {
     "rms_norm": [("wan.dit", "rms_norm")],
     "rope": [("wan.dit", "rope_apply"), ("wan.dit", "rms_norm_rope")],
-    "modulation": [("wan.dit", "modulate")],
-    "residual": [("wan.dit", "gated_residual")],
+    "modulation": [("wan.dit", "modulate"), ("wan.dit", "modulate_rows")],
+    "residual": [("wan.dit", "gated_residual"), ("wan.dit", "gated_residual_rows")],
     "cfg": [("wan.pipeline", "cfg_combine")],
 }
 OPS = tuple(attr for targets in _TARGETS.values() for _, attr in targets)

@@ -133,11 +133,12 @@ class Options:
     loras: bool = False                  # LoRAs will be merged into the experts
     fp8_files: bool = False              # the experts are read from fp8 expert files (fp8_dir; wan_triton.fp8_files)
     t5_release: bool | None = None       # free the text encoder after encoding (re-read per video); None: the preset
+    dit_models: int = 2                  # DiT models the task runs: 2 experts (A14B), 1 (ti2v-5B)
     modes: tuple = ("optimized",)        # the benchmark may run the reference (official) mode first
     # the weights: where they come from, their size, the state of a pipeline that exists already
     checkpoint: bool | None = None       # weights come from files (None: not known)
     diffusers_layout: bool = False       # ... in the diffusers layout (read whole: not streamed from load)
-    experts_gb: float | None = None      # both experts' weights on the GPU (fp8 counted when asked); None: unknown
+    experts_gb: float | None = None      # the DiT models' weights on the GPU (fp8 counted when asked); None: unknown
     t5_gb: float = 0.0                   # the text encoder's weights
     weights_dtype: str = ""              # the experts' dtype, for the log
     streaming: bool = False              # the pipeline's blocks stream already
@@ -303,6 +304,20 @@ RULES = {r.key: r for r in (
          NO_RATIOS_REASON, lambda c: no_ratios_args()),
     Rule("cache_cfg/cfg_parallel", lambda c: cfg_cache_conflicts(c.o.cache, c.o.parallel.cfg_parallel),
          CFG_PARALLEL_REASON, lambda c: dict(a=Arg("cache_cfg", c.o.cache.cfg_interval), b=Arg("cfg_parallel", True))),
+    # a task with one DiT model (ti2v-5B; docs/models.md)
+    Rule("offload/one_model", lambda c: c.o.dit_models == 1 and c.o.offload == "blocks",
+         "{a} streams the blocks of an A14B task's two experts; {b} fits a 24 GB GPU with {model} (the model "
+         "leaves the GPU for the VAE decode)",
+         lambda c: dict(a=c.offload_arg, b="a one-model task (ti2v-5B)", model=Arg("offload", "model"))),
+    Rule("loras/one_model", lambda c: c.o.dit_models == 1 and c.o.loras,
+         "{a} merge into an A14B task's experts (high / low noise); {b} is not supported",
+         lambda c: dict(a="LoRAs", b="a one-model task (ti2v-5B)")),
+    Rule("cache/one_model", lambda c: c.o.dit_models == 1 and c.o.cache is not None and c.o.cache.active,
+         "{a} runs in an A14B task's expert loop; {b} is not supported",
+         lambda c: dict(a="the step cache", b="a one-model task (ti2v-5B)")),
+    Rule("fp8_files/one_model", lambda c: c.o.dit_models == 1 and c.o.fp8_files,
+         "{a} are written from an A14B task's two experts; {b} is not supported",
+         lambda c: dict(a="fp8 expert files", b="a one-model task (ti2v-5B)")),
 )}
 
 
@@ -331,6 +346,11 @@ def _offload(o: Options, p, device: DeviceInfo, t5_cpu: bool) -> tuple:
     if device.type != "cuda" or o.parallel.dit_fsdp:
         return "none", resident, ()
     mode = o.offload or p.offload
+    if o.dit_models == 1 and o.offload is None and mode == "blocks":  # nothing to stream: one model
+        note = Text("preset {preset} streams the DiT blocks of an A14B task; this task has one model, which waits "
+                    "in CPU memory during the VAE decode instead ({model})", preset=p.name,
+                    model=Arg("offload", "model"))
+        return "model", resident, (note,)
     if (mode == "none" and o.offload is None and resident is not None and device.total_memory_gb is not None
             and not fits_resident(resident, device.total_memory_gb)):
         note = Text("preset {preset} keeps both experts on the GPU, but the resident weights take {gb:.1f} GB "

@@ -1,7 +1,7 @@
 """From a command line to a checked request and its plan, before any model is built.
 
 `parse_request(args, default_task, modes)` makes every check that needs no model, in the order a
-user fixes them (task, device, weights, size, frames, solver, steps, prompt), turns the
+user fixes them (task, device, weights, size, frames, solver, steps, prompt, --image), turns the
 acceleration flags into wan_triton.plan.Options and makes the run's one plan (offload, T5
 placement, kernels, the step cache, the combinations the plan's table refuses), checks a mag step
 cache's ratio file, the LoRA files and torchrun's world, and returns a
@@ -25,10 +25,12 @@ from wan.dit import WanModel
 from wan.footprint import build_footprint, text_encoder_bytes
 from wan.hostmem import stored_block_dtype
 from wan.mag_ratios import CacheError, find_ratios, load_ratios, ratios_dir
+from wan.image import load_image
 from wan.naming import Arg
 from wan.parallel import ParallelError, ParallelRequest
 from wan.parallel import check_request as check_parallel_request
 from wan.requests import InputError, check_request
+from wan.tasks import image_input, image_tasks
 
 from . import fp8 as _fp8
 from .accel import find_preset
@@ -39,7 +41,8 @@ from .lora_flags import apply_recipe, parse_lora_flags
 from .plan import DeviceInfo, Options, RunPlan, cache_policy, plan
 
 __all__ = ["Request", "parse_request", "flag_options", "offload_from_flags", "parallel_request", "check_device",
-           "check_weights", "check_cache_ratios", "check_prompt", "read_prompt_file", "implied_task", "default_output_name", "safe_name",
+           "check_weights", "check_cache_ratios", "check_prompt", "read_prompt_file", "check_image", "implied_task",
+           "default_output_name", "safe_name",
            "DEMO_TASK", "DEMO_PROMPT", "EXAMPLE_PROMPT"]
 
 # the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
@@ -54,7 +57,7 @@ DEMO_TASK = "tiny"  # the one task built with random weights without --random-we
 class Request:
     """A checked command line: what to build, what to generate, and the run's plan (how)."""
     task: str
-    config: object                   # wan.configs.T2VConfig
+    config: object                   # wan.configs.T2VConfig, or TI2VConfig (ti2v-5B)
     device: object                   # torch.device
     size: str                        # 'W*H'
     frame_num: int
@@ -71,6 +74,7 @@ class Request:
     fp8_dir: str | None = None       # fp8 expert files written from ckpt_dir's experts (wan_triton.fp8_files)
     convert_model_dtype: bool = False
     loras: tuple = ()                # wan.lora.LoraSpec of --lora / --lora_high / --lora_low, files checked
+    image: object = None             # --image, read and decoded (PIL, RGB); None: none given
     quiet: bool = False
 
     def summary(self, seed: int | None = None) -> str:
@@ -94,7 +98,11 @@ class Request:
         pipeline's, set by the build and the plan)."""
         return dict(size=self.size, frame_num=self.frame_num, shift=self.shift, sample_solver=self.solver,
                     sampling_steps=self.steps, guide_scale=self.guide_scale, n_prompt=self.n_prompt,
-                    seed=self.seed)
+                    seed=self.seed, **self.image_kwargs())
+
+    def image_kwargs(self) -> dict:
+        """{'image': the image} for a task that takes one, else {} (WanT2V.generate has no image)."""
+        return {} if image_input(self.config) == "none" else {"image": self.image}
 
 
 # ------------------------------------------------------------------ checks
@@ -135,6 +143,22 @@ def read_prompt_file(path: str) -> str:
     if not text.strip():
         raise CLIError(f"--prompt_file {path} is empty; write the prompt into it")
     return text.strip()
+
+
+def check_image(path: str | None, config):
+    """--image against the task: the image (PIL, RGB) or None; CLIError when the task needs one and
+    none is given, when the task takes none, or when the file is not a readable image."""
+    mode = image_input(config)
+    if path is None:
+        if mode == "required":
+            raise CLIError(f"--task {config.name} needs --image PATH (the video's first frame)")
+        return None
+    if mode == "none":
+        raise CLIError(f"--task {config.name} takes no --image (image tasks: {image_tasks()})")
+    try:
+        return load_image(path)
+    except InputError as err:
+        raise CLIError(f"--image: {err}") from None
 
 
 def implied_task(args) -> str:
@@ -206,20 +230,20 @@ def offload_from_flags(args) -> tuple:
 
 
 def _weights(config, ckpt_dir, convert: bool, fp8: bool) -> dict:
-    """The Options fields about the weights: both experts' GB on the GPU (in the dtype they will
-    have: the checkpoint's unless converted, fp8 when asked; unknown when the files cannot be read
-    now) and the text encoder's."""
+    """The Options fields about the weights: the DiT models' GB on the GPU (both experts, or
+    ti2v-5B's one; in the dtype they will have: the checkpoint's unless converted, fp8 when asked;
+    unknown when the files cannot be read now) and the text encoder's."""
     dtype = config.param_dtype
+    folders = config.dit_folders
     if ckpt_dir and not convert:
-        dtype = None if is_diffusers_layout(ckpt_dir) else stored_block_dtype(Path(ckpt_dir) /
-                                                                             config.high_noise_checkpoint)
-    facts = dict(t5_gb=text_encoder_bytes(config) / 1e9)
+        dtype = None if is_diffusers_layout(ckpt_dir) else stored_block_dtype(Path(ckpt_dir) / folders[0])
+    facts = dict(t5_gb=text_encoder_bytes(config) / 1e9, dit_models=len(folders))
     if dtype is None:
         return facts
     with torch.device("meta"):
         expert = WanModel(config.dit)
     one = _fp8.quantized_bytes(expert, dtype) if fp8 else sum(p.numel() for p in expert.parameters()) * dtype.itemsize
-    return dict(facts, experts_gb=2 * one / 1e9, weights_dtype=str(dtype).replace("torch.", ""))
+    return dict(facts, experts_gb=len(folders) * one / 1e9, weights_dtype=str(dtype).replace("torch.", ""))
 
 
 def flag_options(args, config, parallel: ParallelRequest, modes: tuple = ("optimized",)) -> Options:
@@ -269,6 +293,7 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         raise CLIError(in_flags(err)) from None
     check_prompt(g("prompt"))
     prompt = read_prompt_file(g("prompt_file")) if g("prompt_file") is not None else g("prompt")
+    image = check_image(g("image"), config)
     par = parallel_request(args)
     options = flag_options(args, config, par, modes)
     info = DeviceInfo.of(device, fp8=bool(options.fp8), attention=options.attention)
@@ -289,7 +314,7 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
                    prompt_given=prompt is not None, plan=run,
                    n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
                    ckpt_dir=g("ckpt_dir"), fp8_dir=g("fp8_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
-                   loras=loras, quiet=bool(g("quiet")))
+                   loras=loras, image=image, quiet=bool(g("quiet")))
 
 
 # ------------------------------------------------------------------ outputs

@@ -10,6 +10,8 @@ whether the kernel covers a call (device or interpreter, dtype, shapes, strides,
     rms_norm_rope    rms_norm_rope_supports         wan.dit.rms_norm_rope
     modulate         modulate_supports              wan.dit.modulate
     gated_residual   gated_residual_supports        wan.dit.gated_residual
+    modulate_rows    modulate_rows_supports         wan.dit.modulate_rows       (per-token rows)
+    gated_residual_rows  gated_residual_rows_supports  wan.dit.gated_residual_rows
     cfg_combine      cfg_combine_supports           wan.pipeline.cfg_combine
 
 `*_supports(...)` returns (True, '') or (False, reason). Calling an op on inputs its check
@@ -20,12 +22,13 @@ wan_triton.kernels._utils), so torch.compile traces them without graph breaks.
 """
 from ._utils import interpret_mode, triton_available, unsupported_tensors
 from .cfg import cfg_combine, cfg_combine_supports
-from .modulate import modulate, modulate_supports
-from .residual import gated_residual, gated_residual_supports
+from .modulate import modulate, modulate_rows, modulate_rows_supports, modulate_supports
+from .residual import gated_residual, gated_residual_rows, gated_residual_rows_supports, gated_residual_supports
 from .rms_norm import rms_norm, rms_norm_supports
 from .rope import rms_norm_rope, rms_norm_rope_supports, rope_apply, rope_apply_supports, rope_cos_sin, rope_split
 
-OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "cfg_combine")
+OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "cfg_combine", "modulate_rows",
+       "gated_residual_rows")
 
 __all__ = [*OPS, *(f"{op}_supports" for op in OPS), "OPS", "rope_cos_sin", "rope_split", "triton_available",
            "interpret_mode", "unsupported_tensors"]

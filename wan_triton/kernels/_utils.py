@@ -44,7 +44,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 __all__ = [
     "triton", "tl", "jit", "round_to", "cast_to", "triton_available", "interpret_mode", "unsupported_tensors",
     "KERNEL_DTYPES", "KERNEL_OUT_DTYPES", "cdiv", "next_pow2", "row_block", "num_warps_for", "launchable",
-    "register_op", "is_compiling", "OP_NAMESPACE", "broadcast_rows", "broadcasts_to", "verdict",
+    "register_op", "is_compiling", "OP_NAMESPACE", "broadcast_rows", "broadcasts_to", "verdict", "rows_problem",
 ]
 
 OP_NAMESPACE = "wan_kernels"
@@ -230,3 +230,20 @@ def broadcast_rows(t: torch.Tensor, shape) -> torch.Tensor:
     if shape[-1] > 1 and t.stride(-1) != 1:
         t = t.contiguous()
     return t
+
+
+def rows_problem(x: torch.Tensor, tables, index: torch.Tensor) -> str:
+    """'' when x [B, L, C], the [K, C] `tables` and index [B or 1, L] (int32 / int64, on x's device)
+    fit together, else why not (the per-token rows kernels)."""
+    if x.dim() != 3:
+        return f"x {tuple(x.shape)} is not [B, L, C]"
+    for t in tables:
+        if t.dim() != 2 or t.shape[1] != x.shape[-1]:
+            return f"table {tuple(t.shape)} is not [K, {x.shape[-1]}]"
+    if index.dtype not in (torch.int32, torch.int64):
+        return f"index dtype {index.dtype} (int32 or int64)"
+    if index.device != x.device:
+        return f"index on {index.device}, x on {x.device}"
+    if index.dim() != 2 or index.shape[0] not in (1, x.shape[0]) or index.shape[1] != x.shape[1]:
+        return f"index {tuple(index.shape)} does not cover x {tuple(x.shape[:2])}"
+    return ""

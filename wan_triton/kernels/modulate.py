@@ -16,6 +16,14 @@ LayerNorm statistics are jit helpers (`modulation_rows`, `layer_norm_block`, `la
 shared with modulate_quant_fp8.py.
 
 `modulate` launches the kernel; call it only where `modulate_supports` says yes.
+
+Per-token rows (`modulate_rows`, wan.dit.modulate_rows; the TI2V image mode's two timesteps):
+shift and scale are tables [K, C] (any row stride, last stride 1; often views m[:, i] of a
+[K, 6, C] tensor) and token (b, l) reads row k = index[b, l] (index [B, L] int32 / int64, any
+strides). Same math per row; the [B, L, C] per-token shift/scale the official code holds are never
+made. Floor: that of `modulate` (x read once, out written once; the K table rows stay in cache
+and the index adds 4 bytes per row of C elements). The index entries must lie in [0, K): not
+checked (that would need a device sync).
 """
 from __future__ import annotations
 
@@ -24,9 +32,9 @@ from typing import Optional
 import torch
 
 from ._utils import (KERNEL_OUT_DTYPES, broadcast_rows, broadcasts_to, cast_to, jit, launchable, num_warps_for,
-                     register_op, round_to, row_block, tl, unsupported_tensors, verdict)
+                     register_op, round_to, row_block, rows_problem, tl, unsupported_tensors, verdict)
 
-__all__ = ["modulate", "modulate_supports"]
+__all__ = ["modulate", "modulate_supports", "modulate_rows", "modulate_rows_supports"]
 
 
 @jit
@@ -79,6 +87,24 @@ def _modulate_store(d, rstd, sh_ptrs, sc_ptrs, y_ptrs, mask, X_DT: tl.constexpr,
 
 
 @jit
+def _modulate_row(x_row, sh_row, sc_row, y_row, n_cols, eps, X_DT: tl.constexpr, ROUND_NORM: tl.constexpr,
+                  BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One row: LayerNorm statistics (one read, or looped), then `_modulate_store` block by block."""
+    cols = tl.arange(0, BLOCK)
+    if ONE_PASS:
+        mask = cols < n_cols
+        d, rstd = layer_norm_block(x_row + cols, mask, n_cols, eps)
+        _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X_DT, ROUND_NORM)
+    else:
+        mean, rstd = layer_norm_looped(x_row, n_cols, eps, BLOCK)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            mask = c < n_cols
+            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+            _modulate_store(x - mean, rstd, sh_row + c, sc_row + c, y_row + c, mask, X_DT, ROUND_NORM)
+
+
+@jit
 def _modulate_kernel(X,            # input x [B, L, C], last stride 1
                      SHIFT,        # shift rows, addressed [B, L, C] (token stride 0 when per sample)
                      SCALE,        # scale rows, same addressing as SHIFT
@@ -98,19 +124,8 @@ def _modulate_kernel(X,            # input x [B, L, C], last stride 1
     row = tl.program_id(0).to(tl.int64)
     x_row, sh_row, sc_row = modulation_rows(X, SHIFT, SCALE, row, seq_len, stride_xb, stride_xl, stride_hb,
                                             stride_hl, stride_cb, stride_cl)
-    y_row = Y + row * n_cols
-    cols = tl.arange(0, BLOCK)
-    if ONE_PASS:
-        mask = cols < n_cols
-        d, rstd = layer_norm_block(x_row + cols, mask, n_cols, eps)
-        _modulate_store(d, rstd, sh_row + cols, sc_row + cols, y_row + cols, mask, X.dtype.element_ty, ROUND_NORM)
-    else:
-        mean, rstd = layer_norm_looped(x_row, n_cols, eps, BLOCK)
-        for start in range(0, n_cols, BLOCK):
-            c = start + cols
-            mask = c < n_cols
-            x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            _modulate_store(x - mean, rstd, sh_row + c, sc_row + c, y_row + c, mask, X.dtype.element_ty, ROUND_NORM)
+    _modulate_row(x_row, sh_row, sc_row, Y + row * n_cols, n_cols, eps, X.dtype.element_ty, ROUND_NORM, BLOCK,
+                  ONE_PASS)
 
 
 def _launch_modulate(x3: torch.Tensor, shift3: torch.Tensor, scale3: torch.Tensor, y3: torch.Tensor,
@@ -161,3 +176,81 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     float32 out or `out_dtype`. Same signature and result dtype as wan.dit.modulate (inputs as
     `modulate_supports` accepts). `round_norm=False`: the normalised row stays fp32."""
     return _modulate_op(x, shift, scale, float(eps), out_dtype, bool(round_norm))
+
+
+# ------------------------------------------------------------------------------------------
+# per-token rows: shift / scale tables [K, C] selected by a token index
+# ------------------------------------------------------------------------------------------
+
+@jit
+def _modulate_rows_kernel(X,            # input x [B, L, C], last stride 1
+                          SHIFT,        # shift table [K, C], last stride 1
+                          SCALE,        # scale table [K, C], last stride 1
+                          INDEX,        # token -> table row, [B, L] int32 / int64 (any strides)
+                          Y,            # output [B, L, C], contiguous, fp32 or out_dtype
+                          seq_len,      # L, to split the row index into (batch, token)
+                          stride_xb,    # X batch stride
+                          stride_xl,    # X token stride
+                          stride_hk,    # SHIFT row stride
+                          stride_ck,    # SCALE row stride
+                          stride_ib,    # INDEX batch stride (0: one index row for the batch)
+                          stride_il,    # INDEX token stride
+                          n_cols,       # C, the normalised width
+                          eps,          # added to the variance
+                          ROUND_NORM: tl.constexpr,  # round the normalised row to x's dtype (official) or keep fp32
+                          BLOCK: tl.constexpr,      # columns per block (power of two)
+                          ONE_PASS: tl.constexpr):  # whole row in one block (one read) or loops (three reads)
+    row = tl.program_id(0).to(tl.int64)
+    bi = row // seq_len
+    li = row - bi * seq_len
+    k = tl.load(INDEX + bi * stride_ib + li * stride_il).to(tl.int64)
+    _modulate_row(X + bi * stride_xb + li * stride_xl, SHIFT + k * stride_hk, SCALE + k * stride_ck,
+                  Y + row * n_cols, n_cols, eps, X.dtype.element_ty, ROUND_NORM, BLOCK, ONE_PASS)
+
+
+def _launch_modulate_rows(x3, shift, scale, index, y3, eps: float, round_norm: bool) -> None:
+    """x3 [B, L, C] and the [K, C] tables with last stride 1, index [B, L], y3 contiguous."""
+    B, L, C = x3.shape
+    if B * L == 0 or C == 0:
+        return
+    block, one_pass = row_block(C)
+    launchable(_modulate_rows_kernel)[(B * L,)](
+        x3, shift, scale, index, y3, L, x3.stride(0), x3.stride(1), shift.stride(0), scale.stride(0),
+        index.stride(0), index.stride(1), C, eps,
+        ROUND_NORM=round_norm, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps_for(block, max_warps=4))
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _modulate_rows_fake(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float,
+                        out_dtype: Optional[torch.dtype], round_norm: bool) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32)
+
+
+@register_op("modulate_rows", _modulate_rows_kernel, _modulate_rows_fake)
+def _modulate_rows_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float,
+                      out_dtype: Optional[torch.dtype], round_norm: bool) -> torch.Tensor:
+    x = _last_contiguous(x)
+    y = torch.empty(x.shape, dtype=out_dtype if out_dtype is not None else torch.float32, device=x.device)
+    _launch_modulate_rows(x, _last_contiguous(shift), _last_contiguous(scale), index.expand(x.shape[:2]), y, eps,
+                          round_norm)
+    return y
+
+
+def modulate_rows_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float,
+                           out_dtype: Optional[torch.dtype] = None, round_norm: bool = True) -> tuple[bool, str]:
+    """(True, '') when the kernel covers this call, else (False, reason)."""
+    why = unsupported_tensors(x, shift, scale)
+    if not why:
+        why = f"out_dtype {out_dtype}" if out_dtype not in KERNEL_OUT_DTYPES else rows_problem(x, (shift, scale), index)
+    return verdict(why)
+
+
+def modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float,
+                  out_dtype: Optional[torch.dtype] = None, round_norm: bool = True) -> torch.Tensor:
+    """modulate() with the shift/scale rows of each token taken from [K, C] tables by `index`
+    [B or 1, L]; same signature and result as wan.dit.modulate_rows (inputs as
+    `modulate_rows_supports` accepts)."""
+    return _modulate_rows_op(x, shift, scale, index, float(eps), out_dtype, bool(round_norm))
