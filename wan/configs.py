@@ -1,11 +1,13 @@
 """Frozen dataclass configs and named presets for the Wan 2.2 T2V stack.
 
 `PRESETS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `PRESETS["tiny"]`
-has the same architecture at toy widths, for tests and the built-in demo.
+has the same architecture at toy widths, for tests (random weights); `PRESETS["demo"]` is the trained demo
+model, whose weights ship in the package at `DEMO_CKPT_DIR` (docs/demo_model.md).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -142,7 +144,30 @@ TINY = T2VConfig(
     seed=42,
 )
 
-PRESETS: dict[str, T2VConfig] = {c.name: c for c in (T2V_A14B, TINY)}
+# The trained demo model (docs/demo_model.md; trained by bench/train_demo.py on procedural clips of coloured
+# shapes): the official architecture, schedule (shift 12, boundary 0.875, guidance (3, 4)) and file layout
+# at a size that trains on a CPU and samples 17 frames of 64x64 in seconds. Its text encoder keeps fixed
+# random weights and the byte tokenizer; the latent statistics are the official ones (training folds its
+# own into the VAE's 1x1 convs). The negative prompt is empty: training dropped captions to "".
+DEMO = T2VConfig(
+    name="demo",
+    dit=DiTConfig(dim=128, ffn_dim=512, freq_dim=64, text_dim=64, num_heads=4, num_layers=4, text_len=64),
+    t5=T5Config(vocab_size=384, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2,
+                num_buckets=32, max_distance=128, text_len=64),
+    vae=VAEConfig(dim=8),
+    param_dtype=torch.bfloat16,
+    t5_dtype=torch.float32,
+    frame_num=17,
+    sample_steps=20,
+    sample_neg_prompt="",
+    sizes=("64*64",),
+    default_size="64*64",
+    seed=42,
+)
+# the demo model's weights, in the official layout, installed with the package (setup.py package_data)
+DEMO_CKPT_DIR = Path(__file__).resolve().parent / "demo_model"
+
+PRESETS: dict[str, T2VConfig] = {c.name: c for c in (T2V_A14B, TINY, DEMO)}
 
 
 def get_config(name: str) -> T2VConfig:
