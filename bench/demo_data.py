@@ -12,7 +12,7 @@ e.g. "a red circle bouncing on a black background".
     shapes       circle, square, triangle
     motions      moving left / right / up / down (straight, constant speed), bouncing (diagonal,
                  reflected at the borders), rotating (in place; squares and triangles only)
-    backgrounds  black, gray (plain), striped, checkered (grey textures, still)
+    backgrounds  black, gray (plain), striped, checkered (grey, low-contrast, soft-edged textures, still)
 
 Pixels are in [-1, 1] (the VAE's range); shapes are anti-aliased (coverage from a signed distance).
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["COLOURS", "SHAPES", "MOTIONS", "BACKGROUNDS", "ClipParams", "clip_params", "caption", "render",
-           "render_clips", "parse_caption", "SPLIT_SEEDS"]
+           "render_clips", "parse_caption", "SPLIT_SEEDS", "Observed", "observe"]
 
 # RGB in [0, 1]: saturated and far apart in hue, so the dominant colour of a frame names the object
 COLOURS = {"red": (0.95, 0.12, 0.10), "green": (0.15, 0.85, 0.15), "blue": (0.15, 0.30, 1.00),
@@ -49,7 +49,7 @@ class ClipParams:
     velocity: tuple          # (dx, dy) per frame, / side (bouncing: before reflections)
     angle0: float
     spin: float              # radians per frame (rotating only)
-    bg_levels: tuple         # two grey levels in [0, 1] (plain backgrounds use the first)
+    bg_levels: tuple         # two grey levels in [0, 1] (plain backgrounds use the first; textures: low contrast)
     bg_period: float         # texture period, / side
     bg_angle: float          # stripe orientation
     brightness: float        # the object colour's gain (0.85 .. 1)
@@ -93,8 +93,8 @@ def clip_params(index: int, seed: int = 0, frames: int = 17) -> ClipParams:
         start = (u(0.35, 0.65), u(0.35, 0.65))
         spin = pick((-1, 1)) * math.radians(u(50.0, 80.0)) / steps
         angle0 = u(0.0, 2 * math.pi)
-    dark = u(0.0, 0.12) if background == "black" else u(0.35, 0.55) if background == "gray" else u(0.05, 0.3)
-    light = u(0.55, 0.85)
+    dark = u(0.0, 0.12) if background == "black" else u(0.35, 0.55) if background == "gray" else u(0.1, 0.35)
+    light = dark + u(0.12, 0.25)                  # textures: low contrast, so the object stands out
     return ClipParams(colour=colour, shape=shape, motion=motion, background=background, radius=r, start=start,
                       velocity=vel, angle0=angle0, spin=spin, bg_levels=(dark, light), bg_period=u(0.18, 0.3),
                       bg_angle=pick((0.0, 0.5 * math.pi, 0.25 * math.pi, 0.75 * math.pi)), brightness=u(0.85, 1.0))
@@ -166,8 +166,9 @@ def _background(ps: list[ClipParams], size: int, device) -> torch.Tensor:
     per = torch.tensor([p.bg_period for p in ps], dtype=torch.float32, device=device)[:, None, None]
     ang = torch.tensor([p.bg_angle for p in ps], dtype=torch.float32, device=device)[:, None, None]
     along = x * torch.cos(ang) + y * torch.sin(ang)
-    stripes = (torch.sin(2 * math.pi * along / per) > 0).float()
-    checks = ((torch.floor(x / per) + torch.floor(y / per)) % 2).float()
+    # soft edges (about a pixel and a half at 64 x 64): tanh of a sine, in [0, 1]
+    stripes = 0.5 + 0.5 * torch.tanh(3 * torch.sin(2 * math.pi * along / per))
+    checks = 0.5 + 0.5 * torch.tanh(3 * torch.sin(math.pi * x / per) * torch.sin(math.pi * y / per) * 2)
     kind = torch.tensor([BACKGROUNDS.index(p.background) for p in ps], device=device)[:, None, None]
     pattern = torch.where(kind == 2, stripes, torch.where(kind == 3, checks, torch.zeros_like(stripes)))
     return (dark + (light - dark) * pattern)[:, None, None]
@@ -199,6 +200,65 @@ def render_clips(indices, seed: int = 0, frames: int = 17, size: int = 64, devic
     """(video [B, 3, F, H, W], captions) of the clips `indices` of the set `seed`."""
     ps = [clip_params(int(i), seed, frames) for i in indices]
     return render(ps, frames, size, device), [caption(p) for p in ps]
+
+
+# ------------------------------------------------------------------ what a video shows (tests, evaluation)
+
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """Hue in degrees [0, 360) of [..., 3] values in [0, 1]."""
+    r, g, b = rgb.unbind(-1)
+    mx, mn = rgb.amax(-1), rgb.amin(-1)
+    d = (mx - mn).clamp_min(1e-6)
+    h = torch.where(mx == r, ((g - b) / d) % 6, torch.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return h * 60.0
+
+
+_HUES = {name: _hue(torch.tensor(rgb)).item() for name, rgb in COLOURS.items()}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a clip shows, measured on its uint8 frames."""
+    colour: str | None           # the colour name nearest in hue to most saturated pixels (None: none)
+    colour_share: float          # share of the saturated pixels that vote for it
+    object_area: float           # saturated pixels per frame, as a share of the frame
+    centroids: tuple             # (x, y) per frame of the saturated pixels, in units of the side
+    background: float            # mean grey level of the other pixels, in [0, 1]
+    roughness: float             # mean |difference| of horizontally adjacent pixels, in [0, 1] (noise: ~0.33)
+
+    @property
+    def shift(self) -> tuple[float, float]:
+        """(dx, dy) of the object from the first frame to the last."""
+        (x0, y0), (x1, y1) = self.centroids[0], self.centroids[-1]
+        return x1 - x0, y1 - y0
+
+
+def observe(frames: torch.Tensor, min_saturation: float = 0.45, min_value: float = 0.3) -> Observed:
+    """Measure [F, H, W, 3] uint8 frames (what save_video writes, or an MP4 decoded): a pixel is the
+    object's when it is saturated ((max - min) / max >= min_saturation and max >= min_value): the
+    backgrounds of the set are grey, the objects saturated."""
+    x = frames.float() / 255.0
+    mx, mn = x.amax(-1), x.amin(-1)
+    sat = ((mx - mn) / mx.clamp_min(1e-6) >= min_saturation) & (mx >= min_value)     # [F, H, W]
+    rough = (x[:, :, 1:] - x[:, :, :-1]).abs().mean().item()
+    bg = x.mean(-1)[~sat].mean().item() if (~sat).any() else math.nan
+    f, hgt, wid = sat.shape
+    if not sat.any():
+        return Observed(None, 0.0, 0.0, ((math.nan, math.nan),) * f, bg, rough)
+    hues = _hue(x[sat])
+    names = list(_HUES)
+    dist = torch.stack([torch.minimum((hues - h).abs(), 360 - (hues - h).abs()) for h in _HUES.values()])
+    votes = torch.bincount(dist.argmin(0), minlength=len(names))
+    best = int(votes.argmax())
+    ys, xs = torch.meshgrid(torch.arange(hgt, dtype=torch.float32), torch.arange(wid, dtype=torch.float32),
+                            indexing="ij")
+    cents = []
+    for m in sat:
+        n = m.sum().item()
+        cents.append(((xs[m].sum().item() / n + 0.5) / wid, (ys[m].sum().item() / n + 0.5) / hgt) if n else
+                     (math.nan, math.nan))
+    return Observed(names[best], votes[best].item() / votes.sum().item(), sat.float().mean().item(), tuple(cents),
+                    bg, rough)
 
 
 def _save_strip(path: str, video: torch.Tensor, every: int = 4) -> None:
