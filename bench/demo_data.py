@@ -266,19 +266,37 @@ def _save_strip(path: str, video: torch.Tensor, every: int = 4) -> None:
     import imageio.v2 as imageio
 
     v = ((video[:, :, ::every].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)     # [B, 3, f, H, W]
+    v = torch.nn.functional.pad(v, (0, 2, 0, 2), value=255)                            # white gaps
     rows = [torch.cat(list(clip.permute(1, 2, 3, 0)), dim=1) for clip in v]           # each [H, f*W, 3]
     imageio.imwrite(path, torch.cat(rows, dim=0).numpy())
 
 
+def sample_strip(path: str, ckpt_dir: str, prompts: list[str], seed: int = 42, steps: int | None = None) -> None:
+    """The demo model's videos for `prompts` (one row each, every 4th frame) as a PNG."""
+    from wan.pipeline import WanT2V
+
+    pipe = WanT2V.from_pretrained(ckpt_dir, "demo", device="cpu")
+    videos = [pipe.generate(p, size="64*64", frame_num=17, sampling_steps=steps, seed=seed, progress=False)
+              for p in prompts]
+    _save_strip(path, torch.stack(videos))
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Render a few clips of the demo training set as a PNG strip.")
+    ap = argparse.ArgumentParser(description="Render a few clips of the demo training set as a PNG strip (or, with "
+                                             "--sample, the demo model's videos for --prompts).")
     ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--sample", default=None, metavar="CKPT_DIR", help="sample this demo checkpoint instead")
+    ap.add_argument("--prompts", nargs="*", default=None, help="with --sample: one row per prompt")
+    ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--count", type=int, default=6)
     ap.add_argument("--first", type=int, default=0, help="index of the first clip")
     ap.add_argument("--split", choices=tuple(SPLIT_SEEDS), default="train")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.sample:
+        sample_strip(args.out, args.sample, args.prompts or ["a red circle bouncing on a black background"], args.seed)
+        return 0
     video, caps = render_clips(range(args.first, args.first + args.count), SPLIT_SEEDS[args.split], args.frames,
                                args.size)
     _save_strip(args.out, video)

@@ -43,13 +43,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.demo_data import SPLIT_SEEDS, render_clips
+from bench.demo_data import SPLIT_SEEDS, observe, parse_caption, render_clips
 from wan import attention
 from wan.configs import DEMO
 from wan.dit import WanModel
 from wan.pipeline import WanT2V
 from wan.t5 import T5TextEncoder
 from wan.vae import ResidualBlock, RMSNorm, WanVAE
+from wan.video import video_to_uint8
 
 MAX_BYTES = 20 * 10 ** 6      # the shipped weights, all files together
 STAGES = ("vae", "dit", "done")
@@ -62,6 +63,7 @@ class Recipe:
     vae_frames: int = 9          # 4n+1: 3 latent frames exercise the temporal (de)compression
     vae_lr: float = 2e-3
     latent_noise: float = 0.1    # decoder input noise, relative to mu's std
+    object_gain: float = 10.0    # reconstruction weight 1 + gain x saturation (the objects)
     dit_steps: int = 2000
     dit_batch: int = 16
     dit_lr: float = 1e-3
@@ -227,20 +229,42 @@ def replan(run: Run, stage: str, done: int, sec_per_step: float, budget_s: float
 
 # ------------------------------------------------------------------ stage 1: the VAE
 
-def vae_loss(vae: WanVAE, x: torch.Tensor, g: torch.Generator, latent_noise: float) -> torch.Tensor:
-    """L1 + MSE of the reconstruction from mu plus noise of `latent_noise` x mu's std (so the decoder
-    tolerates the small errors of generated latents). A plain autoencoder: with a KL term the small
+def object_weight(x: torch.Tensor, gain: float) -> torch.Tensor:
+    """1 + gain x saturation, per pixel ([B, 1, F, H, W]): the shapes are the only saturated pixels and cover
+    ~5 % of a frame, so an unweighted loss is met first by the background alone."""
+    rgb = (x + 1) / 2
+    mx = rgb.amax(1, keepdim=True)
+    return 1 + gain * (mx - rgb.amin(1, keepdim=True)) / mx.clamp_min(1e-3)
+
+
+def vae_loss(vae: WanVAE, x: torch.Tensor, g: torch.Generator, latent_noise: float, gain: float) -> torch.Tensor:
+    """Object-weighted L1 + MSE of the reconstruction from mu plus noise of `latent_noise` x mu's std (so the
+    decoder tolerates the small errors of generated latents). A plain autoencoder: with a KL term the small
     model spent its latents on noise (measured: it stalled at the mean frame)."""
     mu = vae.conv1(vae.encoder(x))[:, :vae.z_dim]
     eps = torch.randn(mu.shape, generator=g, device=mu.device)
     y = vae.decoder(vae.conv2(mu + latent_noise * mu.detach().std() * eps))
-    return F.l1_loss(y, x) + F.mse_loss(y, x)
+    w = object_weight(x, gain)
+    return ((y - x).abs() * w).mean() + ((y - x).pow(2) * w).mean()
+
+
+@torch.no_grad()
+def vae_eval(vae: WanVAE, x: torch.Tensor) -> tuple[float, float]:
+    """(L1 over all pixels, L1 over the object's pixels) of the plain reconstruction of held-out clips."""
+    vae.eval()
+    y = vae.decoder(vae.conv2(vae.conv1(vae.encoder(x))[:, :vae.z_dim]))
+    vae.train()
+    err = (y - x).abs()
+    obj = (object_weight(x, 1.0) > 1.3).expand_as(err)
+    return err.mean().item(), (err[obj].mean().item() if obj.any() else 0.0)
 
 
 def train_vae(run: Run, clock: Clock, ckpt_every: int, log_every: int, share: float = 0.3) -> None:
     r, dev = run.recipe, run.device
     t_stage = t_win = time.perf_counter()
     win0 = run.step
+    held, _ = render_clips(range(8), SPLIT_SEEDS["heldout"], r.frames, r.size, dev)
+    held = held[:, :, :r.vae_frames]
     while run.step < run.plan["vae"]:
         i = run.step
         idx = range(i * r.vae_batch, (i + 1) * r.vae_batch)  # a fresh stream of training clips
@@ -248,7 +272,7 @@ def train_vae(run: Run, clock: Clock, ckpt_every: int, log_every: int, share: fl
         x = x[:, :, :r.vae_frames]
         for group in run.vae_opt.param_groups:
             group["lr"] = lr_at(i, run.plan["vae"], r.vae_lr, r.warmup)
-        loss = vae_loss(run.vae, x, gen(dev, run.seed, 1, i), r.latent_noise)
+        loss = vae_loss(run.vae, x, gen(dev, run.seed, 1, i), r.latent_noise, r.object_gain)
         run.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.vae.parameters(), 1.0)
@@ -259,8 +283,10 @@ def train_vae(run: Run, clock: Clock, ckpt_every: int, log_every: int, share: fl
         if run.step == win0 + 30:
             replan(run, "vae", run.step, (time.perf_counter() - t_win) / 30, clock.budget(share))
         if run.step % log_every == 0 or run.step == run.plan["vae"]:
-            print(f"[vae] step {run.step}/{run.plan['vae']} loss {loss.item():.4f} "
-                  f"{(time.perf_counter() - t_win) / (run.step - win0):.2f} s/step", flush=True)
+            l1, l1_obj = vae_eval(run.vae, held)
+            run.log.setdefault("vae_eval", []).append([run.step, round(l1, 5), round(l1_obj, 5)])
+            print(f"[vae] step {run.step}/{run.plan['vae']} loss {loss.item():.4f}; held-out L1 {l1:.4f}, on the "
+                  f"objects {l1_obj:.4f}; {(time.perf_counter() - t_win) / (run.step - win0):.2f} s/step", flush=True)
         if run.step % ckpt_every == 0:
             run.wall["vae"] += time.perf_counter() - t_stage
             t_stage = time.perf_counter()
@@ -395,6 +421,42 @@ def train_dit(run: Run, train, held, null_ctx, clock: Clock, ckpt_every: int, lo
 
 # ------------------------------------------------------------------ stage 4: export
 
+CHECK_PROMPTS = ("a red circle bouncing on a black background",
+                 "a blue square moving right on a gray background",
+                 "a green triangle rotating on a striped background",
+                 "a yellow circle moving up on a checkered background",
+                 "a magenta square moving left on a black background",
+                 "a cyan triangle moving down on a gray background",
+                 "a red triangle moving down on a striped background",
+                 "a blue circle moving left on a checkered background")
+DIRECTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
+
+
+@torch.no_grad()
+def prompt_check(folder: Path, device, seeds=(0, 1)) -> dict:
+    """Sample the exported model (as wan-generate does) on CHECK_PROMPTS and measure what the frames show
+    (bench.demo_data.observe): the share of videos whose object has the prompt's colour, and of the straight
+    motions, the share that move the prompt's way (by more than 5 % of the side)."""
+    pipe = WanT2V.from_pretrained(folder, DEMO, device=device, init_on_cpu=False)
+    rows = []
+    for prompt in CHECK_PROMPTS:
+        colour, _, motion, _ = parse_caption(prompt)
+        for seed in seeds:
+            seen = observe(video_to_uint8(pipe.generate(prompt, size="64*64", frame_num=17, seed=seed,
+                                                        progress=False)))
+            dx, dy = seen.shift if seen.colour else (math.nan, math.nan)
+            d = DIRECTIONS.get(motion)
+            rows.append(dict(prompt=prompt, seed=seed, colour=seen.colour, colour_ok=seen.colour == colour,
+                             area=round(seen.object_area, 4), shift=[round(dx, 3), round(dy, 3)],
+                             direction_ok=None if d is None else bool(d[0] * dx + d[1] * dy > 0.05)))
+    straight = [r for r in rows if r["direction_ok"] is not None]
+    out = dict(colour=sum(r["colour_ok"] for r in rows) / len(rows),
+               direction=sum(r["direction_ok"] for r in straight) / max(1, len(straight)), videos=rows)
+    print(f"[check] colour right in {out['colour']:.0%} of {len(rows)} videos; direction right in "
+          f"{out['direction']:.0%} of {len(straight)} straight motions", flush=True)
+    return out
+
+
 def export(run: Run, held_loss: dict, command: str, dest: Path) -> Path:
     """Write <dest>/demo_model (official layout), <dest>/demo_loss.png, <dest>/train_log.json."""
     t0 = time.perf_counter()
@@ -411,6 +473,7 @@ def export(run: Run, held_loss: dict, command: str, dest: Path) -> Path:
         raise SystemExit(f"the exported weights take {total / 1e6:.1f} MB, over the {MAX_BYTES / 1e6:.0f} MB budget")
     WanT2V.from_pretrained(folder, DEMO, device="cpu")  # loads unchanged, as wan-generate will
     plotted = plot_losses(run.log, dest / "demo_loss.png")
+    check = prompt_check(folder, run.device, seeds=(0,) if run.device.type == "cpu" else (0, 1))
     run.wall["export"] = time.perf_counter() - t0
     r = run.recipe
     info = dict(recipe=asdict(r), seed=run.seed, device=str(run.device), torch=torch.__version__,
@@ -419,7 +482,7 @@ def export(run: Run, held_loss: dict, command: str, dest: Path) -> Path:
                 wall_total_s=round(sum(run.wall.values()), 1), heldout_loss=held_loss, folded_latent_stats=run.folded,
                 params={"dit_expert": n_params(experts["high"]), "vae": n_params(vae),
                         "t5": n_params(pipe.text_encoder.model)},
-                bytes=files, bytes_total=total, loss_png=plotted, log=run.log)
+                bytes=files, bytes_total=total, loss_png=plotted, prompt_check=check, log=run.log)
     (dest / "train_log.json").write_text(json.dumps(info, indent=1))
     print(f"[export] {folder}: {total / 1e6:.1f} MB; held-out loss {held_loss}; "
           f"wall {info['wall_total_s']:.0f} s ({info['wall_s']})", flush=True)
