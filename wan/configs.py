@@ -5,11 +5,13 @@ has the same architecture at toy widths, for tests and the built-in demo. The re
 (docs/models.md): `ti2v-5B` (one model, the Wan2.2 VAE, text or image to video) and `i2v-A14B` (two
 experts conditioned on an image), each with a toy-width task (`ti2v-tiny`, `i2v-tiny`). (A "preset"
 is a hardware profile of wan_triton, never a model size.)
+`DEMO` is the size of the demo model that bench/train_demo.py trains (not a task yet: no weights ship).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -160,6 +162,29 @@ TINY = T2VConfig(
     default_size="128*128",
     seed=42,
 )
+
+# The trained demo model (docs/demo_model.md; trained by bench/train_demo.py on procedural clips of coloured
+# shapes): the official architecture, schedule (shift 12, boundary 0.875, guidance (3, 4)) and file layout
+# at a size that trains on a CPU and samples 17 frames of 64x64 in seconds. Its text encoder keeps fixed
+# random weights and the byte tokenizer; the latent statistics are the official ones (training folds its
+# own into the VAE's 1x1 convs). The negative prompt is empty: training dropped captions to "".
+DEMO = T2VConfig(
+    name="demo",
+    dit=DiTConfig(dim=128, ffn_dim=512, freq_dim=64, text_dim=64, num_heads=4, num_layers=4, text_len=64),
+    t5=T5Config(vocab_size=384, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2,
+                num_buckets=32, max_distance=128, text_len=64),
+    vae=VAEConfig(dim=8),
+    param_dtype=torch.bfloat16,
+    t5_dtype=torch.float32,
+    frame_num=17,
+    sample_steps=20,
+    sample_neg_prompt="",
+    sizes=("64*64",),
+    default_size="64*64",
+    seed=42,
+)
+# the demo model's weights, in the official layout, installed with the package (setup.py package_data)
+DEMO_CKPT_DIR = Path(__file__).resolve().parent / "demo_model"
 
 def get_config(name: str) -> "T2VConfig | TI2VConfig":
     """The config of a task by name ('t2v-A14B', 'tiny', 'ti2v-5B', ...); KeyError naming the choices."""
