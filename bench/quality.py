@@ -394,7 +394,8 @@ def builtin_modes(device, keys=None) -> list[Mode]:
                            note="the exact run is bf16; this row is how far that is from fp32"),
              "fp8-linears": Mode(lin, fp8_linears, note=lin_note),
              "fp8-attention": Mode(attn, fp8_attention_mode, note=attn_note),
-             "fp8-both": Mode(f"{lin} + {attn}", fp8_both, note="both of the above"),
+             "fp8-both": Mode(f"{lin} + {attn}", fp8_both,
+                              note="both of the above" + (", CPU emulation" if "emulation" in lin else "")),
              "sanity": Mode("skip every other step (sanity)", skip_odd_steps,
                             note="deliberately bad: odd steps reuse the previous velocity")}
     return [modes[k] for k in BUILTIN if keys is None or k in keys]
