@@ -262,9 +262,20 @@ def _attention_fp32(q, k, v, k_lens=None, out_dtype=None, backend=None):
 def fp32_floor(pipe) -> Callable[[], None]:
     """Everything the exact run does in bf16 (the autocast GEMMs, attention) in float32 instead: the
     autocast dtype is the config's param_dtype, and wan.dit calls wan.attention.attention by module
-    attribute. Needs fp32 weights (a checkpoint as stored)."""
+    attribute; TF32 off. Needs fp32 weights (a checkpoint as stored; else ModeUnavailable)."""
+    dtypes = {p.dtype for m in (pipe.high_noise_model, pipe.low_noise_model) for p in m.parameters()}
+    if dtypes != {torch.float32}:
+        raise ModeUnavailable(f"the fp32 floor needs fp32 DiT weights; these are {sorted(map(str, dtypes))}")
     return _undo_all([_swap(pipe, "config", pipe.config.replace(param_dtype=torch.float32)),
-                      _swap(att, "attention", _attention_fp32)])
+                      _swap(att, "attention", _attention_fp32),
+                      _set_flag(torch.backends.cuda.matmul, "allow_tf32", False),
+                      _set_flag(torch.backends.cudnn, "allow_tf32", False)])
+
+
+def _set_flag(obj, name: str, value) -> Callable[[], None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    return lambda: setattr(obj, name, old)
 
 
 def fp8_linears(pipe) -> Callable[[], None]:
@@ -482,7 +493,7 @@ def _header(args, pipe, seeds, seconds: float) -> str:
 def main(argv=None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+    warnings.filterwarnings("ignore", message="In (CPU|CUDA) autocast, but the target dtype is not supported")
     try:
         keys, seeds = _check_args(args)
     except (ValueError, KeyError) as err:

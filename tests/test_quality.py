@@ -177,3 +177,12 @@ def test_demo_task_resolves_for_the_gate_and_the_cache_sweep():
     assert quality.config_of("demo") is DEMO and quality.config_of("tiny").name == "tiny"
     p = build(argparse.Namespace(task="demo", random=True, device="cpu", ckpt_dir=None))
     assert p.config is DEMO
+
+
+def test_the_floor_refuses_bf16_weights():
+    """The floor compares with fp32 math: on bf16 weights it would compare bf16 with bf16, so it says so."""
+    import types
+
+    bf16 = types.SimpleNamespace(high_noise_model=nn.Linear(2, 2).bfloat16(), low_noise_model=nn.Linear(2, 2))
+    with pytest.raises(quality.ModeUnavailable, match="fp32 DiT weights"):
+        quality.fp32_floor(bf16)
