@@ -89,7 +89,7 @@ def run(args, cleanup: ExitStack) -> Path | None:
     check_video_writer()
 
     seed = resolve_seed(req, demo)
-    prompt_note = "" if req.prompt_given else "; the demo prompt"
+    prompt_note = "" if req.prompt_given else "; the task's default prompt"
     if req.weights == "built-in":
         logging.info("no --ckpt_dir: loading the built-in demo model (a toy trained on coloured shapes, not Wan's "
                      "weights: docs/demo_model.md) on %s", req.device)

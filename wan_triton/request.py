@@ -137,7 +137,7 @@ def check_device(spec: str | None):
 
 def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
     if prompt is not None and not prompt.strip():
-        raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the demo prompt")
+        raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the task's default prompt")
 
 
 def read_prompt_file(path: str) -> str:
