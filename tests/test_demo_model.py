@@ -152,3 +152,15 @@ def test_the_training_captions_and_the_cli_share_one_grammar():
     assert demo_data.parse_caption is parse_caption
     assert parse_caption(DEMO_PROMPT) == ("red", "circle", "moving right", "black")
     assert request.default_prompt(DEMO) == DEMO_PROMPT
+
+
+def test_both_tools_default_to_the_shipped_demo_model():
+    """wan-generate and wan-benchmark without --ckpt_dir: one rule (request.implied_task, weights_source)."""
+    from wan_triton import benchmark, generate
+
+    for parser in (generate.build_parser(), benchmark.build_parser()):
+        args = parser.parse_args(["--device", "cpu"])
+        req = request.parse_request(args, request.implied_task(args))
+        assert (req.task, req.weights, req.ckpt_dir, req.size) == ("demo", "built-in", str(DEMO_CKPT_DIR), "64*64")
+        args = parser.parse_args(["--device", "cpu", "--task", "demo", "--random-weights"])
+        assert request.parse_request(args, request.implied_task(args)).weights == "random"
