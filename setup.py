@@ -33,6 +33,8 @@ setup(
     # `wan_triton.kernels`; a top-level `kernels` is Hugging Face's, and `bench` is a PyPI name).
     # The scripts in bench/ run from a clone (python -m bench.<name>) and are not installed.
     packages=find_packages(include=["wan", "wan.*", "wan_triton", "wan_triton.*"]),
+    # the demo model's weights (wan/demo_model: official layout, ~14 MB), the default of wan-generate
+    package_data={"wan": ["demo_model/**/*"]},
     install_requires=install_requires,
     extras_require={
         # diffusers: so that the test command runs tests/test_diffusers.py (without it they skip); cache-dit:

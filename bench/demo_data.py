@@ -2,6 +2,7 @@
 textured background, each with a caption. Rendered on demand from a seed, never stored.
 
     python -m bench.demo_data --out strip.png --count 6          # look at a few clips (a PNG strip)
+    python -m bench.demo_data --sample --out docs/demo_strip.png # the shipped model's videos (the README's strip)
 
 A clip is drawn from its (seed, index) alone (`clip_params`), so any subset renders the same on
 any machine and in any order; `render` draws a batch of clips on a CPU or a GPU (float32 math;
@@ -14,6 +15,7 @@ e.g. "a red circle bouncing on a black background".
                  reflected at the borders), rotating (in place; squares and triangles only)
     backgrounds  black, gray (plain), striped, checkered (grey, low-contrast, soft-edged textures, still)
 
+The vocabulary and grammar are wan.demo_captions' (the CLI's demo prompt comes from there).
 Pixels are in [-1, 1] (the VAE's range); shapes are anti-aliased (coverage from a signed distance).
 """
 from __future__ import annotations
@@ -24,15 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from wan.configs import DEMO, DEMO_CKPT_DIR
+from wan.demo_captions import BACKGROUNDS, COLOURS, DEMO_PROMPT, MOTIONS, SHAPES, parse_caption
+from wan.demo_captions import caption as caption_of
+from wan.pipeline import WanT2V
+
 __all__ = ["COLOURS", "SHAPES", "MOTIONS", "BACKGROUNDS", "ClipParams", "clip_params", "caption", "render",
            "render_clips", "parse_caption", "SPLIT_SEEDS", "Observed", "observe"]
 
-# RGB in [0, 1]: saturated and far apart in hue, so the dominant colour of a frame names the object
-COLOURS = {"red": (0.95, 0.12, 0.10), "green": (0.15, 0.85, 0.15), "blue": (0.15, 0.30, 1.00),
-           "yellow": (0.95, 0.90, 0.10), "magenta": (0.95, 0.15, 0.90), "cyan": (0.10, 0.90, 0.95)}
-SHAPES = ("circle", "square", "triangle")
-MOTIONS = ("moving left", "moving right", "moving up", "moving down", "bouncing", "rotating")
-BACKGROUNDS = ("black", "gray", "striped", "checkered")
 # the training set and the held-out set draw from disjoint seeds of the same distribution
 SPLIT_SEEDS = {"train": 0, "heldout": 1}
 
@@ -101,20 +102,7 @@ def clip_params(index: int, seed: int = 0, frames: int = 17) -> ClipParams:
 
 
 def caption(p: ClipParams) -> str:
-    return f"a {p.colour} {p.shape} {p.motion} on a {p.background} background"
-
-
-def parse_caption(text: str) -> tuple[str, str, str, str]:
-    """(colour, shape, motion, background) of a caption in the set's grammar; ValueError otherwise."""
-    words = text.strip().split()
-    if len(words) < 7 or words[0] != "a" or words[-1] != "background":
-        raise ValueError(f"not a caption of the demo set: {text!r}")
-    colour, shape = words[1], words[2]
-    rest = " ".join(words[3:-1])
-    motion, _, bg = rest.rpartition(" on a ")
-    if colour not in COLOURS or shape not in SHAPES or motion not in MOTIONS or bg not in BACKGROUNDS:
-        raise ValueError(f"not a caption of the demo set: {text!r}")
-    return colour, shape, motion, bg
+    return caption_of(p.colour, p.shape, p.motion, p.background)
 
 
 def _reflect(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -271,13 +259,18 @@ def _save_strip(path: str, video: torch.Tensor, every: int = 4) -> None:
     imageio.imwrite(path, torch.cat(rows, dim=0).numpy())
 
 
-def sample_strip(path: str, ckpt_dir: str, prompts: list[str], seed: int = 42, steps: int | None = None) -> None:
-    """The demo model's videos for `prompts` (one row each, every 4th frame) as a PNG."""
-    from wan.pipeline import WanT2V
+# the README's strip (docs/demo_strip.png): the demo prompt first (wan-generate's default video), then a few others
+STRIP_PROMPTS = (DEMO_PROMPT, "a blue square moving down on a gray background",
+                 "a green triangle rotating on a striped background",
+                 "a yellow circle bouncing on a checkered background")
 
-    pipe = WanT2V.from_pretrained(ckpt_dir, "demo", device="cpu")
-    videos = [pipe.generate(p, size="64*64", frame_num=17, sampling_steps=steps, seed=seed, progress=False)
-              for p in prompts]
+
+def sample_strip(path: str, ckpt_dir, prompts, seed: int = 42, steps: int | None = None) -> None:
+    """The demo model's videos for `prompts` (one row each, every 4th frame) as a PNG: sampled as
+    wan-generate's default does (the demo task's size, frames, steps and guidance; `seed`: its seed)."""
+    pipe = WanT2V.from_pretrained(ckpt_dir, DEMO, device="cpu")
+    videos = [pipe.generate(p, size=DEMO.default_size, frame_num=DEMO.frame_num, sampling_steps=steps, seed=seed,
+                            progress=False) for p in prompts]
     _save_strip(path, torch.stack(videos))
 
 
@@ -285,8 +278,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Render a few clips of the demo training set as a PNG strip (or, with "
                                              "--sample, the demo model's videos for --prompts).")
     ap.add_argument("--out", required=True, help="PNG path")
-    ap.add_argument("--sample", default=None, metavar="CKPT_DIR", help="sample this demo checkpoint instead")
-    ap.add_argument("--prompts", nargs="*", default=None, help="with --sample: one row per prompt")
+    ap.add_argument("--sample", nargs="?", default=None, const=str(DEMO_CKPT_DIR), metavar="CKPT_DIR",
+                    help="sample this demo checkpoint instead (no value: the shipped one, wan/demo_model)")
+    ap.add_argument("--prompts", nargs="*", default=None,
+                    help="with --sample: one row per prompt (default: the demo prompt and three others)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--count", type=int, default=6)
     ap.add_argument("--first", type=int, default=0, help="index of the first clip")
@@ -295,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
     if args.sample:
-        sample_strip(args.out, args.sample, args.prompts or ["a red circle bouncing on a black background"], args.seed)
+        sample_strip(args.out, args.sample, args.prompts or list(STRIP_PROMPTS), args.seed)
         return 0
     video, caps = render_clips(range(args.first, args.first + args.count), SPLIT_SEEDS[args.split], args.frames,
                                args.size)

@@ -5,6 +5,8 @@ size, on procedural clips of coloured shapes (bench/demo_data.py), written in th
     python -m bench.train_demo --out runs/demo --device cpu --resume          # go on after a stop
     python -m bench.train_demo --out $OUT/run --device cuda --recipe gpu --deadline_s 420
     cp -r runs/demo/demo_model/. wan/demo_model/ && cp runs/demo/demo_loss.png docs/
+    python -m bench.demo_card --log runs/demo/train_log.json                 # docs/demo_model.md
+    python -m bench.demo_data --sample --out docs/demo_strip.png             # the README's strip
 
 Stages, each resumable (a checkpoint every --ckpt_every steps and at every stage's end, in
 <out>/state.pt; `--resume` goes on from it, bit-identical on the same machine, because every random

@@ -50,7 +50,8 @@ BAD = [
     (["--device", "cpu", "--attention", "fa3"], "--attention fa3 is not available on cpu (available: sdpa, math)"),
     (["--device", "cpu", "--attention", "sdpa-cudnn"],
      "--attention sdpa-cudnn is not available on cpu (available: sdpa, math)"),
-    (["--device", "cpu", "--prompt", ""], "--prompt is empty; give a prompt, or leave --prompt out for the demo prompt"),
+    (["--device", "cpu", "--prompt", ""], "--prompt is empty; give a prompt, or leave --prompt out for the task's "
+                                          "default prompt"),
     (["--device", "cpu", "--prompt", "  \n"], "--prompt is empty"),
     (["--device", "cpu", "--sample_steps", "0"], "--sample_steps must be >= 1, got 0"),
 ]
@@ -86,7 +87,7 @@ def test_out_of_memory_while_building_is_one_line(tmp_path, capsys, monkeypatch,
         raise exc
 
     monkeypatch.setattr(WanT2V, "from_config", oom)
-    rc = run_tool(tool, ["--device", "cpu", "--no-triton"], tmp_path)
+    rc = run_tool(tool, ["--task", "tiny", "--device", "cpu", "--no-triton"], tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"{tool}: error: {msg}")
     hint = exits.HOST_OOM_HINT if "host" in msg else exits.gpu_oom_hint()
@@ -132,7 +133,7 @@ def test_help_gives_every_flag_text_and_default(tool):
         if act.nargs != 0:  # a flag with a value says its default
             assert "default" in text, (act.option_strings, text)
     h = p.format_help()
-    assert "--task {t2v-A14B,tiny,ti2v-5B,ti2v-tiny,i2v-A14B,i2v-tiny}" in h and "(default: unipc)" in h and "(default: None)" not in h
+    assert "--task {t2v-A14B,tiny,demo,ti2v-5B,ti2v-tiny,i2v-A14B,i2v-tiny}" in h and "(default: unipc)" in h and "(default: None)" not in h
 
 
 def test_both_tools_accept_the_same_presets():
@@ -193,8 +194,13 @@ def test_parse_request_fills_the_request():
     o = req.plan.options  # the acceleration flags as given: None, the preset decides
     assert (o.triton, o.compile, o.compile_mode, o.tf32, o.use_batched_cfg, o.attention, o.fp8) == \
         (None, None, "default", None, None, "auto", None)
-    demo = request.parse_request(_ns(), "tiny")
-    assert not demo.prompt_given and demo.prompt == request.DEMO_PROMPT and demo.size == "128*128"
+    tiny = request.parse_request(_ns(), "tiny")
+    assert not tiny.prompt_given and tiny.prompt == request.TINY_PROMPT and tiny.size == "128*128"
+    assert (tiny.weights, tiny.ckpt_dir) == ("random", None)
+    demo = request.parse_request(_ns(), request.implied_task(_ns()))
+    assert (demo.task, demo.prompt, demo.size, demo.frame_num, demo.steps) == ("demo", request.DEMO_PROMPT, "64*64",
+                                                                              17, 20)
+    assert demo.weights == "built-in" and demo.ckpt_dir == str(request.DEMO_CKPT_DIR) and demo.plan.options.checkpoint
 
 
 def test_the_request_is_typed(tmp_path):

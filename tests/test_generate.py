@@ -16,14 +16,24 @@ def frames_of(path):
 
 
 def test_demo_writes_mp4(tmp_path, caplog):
+    """No --ckpt_dir: the shipped demo model (tests/test_demo_model.py checks what its video shows)."""
     caplog.set_level("INFO")
     out = tmp_path / "demo.mp4"
     rc = main(["--save_file", str(out), "--frame_num", "9", "--sample_steps", "3", "--quiet", "--no-triton"])
     assert rc == 0
     n, meta = frames_of(out)
-    assert n == 9 and tuple(meta["size"]) == (128, 128) and meta["fps"] == 16
+    assert n == 9 and tuple(meta["size"]) == (64, 64) and meta["fps"] == 16
     log = caplog.text
-    assert "tiny demo" in log and "denoise" in log and "saved" in log
+    assert "built-in demo model" in log and "not Wan's weights" in log and "denoise" in log and "saved" in log
+
+
+def test_tiny_is_the_random_smoke_task(tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "tiny.mp4"
+    rc = main(["--task", "tiny", "--save_file", str(out), "--frame_num", "5", "--sample_steps", "2", "--quiet",
+               "--no-triton"])
+    assert rc == 0 and frames_of(out)[0] == 5 and tuple(frames_of(out)[1]["size"]) == (128, 128)
+    assert "smoke-test task tiny with random weights" in caplog.text and "built-in demo" not in caplog.text
 
 
 def test_tiny_checkpoint_through_ckpt_dir(tmp_path):
@@ -199,7 +209,8 @@ def test_write_failure_at_the_end_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(imageio, "get_writer", full_disk)
     out = tmp_path / "v.mp4"
-    rc = main(["--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5", "--sample_steps", "2"])
+    rc = main(["--task", "tiny", "--save_file", str(out), "--quiet", "--device", "cpu", "--frame_num", "5",
+               "--sample_steps", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3 and err[-1] == f"wan-generate: error: cannot write {out}: No space left on device"  # I/O: 3
     assert not list(tmp_path.iterdir())
@@ -271,7 +282,7 @@ def test_empty_prompt_with_a_checkpoint_is_an_error(tmp_path, capsys):
                "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["wan-generate: error: --prompt is empty; give a prompt, or leave --prompt out for "
-                               "the demo prompt"]
+                               "the task's default prompt"]
 
 
 def test_default_name_is_safe_and_startup_log_is_readable(tmp_path, monkeypatch, caplog):
@@ -283,8 +294,8 @@ def test_default_name_is_safe_and_startup_log_is_readable(tmp_path, monkeypatch,
     seen = {}
     monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
     monkeypatch.chdir(tmp_path)
-    rc = main(["--prompt", 'a "cat" <b>: c\\d*e\nf/g', "--quiet", "--device", "cpu", "--frame_num", "5",
-               "--no-triton"])
+    rc = main(["--task", "tiny", "--prompt", 'a "cat" <b>: c\\d*e\nf/g', "--quiet", "--device", "cpu",
+               "--frame_num", "5", "--no-triton"])
     assert rc == 0
     (f,) = tmp_path.iterdir()
     assert re.fullmatch(r"tiny_128x128_1_a_cat_b_c_d_e_f_g_\d{8}_\d{6}\.mp4", f.name), f.name
@@ -302,7 +313,7 @@ def test_demo_without_prompt_says_it_uses_the_demo_prompt(tmp_path, monkeypatch,
     seen = {}
     monkeypatch.setattr(WanT2V, "generate", _fake_generate(seen))
     assert main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu", "--no-triton"]) == 0
-    assert "the demo prompt" in caplog.text
+    assert "the task's default prompt" in caplog.text
     from wan_triton.request import DEMO_PROMPT
     assert seen["prompt"] == DEMO_PROMPT
 
@@ -328,7 +339,7 @@ def test_a14b_random_weights_checks_host_ram_first(tmp_path, capsys, monkeypatch
                              "57.2 GB, text encoder 11.4 GB, VAE 0.5 GB), and 8.0 GB is free (MemAvailable)")
     msgs = [r.getMessage() for r in caplog.records]
     assert any("building t2v-A14B at its real shapes with random weights" in m for m in msgs)
-    assert not any("tiny demo" in m for m in msgs)
+    assert not any("demo" in m for m in msgs)
     line = next(m for m in msgs if m.startswith("generating "))
     seed = int(line.rsplit("seed ", 1)[1].split(";")[0])
     assert 0 <= seed < 2 ** 63 and "solver unipc, shift 12, guidance 3 (low-noise) / 4 (high-noise)" in line
@@ -344,8 +355,9 @@ def test_drawn_seed_is_logged_and_used(tmp_path, monkeypatch, caplog):
     assert main(["--random-weights", "--task", "tiny", "--save_file", str(tmp_path / "v.mp4"), "--quiet",
                  "--device", "cpu", "--frame_num", "5", "--no-triton"]) == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("generating "))
-    assert "seed -1" not in line and line.endswith(f"seed {seen['seed']}; the demo prompt") and seen["seed"] >= 0
-    assert "--random-weights: building tiny" in caplog.text and "tiny demo" not in caplog.text
+    assert "seed -1" not in line and line.endswith(f"seed {seen['seed']}; the task's default prompt")
+    assert seen["seed"] >= 0
+    assert "--random-weights: building tiny" in caplog.text and "smoke-test" not in caplog.text
 
 
 @pytest.mark.parametrize("exe", ["/nonexistent/ffmpeg", "/bin/false"])
@@ -358,6 +370,7 @@ def test_broken_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, exe
         raise AssertionError("a model was built although ffmpeg does not run")
 
     monkeypatch.setattr(WanT2V, "from_config", must_not_build)
+    monkeypatch.setattr(WanT2V, "from_pretrained", must_not_build)  # the default: the shipped demo model
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", exe)
     rc = main(["--save_file", str(tmp_path / "v.mp4"), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -367,20 +380,22 @@ def test_broken_ffmpeg_fails_before_any_model(tmp_path, capsys, monkeypatch, exe
     assert not list(tmp_path.iterdir())
 
 
-def test_demo_prompt_fits_the_tiny_text_encoder():
-    """The demo's own prompt and the README's tiny snippet fit the tiny model's 32 tokens: no truncation
-    warning on a first run."""
+def test_default_prompts_fit_their_text_encoders():
+    """tiny's own prompt and the README's tiny snippet fit the tiny model's 32 tokens, the demo's prompt
+    the demo model's 64: no truncation warning on a first run."""
     import re
     from pathlib import Path
 
     from wan.pipeline import WanT2V
-    from wan_triton.request import DEMO_PROMPT
+    from wan_triton.request import DEMO_PROMPT, TINY_PROMPT
 
     pipe = WanT2V.from_config("tiny")
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     snippet = re.search(r'pipe\.generate\("([^"]+)", size=\(128, 128\)', readme).group(1)
-    for text in (DEMO_PROMPT, snippet):
+    for text in (TINY_PROMPT, snippet):
         assert pipe.prompt_tokens(text) <= pipe.text_encoder.text_len, text
+    demo = WanT2V.from_config("demo")
+    assert demo.prompt_tokens(DEMO_PROMPT) <= demo.text_encoder.text_len
 
 
 def test_vae_decode_shows_progress(tmp_path, capsys):

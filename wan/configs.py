@@ -1,11 +1,12 @@
 """Frozen dataclass configs and the named tasks (model sizes) of the Wan 2.2 family.
 
 `TASKS["t2v-A14B"]` is the official configuration (docs/checkpoint.md, docs/schedulers.md); `TASKS["tiny"]`
-has the same architecture at toy widths, for tests and the built-in demo. The rest of the family
+has the same architecture at toy widths, for tests and smoke runs (random weights). The rest of the family
 (docs/models.md): `ti2v-5B` (one model, the Wan2.2 VAE, text or image to video) and `i2v-A14B` (two
 experts conditioned on an image), each with a toy-width task (`ti2v-tiny`, `i2v-tiny`). (A "preset"
 is a hardware profile of wan_triton, never a model size.)
-`DEMO` is the size of the demo model that bench/train_demo.py trains (not a task yet: no weights ship).
+`TASKS["demo"]` is the demo model that bench/train_demo.py trains on coloured shapes (a toy, not Wan's
+weights): its weights ship in the package (`DEMO_CKPT_DIR`), the CLI's default without --ckpt_dir.
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ DEMO = T2VConfig(
 DEMO_CKPT_DIR = Path(__file__).resolve().parent / "demo_model"
 
 def get_config(name: str) -> "T2VConfig | TI2VConfig":
-    """The config of a task by name ('t2v-A14B', 'tiny', 'ti2v-5B', ...); KeyError naming the choices."""
+    """The config of a task by name ('t2v-A14B', 'tiny', 'demo', 'ti2v-5B', ...); KeyError naming the choices."""
     try:
         return TASKS[name]
     except KeyError:
@@ -295,5 +296,5 @@ I2V_TINY = TINY.replace(name="i2v-tiny", dit=replace(TINY.dit, model_type="i2v",
                         boundary=0.900, sample_guide_scale=(3.5, 3.5))
 
 # the task table: name -> config (T2VConfig: the two-expert tasks; TI2VConfig: the one-model task)
-TASKS: dict[str, "T2VConfig | TI2VConfig"] = {c.name: c for c in (T2V_A14B, TINY, TI2V_5B, TI2V_TINY, I2V_A14B,
-                                                                   I2V_TINY)}
+TASKS: dict[str, "T2VConfig | TI2VConfig"] = {c.name: c for c in (T2V_A14B, TINY, DEMO, TI2V_5B, TI2V_TINY,
+                                                                   I2V_A14B, I2V_TINY)}

@@ -1,6 +1,7 @@
 """End-to-end Wan 2.2 T2V benchmark: reference vs optimized, same pipeline, same seed.
 
-    python -m wan_triton.benchmark                                  # the tiny task, CPU-friendly
+    python -m wan_triton.benchmark                                  # the built-in demo model, CPU-friendly
+    python -m wan_triton.benchmark --task tiny                      # random toy weights, the fastest
     python -m wan_triton.benchmark --random-weights --size 1280*720 --sample_steps 4 --no-decode
     wan-benchmark --ckpt_dir ./Wan2.2-T2V-A14B --preset h200 --num_runs 3
 
@@ -81,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_runs", type=int, default=3, help="timed generations per mode (median reported)")
     a("--warmup", type=int, default=1, help="untimed generations per mode before timing")
     # what to generate
-    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or tiny "
-                                 "(default without)",
-                    ckpt_help="official Wan2.2-T2V-A14B folder (default: none: random weights)")
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir / --random-weights) or demo (default "
+                                 "without: the built-in toy model); tiny (random weights)",
+                    ckpt_help="official Wan2.2-T2V-A14B folder (default: none: the built-in demo model)")
     add_request_flags(p, seed_default=42, seed_help="one seed for every run of both modes")
     # optimization (wan_triton), as in wan-generate
     add_preset_flags(p, default="auto")

@@ -43,7 +43,7 @@ class Built:
     device: object
     state: object = None
     loras: tuple = ()
-    weights: str = "random"          # 'checkpoint' or 'random'
+    weights: str = "random"          # 'checkpoint', 'built-in' (the demo model's) or 'random' (Request.weights)
     build_s: float = 0.0             # load or build, seconds
     lora_s: float = 0.0              # LoRA merge, seconds
     applied: Optimized | None = None
@@ -84,7 +84,7 @@ def build_pipeline(req, cleanup: ExitStack, *, apply_plan: bool = True, progress
         parallel.apply_to_pipeline(pipe, state, dit_fsdp=par.dit_fsdp, t5_fsdp=par.t5_fsdp)
         log.info("%s", par.summary())
     built = Built(pipe=pipe, plan=run, device=device, state=state, loras=loras,
-                  weights="random" if req.ckpt_dir is None else "checkpoint", build_s=build_s, lora_s=lora_s)
+                  weights=req.weights, build_s=build_s, lora_s=lora_s)
     return apply_built(built) if apply_plan else built
 
 

@@ -30,7 +30,7 @@ def add_model_flags(p: argparse.ArgumentParser, task_help: str, ckpt_help: str) 
     a("--ckpt_dir", default=None, help=ckpt_help)
     a("--random-weights", dest="random_weights", action="store_true",
       help="no checkpoint: build the task at its real shapes with random weights (t2v-A14B: ~69 GB of host RAM "
-           "on a CPU; without --ckpt_dir only the tiny demo is built without this flag)")
+           "on a CPU; without --ckpt_dir and this flag, the demo task loads its built-in weights and tiny is random)")
     a("--convert_model_dtype", action="store_true",
       help="with --ckpt_dir: store the DiT weights in bf16 (official flag; default: as stored, fp32)")
     a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
@@ -46,8 +46,8 @@ def add_request_flags(p: argparse.ArgumentParser, seed_default: int, seed_help: 
     a = p.add_argument
     one = p.add_mutually_exclusive_group()
     one.add_argument("--prompt", default=None,
-                     help="text prompt (default: the demo prompt; with t2v-A14B the official example). A prompt "
-                          "starting with '-' works: --prompt -v or --prompt=-v")
+                     help="text prompt (default: the task's, e.g. the demo's caption, t2v-A14B's official example). A "
+                          "prompt starting with '-' works: --prompt -v or --prompt=-v")
     one.add_argument("--prompt_file", default=None, metavar="PATH",
                      help="read the prompt from a UTF-8 text file, instead of --prompt (default: none)")
     a("--n_prompt", default="", help="negative prompt (default: the official one)")

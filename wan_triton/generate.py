@@ -1,9 +1,10 @@
 """Generate a video: `python -m wan_triton.generate` / `wan-generate`.
 
-With no --ckpt_dir it runs the built-in tiny demo model (random weights, fixed seed, CPU or
-GPU) and writes a short MP4; another task without --ckpt_dir needs --random-weights. With
---ckpt_dir it loads the official layout of the task (t2v-A14B, ti2v-5B, i2v-A14B: docs/models.md);
---image gives the first frame (required by i2v-A14B, ti2v-5B's image mode).
+With no --ckpt_dir it runs the built-in demo model (a toy trained here on coloured shapes, not
+Wan's weights: docs/demo_model.md; fixed seed, CPU or GPU) and writes a short MP4; `--task tiny`
+builds the smoke-test task with random weights; another task without --ckpt_dir needs
+--random-weights. With --ckpt_dir it loads the official layout of the task (t2v-A14B, ti2v-5B,
+i2v-A14B: docs/models.md); --image gives the first frame (required by i2v-A14B, ti2v-5B's image mode).
 Official flags keep their names and defaults; the acceleration flags come from wan_triton.
 Bad input is reported as one line on stderr with exit code 2, before any model is built, and
 no file is written.
@@ -33,10 +34,11 @@ PROG = "wan-generate"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1])
-    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or tiny (default without); ti2v-5B, "
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or demo (default without: the built-in "
+                                 "toy model trained on coloured shapes); tiny (random weights, a smoke test); ti2v-5B, "
                                  "i2v-A14B (docs/models.md) and their toy-width tasks ti2v-tiny, i2v-tiny",
-                    ckpt_help="official folder of the task, e.g. Wan2.2-T2V-A14B (default: none, the built-in tiny "
-                              "demo)")
+                    ckpt_help="official folder of the task, e.g. Wan2.2-T2V-A14B (default: none, the built-in demo "
+                              "model)")
     add_request_flags(p, seed_default=-1, seed_help="default: -1, a random seed (the demo uses its fixed seed, 42)")
     add_image_flags(p)
     a = p.add_argument
@@ -81,16 +83,19 @@ def run(args, cleanup: ExitStack) -> Path | None:
     """Check, build (wan_triton.build), generate, write. `cleanup` tears down what the build
     started (the process group under torchrun) when main() is done."""
     req = parse_request(args, implied_task(args))
-    demo = args.ckpt_dir is None and not args.random_weights  # the tiny demo (check_weights refused the rest)
+    demo = args.ckpt_dir is None and not args.random_weights  # demo or tiny (check_weights refused the rest)
     save = output_path(req, args.save_file)
     check_output_path(save)  # before any model is built: no long run that ends without its file
     check_video_writer()
 
     seed = resolve_seed(req, demo)
-    prompt_note = "" if req.prompt_given else "; the demo prompt"
-    if demo:
-        logging.info("no --ckpt_dir: building the built-in tiny demo model (%s, random weights) on %s", req.task,
-                     req.device)
+    prompt_note = "" if req.prompt_given else "; the task's default prompt"
+    if req.weights == "built-in":
+        logging.info("no --ckpt_dir: loading the built-in demo model (a toy trained on coloured shapes, not Wan's "
+                     "weights: docs/demo_model.md) on %s", req.device)
+    elif demo:
+        logging.info("no --ckpt_dir: building the smoke-test task %s with random weights (its video is noise) on %s",
+                     req.task, req.device)
     elif req.ckpt_dir is None:
         logging.info("--random-weights: building %s at its real shapes with random weights on %s", req.task,
                      req.device)

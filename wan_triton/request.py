@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from wan.checkpoint import is_diffusers_layout
-from wan.configs import get_config
+from wan.checkpoint import checkpoint_problems, is_diffusers_layout
+from wan.configs import DEMO_CKPT_DIR, get_config
+from wan.demo_captions import DEMO_PROMPT, parse_caption, vocabulary
 from wan.dit import WanModel
 from wan.footprint import build_footprint, text_encoder_bytes
 from wan.hostmem import stored_block_dtype
@@ -41,16 +42,23 @@ from .lora_flags import apply_recipe, parse_lora_flags
 from .plan import DeviceInfo, Options, RunPlan, cache_policy, plan
 
 __all__ = ["Request", "parse_request", "flag_options", "offload_from_flags", "parallel_request", "check_device",
-           "check_weights", "check_cache_ratios", "check_prompt", "read_prompt_file", "check_image", "implied_task",
-           "default_output_name", "safe_name",
-           "DEMO_TASK", "DEMO_PROMPT", "EXAMPLE_PROMPT"]
+           "check_weights", "weights_source", "check_cache_ratios", "check_prompt", "read_prompt_file", "check_image",
+           "implied_task", "default_output_name", "safe_name", "default_prompt",
+           "DEMO_TASK", "SMOKE_TASK", "DEMO_PROMPT", "TINY_PROMPT", "EXAMPLE_PROMPT"]
 
-# the tiny demo's prompt fits its text encoder (32 byte tokens, </s> included: no truncation warning);
-# the other tasks default to the official example prompt
-DEMO_PROMPT = "two cats boxing on a stage"
+# Without --ckpt_dir and --random-weights: the demo model, whose trained weights ship in the package
+# (wan.configs.DEMO_CKPT_DIR; a toy trained on coloured shapes, not Wan's weights) ...
+DEMO_TASK = "demo"
+# ... and `tiny`, the smoke-test task, built with random weights (its video is noise; it costs nothing).
+# Every other task needs --ckpt_dir or --random-weights (never implied: an A14B built by mistake fills
+# the host RAM).
+SMOKE_TASK = "tiny"
+# each task's prompt when none is given: the demo's is a caption of its training set (wan.demo_captions);
+# tiny's fits its text encoder (32 byte tokens, </s> included: no truncation warning); the others take
+# the official example prompt
+TINY_PROMPT = "two cats boxing on a stage"
 EXAMPLE_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 DEVICES = ("cuda", "cuda:N", "cpu")
-DEMO_TASK = "tiny"  # the one task built with random weights without --random-weights (no --ckpt_dir)
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,13 @@ class Request:
     solver: str
     seed: int
     prompt: str
-    prompt_given: bool               # False: the demo prompt stands in
+    prompt_given: bool               # False: the task's default prompt stands in (default_prompt)
     plan: RunPlan                    # every decision of the run (.options: the flags as asked)
     n_prompt: str = ""
     shift: float | None = None
     guide_scale: float | None = None
-    ckpt_dir: str | None = None
+    ckpt_dir: str | None = None      # where the weights are read from (the demo's: the package's folder); None: random
+    weights: str = "random"          # weights_source: 'checkpoint' (--ckpt_dir), 'built-in' (the demo's), 'random'
     fp8_dir: str | None = None       # fp8 expert files written from ckpt_dir's experts (wan_triton.fp8_files)
     convert_model_dtype: bool = False
     loras: tuple = ()                # wan.lora.LoraSpec of --lora / --lora_high / --lora_low, files checked
@@ -128,7 +137,7 @@ def check_device(spec: str | None):
 
 def check_prompt(prompt: str | None, flag: str = "--prompt") -> None:
     if prompt is not None and not prompt.strip():
-        raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the demo prompt")
+        raise CLIError(f"{flag} is empty; give a prompt, or leave {flag} out for the task's default prompt")
 
 
 def read_prompt_file(path: str) -> str:
@@ -162,18 +171,31 @@ def check_image(path: str | None, config):
 
 
 def implied_task(args) -> str:
-    """Both tools' default --task: t2v-A14B with --ckpt_dir or --random-weights, else the tiny demo."""
+    """Both tools' default --task: t2v-A14B with --ckpt_dir or --random-weights, else the demo."""
     return "t2v-A14B" if getattr(args, "ckpt_dir", None) or getattr(args, "random_weights", False) else DEMO_TASK
 
 
+def weights_source(args, config) -> tuple[str, str | None]:
+    """(source, folder) of the weights: ('checkpoint', --ckpt_dir); ('built-in', the package's demo
+    folder) for the demo task without --ckpt_dir and --random-weights; else ('random', None)."""
+    if getattr(args, "ckpt_dir", None):
+        return "checkpoint", args.ckpt_dir
+    if config.name == DEMO_TASK and not getattr(args, "random_weights", False):
+        return "built-in", str(DEMO_CKPT_DIR)
+    return "random", None
+
+
 def check_weights(args, config, device) -> None:
-    """Where the weights come from: --ckpt_dir (and --fp8_dir, fp8 files written from it), or random
-    (the tiny demo; any other task only with --random-weights, which is never implied: an A14B
-    built by mistake fills the host RAM)."""
+    """Where the weights come from (weights_source): --ckpt_dir (and --fp8_dir, fp8 files written
+    from it), the demo's shipped folder (it must be there), or random (the smoke task; any other
+    task only with --random-weights)."""
     g = lambda name: getattr(args, name, None)  # noqa: E731
     if g("ckpt_dir") and g("random_weights"):
         raise CLIError("--ckpt_dir and --random-weights exclude each other")
-    if not g("ckpt_dir") and not g("random_weights") and config.name != DEMO_TASK:
+    source, folder = weights_source(args, config)
+    if source == "built-in":
+        check_builtin_weights(folder, config)
+    if source == "random" and not g("random_weights") and config.name != SMOKE_TASK:
         need = build_footprint(config, device).total
         raise CLIError(f"--task {config.name} needs its weights: give --ckpt_dir (the official release), or "
                        f"--random-weights to build it with random weights (~{need / 1e9:.0f} GB of memory on "
@@ -181,9 +203,34 @@ def check_weights(args, config, device) -> None:
     if g("fp8_dir") is not None and not g("ckpt_dir"):
         raise CLIError("--fp8_dir holds fp8 files written from --ckpt_dir's experts: give --ckpt_dir (random "
                        "weights have no files)")
-    if g("convert_model_dtype") and not g("ckpt_dir"):
+    if g("convert_model_dtype") and source == "random":
         logging.warning("--convert_model_dtype applies to checkpoint weights (--ckpt_dir); random weights are "
                         "built in %s already: the flag changes nothing", str(config.param_dtype).replace("torch.", ""))
+
+
+def check_builtin_weights(folder: str, config) -> None:
+    """The demo model's shipped folder holds every file it needs (a broken install: one line)."""
+    problems = checkpoint_problems(folder, config)
+    if problems:
+        raise CLIError(f"the demo model's weights are not installed ({'; '.join(problems)}): reinstall wan-triton "
+                       f"(pip install .), or give --ckpt_dir, or --random-weights for the demo model with random "
+                       f"weights")
+
+
+def default_prompt(config) -> str:
+    """The prompt when none is given: the demo's caption, tiny's short prompt, else the official example."""
+    return {DEMO_TASK: DEMO_PROMPT, SMOKE_TASK: TINY_PROMPT}.get(config.name, EXAMPLE_PROMPT)
+
+
+def check_demo_prompt(config, prompt: str | None) -> None:
+    """A warning (not an error) when the demo model is given a prompt outside its training captions."""
+    if config.name != DEMO_TASK or prompt is None:
+        return
+    try:
+        parse_caption(prompt)
+    except ValueError:
+        logging.warning("the demo model is a toy that only knows captions %s; other prompts give an arbitrary "
+                        "shape", vocabulary())
 
 
 def check_cache_ratios(cache, ckpt_dir: str | None, solver: str, steps: int, shift: float) -> None:
@@ -248,9 +295,10 @@ def _weights(config, ckpt_dir, convert: bool, fp8: bool) -> dict:
 
 def flag_options(args, config, parallel: ParallelRequest, modes: tuple = ("optimized",)) -> Options:
     """The flags as wan_triton.plan.Options (what was asked; None: the preset decides), with the
-    facts about the weights the plan needs."""
+    facts about the weights the plan needs (read from weights_source's folder)."""
 
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags a tool may not have
+    ckpt_dir = weights_source(args, config)[1]
     offload, offload_as = offload_from_flags(args)
     fp8 = bool(g("fp8") or g("fp8_dir"))  # --fp8_dir implies --fp8
     return Options(offload=offload, offload_as=offload_as, host_ram=g("host_ram"), t5_cpu=bool(g("t5_cpu")),
@@ -261,9 +309,9 @@ def flag_options(args, config, parallel: ParallelRequest, modes: tuple = ("optim
                    parallel=parallel,
                    cache=cache_policy(g("cache"), g("cache_threshold"), g("cache_cfg"), g("cache_ratios")),
                    loras=any(g(name) for name in ("lora", "lora_high", "lora_low")), modes=tuple(modes),
-                   checkpoint=bool(g("ckpt_dir")),
-                   diffusers_layout=bool(g("ckpt_dir")) and is_diffusers_layout(g("ckpt_dir")),
-                   **_weights(config, g("ckpt_dir"), bool(g("convert_model_dtype")), fp8))
+                   checkpoint=ckpt_dir is not None,
+                   diffusers_layout=ckpt_dir is not None and is_diffusers_layout(ckpt_dir),
+                   **_weights(config, ckpt_dir, bool(g("convert_model_dtype")), fp8))
 
 
 # ------------------------------------------------------------------ the request
@@ -282,6 +330,7 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         raise CLIError(str(err.args[0])) from None
     device = check_device(g("device"))
     check_weights(args, config, device)
+    weights, ckpt_dir = weights_source(args, config)
     size = g("size") or config.default_size
     frame_num = config.frame_num if g("frame_num") is None else g("frame_num")
     steps = config.sample_steps if g("sample_steps") is None else g("sample_steps")
@@ -293,6 +342,7 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         raise CLIError(in_flags(err)) from None
     check_prompt(g("prompt"))
     prompt = read_prompt_file(g("prompt_file")) if g("prompt_file") is not None else g("prompt")
+    check_demo_prompt(config, prompt)
     image = check_image(g("image"), config)
     par = parallel_request(args)
     options = flag_options(args, config, par, modes)
@@ -301,7 +351,7 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         run = plan(options, find_preset(g("preset") or "none", info), info)
     except AccelError as err:
         raise CLIError(in_flags(err)) from None
-    check_cache_ratios(run.cache, g("ckpt_dir"), solver, steps,
+    check_cache_ratios(run.cache, ckpt_dir, solver, steps,
                        config.sample_shift if g("sample_shift") is None else g("sample_shift"))
     loras = tuple(parse_lora_flags(args))
     try:  # torchrun's world and the task's heads: wan's rule (how it combines with the rest: the plan's)
@@ -310,10 +360,11 @@ def parse_request(args: argparse.Namespace, default_task: str, modes: tuple = ("
         raise CLIError(in_flags(err)) from None
     return Request(task=config.name, config=config, device=device, size=f"{w}*{h}", frame_num=frame_num,
                    steps=steps, solver=solver, seed=seed,
-                   prompt=prompt or (DEMO_PROMPT if config.name == DEMO_TASK else EXAMPLE_PROMPT),
+                   prompt=prompt or default_prompt(config),
                    prompt_given=prompt is not None, plan=run,
                    n_prompt=g("n_prompt", "") or "", shift=g("sample_shift"), guide_scale=g("sample_guide_scale"),
-                   ckpt_dir=g("ckpt_dir"), fp8_dir=g("fp8_dir"), convert_model_dtype=bool(g("convert_model_dtype")),
+                   ckpt_dir=ckpt_dir, weights=weights, fp8_dir=g("fp8_dir"),
+                   convert_model_dtype=bool(g("convert_model_dtype")),
                    loras=loras, image=image, quiet=bool(g("quiet")))
 
 
