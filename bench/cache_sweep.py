@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bench.quality import NO_LPIPS, PROMPTS, Mode, config_of, fp32_floor, judge, markdown_table
-from wan.configs import DEMO_CKPT_DIR
+from bench.quality import NO_LPIPS, PROMPTS, Mode, fp32_floor, judge, markdown_table
+from wan.configs import DEMO_CKPT_DIR, get_config
 from wan.mag_ratios import find_ratios, load_ratios, ratios_dir, ratios_file_name
 from wan.pipeline import WanT2V
 from wan.step_cache import CacheError, CachePolicy, calibrate, enable_step_cache
@@ -160,7 +160,7 @@ def plot(rows, settings: list[Setting], path: Path, title: str) -> None:
 
 
 def build(args) -> WanT2V:
-    config = config_of(args.task)
+    config = get_config(args.task)
     if args.random:
         return WanT2V.from_config(config, device=args.device, seed=0)
     return WanT2V.from_pretrained(args.ckpt_dir or DEMO_CKPT_DIR, config, device=args.device, init_on_cpu=False)

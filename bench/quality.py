@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from wan import attention as att
-from wan.configs import DEMO, DEMO_CKPT_DIR, get_config
+from wan.configs import DEMO_CKPT_DIR, get_config
 from wan.pipeline import WanT2V
 from wan.video import video_to_uint8
 from wan_triton import fp8, fp8_attention
@@ -54,7 +54,7 @@ from wan_triton.metrics import psnr_uint8, rel_err
 
 __all__ = ["Mode", "Row", "ModeUnavailable", "judge", "builtin_modes", "BUILTIN", "PROMPTS", "NO_LPIPS",
            "ssim_uint8", "markdown_table", "fp32_floor", "fp8_linears", "fp8_attention_mode", "fp8_both",
-           "skip_odd_steps", "attention_fp8_emulated", "config_of"]
+           "skip_odd_steps", "attention_fp8_emulated"]
 
 log = logging.getLogger("bench.quality")
 
@@ -441,11 +441,6 @@ def markdown_table(rows: list[Row]) -> str:
 
 # ------------------------------------------------------------------ CLI
 
-def config_of(task: str):
-    """The config of `task`: 'demo' is the trained demo model's size (wan.configs.DEMO, not in TASKS)."""
-    return DEMO if task == DEMO.name else get_config(task)
-
-
 def _parse_args(argv):
     ap = argparse.ArgumentParser(description="The quality gate: lossy modes against the exact run (docs/quality.md).")
     ap.add_argument("--ckpt_dir", default=str(DEMO_CKPT_DIR), help="checkpoint folder (default: the demo model, "
@@ -478,7 +473,7 @@ def _check_args(args) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if not (Path(args.ckpt_dir) / "high_noise_model").is_dir():
         raise ValueError(f"no checkpoint at {args.ckpt_dir} (expected its high_noise_model/ folder; the demo model "
                          "ships in wan/demo_model once trained: bench/train_demo.py)")
-    config_of(args.task)  # KeyError naming the tasks
+    get_config(args.task)  # KeyError naming the tasks
     return keys, seeds
 
 
@@ -501,7 +496,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     device = torch.device(args.device)
-    pipe = WanT2V.from_pretrained(args.ckpt_dir, config_of(args.task), device=device, init_on_cpu=False)
+    pipe = WanT2V.from_pretrained(args.ckpt_dir, get_config(args.task), device=device, init_on_cpu=False)
     rows = judge(pipe, builtin_modes(device, keys), PROMPTS[:args.prompts], seeds, size=args.size,
                  frame_num=args.frame_num, steps=args.steps, solver=args.solver)
     head = _header(args, pipe, seeds, time.perf_counter() - t0)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from bench import quality
 from bench.demo_data import parse_caption
 from wan import attention as att
-from wan.configs import DEMO
+from wan.configs import DEMO, get_config
 from wan.pipeline import WanT2V
 from wan_triton import fp8
 
@@ -174,7 +174,7 @@ def test_demo_task_resolves_for_the_gate_and_the_cache_sweep():
     """'demo' (the default --task of both scripts) is the demo model's size, not in wan.configs.TASKS."""
     from bench.cache_sweep import build
 
-    assert quality.config_of("demo") is DEMO and quality.config_of("tiny").name == "tiny"
+    assert get_config("demo") is DEMO and get_config("tiny").name == "tiny"
     p = build(argparse.Namespace(task="demo", random=True, device="cpu", ckpt_dir=None))
     assert p.config is DEMO
 
