@@ -61,7 +61,8 @@ def card(log: dict | None, folder: Path) -> str:
         "# The demo model",
         "",
         "`wan-generate` without `--ckpt_dir` runs this model (`--task demo`). It is a **toy trained here** on "
-        "procedural clips of one coloured shape moving over a grey background: the Wan 2.2 T2V-A14B "
+        "procedural clips of one coloured shape moving over a black, grey, striped or checkered background: "
+        "the Wan 2.2 T2V-A14B "
         "architecture (two experts, official schedule and file layout) at a size that trains on a CPU. "
         "**It is not Wan's weights** and knows nothing but its training captions.",
         "",
@@ -103,7 +104,8 @@ def card(log: dict | None, folder: Path) -> str:
         "## Data",
         "",
         f"Procedural clips rendered by `bench/demo_data.py` from (seed, index), never stored: one shape of radius "
-        f"0.13-0.19 of the side, straight motion, bouncing or rotating, over a plain or low-contrast textured grey "
+        f"0.13-0.19 of the side, straight motion, bouncing or rotating, over a plain (black or grey) or "
+        f"low-contrast textured (striped, checkered) "
         f"background; {recipe['size']}x{recipe['size']} pixels, {recipe['frames']} frames. Training clips: "
         f"{recipe['clips']:,} (split seed 0; the VAE stage draws a fresh stream); held-out: {recipe['heldout']} "
         f"(split seed 1){'' if log else ' ' + TODO + ' (the cpu recipe shown)'}.",
@@ -111,6 +113,7 @@ def card(log: dict | None, folder: Path) -> str:
         "## Training",
         "",
         f"- Command: `{g('command')}`",
+        *([f"- How it ran: {log['history']}"] if log and log.get("history") else []),
         f"- Repeat without a deadline: `{g('repeat')}`",
         f"- Seed: {g('seed')}; device: {g('device')}; torch {g('torch')}",
         f"- Steps: VAE {g('steps_run', 'vae')}, DiT {g('steps_run', 'dit')} (each expert, batch "
@@ -164,7 +167,8 @@ def _check_line(check: dict | None) -> str:
     n = len(check["videos"])
     return (f"After training, sampled on {n} videos of 8 prompts (bench/train_demo.py prompt_check): the object's "
             f"colour is the prompt's in {check['colour']:.0%}; of the straight motions, {check['direction']:.0%} "
-            f"move the prompt's way.")
+            f"move the prompt's way" + (" (chance: the motion words are not learned; the object moves, in some "
+                                        "direction)" if check["direction"] < 0.5 else "") + ".")
 
 
 def main(argv=None) -> int:
