@@ -12,7 +12,8 @@ import torch
 from wan_triton.benchmark import main, psnr_uint8, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--task", "tiny", "--size", "128*128", "--frame_num", "5", "--sample_steps", "2", "--num_runs", "1", "--warmup", "0",
+FAST = ["--task", "tiny", "--size", "128*128", "--frame_num", "5", "--sample_steps", "2", "--num_runs", "1",
+        "--warmup", "0",
         "--device", "cpu", "--quiet", "--no-triton"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
