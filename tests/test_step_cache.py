@@ -279,7 +279,8 @@ def test_cli_refuses_before_any_model(tmp_path, capsys, ratios, extra, msg):
     from wan_triton.generate import main
 
     folder = str(ratios_dir(ratios[1]))
-    argv = [a.format(folder=folder) for a in extra] + ["--device", "cpu", "--save_file", str(tmp_path / "v.mp4")]
+    argv = [a.format(folder=folder) for a in extra] + ["--task", "tiny", "--device", "cpu",
+                                                       "--save_file", str(tmp_path / "v.mp4")]
     _one_line_exit_2(main, argv, capsys, msg)
     assert not (tmp_path / "v.mp4").exists()
 
@@ -289,8 +290,8 @@ def test_cli_refuses_ratios_of_another_model(tmp_path, capsys, ratios):
 
     other = dataclasses.replace(ratios[0], fingerprint="sha256:" + "1" * 64, path="")
     other.save(tmp_path / "r" / "o.json")
-    argv = ["--device", "cpu", "--no-triton", "--frame_num", "1", "--sample_steps", "12", "--cache", "mag",
-            "--cache_ratios", str(tmp_path / "r"), "--save_file", str(tmp_path / "v.mp4")]
+    argv = ["--task", "tiny", "--device", "cpu", "--no-triton", "--frame_num", "1", "--sample_steps", "12",
+            "--cache", "mag", "--cache_ratios", str(tmp_path / "r"), "--save_file", str(tmp_path / "v.mp4")]
     _one_line_exit_2(main, argv, capsys, "o.json were measured on another model (tiny, sha256:111111111111)")
     assert not (tmp_path / "v.mp4").exists()
 
@@ -299,19 +300,21 @@ def test_calibrate_cli(tmp_path, capsys):
     from wan_triton.calibrate import main
 
     out = tmp_path / "r.json"
-    assert main(["--device", "cpu", "--quiet", "--frame_num", "1", "--sample_steps", "4", "--out", str(out)]) == 0
+    assert main(["--task", "tiny", "--device", "cpu", "--quiet", "--frame_num", "1", "--sample_steps", "4", "--out",
+                 str(out)]) == 0
     (r,) = load_ratios(out)
     assert r.steps == 4 and r.solver == "unipc" and r.calibration.size == "128*128" and r.model == "tiny"
     assert r.fingerprint == fingerprint(WanT2V.from_config("tiny", device="cpu", seed=0))  # the demo's model
-    _one_line_exit_2(main, ["--device", "cpu"], capsys, "random weights have no checkpoint folder to write the "
+    _one_line_exit_2(main, ["--task", "tiny", "--device", "cpu"], capsys, "random weights have no checkpoint folder to write the "
                                                         "ratios beside: give --out FILE")
 
 
 def test_benchmark_json_counts_the_reused_forwards(tmp_path):
     from wan_triton.benchmark import main
 
-    rc = main(["--size", "128*128", "--frame_num", "1", "--sample_steps", "8", "--num_runs", "1", "--warmup", "0",
-               "--device", "cpu", "--quiet", "--no-triton", "--no-decode", "--mode", "both", "--cache", "easy",
+    rc = main(["--task", "tiny", "--size", "128*128", "--frame_num", "1", "--sample_steps", "8", "--num_runs", "1",
+               "--warmup", "0", "--device", "cpu", "--quiet", "--no-triton", "--no-decode", "--mode", "both",
+               "--cache", "easy",
                "--cache_threshold", "1e9", "--out_dir", str(tmp_path), "--name", "c"])
     assert rc == 0
     rep = json.loads((tmp_path / "c.json").read_text())

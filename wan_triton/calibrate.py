@@ -34,7 +34,8 @@ PROG = "python -m wan_triton.calibrate"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or tiny (default without)",
+    add_model_flags(p, task_help="model: t2v-A14B (default with --ckpt_dir) or demo (default without: the built-in "
+                                 "demo model)",
                     ckpt_help="the checkpoint folder; the ratios are written beside it (default: none, the built-in "
                               "demo model)")
     add_request_flags(p, seed_default=0, seed_help="the noise seed of the measured generation")
