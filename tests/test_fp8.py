@@ -161,6 +161,32 @@ def _modulate64(x, shift, scale, eps):
     return n * (1 + scale.double()) + shift.double()
 
 
+def _check_modulate_codes(q, s, x, shift, scale, eps):
+    """Codes of modulate_quant_fp8 against the float64 formula. The LayerNorm output is rounded to
+    x's dtype, and fp32 statistics (kernel) vs float64 (reference) may round an element one ulp of
+    that dtype the other way: y then moves by ulp(n) * |1 + scale|. Far from zero that is well
+    inside one e4m3 step (the one-step rule of _check_codes); near zero, where e4m3 steps are
+    tiny, it can span several codes (seen: one fp16 element in ~10^3 runs, 15 steps at y ~ 5e-4).
+    So a code more than one step away must still dequantize within that input rounding plus one
+    e4m3 step of the float64 value, and at most 1e-3 of the codes may differ at all."""
+    y64 = _modulate64(x, shift, scale, eps)
+    ref = _ref_codes(y64, s)
+    d = (_e4m3_step(q) - _e4m3_step(ref)).abs()
+    far = d > 1
+    if far.any():
+        n = F.layer_norm(x.double(), (x.shape[-1],), eps=eps).to(x.dtype).double()
+        ulp = torch.finfo(x.dtype).eps * torch.exp2(torch.floor(torch.log2(n.abs().clamp_min(1e-30))))
+        c = (y64 / s.double()).abs()  # value in code units: e4m3 step 2^(e-3), subnormal 2^-9
+        step = torch.exp2(torch.floor(torch.log2(c.clamp_min(2.0 ** -6))) - 3) * s.double()
+        allow = ulp * (1 + scale.double()).abs() + step
+        err = (q.double() * s.double() - y64).abs()
+        bad = far & (err > allow)
+        assert not bad.any(), f"{int(bad.sum())} codes beyond the input rounding plus one e4m3 step"
+    n_off = int((d != 0).sum())
+    assert n_off <= max(1, math.floor(1e-3 * d.numel())), f"{n_off} of {d.numel()} codes off"
+    return y64
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,C,per_token,max_block", [(2, 3, 64, False, None), (1, 2, 5120, False, None),
                                                        (2, 2, 100, True, 32), (1, 3, 48, True, None)])
@@ -178,10 +204,10 @@ def test_modulate_quant_fp8_matches_float64(seed, dtype, B, L, C, per_token, max
     kw = {} if max_block is None else {"max_block": max_block}
     q, s = modulate_quant_fp8(x.to(DEVICE), shift_d, scale_d, 1e-6, **kw)
     q, s = q.cpu(), s.cpu()
-    y64 = _modulate64(x, shift, scale, 1e-6)
     assert q.shape == (B, L, C) and s.shape == (B, L, 1)
+    assert q.dtype == E4M3 and not q.float().isnan().any()
+    y64 = _check_modulate_codes(q, s, x, shift, scale, 1e-6)
     torch.testing.assert_close(s, _ref_scale(y64), rtol=_mod_scale_rtol(dtype), atol=0)
-    _check_codes(q, _ref_codes(y64, s), 1e-3)
 
 
 # ------------------------------------------------------------------ one fp8 linear (emulated on CPU)
@@ -390,9 +416,8 @@ def test_gpu_kernels_match_torch_formula_bits():
     xm = torch.randn(2, 300, 5120, device="cuda", generator=g, dtype=torch.bfloat16)
     mod = torch.randn(2, 6, 5120, device="cuda", generator=g)
     q, s = modulate_quant_fp8(xm, mod[:, 0:1], mod[:, 1:2], 1e-6)
-    y64 = _modulate64(xm.cpu(), mod[:, 0:1].cpu(), mod[:, 1:2].cpu(), 1e-6)
+    y64 = _check_modulate_codes(q.cpu(), s.cpu(), xm.cpu(), mod[:, 0:1].cpu(), mod[:, 1:2].cpu(), 1e-6)
     torch.testing.assert_close(s.cpu(), _ref_scale(y64), rtol=_mod_scale_rtol(torch.bfloat16), atol=0)
-    _check_codes(q.cpu(), _ref_codes(y64, s.cpu()), 1e-3)
 
 
 @pytest.mark.gpu

@@ -390,7 +390,7 @@ def test_bad_lora_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(WanT2V, "from_config", must_not_build)
     out = tmp_path / "out" / "v.mp4"
-    rc = main([flag, f"{path}:0.8", "--save_file", str(out), "--quiet", "--device", "cpu"])
+    rc = main([flag, f"{path}:0.8", "--task", "tiny", "--save_file", str(out), "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0], err
@@ -402,7 +402,7 @@ def test_bad_lora_benchmark_cli(tmp_path, capsys, seed):
 
     path, msg = _bad_files(tmp_path, torch.Generator().manual_seed(seed))["shape"]
     out = tmp_path / "bench_out"
-    rc = main(["--lora_low", path, "--out_dir", str(out), "--device", "cpu", "--quiet", "--num_runs", "1",
+    rc = main(["--lora_low", path, "--task", "tiny", "--out_dir", str(out), "--device", "cpu", "--quiet", "--num_runs", "1",
                "--warmup", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and msg in err[0]
@@ -417,7 +417,7 @@ def test_cli_lora_and_recipe_end_to_end(tmp_path, caplog, seed):
     f = tmp_path / "lightning_like.safetensors"
     save_file(lowrank_keys(random_lora(model(), gen, rank=2), "down_up"), str(f))
     out = tmp_path / "v.mp4"
-    rc = main(["--lora_high", f"{f}:0.5", "--lora_low", str(f), "--recipe", "lightning-4step", "--frame_num", "5",
+    rc = main(["--lora_high", f"{f}:0.5", "--lora_low", str(f), "--task", "tiny", "--recipe", "lightning-4step", "--frame_num", "5",
                "--save_file", str(out), "--quiet", "--device", "cpu", "--no-triton"])
     assert rc == 0 and out.exists()
     log = caplog.text

@@ -456,7 +456,8 @@ def test_one_process_path_unchanged(seed):
 
 
 def _torchrun(args, tmp_path, nproc=2):
-    """`torchrun --nproc_per_node N -m wan_triton.generate ARGS` on the CPU (gloo); stdout+stderr."""
+    """`torchrun --nproc_per_node N -m wan_triton.generate --task tiny ARGS` on the CPU (gloo); stdout+stderr
+    (the tiny random task: its text_len of 32 is what the truncation test counts on)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -465,7 +466,7 @@ def _torchrun(args, tmp_path, nproc=2):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "-m", "wan_triton.generate", "--device", "cpu", "--quiet", "--no-triton",
+           str(_free_port()), "-m", "wan_triton.generate", "--task", "tiny", "--device", "cpu", "--quiet", "--no-triton",
            "--save_file", str(tmp_path / "v.mp4")] + args
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
