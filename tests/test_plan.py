@@ -45,6 +45,7 @@ CASES = {
     "offload/unknown": (dict(offload="sideways"), "none", GPU, None, dict(offload="sideways"), {}),
     "host_ram/unknown": (dict(host_ram="medium"), "none", GPU, None, dict(host_ram="medium"), {}),
     "compile_mode/unknown": (dict(compile_mode="fastest"), "none", GPU, None, dict(compile_mode="fastest"), {}),
+    "vae_dtype/unknown": (dict(vae_dtype="fp16"), "none", GPU, None, dict(vae_dtype="fp16"), {}),
     "attention/device": (dict(attention="fa3"), "none", NO_FA3, ["--attention", "fa3"], dict(attention="fa3"), {}),
     "fp8/device": (dict(fp8=True), "none", OLD_GPU, ["--fp8"], dict(fp8=True), {}),
     "cuda": (dict(tf32=True), "none", CPU, ["--tf32"], dict(tf32=True), {}),
@@ -107,7 +108,7 @@ def _fake(tiny, device: DeviceInfo, one_model: bool = False, **state):
     models = (tiny.high_noise_model,) if one_model else (tiny.high_noise_model, tiny.low_noise_model)
     base = dict(device=torch.device(device.name), high_noise_model=tiny.high_noise_model,
                 low_noise_model=tiny.low_noise_model, dit_models=lambda: models, text_encoder=tiny.text_encoder,
-                t5_cpu=False, use_batched_cfg=False, offload="none", ckpt_dir=None, progress=False)
+                vae=tiny.vae, t5_cpu=False, use_batched_cfg=False, offload="none", ckpt_dir=None, progress=False)
     return types.SimpleNamespace(**{**base, **state})
 
 

@@ -112,6 +112,21 @@ def test_fp8_modes_emulate_on_the_cpu_and_undo_exactly(pipe):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_vae_bf16_moves_only_the_frames_and_puts_the_fp32_vae_back(pipe):
+    """The bf16 VAE mode leaves the latents exact (the DiT is untouched), changes the decoded frames
+    a little (lossy, nothing saved), and restores the very fp32 VAE object, weights unrounded."""
+    vae = pipe.vae
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    (mode,) = quality.builtin_modes("cpu", ("vae-bf16",))
+    rows = quality.judge(pipe, [mode], quality.PROMPTS[2:3], (0,), frame_num=FRAMES, steps=2)
+    print(quality.markdown_table(rows))
+    _, bf16 = rows
+    assert not bf16.skipped and bf16.latent_rel_err == 0 and bf16.forwards_saved == 0
+    assert bf16.identical == 0 and 20 < bf16.psnr_db < math.inf
+    assert pipe.vae is vae and next(vae.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+
+
 def _emulation_gone() -> bool:
     return quality.EMULATED not in att.backend_names() and att.get_backend() == "auto"
 

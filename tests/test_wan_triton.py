@@ -246,7 +246,8 @@ def test_optimize_offloads_when_the_experts_do_not_fit(monkeypatch, caplog):
                             (need + plan.RESIDENT_HEADROOM_GB - 1e-3, "model")):
         fake = types.SimpleNamespace(device=torch.device("cuda"), high_noise_model=tiny_pipe.high_noise_model,
                                      low_noise_model=tiny_pipe.low_noise_model, dit_models=tiny_pipe.dit_models,
-                                     text_encoder=tiny_pipe.text_encoder, t5_cpu=False, use_batched_cfg=False,
+                                     text_encoder=tiny_pipe.text_encoder, vae=tiny_pipe.vae, t5_cpu=False,
+                                     use_batched_cfg=False,
                                      offload="model")
         monkeypatch.setattr(plan.DeviceInfo, "of", classmethod(
             lambda cls, dev=None, fp8=False, attention=None, gb=gpu_gb: plan.DeviceInfo("cuda", "cuda", gb)))

@@ -30,6 +30,10 @@ __all__ = ["WanVAE", "FeatureCache", "CausalConv3d", "RMSNorm", "ResidualBlock",
            "Resample", "Encoder3d", "Decoder3d", "CACHE_T"]
 
 CACHE_T = 2                      # frames of conv input remembered between chunks
+# the dtypes a VAE may run in (its parameters' dtype is its compute dtype): fp32 is the official
+# decode; bf16 halves its memory and runs ~1.8x faster at 720p on Hopper (bench/RESULTS.md section
+# 4), lossy (the quality gate's "VAE decode in bf16" row, section 16)
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _SKIPPED = "Rep"                 # upsample3d slot marker: "first chunk seen, time_conv skipped"
 
 
@@ -386,6 +390,12 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = self._make_decoder(cfg)
         self.channels_last = False
+
+    @property
+    def dtype_name(self) -> str:
+        """The VAE_DTYPES name of the dtype it runs in ('fp32', 'bf16')."""
+        dtype = next(self.parameters()).dtype
+        return next((n for n, d in VAE_DTYPES.items() if d == dtype), str(dtype).replace("torch.", ""))
 
     def use_channels_last(self, on: bool = True) -> "WanVAE":
         """Lay the 5-D (conv) weights out channels-last, and the decoder's input with them (or back)."""

@@ -20,6 +20,7 @@ from wan.naming import Arg
 from wan.parallel import ParallelRequest
 from wan.step_cache import enable_step_cache
 from wan.streaming import OffloadError
+from wan.vae import VAE_DTYPES
 
 from . import fp8 as _fp8
 from .errors import AccelError
@@ -213,6 +214,7 @@ class Optimized:
     t5_cpu: bool = False
     attention: str | None = None
     fp8: bool = False                # the experts' block linears in e4m3 (wan_triton.fp8; lossy)
+    vae_dtype: str = "fp32"          # what the VAE runs in (wan.vae.VAE_DTYPES); bf16 is lossy
     cache: str = "off"               # the step cache (wan.step_cache), its summary; lossy when on
     tf32_prev: dict | None = field(default=None, compare=False)
 
@@ -228,6 +230,7 @@ class Optimized:
                 f"TF32 {onoff[self.tf32]}, batched CFG {onoff[self.use_batched_cfg]}, "
                 f"{where}{', T5 on the CPU' if self.t5_cpu else ''}{att_}"
                 f"{', fp8 linears on (lossy)' if self.fp8 else ''}"
+                f"{f', VAE in {self.vae_dtype} (lossy)' if self.vae_dtype != 'fp32' else ''}"
                 f"{f', step cache {self.cache} (lossy)' if self.cache != 'off' else ''}")
 
 
@@ -259,7 +262,7 @@ def _kernel_switches() -> tuple:
 def check_kernel_switches(kernels: dict) -> None:
     """An argument optimize() does not know is an AccelError naming it (and the closest one)."""
     known = ("preset", "triton", "compile", "compile_mode", "tf32", "use_batched_cfg", "attention", "offload",
-             "host_ram", "fp8", "parallel", "cache", "cache_threshold", "cache_cfg", "cache_ratios",
+             "host_ram", "fp8", "vae_dtype", "parallel", "cache", "cache_threshold", "cache_cfg", "cache_ratios",
              *_kernel_switches())
     for name in kernels:
         if name not in known:
@@ -271,7 +274,8 @@ def check_kernel_switches(kernels: dict) -> None:
 def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = None, compile: bool | None = None,
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
-             fp8: bool | None = None, parallel: ParallelRequest | None = None, t5_release: bool | None = None,
+             fp8: bool | None = None, vae_dtype: str | None = None, parallel: ParallelRequest | None = None,
+             t5_release: bool | None = None,
              cache=None, cache_threshold: float | None = None, cache_cfg: int | None = None, cache_ratios=None,
              **kernels) -> Optimized:
     """Plan a run for a `wan.WanT2V` (a preset, explicit arguments winning) and apply it; returns
@@ -285,7 +289,9 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     True quantizes both experts' block linears to e4m3 in place (wan_triton.fp8.quantize_model;
     lossy, the bf16 weights are freed: reload to go back), False switches fp8 off where the bf16
     layers were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
-    parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the
+    vae_dtype: 'fp32' (the official decode) or 'bf16' (lossy: half the VAE's memory, faster; its
+    loss is on the quality gate, docs/quality.md) casts the VAE in place (None: as it is; back to
+    fp32 after bf16 keeps the rounded weights: reload for the exact ones). parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the
     text encoder's weights are freed after encoding and read again for the next video (None: the
     preset's; `WanT2V.t5_release`). cache: the step cache (lossy, docs/caching.md): 'easy', 'mag'
     or 'none', with its cache_threshold, cache_cfg (the CFG-branch cache's interval) and
@@ -300,7 +306,8 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     p = find_preset(preset, info) if isinstance(preset, str) else preset
     options = pipeline_options(pipeline, Options(
         triton=triton, compile=compile, compile_mode=compile_mode, tf32=tf32, use_batched_cfg=use_batched_cfg,
-        attention=attention, offload=offload, host_ram=host_ram, fp8=fp8, parallel=parallel or ParallelRequest(),
+        attention=attention, offload=offload, host_ram=host_ram, fp8=fp8, vae_dtype=vae_dtype,
+        parallel=parallel or ParallelRequest(),
         t5_release=t5_release, cache=cache_policy(cache, cache_threshold, cache_cfg, cache_ratios)))
     return apply(pipeline, plan(options, p, info), **kernels)
 
@@ -320,6 +327,14 @@ def switch_fp8(pipeline, on: bool | None) -> bool:
     if done:  # one line for both experts: lossy, and native or emulated
         log.warning("%s", _fp8.Fp8Summary.total(done).line())
     return changed or bool(done)
+
+
+def set_vae_dtype(pipeline, name: str | None) -> None:
+    """Cast the pipeline's VAE to wan.vae.VAE_DTYPES[name] in place (None: leave it)."""
+    if name is not None and pipeline.vae.dtype_name != name:
+        pipeline.vae.to(VAE_DTYPES[name])
+        if name != "fp32":
+            log.warning("the VAE runs in %s: lossy (its frames against the fp32 decode: docs/quality.md)", name)
 
 
 def _cache_summary(pipeline) -> str:
@@ -346,6 +361,7 @@ def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
     for line in run.warnings:
         log.warning("%s", line.say(say))
     switch_fp8(pipeline, run.fp8)
+    set_vae_dtype(pipeline, run.vae_dtype)
     tf32_prev = enable_tf32(True) if run.tf32 else None
     if run.triton:  # patch() sets the backend and unpatch() restores the previous one
         patched = tuple(patch(attention=run.attention, **kernels))
@@ -377,6 +393,6 @@ def apply(pipeline, run: RunPlan, say=str, **kernels) -> Optimized:
                     compile_mode=run.compile_mode, tf32=run.tf32, use_batched_cfg=run.use_batched_cfg,
                     offload=run.offload, t5_cpu=run.t5_cpu, attention=run.attention,
                     fp8=any(_fp8.is_quantized(m) for m in pipeline.dit_models()),
-                    cache=_cache_summary(pipeline), tf32_prev=tf32_prev)
+                    vae_dtype=pipeline.vae.dtype_name, cache=_cache_summary(pipeline), tf32_prev=tf32_prev)
     log.info("%s", res.summary())
     return res

@@ -262,7 +262,7 @@ def _psnr_json(p):
 
 # settings that change what is computed or where it runs; with none of them different and nothing
 # patched or compiled, the two modes run the same computation and a "speed-up" is run-to-run noise
-_SAME_FLAGS = ("use_batched_cfg", "offload", "t5_cpu", "attention", "cache")
+_SAME_FLAGS = ("use_batched_cfg", "offload", "t5_cpu", "attention", "vae_dtype", "cache")
 
 
 def same_computation(ref: dict, opt: dict) -> bool:
@@ -417,7 +417,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
         if "reference" in modes:
             settings = dict(triton=False, compile=False, tf32="official (matmul off, cuDNN on)",
                             use_batched_cfg=False, offload=plan.reference_offload, t5_cpu=plan.t5_cpu,
-                            attention=_attention_in_use(device), cache="off")
+                            attention=_attention_in_use(device), vae_dtype=pipe.vae.dtype_name, cache="off")
             res, latents["reference"], frames["reference"] = run_mode(
                 pipe, "reference", settings, req, args.num_runs, args.warmup, decode)
             results["reference"] = summarize(res, full_steps, decode)
@@ -431,7 +431,7 @@ def run(args, argv, cleanup: ExitStack) -> tuple[dict, dict]:
                             compile=applied.compile, compile_mode=applied.compile_mode if applied.compile else None,
                             tf32=applied.tf32, use_batched_cfg=applied.use_batched_cfg, offload=applied.offload,
                             t5_cpu=applied.t5_cpu, attention=_attention_in_use(device), fp8=applied.fp8,
-                            cache=applied.cache)
+                            vae_dtype=applied.vae_dtype, cache=applied.cache)
             res, latents["optimized"], frames["optimized"] = run_mode(
                 pipe, "optimized", settings, req, args.num_runs, args.warmup, decode)
             results["optimized"] = summarize(res, full_steps, decode)

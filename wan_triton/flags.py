@@ -13,6 +13,7 @@ from wan.offload import OFFLOAD_MODES
 from wan.requests import SOLVERS
 from wan.step_cache import CRITERIA, CRITERION_DEFAULTS
 from wan.tasks import image_tasks
+from wan.vae import VAE_DTYPES
 
 from .accel import PRESET_CHOICES, preset_help
 from .fp8_attention import register
@@ -108,6 +109,9 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
     a("--fp8", action="store_true", help="lossy: the DiT blocks' linears in fp8 e4m3 (per-channel weights, per-token "
                                          "activations; half the expert weight bytes; GPUs of compute capability "
                                          ">= 8.9; docs/fp8.md) (default: off, bf16 as official)")
+    a("--vae_dtype", default=None, choices=tuple(VAE_DTYPES),
+      help="what the VAE runs in: fp32 (official) or bf16 (lossy: half its memory, ~1.8x faster 720p decode on "
+           "Hopper; docs/quality.md has its loss) (default: fp32)")
     a("--fp8_dir", default=None, metavar="DIR",
       help="implies --fp8: read the experts from fp8 expert files in DIR, written there once from --ckpt_dir's "
            "(block by block, ~14 GB per expert) and re-used by later runs; block streaming then reads the e4m3 "

@@ -40,6 +40,7 @@ from wan.offload import OFFLOAD_MODES, offload_runs_on
 from wan.parallel import ParallelRequest
 from wan.step_cache import (CFG_PARALLEL_REASON, NO_RATIOS_REASON, CacheError, CachePolicy, cfg_cache_conflicts,
                             no_ratios_args)
+from wan.vae import VAE_DTYPES
 
 from . import fp8 as _fp8
 from .errors import PlanError
@@ -128,6 +129,7 @@ class Options:
     use_batched_cfg: bool | None = None
     attention: str | None = None         # a backend name; None leaves the current choice
     fp8: bool | None = None              # True quantizes, False dequantizes, None leaves the experts
+    vae_dtype: str | None = None         # the VAE's weights and activations: 'fp32' (official), 'bf16' (lossy); None leaves them
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     cache: CachePolicy | None = None     # the step cache (cache_policy()); None leaves the pipeline's
     loras: bool = False                  # LoRAs will be merged into the experts
@@ -170,6 +172,7 @@ class RunPlan:
     use_batched_cfg: bool = False
     attention: str | None = None
     fp8: bool | None = None
+    vae_dtype: str | None = None         # cast by apply (wan.vae.VAE_DTYPES); bf16 is lossy
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     cache: CachePolicy | None = None     # switched on by apply (wan.step_cache.enable_step_cache); lossy
     resident_gb: float | None = None     # the weights that stay on the GPU with nothing offloaded
@@ -244,6 +247,9 @@ RULES = {r.key: r for r in (
     Rule("host_ram/unknown", lambda c: c.o.host_ram not in (None, *HOST_RAM_MODES),
          "{a} is not a host RAM mode; choose from {choices}",
          lambda c: dict(a=Arg("host_ram", c.o.host_ram), choices=", ".join(HOST_RAM_MODES))),
+    Rule("vae_dtype/unknown", lambda c: c.o.vae_dtype not in (None, *VAE_DTYPES),
+         "{a} is not a VAE dtype; choose from {choices}",
+         lambda c: dict(a=Arg("vae_dtype", c.o.vae_dtype), choices=", ".join(VAE_DTYPES))),
     Rule("compile_mode/unknown", lambda c: c.o.compile_mode not in COMPILE_MODES,
          "{a} is not a torch.compile mode; choose from {choices}",
          lambda c: dict(a=Arg("compile_mode", c.o.compile_mode), choices=", ".join(COMPILE_MODES))),
@@ -417,5 +423,5 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         compile=bool(p.compile if o.compile is None else o.compile) and cuda and offload != "blocks",
         compile_mode=o.compile_mode, tf32=bool(p.tf32 if o.tf32 is None else o.tf32) and cuda,
         use_batched_cfg=bool(p.use_batched_cfg if o.use_batched_cfg is None else o.use_batched_cfg)
-        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, parallel=par, cache=o.cache,
+        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, vae_dtype=o.vae_dtype, parallel=par, cache=o.cache,
         resident_gb=resident, t5_release=bool(t5_release) and not par.t5_fsdp, warnings=warnings)
