@@ -420,13 +420,14 @@ def builtin_modes(device, keys=None) -> list[Mode]:
              "fp8-both": Mode(f"{lin} + {attn}", fp8_both,
                               note="both of the above" + (", CPU emulation" if "emulation" in lin else "")),
              "vae-bf16": Mode("VAE decode in bf16", vae_bf16,
-                              note="the DiT exact; the VAE's weights and activations bf16 (the official decode is fp32)"),
+                              note="the DiT exact; the VAE's weights and activations bf16 (official: fp32)"),
              "sanity": Mode("skip every other step (sanity)", skip_odd_steps,
                             note="deliberately bad: odd steps reuse the previous velocity")}
     return [modes[k] for k in BUILTIN if keys is None or k in keys]
 
 
-BUILTIN = ("floor", "fp8-linears", "fp8-attention", "fp8-both", "vae-bf16", "sanity")  # the --modes keys, in table order
+# the --modes keys, in table order
+BUILTIN = ("floor", "fp8-linears", "fp8-attention", "fp8-both", "vae-bf16", "sanity")
 
 
 # ------------------------------------------------------------------ report

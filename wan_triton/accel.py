@@ -275,9 +275,8 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
              compile_mode: str = "default", tf32: bool | None = None, use_batched_cfg: bool | None = None,
              attention: str | None = None, offload: str | None = None, host_ram: str | None = None,
              fp8: bool | None = None, vae_dtype: str | None = None, parallel: ParallelRequest | None = None,
-             t5_release: bool | None = None,
-             cache=None, cache_threshold: float | None = None, cache_cfg: int | None = None, cache_ratios=None,
-             **kernels) -> Optimized:
+             t5_release: bool | None = None, cache=None, cache_threshold: float | None = None,
+             cache_cfg: int | None = None, cache_ratios=None, **kernels) -> Optimized:
     """Plan a run for a `wan.WanT2V` (a preset, explicit arguments winning) and apply it; returns
     the `Optimized` record. Afterwards `pipe.generate(prompt)` runs as planned (an explicit
     `offload_model=` to generate() still wins).
@@ -291,8 +290,9 @@ def optimize(pipeline, preset: str | Preset = "auto", *, triton: bool | None = N
     layers were kept (quantize_model(keep_original=True)), None leaves the experts as they are.
     vae_dtype: 'fp32' (the official decode) or 'bf16' (lossy: half the VAE's memory, faster; its
     loss is on the quality gate, docs/quality.md) casts the VAE in place (None: as it is; back to
-    fp32 after bf16 keeps the rounded weights: reload for the exact ones). parallel: the pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the
-    text encoder's weights are freed after encoding and read again for the next video (None: the
+    fp32 after bf16 keeps the rounded weights: reload for the exact ones). parallel: the
+    pipeline's wan.parallel.ParallelRequest (default: one process). t5_release: the text
+    encoder's weights are freed after encoding and read again for the next video (None: the
     preset's; `WanT2V.t5_release`). cache: the step cache (lossy, docs/caching.md): 'easy', 'mag'
     or 'none', with its cache_threshold, cache_cfg (the CFG-branch cache's interval) and
     cache_ratios (mag: a ratio file or folder; default <ckpt_dir>/mag_ratios), or a whole

@@ -129,7 +129,7 @@ class Options:
     use_batched_cfg: bool | None = None
     attention: str | None = None         # a backend name; None leaves the current choice
     fp8: bool | None = None              # True quantizes, False dequantizes, None leaves the experts
-    vae_dtype: str | None = None         # the VAE's weights and activations: 'fp32' (official), 'bf16' (lossy); None leaves them
+    vae_dtype: str | None = None         # the VAE's dtype: 'fp32' (official), 'bf16' (lossy); None leaves it
     parallel: ParallelRequest = field(default_factory=ParallelRequest)
     cache: CachePolicy | None = None     # the step cache (cache_policy()); None leaves the pipeline's
     loras: bool = False                  # LoRAs will be merged into the experts
@@ -423,5 +423,5 @@ def plan(options: Options, preset, device: DeviceInfo) -> RunPlan:
         compile=bool(p.compile if o.compile is None else o.compile) and cuda and offload != "blocks",
         compile_mode=o.compile_mode, tf32=bool(p.tf32 if o.tf32 is None else o.tf32) and cuda,
         use_batched_cfg=bool(p.use_batched_cfg if o.use_batched_cfg is None else o.use_batched_cfg)
-        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, vae_dtype=o.vae_dtype, parallel=par, cache=o.cache,
-        resident_gb=resident, t5_release=bool(t5_release) and not par.t5_fsdp, warnings=warnings)
+        and not par.cfg_parallel, attention=o.attention, fp8=o.fp8, vae_dtype=o.vae_dtype, parallel=par,
+        cache=o.cache, resident_gb=resident, t5_release=bool(t5_release) and not par.t5_fsdp, warnings=warnings)
