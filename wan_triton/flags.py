@@ -111,7 +111,7 @@ def add_accel_flags(p: argparse.ArgumentParser, triton_help: str) -> None:
                                          ">= 8.9; docs/fp8.md) (default: off, bf16 as official)")
     a("--vae_dtype", default=None, choices=tuple(VAE_DTYPES),
       help="what the VAE runs in: fp32 (official) or bf16 (lossy: half its memory, ~1.8x faster 720p decode on "
-           "Hopper; docs/quality.md has its loss) (default: fp32)")
+           "Hopper, slower on a CPU; docs/quality.md has its loss) (default: fp32)")
     a("--fp8_dir", default=None, metavar="DIR",
       help="implies --fp8: read the experts from fp8 expert files in DIR, written there once from --ckpt_dir's "
            "(block by block, ~14 GB per expert) and re-used by later runs; block streaming then reads the e4m3 "
