@@ -31,7 +31,7 @@ def test_both_modes_write_json_md_png(tmp_path, capsys):
         assert len(m["runs"]) == 1 and len(m["steps"]) == 2 and len(m["experts"]) == 2
         assert m["total"] > 0 and m["step_mean"] > 0 and m["decode"] > 0
         assert m["extrapolated"] and m["full_steps"] == 8
-        assert m["extrapolated_s"] == pytest.approx(m["text_encode"] + 8 * m["step_mean"] + m["decode"])
+        assert m["extrapolated_s"] == pytest.approx(m["text_encode"] + 8 * m["step_mean"] + m["offload"] + m["decode"])
     assert rep["modes"]["reference"]["settings"]["use_batched_cfg"] is False
     assert rep["modes"]["optimized"]["settings"]["triton"] is False  # --no-triton
     c = rep["comparison"]
@@ -48,7 +48,7 @@ def test_both_modes_write_json_md_png(tmp_path, capsys):
     assert env["torch"] == torch.__version__ and env["command"].startswith("wan-benchmark ") and env["date"]
 
     md = (out / "b.md").read_text()
-    header = "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |"
+    header = "| mode | text s | s/step | offload s | decode s | total s | extrapolated s | peak GB |"
     assert header in md and "| reference |" in md and "| optimized |" in md
     assert "no speed-up to report: both modes ran the same computation" in md and "run-to-run spread" in md
     assert "x**" not in md and "speedup (median total)" not in md
@@ -197,13 +197,13 @@ def test_metrics():
 # ------------------------------------------------------------------ speed-up wording and the chart
 
 def _mode(totals, steps, **settings):
-    runs = [dict(total=t, text_encode=0.1, steps=list(steps), decode=0.2, peak_mem_gb=0.0,
+    runs = [dict(total=t, text_encode=0.1, steps=list(steps), offload=0.0, decode=0.2, peak_mem_gb=0.0,
                  experts=["high"] * len(steps)) for t in totals]
     base = dict(triton=False, compile=False, tf32=False, use_batched_cfg=False, offload="none", t5_cpu=False,
                 attention="auto -> sdpa")
     med = sorted(totals)[len(totals) // 2]
     return dict(runs=runs, total=med, median_run=totals.index(med), settings={**base, **settings},
-                steps=list(steps), experts=["high"] * len(steps), text_encode=0.1, decode=0.2, step_mean=0.5,
+                steps=list(steps), experts=["high"] * len(steps), text_encode=0.1, offload=0.0, decode=0.2, step_mean=0.5,
                 extrapolated_s=1.0, extrapolated=False, full_steps=2)
 
 
@@ -305,7 +305,7 @@ def test_table_and_chart_show_the_same_median_run(tmp_path, monkeypatch):
     modes = {}
     for name, totals in (("reference", [12.0, 14.0]), ("optimized", [9.0, 7.0])):
         res = ModeResult(mode=name, settings=dict(triton=False))
-        res.runs = [dict(total=t, text_encode=0.5, steps=[t / 4, t / 4], decode=t / 4, peak_mem_gb=None,
+        res.runs = [dict(total=t, text_encode=0.5, steps=[t / 4, t / 4], offload=0.0, decode=t / 4, peak_mem_gb=None,
                          experts=["high", "low"]) for t in totals]
         modes[name] = summarize(res, full_steps=2, decoded=True).to_dict()
     assert modes["reference"]["total"] == 12.0 and modes["optimized"]["total"] == 7.0  # not 13.0 / 8.0
@@ -322,6 +322,33 @@ def test_table_and_chart_show_the_same_median_run(tmp_path, monkeypatch):
     plot(rep, tmp_path / "c.png")
     labels = sorted(t.get_text().strip() for t in figs[0].axes[0].texts)
     assert labels == ["12.00 s", "7.00 s"]
+
+
+def test_offload_is_its_own_stage_and_in_the_extrapolation():
+    """The experts' copy to host memory after the last step (model offload; 22 s of a 720p run on an
+    H100, 2026-12-07) is a column of the table and part of the extrapolated video, and a report whose
+    timed steps ran one expert says that a full run's expert switch is not in it."""
+    from wan_triton.benchmark import ModeResult, markdown, summarize
+
+    modes = {}
+    for name, off in (("reference", 3.0), ("optimized", 2.0)):
+        res = ModeResult(mode=name, settings=dict(triton=False))
+        res.runs = [dict(total=20.0, text_encode=0.5, steps=[4.0, 4.0], offload=off, decode=1.5, peak_mem_gb=None,
+                         experts=["high", "high"])]
+        modes[name] = summarize(res, full_steps=40, decoded=True).to_dict()
+    assert modes["reference"]["offload"] == 3.0
+    assert modes["reference"]["extrapolated_s"] == pytest.approx(0.5 + 40 * 4.0 + 3.0 + 1.5)
+    rep = _report(modes["reference"], modes["optimized"])
+    rep["config"].update(sample_solver="unipc", weights="random", device="cpu", decode=True, base_seed=42,
+                         num_runs=1, warmup=0, full_steps=40)
+    rep["comparison"].update(latents_rel_err=0.0, latents_max_abs_err=0.0, psnr_db="inf")
+    rep["environment"].update(torch="x", triton=None, git_commit=None, git_dirty=None, date="d", command="c")
+    md = markdown(rep)
+    assert "| offload s |" in md and "| reference | 0.50 | 4.000 | 3.00 | 1.50 | 20.00 | 165.00 |" in md
+    assert "ran the high-noise expert only" in md
+    for m in modes.values():
+        m["experts"] = ["high", "low"]
+    assert "expert only" not in markdown(rep)
 
 
 def test_chart_title_and_bar_labels(tmp_path, monkeypatch):

@@ -30,6 +30,22 @@ def test_end_to_end_video_shape_and_range(pipe):
     assert len(tm.steps) == 3 and tm.total > 0 and tm.decode > 0
 
 
+def test_offload_after_the_last_step_is_timed_apart(pipe, monkeypatch):
+    """What the pipeline does to the experts after the last step (here the block rings parked, a
+    stand-in that sleeps 0.2 s) lands in Timings.offload, not in a step, and in the total."""
+    import time
+
+    import wan.denoise
+
+    monkeypatch.setattr(pipe, "offload", "blocks")
+    monkeypatch.setattr("wan.pipeline.switch_experts", lambda use, idle, dev: None)
+    monkeypatch.setattr(wan.denoise, "park_all", lambda *models: time.sleep(0.2))
+    gen(pipe, sampling_steps=2)
+    tm = pipe.last_timings
+    assert tm.offload >= 0.2 and tm.total >= sum(tm.steps) + tm.offload + tm.text_encode
+    assert "offload 0.2" in tm.summary()
+
+
 def test_same_seed_same_latents_other_seed_differs(pipe):
     a, b, c = gen(pipe, seed=3), gen(pipe, seed=3), gen(pipe, seed=4)
     assert torch.equal(a, b)

@@ -247,8 +247,9 @@ class WanTI2V:
                     if first is not None:
                         latent[:, :1] = first
         if offload_model and dev.type == "cuda":  # the decode gets the memory (official offload_model)
-            self.model.to("cpu")
-            torch.cuda.empty_cache()
+            with tm.measure("offload"):
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
         return latent
 
     @torch.no_grad()

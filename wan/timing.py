@@ -27,6 +27,7 @@ class Timings:
     text_encode: float = 0.0
     image_encode: float = 0.0        # the image-conditioned tasks' VAE encode of the input image
     steps: list = field(default_factory=list)
+    offload: float = 0.0             # after the last step: the experts moved to host memory (model offload)
     decode: float = 0.0
     total: float = 0.0
     peak_mem_gb: float | None = None  # measured on CUDA only
@@ -56,5 +57,6 @@ class Timings:
     def summary(self) -> str:
         mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device.startswith("cuda") else ""
         image = f"image {self.image_encode:.2f}s | " if self.image_encode else ""
+        offload = f"offload {self.offload:.2f}s | " if self.offload else ""
         return (f"text {self.text_encode:.2f}s | {image}denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
-                f"decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")
+                f"{offload}decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")

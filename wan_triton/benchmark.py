@@ -123,6 +123,7 @@ class ModeResult:
     text_encode: float = 0.0      # median over runs
     step_mean: float = 0.0        # median over runs of the mean step time
     denoise: float = 0.0          # median over runs of the summed step times
+    offload: float = 0.0          # median over runs: the experts moved to host memory after the last step
     decode: float = 0.0
     total: float = 0.0            # the median run's total (the lower median: a real run, the one the chart shows)
     peak_mem_gb: float | None = None  # max over runs (CUDA; None elsewhere)
@@ -144,6 +145,7 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
     res.text_encode = statistics.median(r["text_encode"] for r in runs)
     res.step_mean = statistics.median(statistics.fmean(r["steps"]) for r in runs)
     res.denoise = statistics.median(sum(r["steps"]) for r in runs)
+    res.offload = statistics.median(r["offload"] for r in runs)
     res.decode = statistics.median(r["decode"] for r in runs) if decoded else 0.0
     totals = [r["total"] for r in runs]
     res.total = statistics.median_low(totals)  # a real run's total: the table and the chart show the same run
@@ -154,7 +156,7 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
     res.experts = list(runs[res.median_run]["experts"])
     res.full_steps = full_steps
     res.extrapolated = len(res.steps) < full_steps
-    res.extrapolated_s = res.text_encode + res.step_mean * full_steps + res.decode
+    res.extrapolated_s = res.text_encode + res.step_mean * full_steps + res.offload + res.decode
     return res
 
 
@@ -196,8 +198,9 @@ def run_mode(pipe, mode: str, settings: dict, req: dict, num_runs: int, warmup: 
             first = latents
         else:
             res.repeat_max_rel_err = max(res.repeat_max_rel_err, rel_err(latents, first))
-        log.info("[%s] run %d/%d: total %.2f s (text %.2f, %d steps %.3f s/step, decode %.2f)", mode, i + 1,
-                 num_runs, tm.total, tm.text_encode, len(tm.steps), statistics.fmean(tm.steps), tm.decode)
+        log.info("[%s] run %d/%d: total %.2f s (text %.2f, %d steps %.3f s/step, offload %.2f, decode %.2f)", mode,
+                 i + 1, num_runs, tm.total, tm.text_encode, len(tm.steps), statistics.fmean(tm.steps), tm.offload,
+                 tm.decode)
     frames = video_to_uint8(video) if video is not None else None
     return res, latents, frames
 

@@ -61,12 +61,12 @@ def markdown(report: dict) -> str:
     c, cmp_, env = report["config"], report["comparison"], report["environment"]
     lines = [f"# Wan T2V benchmark: {c['task']} {c['size']}, {c['frame_num']} frames, {c['sample_steps']} steps "
              f"({c['sample_solver']}), {c['weights']} weights", "",
-             "| mode | text s | s/step | decode s | total s | extrapolated s | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | text s | s/step | offload s | decode s | total s | extrapolated s | peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in report["modes"].items():
         peak = _fmt(m["peak_mem_gb"], 1)  # None off CUDA: n/a
         dec = _fmt(m["decode"]) if c["decode"] else "skipped"
-        lines.append(f"| {name} | {_fmt(m['text_encode'])} | {_fmt(m['step_mean'], 3)} | {dec} | "
+        lines.append(f"| {name} | {_fmt(m['text_encode'])} | {_fmt(m['step_mean'], 3)} | {_fmt(m['offload'])} | {dec} | "
                      f"{_fmt(m['total'])} | {_fmt(m['extrapolated_s'])} | {peak} |")
     lines.append("")
     if cmp_["speedup_total"] is not None:
@@ -80,8 +80,14 @@ def markdown(report: dict) -> str:
         lines.append("- speedup / parity: n/a (one mode only)")
     any_m = next(iter(report["modes"].values()))
     how = "extrapolated" if any_m["extrapolated"] else "measured at full length"
-    lines.append(f"- extrapolated s = text + s/step x {c['full_steps']} + decode ({how}; "
-                 f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'})")
+    lines.append(f"- extrapolated s = text + s/step x {c['full_steps']} + offload + decode ({how}; "
+                 f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'}); offload s = the "
+                 f"experts copied to host memory after the last step (offload=model), so that the decode has the "
+                 f"GPU's memory")
+    if any_m["extrapolated"] and len(set(any_m["experts"])) == 1 and any_m["experts"][0] in ("high", "low"):
+        lines.append(f"- the timed steps ran the {any_m['experts'][0]}-noise expert only: a full run's switch to the "
+                     f"other expert (with offload=model one expert copied out, the other in) is not in the "
+                     f"extrapolation")
     lines.append(f"- medians over {c['num_runs']} timed run(s) after {c['warmup']} warmup(s); "
                  f"decode timed by the benchmark after generate(return_latents=True)")
     lines.append("- total s = the median run's total (" + ", ".join(
@@ -112,8 +118,10 @@ def plot(report: dict, path: Path) -> None:
     median_runs = [modes[n]["runs"][modes[n]["median_run"]] for n in names]
     stages = [("text encode", lambda r: r["text_encode"], "#8da0cb"),
               ("denoise", lambda r: sum(r["steps"]), "#fc8d62"), ("VAE decode", lambda r: r["decode"], "#66c2a5"),
-              ("other (setup, offload)",
-               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["decode"]), "#cccccc")]
+              ("offload", lambda r: r["offload"], "#e78ac3"),
+              ("other (setup)",
+               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["offload"] - r["decode"]),
+               "#cccccc")]
     left = [0.0] * len(names)
     for label, get, color in stages:
         vals = [get(r) for r in median_runs]
