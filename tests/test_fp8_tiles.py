@@ -148,8 +148,11 @@ def test_gelu_kernel_same_bits_under_every_tiling(seed):
 def test_row_tiles_choices():
     t = row_tiles(5120)
     assert (t.rows, t.chunk, t.chunks, t.even, t.looped) == (1, 1024, 5, True, False)
-    t = row_tiles(13824)  # 7 x 2048 = 14336: 3.7 % padding, wide loads
-    assert (t.chunk, t.chunks, t.even) == (2048, 7, False) and t.warps == 16
+    assert t.warps == 8
+    t = row_tiles(13824)  # 27 x 512, no padded lanes, 8 warps: 1.65x faster than 7 x 2048 / 16 warps (H100)
+    assert (t.chunk, t.chunks, t.even) == (512, 27, True) and t.warps == 8
+    t = row_tiles(3000)  # no tile width divides it: the widest padding it by <= 1/16 (3 x 1024 = 3072)
+    assert (t.chunk, t.chunks, t.even, t.warps) == (1024, 3, False, 4)
     t = row_tiles(64)
     assert t.rows == 16 and t.chunk == 64 and t.grid(100) == (7,)
     t = row_tiles(20000)

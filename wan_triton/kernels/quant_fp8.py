@@ -60,7 +60,8 @@ AMAX_FLOOR = 1e-12
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 MAX_FP8_ROW_BLOCK = 16384  # widest row held in registers (13824 in A14B)
 TILE_CHUNKS = (2048, 1024, 512, 256)  # tile widths tried, widest first (wide tiles: wide vector loads)
-MAX_PAD = 1 / 16  # a tile width is taken when the row padded to whole tiles is at most this much wider
+MAX_PAD = 1 / 16  # where none divides the row: the widest whose whole tiles pad it by at most this much
+MAX_WARPS = 8  # H100, 2026-12-07: 8 warps beat 16 on rows of 13824 (2170 vs 2887 us) and 5120 (720 vs 965 us)
 ELEMS_PER_PROGRAM = 4096  # rows per program: narrow rows are packed up to this many elements (at most 16 rows)
 
 _SOFT_FP8 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1") if triton_available() else False
@@ -284,16 +285,20 @@ def row_tiles(n_cols: int, max_block: int = MAX_FP8_ROW_BLOCK, rows: int | None 
               warps: int | None = None, chunk: int | None = None) -> RowTiles:
     """The tiling of rows of width `n_cols` (module docstring): rows wider than `max_block` loop in
     blocks of `max_block` (a power of two); narrower ones are held in registers, in tiles of the
-    widest of TILE_CHUNKS that pads the row by at most MAX_PAD (5120: 5 x 1024, 13824: 7 x 2048;
-    rows of at most 1024 columns: one tile of the next power of two), several rows per program up
-    to ELEMS_PER_PROGRAM elements, at most 32 elements per thread (1-16 warps). `rows` / `warps` /
-    `chunk` override the choice (the benchmark's sweep)."""
+    widest of TILE_CHUNKS that divides the row (5120: 5 x 1024, 13824: 27 x 512), else the widest
+    that pads it by at most MAX_PAD (rows of at most 1024 columns: one tile of the next power of
+    two), several rows per program up to ELEMS_PER_PROGRAM elements, the fewest warps (1 to
+    MAX_WARPS) that hold them at <= 32 elements per thread, MAX_WARPS where none does. Measured on
+    an H100 (bench/RESULTS.md section 17, `python -m bench.bench_fp8_kernels`): 27 x 512 with 8 warps
+    took 2170 us for the GELU quantize at 720p, 7 x 2048 (3.7 % padding) with 16 warps 3591 us, same
+    codes. `rows` / `warps` / `chunk` override the choice (the benchmark's sweep)."""
     if n_cols > max_block:
         return RowTiles(1, max_block, cdiv(n_cols, max_block), False, warps or 8, looped=True)
     if chunk is None and n_cols <= 1024:
         chunk = max(16, next_pow2(n_cols))
     elif chunk is None:
-        chunk = next((c for c in TILE_CHUNKS if cdiv(n_cols, c) * c <= n_cols * (1 + MAX_PAD)), TILE_CHUNKS[-1])
+        chunk = next((c for c in TILE_CHUNKS if n_cols % c == 0), None) or next(
+            (c for c in TILE_CHUNKS if cdiv(n_cols, c) * c <= n_cols * (1 + MAX_PAD)), TILE_CHUNKS[-1])
     chunks = cdiv(n_cols, chunk)
     width = chunk * chunks
     if rows is None:
@@ -302,7 +307,7 @@ def row_tiles(n_cols: int, max_block: int = MAX_FP8_ROW_BLOCK, rows: int | None 
             rows *= 2
     if warps is None:  # the fewest warps that hold the program's elements at <= 32 per thread
         warps = 1
-        while warps < 16 and rows * width > warps * 32 * 32:
+        while warps < MAX_WARPS and rows * width > warps * 32 * 32:
             warps *= 2
     return RowTiles(rows, chunk, chunks, n_cols % chunk == 0, warps)
 
