@@ -197,7 +197,7 @@ def test_metrics():
 # ------------------------------------------------------------------ speed-up wording and the chart
 
 def _mode(totals, steps, **settings):
-    runs = [dict(total=t, text_encode=0.1, steps=list(steps), offload=0.0, decode=0.2, peak_mem_gb=0.0,
+    runs = [dict(total=t, text_encode=0.1, steps=list(steps), moves=[], decode=0.2, peak_mem_gb=0.0,
                  experts=["high"] * len(steps)) for t in totals]
     base = dict(triton=False, compile=False, tf32=False, use_batched_cfg=False, offload="none", t5_cpu=False,
                 attention="auto -> sdpa")
@@ -305,7 +305,7 @@ def test_table_and_chart_show_the_same_median_run(tmp_path, monkeypatch):
     modes = {}
     for name, totals in (("reference", [12.0, 14.0]), ("optimized", [9.0, 7.0])):
         res = ModeResult(mode=name, settings=dict(triton=False))
-        res.runs = [dict(total=t, text_encode=0.5, steps=[t / 4, t / 4], offload=0.0, decode=t / 4, peak_mem_gb=None,
+        res.runs = [dict(total=t, text_encode=0.5, steps=[t / 4, t / 4], moves=[], decode=t / 4, peak_mem_gb=None,
                          experts=["high", "low"]) for t in totals]
         modes[name] = summarize(res, full_steps=2, decoded=True).to_dict()
     assert modes["reference"]["total"] == 12.0 and modes["optimized"]["total"] == 7.0  # not 13.0 / 8.0
@@ -325,15 +325,15 @@ def test_table_and_chart_show_the_same_median_run(tmp_path, monkeypatch):
 
 
 def test_offload_is_its_own_stage_and_in_the_extrapolation():
-    """The experts' copy to host memory after the last step (model offload; 22 s of a 720p run on an
-    H100, 2026-12-07) is a column of the table and part of the extrapolated video, and a report whose
-    timed steps ran one expert says that a full run's expert switch is not in it."""
+    """Placing the experts (model offload; 22 s of a 720p run on an H100, 2026-12-07, copying the
+    last expert to host memory) is a column of the table and part of the extrapolated video, and a
+    report whose timed steps ran one expert says that a full run's expert switch is not in it."""
     from wan_triton.benchmark import ModeResult, markdown, summarize
 
     modes = {}
     for name, off in (("reference", 3.0), ("optimized", 2.0)):
         res = ModeResult(mode=name, settings=dict(triton=False))
-        res.runs = [dict(total=20.0, text_encode=0.5, steps=[4.0, 4.0], offload=off, decode=1.5, peak_mem_gb=None,
+        res.runs = [dict(total=20.0, text_encode=0.5, steps=[4.0, 4.0], moves=[0.0, 0.0, off], decode=1.5, peak_mem_gb=None,
                          experts=["high", "high"])]
         modes[name] = summarize(res, full_steps=40, decoded=True).to_dict()
     assert modes["reference"]["offload"] == 3.0

@@ -76,8 +76,9 @@ def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond
     cache = start_run(pipe, steps, solver=solver, shift=shift)  # None without a step cache
     try:
         for step in _progress(steps, progress, desc="denoise"):
-            with timings.measure("steps"):
+            with timings.measure("moves"):  # the expert's placement is no step's work (Timings.offload)
                 model, gi = pipe._expert(int(step.t.item()), offload_model)
+            with timings.measure("steps"):
                 model = model if cond.y is None else Conditioned(model, y=cond.y)
                 timings.experts.append(step.expert)
                 scale = cond.guide_scale[gi]
@@ -93,7 +94,7 @@ def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond
     finally:
         if cache is not None:
             timings.cache = cache.finish()
-    with timings.measure("offload"):  # timed apart: the experts' copies to host memory are no step's work
+    with timings.measure("moves"):
         if pipe.offload == "blocks":  # the rings free their memory for the decode
             park_all(pipe.low_noise_model, pipe.high_noise_model)
         if offload_model and pipe.device.type == "cuda":

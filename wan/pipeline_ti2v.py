@@ -233,8 +233,9 @@ class WanTI2V:
         dev, cfg = self.device, self.config
         scheduler = make_scheduler(solver, steps, shift, dev, cfg.num_train_timesteps)
         attention.resolve_backend(dev)
-        if next(self.model.parameters()).device != dev:
-            self.model.to(dev)
+        with tm.measure("moves"):
+            if next(self.model.parameters()).device != dev:
+                self.model.to(dev)
         frame_tokens = latent.shape[2] * latent.shape[3] // (cfg.dit.patch_size[1] * cfg.dit.patch_size[2])
         with torch.autocast(device_type=dev.type, dtype=cfg.param_dtype):
             for t in _progress(scheduler.timesteps, progress, desc="denoise"):
@@ -247,7 +248,7 @@ class WanTI2V:
                     if first is not None:
                         latent[:, :1] = first
         if offload_model and dev.type == "cuda":  # the decode gets the memory (official offload_model)
-            with tm.measure("offload"):
+            with tm.measure("moves"):
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
         return latent

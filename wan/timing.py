@@ -27,7 +27,7 @@ class Timings:
     text_encode: float = 0.0
     image_encode: float = 0.0        # the image-conditioned tasks' VAE encode of the input image
     steps: list = field(default_factory=list)
-    offload: float = 0.0             # after the last step: the experts moved to host memory (model offload)
+    moves: list = field(default_factory=list)  # expert placements: before each step, after the last (offload)
     decode: float = 0.0
     total: float = 0.0
     peak_mem_gb: float | None = None  # measured on CUDA only
@@ -38,6 +38,12 @@ class Timings:
     @property
     def denoise(self) -> float:
         return sum(self.steps)
+
+    @property
+    def offload(self) -> float:
+        """Seconds spent placing experts: the needed one onto the device, the idle one off (model
+        offload), and after the last step into host memory for the decode; no step's time holds them."""
+        return sum(self.moves)
 
     @contextlib.contextmanager
     def measure(self, stage: str):
@@ -57,6 +63,6 @@ class Timings:
     def summary(self) -> str:
         mem = f" | peak GPU mem {self.peak_mem_gb:.1f} GB" if self.device.startswith("cuda") else ""
         image = f"image {self.image_encode:.2f}s | " if self.image_encode else ""
-        offload = f"offload {self.offload:.2f}s | " if self.offload else ""
+        offload = f"offload {self.offload:.2f}s | " if self.offload >= 0.005 else ""
         return (f"text {self.text_encode:.2f}s | {image}denoise {self.denoise:.2f}s ({len(self.steps)} steps) | "
                 f"{offload}decode {self.decode:.2f}s | total {self.total:.2f}s{mem}")

@@ -123,7 +123,7 @@ class ModeResult:
     text_encode: float = 0.0      # median over runs
     step_mean: float = 0.0        # median over runs of the mean step time
     denoise: float = 0.0          # median over runs of the summed step times
-    offload: float = 0.0          # median over runs: the experts moved to host memory after the last step
+    offload: float = 0.0          # median over runs of the expert placements' seconds (Timings.offload)
     decode: float = 0.0
     total: float = 0.0            # the median run's total (the lower median: a real run, the one the chart shows)
     peak_mem_gb: float | None = None  # max over runs (CUDA; None elsewhere)
@@ -145,7 +145,7 @@ def summarize(res: ModeResult, full_steps: int, decoded: bool) -> ModeResult:
     res.text_encode = statistics.median(r["text_encode"] for r in runs)
     res.step_mean = statistics.median(statistics.fmean(r["steps"]) for r in runs)
     res.denoise = statistics.median(sum(r["steps"]) for r in runs)
-    res.offload = statistics.median(r["offload"] for r in runs)
+    res.offload = statistics.median(sum(r["moves"]) for r in runs)
     res.decode = statistics.median(r["decode"] for r in runs) if decoded else 0.0
     totals = [r["total"] for r in runs]
     res.total = statistics.median_low(totals)  # a real run's total: the table and the chart show the same run

@@ -81,9 +81,9 @@ def markdown(report: dict) -> str:
     any_m = next(iter(report["modes"].values()))
     how = "extrapolated" if any_m["extrapolated"] else "measured at full length"
     lines.append(f"- extrapolated s = text + s/step x {c['full_steps']} + offload + decode ({how}; "
-                 f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'}); offload s = the "
-                 f"experts copied to host memory after the last step (offload=model), so that the decode has the "
-                 f"GPU's memory")
+                 f"{c['sample_steps']} steps timed{'' if c['decode'] else ', decode skipped'}); offload s = placing the "
+                 f"experts (offload=model: the needed one onto the GPU, the idle one and, after the last step, the "
+                 f"last one into host memory), in no step's time")
     if any_m["extrapolated"] and len(set(any_m["experts"])) == 1 and any_m["experts"][0] in ("high", "low"):
         lines.append(f"- the timed steps ran the {any_m['experts'][0]}-noise expert only: a full run's switch to the "
                      f"other expert (with offload=model one expert copied out, the other in) is not in the "
@@ -118,9 +118,9 @@ def plot(report: dict, path: Path) -> None:
     median_runs = [modes[n]["runs"][modes[n]["median_run"]] for n in names]
     stages = [("text encode", lambda r: r["text_encode"], "#8da0cb"),
               ("denoise", lambda r: sum(r["steps"]), "#fc8d62"), ("VAE decode", lambda r: r["decode"], "#66c2a5"),
-              ("offload", lambda r: r["offload"], "#e78ac3"),
+              ("offload", lambda r: sum(r["moves"]), "#e78ac3"),
               ("other (setup)",
-               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - r["offload"] - r["decode"]),
+               lambda r: max(0.0, r["total"] - r["text_encode"] - sum(r["steps"]) - sum(r["moves"]) - r["decode"]),
                "#cccccc")]
     left = [0.0] * len(names)
     for label, get, color in stages:
