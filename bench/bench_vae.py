@@ -7,7 +7,9 @@ fp32 decode of the same latents (the official precision).
 
 Variants (`--variants`, comma-separated): fp32 (official: fp32 weights and activations, cuDNN
 with PyTorch's default TF32 for convolutions), bf16 (the VAE in bf16: lossy), fp32-cl and bf16-cl
-(the same with the 3-D convolutions channels-last, `WanVAE.use_channels_last`). PSNR: frames in
+(the same with the 3-D convolutions channels-last, `WanVAE.use_channels_last`); a `-k` suffix
+(fp32-k, bf16-k, bf16-cl-k) decodes with the fused RMSNorm + SiLU kernel (`wan_triton.patched`,
+the `rms_norm` flag only: wan.vae.rms_norm_silu). PSNR: frames in
 [-1, 1] mapped to [0, 1], 10 log10(1 / MSE) over every pixel of every frame, against fp32's
 frames; also the largest absolute difference. The warm-up decodes 2 latent frames at the full
 size (cuDNN plans for every shape the chunked decode meets), outside the timed runs.
@@ -15,6 +17,7 @@ size (cuDNN plans for every shape the chunked decode meets), outside the timed r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -23,8 +26,20 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "fp32-cl": (torch.float32, True),
-            "bf16-cl": (torch.bfloat16, True)}
+# name -> (dtype, channels-last convolutions, the fused norm + SiLU kernel patched in)
+VARIANTS = {"fp32": (torch.float32, False, False), "bf16": (torch.bfloat16, False, False),
+            "fp32-cl": (torch.float32, True, False), "bf16-cl": (torch.bfloat16, True, False),
+            "fp32-k": (torch.float32, False, True), "bf16-k": (torch.bfloat16, False, True),
+            "bf16-cl-k": (torch.bfloat16, True, True)}
+
+
+def _kernels(on: bool):
+    """The VAE's norm + SiLU kernel patched in for the block (the other ops untouched), or nothing."""
+    if not on:
+        return contextlib.nullcontext()
+    import wan_triton
+
+    return wan_triton.patched(rms_norm=True, rope=False, modulation=False, residual=False, cfg=False, strict=True)
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -48,7 +63,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_vae", description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1280*720")
     ap.add_argument("--frame_num", type=int, default=81)
-    ap.add_argument("--variants", default="fp32,bf16,fp32-cl,bf16-cl")
+    ap.add_argument("--variants", default="fp32,bf16,fp32-cl,bf16-cl,fp32-k,bf16-k,bf16-cl-k")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="the tiny preset's VAE at 64x64 on the CPU (bf16 convolutions "
                                                         "are slow on a CPU: the full VAE takes minutes there)")
@@ -70,11 +85,11 @@ def main(argv=None) -> int:
                     generator=torch.Generator(device=dev).manual_seed(0))
     rows, ref = [], None
     for name in ["fp32"] + [v for v in names if v != "fp32"]:
-        dtype, cl = VARIANTS[name]
+        dtype, cl, kernel = VARIANTS[name]
         vae = WanVAE.from_config(get_config("tiny").vae if args.smoke else VAEConfig(), device=dev, dtype=dtype, seed=0)
         if cl:
             vae.use_channels_last()
-        with torch.no_grad():
+        with torch.no_grad(), _kernels(kernel):
             vae.decode(z[:, :, :2])  # warm-up: cuDNN plans for the chunk shapes, outside the timing
             _sync(cuda)
             if cuda:
@@ -85,7 +100,7 @@ def main(argv=None) -> int:
                 out = vae.decode(z)
                 _sync(cuda)
                 times.append(time.perf_counter() - t0)
-        row = dict(variant=name, dtype=str(dtype).replace("torch.", ""), channels_last=cl, size=f"{w}*{h}",
+        row = dict(variant=name, dtype=str(dtype).replace("torch.", ""), channels_last=cl, kernel=kernel, size=f"{w}*{h}",
                    frames=out.shape[2], seconds=statistics.median(times), runs=times,
                    peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
                    tf32_cudnn=torch.backends.cudnn.allow_tf32)

@@ -43,6 +43,7 @@ def test_bf16_decode_psnr_against_fp32(seed):
 
 def test_bench_vae_smoke(tmp_path):
     out = tmp_path / "vae.json"
-    assert main(["--smoke", "--variants", "fp32,fp32-cl", "--out", str(out)]) == 0
+    assert main(["--smoke", "--variants", "fp32,fp32-cl,fp32-k", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["fp32", "fp32-cl"] and rows[1]["psnr_db"] >= 80
+    assert [r["variant"] for r in rows] == ["fp32", "fp32-cl", "fp32-k"] and rows[1]["psnr_db"] >= 80
+    assert rows[2]["kernel"] and rows[2]["psnr_db"] >= 80  # the fused norm + SiLU: fp32 rounding only

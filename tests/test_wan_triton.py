@@ -12,7 +12,7 @@ import torch
 from wan_triton import kernels
 import wan_triton
 from wan import attention as att
-from wan import dit, pipeline
+from wan import dit, pipeline, vae
 from wan.configs import TINY
 from wan.dit import WanModel
 from wan_triton import accel, plan
@@ -20,7 +20,8 @@ from wan_triton import accel, plan
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
 NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"),
-         (dit, "gated_residual"), (pipeline, "cfg_combine"), (dit, "modulate_rows"), (dit, "gated_residual_rows")]
+         (dit, "gated_residual"), (pipeline, "cfg_combine"), (dit, "modulate_rows"), (dit, "gated_residual_rows"),
+         (vae, "rms_norm_silu")]
 
 
 def originals():
@@ -114,7 +115,8 @@ def test_patched_model_matches_reference(tiny):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
     n = len(tiny.blocks)
     assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
-                              gated_residual=2 * n, cfg_combine=0, modulate_rows=0, gated_residual_rows=0), \
+                              gated_residual=2 * n, cfg_combine=0, modulate_rows=0, gated_residual_rows=0,
+                              rms_norm_silu=0), \
         wan_triton.kernel_stats()  # one timestep per sample: the per-token rows kernels do not run
     assert not any(fallbacks().values()), wan_triton.kernel_stats()
     err = ((out - ref).norm() / ref.norm()).item()

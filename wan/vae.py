@@ -136,6 +136,13 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
+def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """SiLU(RMSNorm(x)) over the channels of x [B, C, T, H, W]: exactly `nn.SiLU()(norm(x))` for an
+    RMSNorm `norm` with this gamma and scale (the pair every residual block and head applies).
+    A module-level name so that wan_triton can put its one-pass kernel in its place."""
+    return F.silu(F.normalize(x, dim=1) * scale * gamma)
+
+
 def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
     """[B,C,T,H,W] -> [B*T,C,H,W]."""
     b, c, t, h, w = x.shape
@@ -164,10 +171,10 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
-        norm1, act1, conv1, norm2, act2, drop, conv2 = self.residual
+        norm1, _act1, conv1, norm2, _act2, drop, conv2 = self.residual  # the SiLUs: inside rms_norm_silu
         h = self.shortcut(x)
-        x = _cached_conv(conv1, act1(norm1(x)), cache)
-        x = _cached_conv(conv2, drop(act2(norm2(x))), cache)
+        x = _cached_conv(conv1, rms_norm_silu(x, norm1.gamma, norm1.scale), cache)  # = act1(norm1(x))
+        x = _cached_conv(conv2, drop(rms_norm_silu(x, norm2.gamma, norm2.scale)), cache)
         return x + h
 
 
@@ -313,8 +320,8 @@ class Encoder3d(nn.Module):
         x = _cached_conv(self.conv1, x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
-        norm, act, conv = self.head
-        return _cached_conv(conv, act(norm(x)), cache)
+        norm, _act, conv = self.head  # _act (SiLU) is inside rms_norm_silu
+        return _cached_conv(conv, rms_norm_silu(x, norm.gamma, norm.scale), cache)
 
 
 class Decoder3d(nn.Module):
@@ -350,8 +357,8 @@ class Decoder3d(nn.Module):
         x = _cached_conv(self.conv1, x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
-        norm, act, conv = self.head
-        return _cached_conv(conv, act(norm(x)), cache)
+        norm, _act, conv = self.head  # _act (SiLU) is inside rms_norm_silu
+        return _cached_conv(conv, rms_norm_silu(x, norm.gamma, norm.scale), cache)
 
 
 # --------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ log = logging.getLogger("wan_triton")
 
 # flag -> [(module name, attribute)]; the kernel op in `kernels` has the attribute's name
 _TARGETS = {
-    "rms_norm": [("wan.dit", "rms_norm")],
+    "rms_norm": [("wan.dit", "rms_norm"), ("wan.vae", "rms_norm_silu")],
     "rope": [("wan.dit", "rope_apply"), ("wan.dit", "rms_norm_rope")],
     "modulation": [("wan.dit", "modulate"), ("wan.dit", "modulate_rows")],
     "residual": [("wan.dit", "gated_residual"), ("wan.dit", "gated_residual_rows")],
@@ -151,11 +151,13 @@ def kernel_support() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
 
 
-def _targets(flags):
+def _targets(flags, one_model: bool = False):
     for flag in flags:
         for mod_name, attr in _TARGETS[flag]:
             if attr == "rms_norm_rope" and "rms_norm" not in flags:
                 continue  # fused q/k kernel only when both halves are wanted
+            if one_model and mod_name == "wan.vae":
+                continue  # patch(model) swaps ops inside a WanModel's forward, where no VAE runs
             yield mod_name, attr
 
 
@@ -192,6 +194,7 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     Falls back to the reference (and logs why) when the kernels cannot run here, unless
     strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
     call the kernel does not cover raises KernelFallback instead of running the reference.
+    `rms_norm` also covers the VAE's RMSNorm + SiLU (wan.vae.rms_norm_silu) in a global patch.
     `attention` (a wan.attention backend name) also sets the attention backend; None leaves
     it alone. patch() swaps functions and never touches weights: fp8 linears are
     wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model) (docs/fp8.md).
@@ -256,7 +259,7 @@ def _patch_instance(model, flags, strict: bool) -> list[str]:
     inst = _instances.setdefault(model, InstancePatch())
     wrapped = inst.flags is not None
     inst.flags, inst.strict = flags, strict
-    names = [f"{mod_name}.{attr}" for mod_name, attr in _targets(flags)]
+    names = [f"{mod_name}.{attr}" for mod_name, attr in _targets(flags, one_model=True)]
     if wrapped:
         return names
     orig_forward = model.forward
@@ -277,7 +280,7 @@ def _swapped(flags, strict: bool):
     """Bind the ops for a region, restoring whatever was bound before (nesting-safe)."""
     saved = []
     try:
-        for mod_name, attr in _targets(flags):
+        for mod_name, attr in _targets(flags, one_model=True):
             mod = _module(mod_name)
             saved.append((mod, attr, getattr(mod, attr)))
             setattr(mod, attr, _dispatcher(mod_name, attr, strict))
