@@ -25,6 +25,7 @@ import torch
 from .conditioning import Conditioned
 from .configs import T2VConfig
 from .offload import park_all
+from .parking import to_host
 from .step_cache import start_run
 
 __all__ = ["Step", "Conditioning", "expert_of", "schedule_steps", "denoise"]
@@ -97,10 +98,9 @@ def denoise(pipe, latent: torch.Tensor, scheduler, steps: tuple[Step, ...], cond
     with timings.measure("moves"):
         if pipe.offload == "blocks":  # the rings free their memory for the decode
             park_all(pipe.low_noise_model, pipe.high_noise_model)
-        if offload_model and pipe.device.type == "cuda":
-            pipe.low_noise_model.to("cpu")
-            pipe.high_noise_model.to("cpu")
-            torch.cuda.empty_cache()
+        if offload_model and pipe.device.type == "cuda":  # the decode gets the memory (wan.parking)
+            to_host(pipe.low_noise_model)
+            to_host(pipe.high_noise_model)
     return latent
 
 

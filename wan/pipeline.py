@@ -37,6 +37,7 @@ from .lora import LoraError, load_lora_into_pipeline, unload_from_pipeline
 from .naming import Arg
 from .offload import (OFFLOAD_MODES, build_streamable_expert, check_offload_device, default_offload,
                       enable_pipeline_streaming, load_experts_for_streaming, park_all, switch_experts)
+from .parking import to_device, to_host
 from .requests import check_request
 from .schedulers import make_scheduler
 from .streaming import OffloadError
@@ -289,11 +290,9 @@ class WanT2V:
             switch_experts(use, idle, self.device)
             return use, g
         if offload and self.device.type == "cuda":
-            if next(idle.parameters()).device.type != "cpu":
-                idle.to("cpu")
-                torch.cuda.empty_cache()
+            to_host(idle)  # into its kept (pinned) host copies: wan.parking
         if next(use.parameters()).device != self.device:
-            use.to(self.device)
+            to_device(use, self.device)
         return use, g
 
     def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ from .image import ti2v_frame, ti2v_size
 from .lora import LoraError
 from .naming import Arg
 from .offload import OffloadError, default_offload
+from .parking import to_device, to_host
 from .denoise import _progress
 from .pipeline import WanT2V, _offload_mode
 from .requests import InputError, check_request
@@ -235,7 +236,7 @@ class WanTI2V:
         attention.resolve_backend(dev)
         with tm.measure("moves"):
             if next(self.model.parameters()).device != dev:
-                self.model.to(dev)
+                to_device(self.model, dev)
         frame_tokens = latent.shape[2] * latent.shape[3] // (cfg.dit.patch_size[1] * cfg.dit.patch_size[2])
         with torch.autocast(device_type=dev.type, dtype=cfg.param_dtype):
             for t in _progress(scheduler.timesteps, progress, desc="denoise"):
@@ -249,8 +250,7 @@ class WanTI2V:
                         latent[:, :1] = first
         if offload_model and dev.type == "cuda":  # the decode gets the memory (official offload_model)
             with tm.measure("moves"):
-                self.model.to("cpu")
-                torch.cuda.empty_cache()
+                to_host(self.model)
         return latent
 
     @torch.no_grad()
