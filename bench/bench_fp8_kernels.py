@@ -39,9 +39,13 @@ from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quan
 PEAK_BYTES_PER_S = 4.18e12
 TOKENS = 21 * 45 * 80  # 1280x720x81
 DIM, FFN = 5120, 13824
-# (rows, warps, chunk) tried besides the default; chunk None: row_tiles' choice
-SWEEP = [(1, 4, None), (1, 8, None), (1, 16, None), (2, 8, None), (2, 16, None), (4, 16, None), (1, 8, 512),
-         (1, 16, 512), (1, 16, 1024)]
+# (rows, warps, chunk, looped) tried besides the default; chunk None: row_tiles' choice. looped: one row
+# per program read twice in chunk-wide blocks (amax, then codes; the second read from L2), few registers
+# per thread: more programs per SM than a row held in registers (an H100, 2026-12-07: every in-register
+# tiling sat at 2.6-4.8x its floor)
+SWEEP = [(1, 4, None, False), (1, 8, None, False), (1, 16, None, False), (2, 8, None, False), (2, 16, None, False),
+         (4, 16, None, False), (1, 8, 512, False), (1, 16, 512, False), (1, 16, 1024, False), (1, 4, 1024, True),
+         (1, 8, 2048, True), (1, 4, 512, True)]
 
 
 def _ms(fn, iters: int, warmup: int, cuda: bool) -> float:
@@ -128,8 +132,8 @@ def main(argv=None) -> int:
         row["now_x_floor"] = row["now_us"] / floor_us
         row["v1_x_floor"] = row["v1_us"] / floor_us
         sweep = []
-        for r, w, c in (SWEEP if args.sweep else []):
-            t = row_tiles(width, rows=r, warps=w, chunk=c)
+        for r, w, c, looped in (SWEEP if args.sweep else []):
+            t = row_tiles(width, max_block=c, warps=w) if looped else row_tiles(width, rows=r, warps=w, chunk=c)
             if t == default or t.chunk * t.chunks < width:
                 continue
             try:
