@@ -117,7 +117,8 @@ def slots_of(model: nn.Module) -> HostSlots | None:
 
 def to_host(model: nn.Module, pin: bool | None = None) -> None:
     """Model offload: the model's CUDA tensors into its kept host slots (made on the first call;
-    `pin=None` pins on CUDA), then the device memory back to the allocator."""
+    `pin=None`: page-locked where the host has room, `_room_to_pin`), then the device memory back
+    to the allocator."""
     cuda = any(t.device.type == "cuda" for t in itertools.chain(model.parameters(), model.buffers()))
     if not cuda:
         return
