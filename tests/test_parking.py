@@ -56,6 +56,10 @@ def test_a_tensor_that_changed_shape_or_dtype_gets_a_new_slot(seed):
     new = [s.data_ptr() for s in slots.slots]
     assert new[:4] == ptrs[:4] and all(a != b for a, b in zip(new[4:], ptrs[4:]))
     assert slots.slots[4].shape == (5, 16) and slots.slots[-1].dtype == torch.float64
+    del m[2]                          # fewer tensors (as when fp8 layers replace bf16 ones): no slot is left behind
+    _leave(m)
+    slots.fill(m)
+    assert len(slots.slots) == 5 and slots.nbytes == sum(t.numel() * t.element_size() for t in _tensors(m))
     slots.release()
     assert slots.slots == []
 

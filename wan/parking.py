@@ -96,6 +96,8 @@ class HostSlots:
         def copy_to_slot(t: torch.Tensor) -> torch.Tensor:
             i = next(order)
             if not self.remote(t):
+                if i < len(self.slots):
+                    self._drop(i)  # nothing of this model waits there any more
                 return t
             host = self.slot(i, t)
             host.copy_(t, non_blocking=self.pin)
@@ -103,6 +105,10 @@ class HostSlots:
 
         with torch.no_grad():
             model._apply(copy_to_slot)
+        used = next(order)
+        for i in range(used, len(self.slots)):  # a model with fewer tensors than before (fp8 layers swapped in)
+            self._drop(i)
+        del self.slots[used:]
 
     def __del__(self):  # registered memory is unregistered before it is freed
         try:
