@@ -114,3 +114,21 @@ def test_pin_only_where_the_host_has_room(monkeypatch, caplog):
         monkeypatch.setattr(wp, "host_memory", lambda free=free: HostMemory(available=free, source="test"))
         assert wp._room_to_pin(m) is want, free
     assert "stays pageable" in caplog.text
+
+
+def test_block_streaming_drops_the_kept_copies(seed):
+    """A pipeline that ran under model offload (kept host copies) and then streams its blocks (the
+    benchmark's reference, then its optimized mode) does not hold its experts twice."""
+    from wan.offload import enable_pipeline_streaming
+    from wan.pipeline import WanT2V
+
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0)
+    for m in (pipe.high_noise_model, pipe.low_noise_model):
+        m._host_slots = HostSlots(pin=False, remote=lambda t: True)
+        _leave(m)
+        m._host_slots.fill(m)
+    enable_pipeline_streaming(pipe, allow_cpu=True)
+    assert slots_of(pipe.high_noise_model) is None and slots_of(pipe.low_noise_model) is None
+    out = pipe.generate("a red fox", size="128*128", frame_num=5, sampling_steps=2, seed=1, progress=False,
+                        return_latents=True)
+    assert torch.isfinite(out).all()

@@ -25,6 +25,7 @@ from . import lora
 from .dit import WanModel, init_linears_and_norms_
 from .hostmem import ExpertFiles, ExpertSource, HostRamChoice, choose_host_ram
 from .naming import Arg
+from .parking import forget
 from .streaming import BlockStreamer, HostLedger, OffloadError, enable_block_streaming, streamer_of
 
 log = logging.getLogger("wan.offload")
@@ -147,6 +148,7 @@ def enable_pipeline_streaming(pipe, ring: int = 2, pin: bool | None = None, host
         src = ExpertSource(folders[label], m) if low or label in deferred else None
         # low: the high-noise expert (the first a video uses) stays in host memory, the other waits in its files
         load = (not low or label == "high") and label not in deferred
+        forget(m)  # model offload's kept host copies (wan.parking): the streamer's buffers replace them
         h = enable_block_streaming(m, pipe.device, ring=ring, pin=pin, source=src, load=load, ledger=ledger,
                                    label=f"{label}-noise")
         if not low and not h.resident:  # read lazily, but both are to be held: read it now

@@ -34,7 +34,7 @@ from .hostmem import HEADROOM_BYTES, host_memory
 
 log = logging.getLogger("wan.parking")
 
-__all__ = ["HostSlots", "to_host", "to_device", "slots_of"]
+__all__ = ["HostSlots", "to_host", "to_device", "slots_of", "forget"]
 
 
 class HostSlots:
@@ -119,6 +119,16 @@ class HostSlots:
 
 def slots_of(model: nn.Module) -> HostSlots | None:
     return getattr(model, "_host_slots", None)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop a model's kept host copies (unregistered first). Block streaming calls it before it
+    takes the weights into its own host buffers: a slot the model still points at stays valid
+    (pageable) until the streamer has copied it, and no expert is held twice."""
+    slots = slots_of(model)
+    if slots is not None:
+        slots.release()
+        del model._host_slots
 
 
 def to_host(model: nn.Module, pin: bool | None = None) -> None:
