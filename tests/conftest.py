@@ -35,9 +35,26 @@ def tol(dtype):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's --dist loadgroup keeps the group on one worker")
+
+
+def shares_a_module_fixture(item) -> bool:
+    """Whether the test uses a fixture of module (or wider) scope defined in its own file."""
+    info = getattr(item, "_fixtureinfo", None)
+    module = getattr(getattr(item, "module", None), "__name__", None)
+    return info is not None and any(
+        d.scope != "function" and getattr(d.func, "__module__", None) == module
+        for defs in info.name2fixturedefs.values() for d in defs)
 
 
 def pytest_collection_modifyitems(config, items):
+    # For `-n N --dist loadgroup` (README, Contributing: the GPU suite): the tests of a file that builds a
+    # module fixture (a spawned process group, a generated video) stay on one worker, which builds it
+    # once; every other test goes to whichever worker is free. Per file (`loadfile`), the 139 kernel
+    # tests of one file compile their Triton kernels one after another on one worker (~9 min on an H100).
+    for item in items:
+        if shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs CUDA")
