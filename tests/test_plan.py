@@ -492,16 +492,15 @@ def test_arg_words():
 
 def test_names_mean_one_thing():
     """Issue 30 item 5: a task is a model size (wan.configs.TASKS, WanT2V.from_config), a preset a
-    hardware profile (wan_triton.accel.PRESETS), the plan the RunPlan; the old public names warn."""
+    hardware profile (wan_triton.accel.PRESETS), the plan the RunPlan; the old public names are gone
+    (no compatibility shims in a 0.x package)."""
     import wan.configs as configs
     import wan.hostmem
     import wan.lora
     from wan.pipeline import WanT2V
 
-    with pytest.warns(DeprecationWarning, match="TASKS"):
-        assert configs.PRESETS is configs.TASKS
-    with pytest.warns(DeprecationWarning, match="from_config"):
-        assert WanT2V.from_preset("tiny").config.name == "tiny"
+    assert not hasattr(configs, "PRESETS") and not hasattr(WanT2V, "from_preset")
+    assert WanT2V.from_config("tiny").config.name == "tiny"
     with pytest.raises(KeyError, match="unknown task 'x'"):
         configs.get_config("x")
     assert hasattr(wan.hostmem, "HostRamChoice") and not hasattr(wan.hostmem, "HostPlan")

@@ -12,11 +12,11 @@ ARGS = dict(size="128*128", frame_num=5, sampling_steps=2, shift=3.0, progress=F
 
 
 def test_warm_up_changes_nothing_a_generation_computes(seed, tmp_path):
-    a = WanT2V.from_preset("tiny", device="cpu", seed=0).generate("a fox", seed=seed % 1000, **ARGS)
-    pipe = WanT2V.from_preset("tiny", device="cpu", seed=0, t5_release=True)
+    a = WanT2V.from_config("tiny", device="cpu", seed=0).generate("a fox", seed=seed % 1000, **ARGS)
+    pipe = WanT2V.from_config("tiny", device="cpu", seed=0, t5_release=True)
     assert pipe.warm_up("128*128", 5) > 0 and pipe.text_encoder.released
     assert torch.equal(a, pipe.generate("a fox", seed=seed % 1000, **ARGS))
-    WanT2V.from_preset("tiny", device="cpu", seed=0).save_pretrained(tmp_path, max_shard_bytes=40_000)
+    WanT2V.from_config("tiny", device="cpu", seed=0).save_pretrained(tmp_path, max_shard_bytes=40_000)
     low = WanT2V.from_pretrained(tmp_path, "tiny", device="cpu", offload="blocks", host_ram="low", allow_cpu=True)
     low.warm_up("128*128", 5)
     assert streamer_of(low.low_noise_model).stats.reloads == 0  # the idle expert is not read

@@ -10,7 +10,6 @@ weights): its weights ship in the package (`DEMO_CKPT_DIR`), the CLI's default w
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -193,13 +192,6 @@ def get_config(name: str) -> "T2VConfig | TI2VConfig":
         return TASKS[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}") from None
-
-
-def __getattr__(name):
-    if name == "PRESETS":  # deprecated (0.1): the model sizes are tasks; remove in 0.2
-        warnings.warn("wan.configs.PRESETS is now wan.configs.TASKS", DeprecationWarning, stacklevel=2)
-        return TASKS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_size(size: str) -> tuple[int, int]:

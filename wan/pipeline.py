@@ -21,7 +21,6 @@ import math
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -225,13 +224,6 @@ class WanT2V:
         if offload == "blocks":
             pipe.enable_block_streaming(allow_cpu=allow_cpu)
         return pipe
-
-    @classmethod
-    def from_preset(cls, *args, **kw) -> "WanT2V":
-        """Deprecated (0.1; removed in 0.2): `from_config` (a task is a model size; a preset is a
-        hardware profile of wan_triton)."""
-        warnings.warn("WanT2V.from_preset is now WanT2V.from_config", DeprecationWarning, stacklevel=2)
-        return cls.from_config(*args, **kw)
 
     def enable_block_streaming(self, ring: int = 2, pin: bool | None = None, host_ram: str = "auto",
                                ckpt_dir=None, allow_cpu: bool = False):
