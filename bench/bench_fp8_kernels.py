@@ -19,6 +19,12 @@ padded to a power of two, an IEEE division per element); "now" the package's
 order than v1: its codes may differ in a few places (counted), its scales by an fp32 ulp or so.
 On a CPU (--smoke, interpreted) v1 also differs where a code is -0: v1's interpreter path wrote +0
 there (its compiled kernel, like today's, writes -0, as torch's cast does).
+
+Two probes per plain quantize (not candidates: their codes are not the exact ones) say where the time
+goes: `torch cast` is `x.to(float8_e4m3fn)` (one read, one write, no row work: what a streaming
+kernel of these bytes gets), `probe: x*r cast` the default tiling with the same loads, amax and
+stores but the codes from one multiply (no verified quotient). Near the torch cast, the kernel's
+gap is its arithmetic; near the kernel, it is the tiling's memory pattern.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ import torch
 
 from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel
 from wan_triton.kernels.modulate_quant_fp8 import launch_modulate_quant
-from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, quant_rows, row_tiles
+from wan_triton.kernels._utils import jit, tl
+from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, e4m3_cast_store, load_tiles, \
+    quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
 
 from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
 
@@ -46,6 +54,30 @@ DIM, FFN = 5120, 13824
 SWEEP = [(1, 4, None, False), (1, 8, None, False), (1, 16, None, False), (2, 8, None, False), (2, 16, None, False),
          (4, 16, None, False), (1, 8, 512, False), (1, 16, 512, False), (1, 16, 1024, False), (1, 4, 1024, True),
          (1, 8, 2048, True), (1, 4, 512, True)]
+
+
+@jit
+def _probe_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                  CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
+    """The tiled quantize's memory traffic and amax, its codes from x * (1 / scale) alone (a probe:
+    not the exact codes). Arguments as _quant_fp8_kernel's; LOOPED is not supported (never asked)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    cols = tl.arange(0, CHUNK)
+    xs = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+    scale = row_scale(tiles_amax(xs, CHUNKS), amax_floor)
+    tl.store(S + rows, scale, mask=rmask)
+    r = (1.0 / scale)[:, None]
+    for c in tl.static_range(CHUNKS):
+        e4m3_cast_store(xs[c] * r, Q + rows[:, None] * n_cols + cols[None, :] + c * CHUNK,
+                        tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+
+
+def probes(x: torch.Tensor, tiles) -> list:
+    """(name, call) of the two memory probes (module docstring) for a plain quantize of x."""
+    return [("torch cast", lambda: x.to(FP8_DTYPE)),
+            ("probe: x*r cast", lambda: quant_rows(_probe_kernel, x, tiles))]
 
 
 def _ms(fn, iters: int, warmup: int, cuda: bool) -> float:
@@ -75,7 +107,8 @@ def _same(a, b) -> dict:
 
 
 def cases(tokens: int, dim: int, ffn: int, dev):
-    """(name, bytes moved, v1 call, new call with a RowTiles, width) of each kernel at its call site."""
+    """(name, bytes moved, v1 call, new call with a RowTiles, width, the input of a plain quantize or None)
+    of each kernel at its call site."""
     g = torch.Generator(device=dev).manual_seed(0)
     x16 = torch.randn(tokens, dim, device=dev, generator=g).bfloat16()
     x32 = torch.randn(tokens, dim, device=dev, generator=g)
@@ -93,13 +126,13 @@ def cases(tokens: int, dim: int, ffn: int, dev):
     n = tokens * dim
     return [
         ("quant_fp8 bf16", n * (2 + 1) + tokens * 4, lambda: quant_fp8_v1(x16),
-         lambda t: quant_rows(_quant_fp8_kernel, x16, t), dim),
+         lambda t: quant_rows(_quant_fp8_kernel, x16, t), dim, x16),
         ("quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: quant_fp8_v1(x32),
-         lambda t: quant_rows(_quant_fp8_kernel, x32, t), dim),
+         lambda t: quant_rows(_quant_fp8_kernel, x32, t), dim, x32),
         ("gelu_quant_fp8 bf16", tokens * ffn * (2 + 1) + tokens * 4, lambda: gelu_quant_fp8_v1(h16),
-         lambda t: quant_rows(_gelu_quant_fp8_kernel, h16, t), ffn),
+         lambda t: quant_rows(_gelu_quant_fp8_kernel, h16, t), ffn, None),
         ("modulate_quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: modulate_quant_fp8_v1(xr, sh, sc, 1e-6),
-         mod_new, dim),
+         mod_new, dim, None),
     ]
 
 
@@ -121,7 +154,7 @@ def main(argv=None) -> int:
     iters, warmup = (args.iters, args.warmup) if not args.smoke else (1, 0)
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu (smoke)", torch=torch.__version__,
                   tokens=tokens, amax_floor=AMAX_FLOOR, rows=[])
-    for name, nbytes, v1, new, width in cases(tokens, dim, ffn, dev):
+    for name, nbytes, v1, new, width, plain in cases(tokens, dim, ffn, dev):
         floor_us = nbytes / PEAK_BYTES_PER_S * 1e6
         default = row_tiles(width)
         ref = v1()
@@ -143,6 +176,8 @@ def main(argv=None) -> int:
             except Exception as err:  # e.g. out of registers / shared memory: say so, keep going
                 sweep.append(dict(tiles=repr(t), error=f"{type(err).__name__}: {str(err)[:120]}"))
         row["sweep"] = sweep
+        if plain is not None and not default.looped:
+            row["probes"] = {pname: _ms(call, iters, warmup, cuda) * 1e3 for pname, call in probes(plain, default)}
         timed = [s for s in sweep if "us" in s and s["us"] == s["us"]]
         best = min(timed, key=lambda s: s["us"], default=None)
         if best is not None and best["us"] < 0.97 * row["now_us"]:
@@ -155,6 +190,8 @@ def main(argv=None) -> int:
         for s in sweep:
             print(f"    {s['tiles']}: " + (f"{s['us']:.1f} us ({s['x_floor']:.2f}x floor), identical {s['identical']}"
                                          if "us" in s else s["error"]), flush=True)
+        for pname, us in row.get("probes", {}).items():
+            print(f"    {pname}: {us:.1f} us ({us / floor_us:.2f}x floor)", flush=True)
         if "better_tiling" in row:
             print(f"    -> faster than the default by {1 - row['better_tiling']['us'] / row['now_us']:.1%}: "
                   f"{row['better_tiling']['tiles']}", flush=True)

@@ -169,3 +169,5 @@ def test_bench_fp8_kernels_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["kernel"].split()[0] for r in rows] == ["quant_fp8", "quant_fp8", "gelu_quant_fp8", "modulate_quant_fp8"]
     assert rows[0]["identical"] and rows[1]["identical"]
+    # the memory probes beside each plain quantize (their codes are not compared: they are not exact)
+    assert [sorted(r.get("probes", {})) for r in rows] == [["probe: x*r cast", "torch cast"]] * 2 + [[], []]
