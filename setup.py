@@ -39,7 +39,7 @@ setup(
     extras_require={
         # diffusers: so that the test command runs tests/test_diffusers.py (without it they skip); cache-dit:
         # tests/test_cache_dit.py (patch() composed with its step cache; it needs diffusers >= 0.36, torch >= 2.7.1)
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "diffusers>=0.35.0,<0.43", "cache-dit"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "diffusers>=0.35.0,<0.43", "cache-dit"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "flash": ["flash-attn"],
         "fa4": ["flash-attn-4"],                  # CUDA 13 torch: pip install "flash-attn-4[cu13]"

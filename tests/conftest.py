@@ -7,6 +7,8 @@ running torch; tests that exercise a fallback on purpose unset it.
 """
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WAN_TRITON_STRICT", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -36,6 +39,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's --dist loadgroup keeps the group on one worker")
+    config.addinivalue_line("markers", "interpreter: runs the Triton kernels on CPU tensors (TRITON_INTERPRET=1; "
+                                       "without it, the test runs in a child pytest that has it)")
 
 
 def shares_a_module_fixture(item) -> bool:
@@ -47,13 +52,17 @@ def shares_a_module_fixture(item) -> bool:
         for defs in info.name2fixturedefs.values() for d in defs)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     # For `-n N --dist loadgroup` (README, Contributing: the GPU suite): the tests of a file that builds a
     # module fixture (a spawned process group, a generated video) stay on one worker, which builds it
     # once; every other test goes to whichever worker is free. Per file (`loadfile`), the 139 kernel
     # tests of one file compile their Triton kernels one after another on one worker (~9 min on an H100).
+    # The GPU-marked tests work at real shapes (up to tens of GB each): one at a time, in one group.
     for item in items:
-        if shares_a_module_fixture(item):
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("gpu"))
+        elif shares_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if HAS_CUDA:
         return
@@ -61,6 +70,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked `interpreter` runs the kernels on CPU tensors, which needs TRITON_INTERPRET=1 from the
+    start of the process (triton.jit reads it when a kernel is defined). A process without it (a GPU
+    machine: conftest sets it only where there is no CUDA) runs such a test in a child pytest that has it
+    and takes the child's outcome: the test runs on every machine, not skipped on some."""
+    if INTERPRETED or pyfuncitem.get_closest_marker("interpreter") is None:
+        return None
+    nodeid = pyfuncitem.nodeid.split("@")[0]  # pytest-xdist's loadgroup appends "@group"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    r = subprocess.run([sys.executable, "-m", "pytest", nodeid, "-q", "-rfE", "-p", "no:cacheprovider", "-p", "no:xdist"],
+                       cwd=pyfuncitem.config.rootpath, env={**env, "TRITON_INTERPRET": "1"}, capture_output=True,
+                       text=True, timeout=1200)
+    out = r.stdout + r.stderr
+    if r.returncode != 0 or " 1 passed" not in " " + out.strip().splitlines()[-1]:
+        pytest.fail(f"under TRITON_INTERPRET=1 in a child pytest (exit {r.returncode}):\n{out[-6000:]}", pytrace=False)
+    return True
 
 
 @pytest.fixture

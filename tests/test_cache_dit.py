@@ -67,6 +67,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.interpreter  # the kernels on CPU tensors: a child pytest with TRITON_INTERPRET=1 on a GPU machine
 @pytest.mark.parametrize("order", ["patch, then cache-dit", "cache-dit, then patch"])
 def test_patch_composes_with_cache_dit(order, seed):
     plain = tiny_pipe(seed)

@@ -95,6 +95,7 @@ def test_judge_counts_block_calls_and_separates_the_sanity_mode(pipe):
     assert "generate" not in vars(pipe) and "_guided" not in vars(pipe)
 
 
+@pytest.mark.interpreter  # the kernels on CPU tensors: a child pytest with TRITON_INTERPRET=1 on a GPU machine
 def test_fp8_modes_emulate_on_the_cpu_and_undo_exactly(pipe):
     """The fp8 rows on the CPU say 'emulation'; both fp8 modes move the video a little (lossy, no block
     call saved) and much less than the sanity mode; afterwards the bf16 layers and the attention
@@ -152,6 +153,7 @@ def _swap_generate_to_fail(p):
     return lambda: delattr(p, "generate")
 
 
+@pytest.mark.interpreter  # the kernels on CPU tensors: a child pytest with TRITON_INTERPRET=1 on a GPU machine
 def test_fp8_attention_emulation_rounds_like_the_kernel():
     """The emulation's per-tensor quantization equals kernels.attn_quant_fp8's (its unrounded scaled
     values, rounded to e4m3 the same way), and the emulated attention stays within e4m3's error."""

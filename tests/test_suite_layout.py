@@ -1,6 +1,15 @@
-"""The suite's own scheduling rule (conftest.py): under `--dist loadgroup`, a file's tests that share a
-module fixture stay on one worker, and the others spread one by one."""
+"""The suite's own rules (conftest.py): under `--dist loadgroup` a file's tests that share a module
+fixture stay on one worker and the GPU-marked tests share one, the others spread one by one; a test
+marked `interpreter` runs under TRITON_INTERPRET=1 on every machine (in a child pytest where the
+process has no interpreter)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +27,33 @@ def test_a_test_with_a_module_fixture_is_grouped_by_its_file(request, built_once
 
 def test_a_test_without_one_spreads(request, tmp_path):  # tmp_path: a session fixture of pytest's, not ours
     assert _groups(request.node) == []
+
+
+@pytest.mark.gpu
+def test_gpu_tests_share_one_group(request, built_once):
+    assert _groups(request.node)[0] == ("gpu",)
+
+
+@pytest.mark.interpreter
+def test_marked_test_sees_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pytest(args, **env):
+    return subprocess.run([sys.executable, "-m", "pytest", __file__, "-v", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_xdist_reads_the_groups():
+    """pytest-xdist appends the group to the test id: only if conftest's hook ran before its own."""
+    pytest.importorskip("xdist")
+    r = _pytest(["-n", "2", "--dist", "loadgroup", "-k", "grouped_by_its_file or spreads"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"grouped_by_its_file@{__name__}" in r.stdout and "spreads@" not in r.stdout, r.stdout[-3000:]
+
+
+def test_without_the_interpreter_a_marked_test_runs_in_a_child():
+    """A process started without TRITON_INTERPRET (as on a GPU machine) hands the marked test to a child
+    pytest that has it; the marked test's body asserts it sees the interpreter."""
+    r = _pytest(["-p", "no:xdist", "-k", "sees_the_interpreter"], TRITON_INTERPRET="0")
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]

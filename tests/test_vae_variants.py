@@ -6,6 +6,7 @@ tiny preset's VAE: the full VAE's bf16 convolutions take minutes on a CPU."""
 import json
 import math
 
+import pytest
 import torch
 
 from bench.bench_vae import main, psnr
@@ -41,6 +42,7 @@ def test_bf16_decode_psnr_against_fp32(seed):
     assert out.dtype == torch.float32 and 40.0 <= db < math.inf and top < 0.5
 
 
+@pytest.mark.interpreter  # the kernels on CPU tensors: a child pytest with TRITON_INTERPRET=1 on a GPU machine
 def test_bench_vae_smoke(tmp_path):
     out = tmp_path / "vae.json"
     assert main(["--smoke", "--variants", "fp32,fp32-cl,fp32-k", "--out", str(out)]) == 0
