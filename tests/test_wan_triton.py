@@ -87,6 +87,17 @@ def test_fallback_and_strict(monkeypatch, caplog):
     wan_triton.unpatch()
 
 
+@pytest.mark.parametrize("cuda, interpreted, reason", [
+    (True, False, "CUDA"), (True, True, "CUDA under the Triton interpreter (TRITON_INTERPRET=1: slow)"),
+    (False, True, "Triton interpreter on CPU")])
+def test_kernel_support_says_where_the_kernels_run(monkeypatch, cuda, interpreted, reason):
+    """The patch log's reason: the interpreter left set on a GPU machine (25 s for one step of the demo on
+    an H100, against a fraction of a second compiled) is said, not hidden behind 'CUDA'."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(kernels, "interpret_mode", lambda: interpreted)
+    assert wpatch.kernel_support() == (True, reason)
+
+
 # Where the kernels run: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(DEV == "cpu" and not kernels.interpret_mode(),

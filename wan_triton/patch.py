@@ -144,8 +144,9 @@ def kernel_support() -> tuple[bool, str]:
 
     if not kernels.triton_available():
         return False, "Triton is not installed"
-    if torch.cuda.is_available():
-        return True, "CUDA"
+    if torch.cuda.is_available():  # under the interpreter, kernels on CUDA tensors run through the host
+        return True, "CUDA under the Triton interpreter (TRITON_INTERPRET=1: slow)" if kernels.interpret_mode() \
+            else "CUDA"
     if kernels.interpret_mode():
         return True, "Triton interpreter on CPU"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
