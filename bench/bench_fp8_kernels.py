@@ -20,6 +20,10 @@ order than v1: its codes may differ in a few places (counted), its scales by an 
 On a CPU (--smoke, interpreted) v1 also differs where a code is -0: v1's interpreter path wrote +0
 there (its compiled kernel, like today's, writes -0, as torch's cast does).
 
+A candidate per plain quantize, `persistent`: one program per SM (times `--waves`), each walking its
+share of the rows with the next rows' loads issued before the current rows are reduced and written
+(the probes below found the gap in the memory pattern, not in the arithmetic); same exact codes.
+
 Two probes per plain quantize (not candidates: their codes are not the exact ones) say where the time
 goes: `torch cast` is `x.to(float8_e4m3fn)` (one read, one write, no row work: what a streaming
 kernel of these bytes gets), `probe: x*r cast` the default tiling with the same loads, amax and
@@ -38,9 +42,9 @@ import torch
 
 from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel
 from wan_triton.kernels.modulate_quant_fp8 import launch_modulate_quant
-from wan_triton.kernels._utils import jit, tl
-from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, e4m3_cast_store, load_tiles, \
-    quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
+from wan_triton.kernels._utils import jit, launchable, tl
+from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, e4m3_cast_store, e4m3_quant_tiles, \
+    load_tiles, quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
 
 from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
 
@@ -72,6 +76,39 @@ def _probe_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.conste
     for c in tl.static_range(CHUNKS):
         e4m3_cast_store(xs[c] * r, Q + rows[:, None] * n_cols + cols[None, :] + c * CHUNK,
                         tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+
+
+@jit
+def _persistent_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                       CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
+    """_quant_fp8_kernel's rows and codes (arguments as there; LOOPED never asked), a grid smaller than
+    the row blocks: program p takes blocks p, p + P, p + 2P, ... and loads block i + P while it
+    quantizes block i (the tiles of the next block are carried through the loop)."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    cols = tl.arange(0, CHUNK)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    xs = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+    for _ in range(pid, tl.cdiv(n_rows, ROWS), step):
+        nrows = rows + step * ROWS
+        nmask = nrows < n_rows
+        nxt = load_tiles(X + nrows[:, None] * stride_x + cols[None, :], nmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+        e4m3_quant_tiles(xs, tiles_amax(xs, CHUNKS), amax_floor, S + rows, Q + rows[:, None] * n_cols + cols[None, :],
+                         rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+        xs, rows, rmask = nxt, nrows, nmask
+
+
+def persistent(x: torch.Tensor, tiles, waves: int):
+    """(q, scale) of x from _persistent_kernel with `waves` programs per SM (the CPU: 2 programs)."""
+    K = x.shape[-1]
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    blocks = -(-x.shape[0] // tiles.rows)
+    launchable(_persistent_kernel)[(min(blocks, sms * waves),)](x, q, s.view(-1), x.shape[0], x.stride(0), K, AMAX_FLOOR,
+                                                                **tiles.launch_kw())
+    return q, s
 
 
 def probes(x: torch.Tensor, tiles) -> list:
@@ -141,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="only v1 vs the default tiling")
+    ap.add_argument("--waves", type=lambda v: [int(w) for w in v.split(",")], default=[2, 4, 8],
+                    help="programs per SM of the persistent candidate, comma-separated (default 2,4,8)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one call each (the flow; CPU under "
                                                         "TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/fp8_kernels.json)")
@@ -178,7 +217,16 @@ def main(argv=None) -> int:
         row["sweep"] = sweep
         if plain is not None and not default.looped:
             row["probes"] = {pname: _ms(call, iters, warmup, cuda) * 1e3 for pname, call in probes(plain, default)}
-        timed = [s for s in sweep if "us" in s and s["us"] == s["us"]]
+            for waves in args.waves:
+                t = default
+                try:
+                    us = _ms(lambda: persistent(plain, t, waves), iters, warmup, cuda) * 1e3
+                    same = _same(persistent(plain, t, waves), ref)["identical"]
+                    sweep.append(dict(tiles=f"persistent, {waves} program(s) per SM, {t}", us=us, x_floor=us / floor_us,
+                                      identical=same))
+                except Exception as err:  # e.g. a loop-carried tuple the compiler refuses: say so, keep going
+                    sweep.append(dict(tiles=f"persistent, {waves} per SM", error=f"{type(err).__name__}: {str(err)[:160]}"))
+        timed = [s for s in sweep if "us" in s and s["us"] == s["us"] and s["identical"]]
         best = min(timed, key=lambda s: s["us"], default=None)
         if best is not None and best["us"] < 0.97 * row["now_us"]:
             row["better_tiling"] = best
