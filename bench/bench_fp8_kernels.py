@@ -173,12 +173,23 @@ def cases(tokens: int, dim: int, ffn: int, dev):
     ]
 
 
+def _waves(text: str) -> list:
+    """--waves: positive integers, comma-separated."""
+    try:
+        waves = [int(w) for w in text.split(",")]
+    except ValueError:
+        waves = []
+    if not waves or min(waves) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return waves
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_fp8_kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="only v1 vs the default tiling")
-    ap.add_argument("--waves", type=lambda v: [int(w) for w in v.split(",")], default=[2, 4, 8],
+    ap.add_argument("--waves", type=_waves, default=[2, 4, 8],
                     help="programs per SM of the persistent candidate, comma-separated (default 2,4,8)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one call each (the flow; CPU under "
                                                         "TRITON_INTERPRET=1)")

@@ -176,3 +176,14 @@ def test_bench_fp8_kernels_smoke(tmp_path):
     for r in rows[:2]:
         cand = [s for s in r["sweep"] if s["tiles"].startswith("persistent")]
         assert len(cand) == 3 and all(s.get("identical") for s in cand), cand
+
+
+@pytest.mark.parametrize("bad", ["x", "0", "2,", ""])
+def test_bench_fp8_kernels_bad_waves_is_one_line(bad, capsys):
+    from bench import bench_fp8_kernels
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_fp8_kernels.main(["--smoke", "--waves", bad])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"bench_fp8_kernels: error: argument --waves: expected positive integers separated by commas, got {bad!r}"
