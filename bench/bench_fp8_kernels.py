@@ -20,9 +20,10 @@ order than v1: its codes may differ in a few places (counted), its scales by an 
 On a CPU (--smoke, interpreted) v1 also differs where a code is -0: v1's interpreter path wrote +0
 there (its compiled kernel, like today's, writes -0, as torch's cast does).
 
-A candidate per plain quantize, `persistent`: one program per SM (times `--waves`), each walking its
+A candidate per row-wise quantize (plain and GELU), `persistent`: one program per SM (times `--waves`), each walking its
 share of the rows with the next rows' loads issued before the current rows are reduced and written
-(the probes below found the gap in the memory pattern, not in the arithmetic); same exact codes.
+(the probes below found the gap in the memory pattern, not in the arithmetic); its codes are compared
+with those of today's kernel.
 
 Two probes per plain quantize (not candidates: their codes are not the exact ones) say where the time
 goes: `torch cast` is `x.to(float8_e4m3fn)` (one read, one write, no row work: what a streaming
@@ -40,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel
+from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel, _gelu_tiles
 from wan_triton.kernels.modulate_quant_fp8 import launch_modulate_quant
 from wan_triton.kernels._utils import jit, launchable, tl
-from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _quant_fp8_kernel, e4m3_cast_store, e4m3_quant_tiles, \
-    load_tiles, quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
+from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _identity_tiles, _quant_fp8_kernel, \
+    e4m3_cast_store, e4m3_quant_tiles, load_tiles, quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
 
 from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
 
@@ -79,11 +80,11 @@ def _probe_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.conste
 
 
 @jit
-def _persistent_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                       CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
-    """_quant_fp8_kernel's rows and codes (arguments as there; LOOPED never asked), a grid smaller than
-    the row blocks: program p takes blocks p, p + P, p + 2P, ... and loads block i + P while it
-    quantizes block i (the tiles of the next block are carried through the loop)."""
+def _persistent_rows(F_TILES: tl.constexpr, X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr,
+                     CHUNK: tl.constexpr, CHUNKS: tl.constexpr, EVEN: tl.constexpr):
+    """e4m3_quant_rows' codes of y = F_TILES(x tiles) with a grid smaller than the row blocks: program p
+    takes blocks p, p + P, p + 2P, ... and loads block i + P while it quantizes block i (the next
+    block's tiles are carried through the loop)."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, CHUNK)
@@ -94,19 +95,34 @@ def _persistent_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.c
         nrows = rows + step * ROWS
         nmask = nrows < n_rows
         nxt = load_tiles(X + nrows[:, None] * stride_x + cols[None, :], nmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
-        e4m3_quant_tiles(xs, tiles_amax(xs, CHUNKS), amax_floor, S + rows, Q + rows[:, None] * n_cols + cols[None, :],
+        ys = F_TILES(xs, (), CHUNKS)
+        e4m3_quant_tiles(ys, tiles_amax(ys, CHUNKS), amax_floor, S + rows, Q + rows[:, None] * n_cols + cols[None, :],
                          rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
         xs, rows, rmask = nxt, nrows, nmask
 
 
-def persistent(x: torch.Tensor, tiles, waves: int):
-    """(q, scale) of x from _persistent_kernel with `waves` programs per SM (the CPU: 2 programs)."""
+@jit
+def _persistent_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                       CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
+    """quant_fp8's codes, persistent (arguments as _quant_fp8_kernel's; LOOPED never asked)."""
+    _persistent_rows(_identity_tiles, X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS, CHUNK, CHUNKS, EVEN)
+
+
+@jit
+def _persistent_gelu_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                            CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
+    """gelu_quant_fp8's codes, persistent (arguments as _gelu_quant_fp8_kernel's)."""
+    _persistent_rows(_gelu_tiles, X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS, CHUNK, CHUNKS, EVEN)
+
+
+def persistent(kernel, x: torch.Tensor, tiles, waves: int):
+    """(q, scale) of x from a persistent kernel with `waves` programs per SM (a CPU counts as one SM)."""
     K = x.shape[-1]
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     blocks = -(-x.shape[0] // tiles.rows)
-    launchable(_persistent_kernel)[(min(blocks, sms * waves),)](x, q, s.view(-1), x.shape[0], x.stride(0), K, AMAX_FLOOR,
+    launchable(kernel)[(min(blocks, sms * waves),)](x, q, s.view(-1), x.shape[0], x.stride(0), K, AMAX_FLOOR,
                                                                 **tiles.launch_kw())
     return q, s
 
@@ -144,8 +160,8 @@ def _same(a, b) -> dict:
 
 
 def cases(tokens: int, dim: int, ffn: int, dev):
-    """(name, bytes moved, v1 call, new call with a RowTiles, width, the input of a plain quantize or None)
-    of each kernel at its call site."""
+    """(name, bytes moved, v1 call, new call with a RowTiles, width, the input of a row-wise quantize or
+    None, its persistent candidate kernel or None) of each kernel at its call site."""
     g = torch.Generator(device=dev).manual_seed(0)
     x16 = torch.randn(tokens, dim, device=dev, generator=g).bfloat16()
     x32 = torch.randn(tokens, dim, device=dev, generator=g)
@@ -163,13 +179,13 @@ def cases(tokens: int, dim: int, ffn: int, dev):
     n = tokens * dim
     return [
         ("quant_fp8 bf16", n * (2 + 1) + tokens * 4, lambda: quant_fp8_v1(x16),
-         lambda t: quant_rows(_quant_fp8_kernel, x16, t), dim, x16),
+         lambda t: quant_rows(_quant_fp8_kernel, x16, t), dim, x16, _persistent_kernel),
         ("quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: quant_fp8_v1(x32),
-         lambda t: quant_rows(_quant_fp8_kernel, x32, t), dim, x32),
+         lambda t: quant_rows(_quant_fp8_kernel, x32, t), dim, x32, _persistent_kernel),
         ("gelu_quant_fp8 bf16", tokens * ffn * (2 + 1) + tokens * 4, lambda: gelu_quant_fp8_v1(h16),
-         lambda t: quant_rows(_gelu_quant_fp8_kernel, h16, t), ffn, None),
+         lambda t: quant_rows(_gelu_quant_fp8_kernel, h16, t), ffn, h16, _persistent_gelu_kernel),
         ("modulate_quant_fp8 fp32", n * (4 + 1) + tokens * 4, lambda: modulate_quant_fp8_v1(xr, sh, sc, 1e-6),
-         mod_new, dim, None),
+         mod_new, dim, None, None),
     ]
 
 
@@ -204,7 +220,7 @@ def main(argv=None) -> int:
     iters, warmup = (args.iters, args.warmup) if not args.smoke else (1, 0)
     report = dict(device=torch.cuda.get_device_name() if cuda else "cpu (smoke)", torch=torch.__version__,
                   tokens=tokens, amax_floor=AMAX_FLOOR, rows=[])
-    for name, nbytes, v1, new, width, plain in cases(tokens, dim, ffn, dev):
+    for name, nbytes, v1, new, width, plain, pkernel in cases(tokens, dim, ffn, dev):
         floor_us = nbytes / PEAK_BYTES_PER_S * 1e6
         default = row_tiles(width)
         ref = v1()
@@ -226,17 +242,16 @@ def main(argv=None) -> int:
             except Exception as err:  # e.g. out of registers / shared memory: say so, keep going
                 sweep.append(dict(tiles=repr(t), error=f"{type(err).__name__}: {str(err)[:120]}"))
         row["sweep"] = sweep
-        if plain is not None and not default.looped:
+        if pkernel is _persistent_kernel and not default.looped:
             row["probes"] = {pname: _ms(call, iters, warmup, cuda) * 1e3 for pname, call in probes(plain, default)}
-            for waves in args.waves:
-                t = default
-                try:
-                    us = _ms(lambda: persistent(plain, t, waves), iters, warmup, cuda) * 1e3
-                    same = _same(persistent(plain, t, waves), ref)["identical"]
-                    sweep.append(dict(tiles=f"persistent, {waves} program(s) per SM, {t}", us=us, x_floor=us / floor_us,
-                                      identical=same))
-                except Exception as err:  # e.g. a loop-carried tuple the compiler refuses: say so, keep going
-                    sweep.append(dict(tiles=f"persistent, {waves} per SM", error=f"{type(err).__name__}: {str(err)[:160]}"))
+        for waves in (args.waves if pkernel is not None and not default.looped else []):
+            try:
+                us = _ms(lambda: persistent(pkernel, plain, default, waves), iters, warmup, cuda) * 1e3
+                same = _same(persistent(pkernel, plain, default, waves), new(default))["identical"]  # today's codes
+                sweep.append(dict(tiles=f"persistent, {waves} program(s) per SM, {default}", us=us,
+                                  x_floor=us / floor_us, identical=same))
+            except Exception as err:  # e.g. a loop-carried tuple the compiler refuses: say so, keep going
+                sweep.append(dict(tiles=f"persistent, {waves} per SM", error=f"{type(err).__name__}: {str(err)[:160]}"))
         timed = [s for s in sweep if "us" in s and s["us"] == s["us"] and s["identical"]]
         best = min(timed, key=lambda s: s["us"], default=None)
         if best is not None and best["us"] < 0.97 * row["now_us"]:

@@ -172,8 +172,8 @@ def test_bench_fp8_kernels_smoke(tmp_path):
     # the memory probes beside each plain quantize (their codes are not compared: they are not exact)
     assert [sorted(r.get("probes", {})) for r in rows] == [["probe: x*r cast", "torch cast"]] * 2 + [[], []]
     # the persistent candidate (2 programs walk the 6 rows: 3 blocks each, the next one loaded ahead) writes
-    # the exact codes
-    for r in rows[:2]:
+    # today's codes, for the plain and the GELU quantize
+    for r in rows[:3]:
         cand = [s for s in r["sweep"] if s["tiles"].startswith("persistent")]
         assert len(cand) == 3 and all(s.get("identical") for s in cand), cand
 
