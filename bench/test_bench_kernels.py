@@ -67,6 +67,8 @@ def _get(name):
     elif name == "modulate":          # fp32 residual stream, [B,1,C] views of m, bf16 out
         m = rnd(1, 6, C, scale=0.1)
         args = (rnd(1, L, C), m[:, 0:1], m[:, 1:2], EPS, torch.bfloat16)
+    elif name == "layer_norm":        # norm3: fp32 residual stream, fp32 weight and bias, bf16 out (q Linear)
+        args = (rnd(1, L, C), 1 + rnd(C, scale=0.1), rnd(C, scale=0.1), EPS, torch.bfloat16)
     elif name == "gated_residual":    # fp32 x, bf16 branch output, fp32 gate view
         m = rnd(1, 6, C, scale=0.1)
         args = (rnd(1, L, C), rnd(1, L, C, dtype=torch.bfloat16), m[:, 2:3])
@@ -92,6 +94,9 @@ def _bytes(name, args) -> int:
     if name == "modulate":
         x, sh, sc = args[:3]
         return x.numel() * (x.element_size() + 2) + 2 * sh.shape[-1] * 4
+    if name == "layer_norm":
+        x = args[0]
+        return x.numel() * (x.element_size() + 2) + 2 * x.shape[-1] * 4
     if name == "gated_residual":
         x, y, gate = args
         return x.numel() * (x.element_size() + y.element_size() + 4) + gate.shape[-1] * 4
@@ -103,7 +108,8 @@ def _bytes(name, args) -> int:
 
 _REF = {
     "rms_norm": wd.rms_norm, "rms_norm_rope": wd.rms_norm_rope, "rope_apply": wd.rope_apply,
-    "modulate": wd.modulate, "gated_residual": wd.gated_residual, "cfg_combine": wp.cfg_combine,
+    "modulate": wd.modulate, "layer_norm": wd.layer_norm, "gated_residual": wd.gated_residual,
+    "cfg_combine": wp.cfg_combine,
 }
 _compiled: dict = {}
 

@@ -354,6 +354,33 @@ def test_modulate_wide_row_loops(seed):
     _check(out, wd.modulate(x.double(), m[:, 3:4].double(), m[:, 4:5].double(), EPS), BF16)
 
 
+@pytest.mark.parametrize("xdt", [F32, BF16])
+@pytest.mark.parametrize("C", [96, 5120, 8200])
+@pytest.mark.parametrize("out_dtype", [None, BF16, F32])
+def test_layer_norm_affine(seed, xdt, C, out_dtype):
+    """norm3's LayerNorm (fp32 statistics and affine, x.float()), stored in out_dtype (default x's): against
+    the float64 reference; 8200 columns take the looped path."""
+    x = _randn(2, 3 if C > 1000 else 17, C, dtype=xdt, scale=2.0) + 0.5
+    w, b = _randn(C, scale=0.5) + 1.0, _randn(C, scale=0.5)
+    out = kernels.layer_norm(x, w, b, EPS, out_dtype)
+    assert out.dtype == wd.layer_norm(x, w, b, EPS, out_dtype).dtype == (out_dtype or xdt)
+    ref = wd.layer_norm(x.double(), w.double(), b.double(), EPS)
+    _check(out, ref, xdt, out_dtype)
+
+
+def test_layer_norm_bf16_out_is_the_cast_of_fp32_out(seed):
+    """The bf16 output is the fp32 output rounded (what autocast's cast of it gave the q Linear)."""
+    x, w, b = _randn(2, 7, 80), _randn(80) + 1.0, _randn(80)
+    _same(kernels.layer_norm(x, w, b, EPS, BF16), kernels.layer_norm(x, w, b, EPS).bfloat16())
+
+
+def test_layer_norm_without_affine_or_row_shape_is_refused():
+    x = _randn(2, 7, 80)
+    assert kernels.layer_norm_supports(x, None, None, EPS) == (False, "no affine weight and bias")
+    assert not kernels.layer_norm_supports(x, _randn(81), _randn(81), EPS)[0]
+    assert not kernels.layer_norm_supports(x[0], _randn(80), _randn(80), EPS)[0]
+
+
 def test_modulate_head_broadcast(seed):
     """Head: shift/scale from hm [B, 2, C], fp32 x."""
     x = _randn(2, 9, 160)
@@ -485,6 +512,15 @@ def test_gpu_modulate_real(seed, xdt):
     m = _randn(1, 6, 5120, scale=0.5)
     out = kernels.modulate(x, m[:, 0:1], m[:, 1:2], EPS, BF16)
     _check(out, wd.modulate(x.double(), m[:, 0:1].double(), m[:, 1:2].double(), EPS), BF16)
+
+
+@pytest.mark.gpu
+def test_gpu_layer_norm_real(seed):
+    """norm3 at the 720p shape: the fp32 residual stream in, bf16 out for cross_attn.q."""
+    x = _randn(1, L720, 5120, scale=2.0)
+    w, b = _randn(5120, scale=0.5) + 1.0, _randn(5120, scale=0.5)
+    out = kernels.layer_norm(x, w, b, EPS, BF16)
+    _check(out, wd.layer_norm(x.double(), w.double(), b.double(), EPS), BF16)
 
 
 @pytest.mark.gpu

@@ -12,17 +12,14 @@ def test_the_patched_forward_copies_only_what_is_known():
     copies, blocks = op_census.census(patched=True)
     got = {(c.op, c.caller, c.per_forward, c.in_bytes, c.out_bytes, c.cpu_only) for c in copies}
     assert got == {
-        # autocast's cast of norm3's fp32 LayerNorm output for cross_attn.q, in every block (22 ms per
-        # 720p forward at the H100's copy rate: a LayerNorm writing bf16 itself would save it)
-        ("aten::_to_copy", "aten::linear", blocks, 4, 2, False),
+        # (no cast of norm3's output for cross_attn.q: the layer_norm kernel writes bf16; unpatched, autocast's
+        # cast of the fp32 LayerNorm output is in every block, 22 ms per 720p forward at the H100's copy rate)
         # the cross-attention residual x + o (fp32 + bf16): the CPU casts o in a copy, CUDA in the add
         ("aten::_to_copy", "aten::add", blocks, 2, 4, True),
         # block 0's input is the patch embedding's transposed view: its first two kernels copy it
         ("aten::clone", "wan_kernels::modulate", 1, 2, 2, False),
         ("aten::clone", "wan_kernels::gated_residual", 1, 2, 2, False),
     }, got
-    linear = next(c for c in copies if c.caller == "aten::linear")
-    assert linear.in_every_block(blocks) and abs(linear.ms_at_720p(blocks) - 22.22) < 0.01
 
 
 def test_patched_census_without_the_interpreter_is_one_line(monkeypatch, capsys):

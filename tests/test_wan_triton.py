@@ -19,7 +19,7 @@ from wan_triton import accel, plan
 
 wpatch = importlib.import_module("wan_triton.patch")  # the module (the package exports the function)
 
-NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"),
+NAMES = [(dit, "rms_norm"), (dit, "rope_apply"), (dit, "rms_norm_rope"), (dit, "modulate"), (dit, "layer_norm"),
          (dit, "gated_residual"), (pipeline, "cfg_combine"), (dit, "modulate_rows"), (dit, "gated_residual_rows"),
          (vae, "rms_norm_silu")]
 
@@ -125,7 +125,7 @@ def test_patched_model_matches_reference(tiny):
         with wan_triton.patched(strict=True):
             out = tiny(x, t, ctx, seq_len=3 * 3 * 5 + 7)
     n = len(tiny.blocks)
-    assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1,
+    assert launches() == dict(rms_norm=2 * n, rms_norm_rope=2 * n, rope_apply=0, modulate=2 * n + 1, layer_norm=n,
                               gated_residual=2 * n, cfg_combine=0, modulate_rows=0, gated_residual_rows=0,
                               rms_norm_silu=0), \
         wan_triton.kernel_stats()  # one timestep per sample: the per-token rows kernels do not run
@@ -427,7 +427,7 @@ def test_instance_strict_covers_its_own_ops_only(tiny, monkeypatch):
     wan_triton.unpatch(tiny)
     assert seen == [False]
     assert names == ["wan.dit.rms_norm", "wan.dit.rope_apply", "wan.dit.rms_norm_rope", "wan.dit.modulate",
-                     "wan.dit.modulate_rows", "wan.dit.gated_residual", "wan.dit.gated_residual_rows",
+                     "wan.dit.modulate_rows", "wan.dit.layer_norm", "wan.dit.gated_residual", "wan.dit.gated_residual_rows",
                      "wan.pipeline.cfg_combine"]  # named as patch() names them
 
 

@@ -146,6 +146,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.layer_norm of x.float() with the fp32 weight and bias (official WanLayerNorm), cast to
+    `out_dtype` (default x's dtype). norm3 hands the cross-attention's q Linear its input in the
+    matmul dtype: the value autocast's cast of the fp32 output would give."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(out_dtype if out_dtype is not None else x.dtype)
+
+
 def modulate_into(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                   out_dtype: torch.dtype | None = None):
     """modulate() for the input of `layer`; a layer with a `modulate_input` method (the fp8
@@ -258,10 +268,9 @@ class LayerNorm(nn.LayerNorm):
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
-    def forward(self, x):
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+    def forward(self, x, out_dtype=None):
+        """`out_dtype`: the output's dtype (default x's): the same values as casting it afterwards."""
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
 
 
 class SelfAttention(nn.Module):
@@ -328,9 +337,17 @@ class WanAttentionBlock(nn.Module):
         y = self.self_attn(_modulated(self.self_attn.q, x, m, 0, self.eps, mm_dtype, index), seq_lens, grid_sizes,
                            freqs, attn_out)
         x = _gated(x, y, m, 2, index)
-        x = x + self.cross_attn(self.norm3(x), context, attn_out)
+        x = x + self.cross_attn(self._norm3(x, mm_dtype), context, attn_out)
         y = self.ffn(_modulated(self.ffn[0], x, m, 3, self.eps, mm_dtype, index))
         return _gated(x, y, m, 5, index)
+
+    def _norm3(self, x, mm_dtype):
+        """The cross-attention's input: norm3(x), in the matmul dtype where its q is a plain Linear (whose
+        autocast would cast it so: the same values, without the fp32 tensor); in fp32 for any other q
+        (wan_triton.fp8's linears quantize the fp32 output)."""
+        if isinstance(self.norm3, LayerNorm) and type(self.cross_attn.q) is nn.Linear:
+            return self.norm3(x, mm_dtype)
+        return self.norm3(x)
 
 
 class Head(nn.Module):

@@ -56,7 +56,7 @@ log = logging.getLogger("wan_triton")
 _TARGETS = {
     "rms_norm": [("wan.dit", "rms_norm"), ("wan.vae", "rms_norm_silu")],
     "rope": [("wan.dit", "rope_apply"), ("wan.dit", "rms_norm_rope")],
-    "modulation": [("wan.dit", "modulate"), ("wan.dit", "modulate_rows")],
+    "modulation": [("wan.dit", "modulate"), ("wan.dit", "modulate_rows"), ("wan.dit", "layer_norm")],  # the blocks' LayerNorms
     "residual": [("wan.dit", "gated_residual"), ("wan.dit", "gated_residual_rows")],
     "cfg": [("wan.pipeline", "cfg_combine")],
 }
@@ -195,7 +195,8 @@ def patch(model=None, *, rms_norm=True, rope=True, modulation=True, residual=Tru
     Falls back to the reference (and logs why) when the kernels cannot run here, unless
     strict=True (or WAN_TRITON_STRICT=1), which raises PatchError instead; in strict mode a
     call the kernel does not cover raises KernelFallback instead of running the reference.
-    `rms_norm` also covers the VAE's RMSNorm + SiLU (wan.vae.rms_norm_silu) in a global patch.
+    `rms_norm` also covers the VAE's RMSNorm + SiLU (wan.vae.rms_norm_silu) in a global patch;
+    `modulation` also norm3's affine LayerNorm (wan.dit.layer_norm).
     `attention` (a wan.attention backend name) also sets the attention backend; None leaves
     it alone. patch() swaps functions and never touches weights: fp8 linears are
     wan_triton.optimize(pipe, fp8=True) or wan_triton.fp8.quantize_model(model) (docs/fp8.md).

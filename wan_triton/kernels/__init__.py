@@ -9,6 +9,7 @@ whether the kernel covers a call (device or interpreter, dtype, shapes, strides,
     rope_apply       rope_apply_supports            wan.dit.rope_apply
     rms_norm_rope    rms_norm_rope_supports         wan.dit.rms_norm_rope
     modulate         modulate_supports              wan.dit.modulate
+    layer_norm       layer_norm_supports            wan.dit.layer_norm          (norm3, affine, bf16 out)
     gated_residual   gated_residual_supports        wan.dit.gated_residual
     modulate_rows    modulate_rows_supports         wan.dit.modulate_rows       (per-token rows)
     gated_residual_rows  gated_residual_rows_supports  wan.dit.gated_residual_rows
@@ -23,14 +24,15 @@ wan_triton.kernels._utils), so torch.compile traces them without graph breaks.
 """
 from ._utils import interpret_mode, triton_available, unsupported_tensors
 from .cfg import cfg_combine, cfg_combine_supports
-from .modulate import modulate, modulate_rows, modulate_rows_supports, modulate_supports
+from .modulate import layer_norm, layer_norm_supports, modulate, modulate_rows, modulate_rows_supports, \
+    modulate_supports
 from .residual import gated_residual, gated_residual_rows, gated_residual_rows_supports, gated_residual_supports
 from .rms_norm import rms_norm, rms_norm_supports
 from .rope import rms_norm_rope, rms_norm_rope_supports, rope_apply, rope_apply_supports, rope_cos_sin, rope_split
 from .vae_norm import rms_norm_silu, rms_norm_silu_supports
 
-OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "gated_residual", "cfg_combine", "modulate_rows",
-       "gated_residual_rows", "rms_norm_silu")
+OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "layer_norm", "gated_residual", "cfg_combine",
+       "modulate_rows", "gated_residual_rows", "rms_norm_silu")
 
 __all__ = [*OPS, *(f"{op}_supports" for op in OPS), "OPS", "rope_cos_sin", "rope_split", "triton_available",
            "interpret_mode", "unsupported_tensors"]
