@@ -402,3 +402,16 @@ def test_vae_decode_shows_progress(tmp_path, capsys):
     rc = main(["--save_file", str(tmp_path / "v.mp4"), "--frame_num", "5", "--sample_steps", "1", "--no-triton",
                "--device", "cpu"])
     assert rc == 0 and "VAE decode" in capsys.readouterr().err
+
+
+def test_ffmpeg_probe_says_what_went_wrong(tmp_path):
+    """The pre-flight ffmpeg check (before any model): a binary that hangs, is missing or fails, each said."""
+    import wan.video as video
+
+    exe = tmp_path / "ffmpeg"
+    exe.write_text("#!/bin/sh\nsleep 5\n")
+    exe.chmod(0o755)
+    assert video._ffmpeg_runs(str(exe), timeout=0.5) == "did not answer within 0.5 s"
+    assert video._ffmpeg_runs(str(tmp_path / "missing")).startswith("cannot run: ")
+    assert video._ffmpeg_runs("/bin/false") == "exited with code 1"
+    assert video._ffmpeg_runs("/bin/true") == ""

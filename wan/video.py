@@ -87,9 +87,11 @@ def check_video_writer() -> None:
                                f"IMAGEIO_FFMPEG_EXE at a working ffmpeg)")
 
 
-def _ffmpeg_runs(exe: str, timeout: float = 15.0) -> str:
+def _ffmpeg_runs(exe: str, timeout: float = 60.0) -> str:
     """'' when `exe -version` runs and exits 0 within `timeout` seconds (imageio takes the binary
-    named by IMAGEIO_FFMPEG_EXE untested), else what went wrong."""
+    named by IMAGEIO_FFMPEG_EXE untested), else what went wrong. The timeout is there for a binary that
+    hangs; it is generous because a false refusal costs a run: 15 s was once not enough for the
+    static ffmpeg's first start on a 2-core machine running two test suites."""
     try:
         out = subprocess.run([exe, "-version"], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
