@@ -219,8 +219,8 @@ def layer_norm_supports(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
         C = x.shape[-1] if x.dim() else 0
         if x.dim() != 3:
             why = f"x {tuple(x.shape)} is not [B, L, C]"
-        elif (out_dtype if out_dtype is not None else x.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
-            why = f"out_dtype {out_dtype} (x {x.dtype})"
+        elif out_dtype not in KERNEL_OUT_DTYPES:
+            why = f"out_dtype {out_dtype}"
         elif tuple(weight.shape) != (C,) or tuple(bias.shape) != (C,):
             why = f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} are not [{C}]"
     return verdict(why)
