@@ -55,8 +55,9 @@ DIM, FFN = 5120, 13824
 # (rows, warps, chunk, looped) tried besides the default; chunk None: row_tiles' choice. looped: one row
 # per program read twice in chunk-wide blocks (amax, then codes; the second read from L2), few registers
 # per thread: more programs per SM than a row held in registers (an H100, 2026-12-07: every in-register
-# tiling sat at 2.6-4.8x its floor)
-SWEEP = [(1, 4, None, False), (1, 8, None, False), (1, 16, None, False), (2, 8, None, False), (2, 16, None, False),
+# tiling sat at 2.6-4.8x its floor); 1-2 warps per row: the row's amax from warp shuffles alone, no
+# shared-memory round trip (16-byte loads at 1024-column tiles take 4 warps or fewer)
+SWEEP = [(1, 1, None, False), (1, 2, None, False), (2, 4, None, False), (1, 4, None, False), (1, 8, None, False), (1, 16, None, False), (2, 8, None, False), (2, 16, None, False),
          (4, 16, None, False), (1, 8, 512, False), (1, 16, 512, False), (1, 16, 1024, False), (1, 4, 1024, True),
          (1, 8, 2048, True), (1, 4, 512, True)]
 

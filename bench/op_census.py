@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,10 +47,46 @@ class Copy:
         return n * TOKENS_720P * DIM_A14B * (self.in_bytes + self.out_bytes) / PEAK_BYTES_PER_S * 1e3
 
 
-def _top(event):
-    while event.cpu_parent is not None:
-        event = event.cpu_parent
-    return event
+@dataclass
+class _Event:
+    """One CPU op of the profile, with the ops it ran under (built from the profiler's kineto events:
+    their dtypes are there on every torch this project supports; FunctionEvent.input_dtypes is not)."""
+    name: str
+    start: int
+    end: int
+    shapes: list
+    dtypes: list
+    parent: "_Event | None" = None
+    children: list = field(default_factory=list)
+
+    @property
+    def top(self) -> "_Event":
+        e = self
+        while e.parent is not None:
+            e = e.parent
+        return e
+
+
+def _events(prof) -> list[_Event]:
+    """The profile's CPU ops per thread, each linked to the op whose interval encloses it."""
+    by_thread = collections.defaultdict(list)
+    for k in prof.profiler.kineto_results.events():
+        if k.device_type() == torch.autograd.DeviceType.CPU:
+            by_thread[k.start_thread_id()].append(
+                _Event(k.name(), k.start_ns(), k.end_ns(), list(k.shapes()), list(k.dtypes())))
+    out = []
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e.start, -e.end))
+        open_ = []
+        for e in evs:
+            while open_ and open_[-1].end < e.end:
+                open_.pop()
+            if open_:
+                e.parent = open_[-1]
+                open_[-1].children.append(e)
+            open_.append(e)
+        out += evs
+    return out
 
 
 def census(patched: bool = True, frames: int = 3, side: int = 8) -> tuple[list[Copy], int]:
@@ -78,15 +114,14 @@ def census(patched: bool = True, frames: int = 3, side: int = 8) -> tuple[list[C
         if patched:
             wan_triton.unpatch()
     found = collections.Counter()
-    for e in prof.events():
-        shape = e.input_shapes[0] if e.input_shapes else []
+    for e in _events(prof):
+        shape = e.shapes[0] if e.shapes else []
         if e.name not in COPIES or tokens not in shape:
             continue
-        caller = _top(e).name
-        src = _BYTES.get((e.input_dtypes or ["float"])[0], 4)
-        copy = next((c for c in e.cpu_children if c.name == "aten::copy_"), None)  # copy_(dst, src)
-        dst = _BYTES.get(copy.input_dtypes[0], 4) if copy is not None and copy.input_dtypes else src
-        found[(e.name, caller, src, dst)] += 1
+        src = _BYTES.get((e.dtypes or ["float"])[0], 4)
+        copy = next((c for c in e.children if c.name == "aten::copy_"), None)  # copy_(dst, src)
+        dst = _BYTES.get(copy.dtypes[0], 4) if copy is not None and copy.dtypes else src
+        found[(e.name, e.top.name, src, dst)] += 1
     copies = [Copy(op, caller, n, src, dst, caller in CPU_ONLY) for (op, caller, src, dst), n in sorted(found.items())]
     return copies, cfg.num_layers
 

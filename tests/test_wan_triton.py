@@ -98,6 +98,39 @@ def test_kernel_support_says_where_the_kernels_run(monkeypatch, cuda, interprete
     assert wpatch.kernel_support() == (True, reason)
 
 
+@pytest.mark.skipif(not kernels.interpret_mode(), reason="checks the Triton interpreter this suite runs under")
+def test_this_interpreter_runs_the_kernels_loops():
+    assert kernels.interpreter_problem() == ""
+
+
+def test_a_broken_interpreter_is_refused_with_its_reason(monkeypatch):
+    """Triton 3.6's interpreter with NumPy 2.4 dies in every kernel loop over a runtime bound (int() of a
+    one-element array; the device image, 2026-12-07): the kernels are refused up front with that reason
+    (strict: PatchError), not run into an InterpreterError deep inside a forward."""
+    from wan_triton.kernels import _utils
+
+    class Broken:  # a probe kernel whose launch fails the way Triton 3.6's interpreter does
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(_utils, "_loop_probe_kernel", Broken())
+    monkeypatch.setattr(_utils, "_is_interpreted", lambda kernel: True)
+    monkeypatch.setattr(_utils, "interpret_mode", lambda: True)
+    monkeypatch.setattr(kernels, "interpret_mode", lambda: True)
+    monkeypatch.setattr(_utils, "_INTERPRETER_PROBLEM", None)
+    try:
+        why = kernels.interpreter_problem()
+        assert "cannot run the kernels' loops" in why and "only 0-dimensional" in why and "pip install -U triton" in why
+        assert wpatch.kernel_support() == (False, why)
+        assert kernels.unsupported_tensors(torch.zeros(2)) == why
+        with pytest.raises(wpatch.PatchError, match="cannot run the kernels' loops"):
+            wan_triton.patch(strict=True)
+    finally:
+        wan_triton.unpatch()
+
+
 # Where the kernels run: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(DEV == "cpu" and not kernels.interpret_mode(),

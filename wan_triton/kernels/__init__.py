@@ -22,7 +22,7 @@ else the reference", and counts both. Triton runs for CUDA tensors (and CPU tens
 TRITON_INTERPRET=1). GPU paths are torch custom ops in the `wan_kernels` namespace (see
 wan_triton.kernels._utils), so torch.compile traces them without graph breaks.
 """
-from ._utils import interpret_mode, triton_available, unsupported_tensors
+from ._utils import interpret_mode, interpreter_problem, triton_available, unsupported_tensors
 from .cfg import cfg_combine, cfg_combine_supports
 from .modulate import layer_norm, layer_norm_supports, modulate, modulate_rows, modulate_rows_supports, \
     modulate_supports
@@ -35,4 +35,4 @@ OPS = ("rms_norm", "rope_apply", "rms_norm_rope", "modulate", "layer_norm", "gat
        "modulate_rows", "gated_residual_rows", "rms_norm_silu")
 
 __all__ = [*OPS, *(f"{op}_supports" for op in OPS), "OPS", "rope_cos_sin", "rope_split", "triton_available",
-           "interpret_mode", "unsupported_tensors"]
+           "interpret_mode", "interpreter_problem", "unsupported_tensors"]

@@ -44,7 +44,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 __all__ = [
     "triton", "tl", "jit", "round_to", "cast_to", "triton_available", "interpret_mode", "unsupported_tensors",
     "KERNEL_DTYPES", "KERNEL_OUT_DTYPES", "cdiv", "next_pow2", "row_block", "num_warps_for", "launchable",
-    "register_op", "is_compiling", "OP_NAMESPACE", "broadcast_rows", "broadcasts_to", "verdict", "rows_problem",
+    "register_op", "is_compiling", "interpreter_problem", "OP_NAMESPACE", "broadcast_rows", "broadcasts_to", "verdict", "rows_problem",
 ]
 
 OP_NAMESPACE = "wan_kernels"
@@ -105,6 +105,44 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@jit
+def _loop_probe_kernel(OUT, n):
+    """OUT[0] = n, counted by a loop over the runtime bound n (what the kernels' looped paths do)."""
+    acc = 0.0
+    for _ in range(0, n, 1):
+        acc += 1.0
+    tl.store(OUT, acc)
+
+
+_INTERPRETER_PROBLEM: Optional[str] = None  # interpreter_problem's answer once known (a plain global: Dynamo
+# reads it as a constant inside a traced support check, where it would trace into a functools.cache)
+
+
+def interpreter_problem() -> str:
+    """'' when this Triton's interpreter runs the kernels, else why not (one line). Triton 3.6's interpreter
+    turns a runtime loop bound into a Python int with int() of a one-element NumPy array, which NumPy 2.4
+    refuses ("only 0-dimensional arrays can be converted"): every kernel that loops over a runtime bound
+    (the wide-row paths, the fp8 attention statistics) dies there. Later Triton takes the scalar first.
+    Checked once, by running a one-program probe kernel; compiled kernels are not affected."""
+    global _INTERPRETER_PROBLEM
+    if not (_TRITON_OK and interpret_mode() and _is_interpreted(_loop_probe_kernel)):
+        return ""
+    if _INTERPRETER_PROBLEM is None:
+        _INTERPRETER_PROBLEM = _probe_interpreter()
+    return _INTERPRETER_PROBLEM
+
+
+def _probe_interpreter() -> str:
+    out = torch.zeros(1)
+    try:
+        _loop_probe_kernel[(1,)](out, 3)
+    except Exception as err:  # the defect above, or any other: the kernels cannot run interpreted here
+        import numpy
+        return (f"this Triton interpreter cannot run the kernels' loops (triton {triton.__version__}, numpy "
+                f"{numpy.__version__}: {type(err).__name__}: {str(err)[:80]}); pip install -U triton, or 'numpy<2.4'")
+    return "" if out.item() == 3 else f"this Triton interpreter counts a 3-step loop as {out.item():g}"
+
+
 def unsupported_tensors(*tensors: Optional[torch.Tensor]) -> str:
     """'' when the Triton path covers these tensors (None entries skipped), else why not:
     triton missing, a device other than CUDA (or CPU under TRITON_INTERPRET=1), a dtype other
@@ -126,7 +164,9 @@ def unsupported_tensors(*tensors: Optional[torch.Tensor]) -> str:
             dev = t.device
         elif t.device != dev:
             return f"tensors on {dev} and {t.device}"
-    return "" if dev is not None else "no tensor to launch on"
+    if dev is None:
+        return "no tensor to launch on"
+    return interpreter_problem()  # '' unless interpreted by a Triton that cannot run the kernels' loops
 
 
 def verdict(reason: str) -> tuple[bool, str]:
