@@ -68,8 +68,8 @@ def _colstats_kernel(X, PSUM, PMAX, PMIN, L, C, rows_per_chunk, NCH,
     acc_max = tl.full([BLOCK_L, BLOCK_C], float("-inf"), dtype=tl.float32)
     acc_min = tl.full([BLOCK_L, BLOCK_C], float("inf"), dtype=tl.float32)
     base = X + b * L * C
-    for i in range(0, rows_per_chunk, BLOCK_L):  # bounds from arguments: Triton 3.6's interpreter can't range over tl.minimum
-        rows = r0 + i + tl.arange(0, BLOCK_L)
+    for r in range(r0, r1, BLOCK_L):
+        rows = r + tl.arange(0, BLOCK_L)
         m = (rows < r1)[:, None] & cmask[None, :]
         x = tl.load(base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
         acc_s += x
