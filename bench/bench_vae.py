@@ -9,7 +9,9 @@ Variants (`--variants`, comma-separated): fp32 (official: fp32 weights and activ
 with PyTorch's default TF32 for convolutions), bf16 (the VAE in bf16: lossy), fp32-cl and bf16-cl
 (the same with the 3-D convolutions channels-last, `WanVAE.use_channels_last`); a `-k` suffix
 (fp32-k, bf16-k, bf16-cl-k) decodes with the fused RMSNorm + SiLU kernel (`wan_triton.patched`,
-the `rms_norm` flag only: wan.vae.rms_norm_silu). PSNR: frames in
+the `rms_norm` flag only: wan.vae.rms_norm_silu); a `-b` suffix (fp32-b, bf16-b, bf16-k-b) with
+`torch.backends.cudnn.benchmark` on (cuDNN times its algorithms for each convolution shape in the
+warm-up and keeps the fastest; off elsewhere, PyTorch's default). PSNR: frames in
 [-1, 1] mapped to [0, 1], 10 log10(1 / MSE) over every pixel of every frame, against fp32's
 frames; also the largest absolute difference. The warm-up decodes 2 latent frames at the full
 size (cuDNN plans for every shape the chunked decode meets), outside the timed runs.
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-# name -> (dtype, channels-last convolutions, the fused norm + SiLU kernel patched in)
-VARIANTS = {"fp32": (torch.float32, False, False), "bf16": (torch.bfloat16, False, False),
-            "fp32-cl": (torch.float32, True, False), "bf16-cl": (torch.bfloat16, True, False),
-            "fp32-k": (torch.float32, False, True), "bf16-k": (torch.bfloat16, False, True),
-            "bf16-cl-k": (torch.bfloat16, True, True)}
+# name -> (dtype, channels-last convolutions, the fused norm + SiLU kernel patched in, cuDNN autotuning)
+VARIANTS = {"fp32": (torch.float32, False, False, False), "bf16": (torch.bfloat16, False, False, False),
+            "fp32-cl": (torch.float32, True, False, False), "bf16-cl": (torch.bfloat16, True, False, False),
+            "fp32-k": (torch.float32, False, True, False), "bf16-k": (torch.bfloat16, False, True, False),
+            "bf16-cl-k": (torch.bfloat16, True, True, False), "fp32-b": (torch.float32, False, False, True),
+            "bf16-b": (torch.bfloat16, False, False, True), "bf16-k-b": (torch.bfloat16, False, True, True)}
 
 
 def _kernels(on: bool):
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
                     generator=torch.Generator(device=dev).manual_seed(0))
     rows, ref = [], None
     for name in ["fp32"] + [v for v in names if v != "fp32"]:
-        dtype, cl, kernel = VARIANTS[name]
+        dtype, cl, kernel, autotune = VARIANTS[name]
+        torch.backends.cudnn.benchmark = autotune  # the warm-up decode tunes every chunk shape
         vae = WanVAE.from_config(get_config("tiny").vae if args.smoke else VAEConfig(), device=dev, dtype=dtype, seed=0)
         if cl:
             vae.use_channels_last()
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
         row = dict(variant=name, dtype=str(dtype).replace("torch.", ""), channels_last=cl, kernel=kernel, size=f"{w}*{h}",
                    frames=out.shape[2], seconds=statistics.median(times), runs=times,
                    peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
-                   tf32_cudnn=torch.backends.cudnn.allow_tf32)
+                   tf32_cudnn=torch.backends.cudnn.allow_tf32, cudnn_benchmark=autotune)
+        torch.backends.cudnn.benchmark = False
         if ref is None:
             ref = out
             row.update(psnr_db=math.inf, max_abs=0.0)

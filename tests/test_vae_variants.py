@@ -45,7 +45,9 @@ def test_bf16_decode_psnr_against_fp32(seed):
 @pytest.mark.interpreter  # the kernels on CPU tensors: a child pytest with TRITON_INTERPRET=1 on a GPU machine
 def test_bench_vae_smoke(tmp_path):
     out = tmp_path / "vae.json"
-    assert main(["--smoke", "--variants", "fp32,fp32-cl,fp32-k", "--out", str(out)]) == 0
+    assert main(["--smoke", "--variants", "fp32,fp32-cl,fp32-k,fp32-b", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["fp32", "fp32-cl", "fp32-k"] and rows[1]["psnr_db"] >= 80
+    assert [r["variant"] for r in rows] == ["fp32", "fp32-cl", "fp32-k", "fp32-b"] and rows[1]["psnr_db"] >= 80
     assert rows[2]["kernel"] and rows[2]["psnr_db"] >= 80  # the fused norm + SiLU: fp32 rounding only
+    assert rows[3]["cudnn_benchmark"] and not any(r["cudnn_benchmark"] for r in rows[:3])
+    assert not torch.backends.cudnn.benchmark  # left as PyTorch's default after the run
