@@ -166,8 +166,10 @@ def test_bench_fp8_kernels_smoke(tmp_path):
 
     out = tmp_path / "k.json"
     assert bench_fp8_kernels.main(["--smoke", "--no-sweep", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert [r["kernel"].split()[0] for r in rows] == ["quant_fp8", "quant_fp8", "gelu_quant_fp8", "modulate_quant_fp8"]
+    assert "copy_bytes_per_s" in report and all("now_x_card" in r for r in rows)  # nan on a CPU: no timing
     assert rows[0]["identical"] and rows[1]["identical"]
     # the memory probes beside each plain quantize (their codes are not compared: they are not exact)
     assert [sorted(r.get("probes", {})) for r in rows] == [["probe: x*r cast", "torch cast"]] * 2 + [[], []]
