@@ -57,3 +57,30 @@ def test_without_the_interpreter_a_marked_test_runs_in_a_child():
     pytest that has it; the marked test's body asserts it sees the interpreter."""
     r = _pytest(["-p", "no:xdist", "-k", "sees_the_interpreter"], TRITON_INTERPRET="0")
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
+
+
+BROKEN = "fake: this Triton interpreter cannot run the kernels' loops"
+
+
+@pytest.fixture
+def broken_interpreter(tmp_path):
+    """Env for a child pytest whose Triton interpreter reports BROKEN (a plugin sets the probe's answer)."""
+    (tmp_path / "broken_interpreter.py").write_text(
+        "from wan_triton.kernels import _utils\n"
+        f"_utils._INTERPRETER_PROBLEM = {BROKEN!r}\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(PYTHONPATH=path, PYTEST_PLUGINS="broken_interpreter")
+
+
+def test_a_broken_interpreter_stops_the_suite_with_its_reason(broken_interpreter):
+    """Under TRITON_INTERPRET=1 with an interpreter that cannot run the kernels (Triton 3.6 with NumPy 2.4),
+    the suite stops before any test, with the reason, and fails (not 43 failures of one cause)."""
+    r = _pytest(["-p", "no:xdist", "-k", "sees_the_interpreter"], TRITON_INTERPRET="1", **broken_interpreter)
+    assert r.returncode == 4 and BROKEN in r.stdout + r.stderr and "passed" not in r.stdout, r.stdout[-3000:]
+
+
+def test_a_marked_test_skips_where_the_childs_interpreter_is_broken(broken_interpreter):
+    """On a GPU machine (no interpreter in the process) whose interpreter is broken, a marked test is
+    skipped with the child's reason, not failed with a wall of InterpreterErrors."""
+    r = _pytest(["-p", "no:xdist", "-rs", "-k", "sees_the_interpreter"], TRITON_INTERPRET="0", **broken_interpreter)
+    assert r.returncode == 0 and "1 skipped" in r.stdout and BROKEN in r.stdout, r.stdout[-3000:]
