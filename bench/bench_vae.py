@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frame_num", type=int, default=81)
     ap.add_argument("--variants", default="fp32,bf16,fp32-cl,bf16-cl,fp32-k,bf16-k,bf16-cl-k",
                     help=f"comma-separated, from {', '.join(VARIANTS)} (fp32 always runs: the reference); -cl: "
-                         f"channels-last convolutions, -k: the fused RMSNorm + SiLU kernel (default: all)")
+                         f"channels-last convolutions, -k: the fused RMSNorm + SiLU kernel, -b: cuDNN autotuning "
+                         f"(default: all but the -b ones)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="the tiny preset's VAE at 64x64 on the CPU (bf16 convolutions "
                                                         "are slow on a CPU: the full VAE takes minutes there)")

@@ -144,7 +144,7 @@ def kernel_support() -> tuple[bool, str]:
 
     if not kernels.triton_available():
         return False, "Triton is not installed"
-    if kernels.interpret_mode() and kernels.interpreter_problem():
+    if kernels.interpreter_problem():  # '' unless interpreted by a Triton that cannot run the kernels' loops
         return False, kernels.interpreter_problem()
     if torch.cuda.is_available():  # under the interpreter, kernels on CUDA tensors run through the host
         return True, "CUDA under the Triton interpreter (TRITON_INTERPRET=1: slow)" if kernels.interpret_mode() \
