@@ -52,24 +52,36 @@ def test_xdist_reads_the_groups():
     assert f"grouped_by_its_file@{__name__}" in r.stdout and "spreads@" not in r.stdout, r.stdout[-3000:]
 
 
-def test_without_the_interpreter_a_marked_test_runs_in_a_child():
-    """A process started without TRITON_INTERPRET (as on a GPU machine) hands the marked test to a child
-    pytest that has it; the marked test's body asserts it sees the interpreter."""
-    r = _pytest(["-p", "no:xdist", "-k", "sees_the_interpreter"], TRITON_INTERPRET="0")
-    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
-
-
 BROKEN = "fake: this Triton interpreter cannot run the kernels' loops"
+
+
+def _interpreter_says(tmp_path: Path, problem: str) -> dict:
+    """Env for a child pytest (and its own children) whose interpreter probe answers `problem` ('' =
+    healthy): a plugin sets kernels.interpreter_problem()'s kept answer, whatever this machine's
+    Triton and NumPy would say."""
+    (tmp_path / "interpreter_says.py").write_text(
+        "from wan_triton.kernels import _utils\n"
+        f"_utils._INTERPRETER_PROBLEM = {problem!r}\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(PYTHONPATH=path, PYTEST_PLUGINS="interpreter_says")
 
 
 @pytest.fixture
 def broken_interpreter(tmp_path):
-    """Env for a child pytest whose Triton interpreter reports BROKEN (a plugin sets the probe's answer)."""
-    (tmp_path / "broken_interpreter.py").write_text(
-        "from wan_triton.kernels import _utils\n"
-        f"_utils._INTERPRETER_PROBLEM = {BROKEN!r}\n")
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(PYTHONPATH=path, PYTEST_PLUGINS="broken_interpreter")
+    return _interpreter_says(tmp_path, BROKEN)
+
+
+@pytest.fixture
+def healthy_interpreter(tmp_path):
+    return _interpreter_says(tmp_path, "")
+
+
+def test_without_the_interpreter_a_marked_test_runs_in_a_child(healthy_interpreter):
+    """A process started without TRITON_INTERPRET (as on a GPU machine) hands the marked test to a child
+    pytest that has it; the marked test's body asserts it sees the interpreter. (Healthy by fiat: the
+    routing is under test here, not this machine's interpreter, which may be Triton 3.6's with NumPy 2.4.)"""
+    r = _pytest(["-p", "no:xdist", "-k", "sees_the_interpreter"], TRITON_INTERPRET="0", **healthy_interpreter)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
 
 
 def test_a_broken_interpreter_stops_the_suite_with_its_reason(broken_interpreter):
