@@ -22,6 +22,10 @@ order than v1: its codes may differ in a few places (counted), its scales by an 
 On a CPU (--smoke, interpreted) v1 also differs where a code is -0: v1's interpreter path wrote +0
 there (its compiled kernel, like today's, writes -0, as torch's cast does).
 
+For the plain quantize, section 20's kernel (`_verified_kernel`: each code from a verified fp32
+quotient, about thirty instructions an element; today's checks x * (1 / scale) against the e4m3
+rounding boundaries instead, about ten) with the default tiling, codes compared with v1's.
+
 A candidate per row-wise quantize (plain and GELU), `persistent`: one program per SM (times `--waves`), each walking its
 share of the rows with the next rows' loads issued before the current rows are reduced and written
 (the probes below found the gap in the memory pattern, not in the arithmetic); its codes are compared
@@ -47,7 +51,7 @@ from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel, _gelu_tile
 from wan_triton.kernels.modulate_quant_fp8 import launch_modulate_quant
 from wan_triton.kernels._utils import jit, launchable, tl
 from wan_triton.kernels.quant_fp8 import AMAX_FLOOR, FP8_DTYPE, _identity_tiles, _quant_fp8_kernel, \
-    e4m3_cast_store, e4m3_quant_tiles, load_tiles, quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
+    e4m3_cast_store, e4m3_quant_tiles, e4m3_store, load_tiles, quant_rows, row_scale, row_tiles, tile_mask, tiles_amax
 
 from bench._fp8_kernels_v1 import gelu_quant_fp8_v1, modulate_quant_fp8_v1, quant_fp8_v1
 
@@ -80,6 +84,47 @@ def _probe_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.conste
     for c in tl.static_range(CHUNKS):
         e4m3_cast_store(xs[c] * r, Q + rows[:, None] * n_cols + cols[None, :] + c * CHUNK,
                         tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+
+
+@jit
+def _verified_quotient(x, scale, r, scale_ulp):
+    """Section 20's codes path (commit 834c54f), kept to time against today's: (v, ok) with v = x / scale
+    from q1 = q0 + r (x - scale q0) (two FMAs), ok where the exact remainder |x - scale q1| proves v the
+    IEEE quotient or |v| < 2^-11. Compiled only (no interpreter FMA emulation: the benchmark needs a GPU)."""
+    q0 = x * r
+    q1 = tl.fma(tl.fma(-scale, q0, x), r, q0)
+    rem = tl.fma(-scale, q1, x)
+    qb = q1.to(tl.uint32, bitcast=True)
+    pow2 = (qb & 0x7F800000).to(tl.float32, bitcast=True)
+    ok = (tl.abs(q1) < 0.00048828125) | (tl.abs(rem) < scale_ulp * pow2)
+    sign = (x.to(tl.uint32, bitcast=True) >> 31) << 31
+    return ((qb & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True), ok
+
+
+@jit
+def _verified_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                     CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
+    """quant_fp8's codes the way section 20's kernel computed them (arguments as _quant_fp8_kernel's;
+    LOOPED never asked): the same tiles, amax and stores, the verified quotient per element."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    cols = tl.arange(0, CHUNK)
+    ys = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
+    scale = row_scale(tiles_amax(ys, CHUNKS), amax_floor)
+    tl.store(S + rows, scale, mask=rmask)
+    s2 = tl.broadcast_to(scale[:, None], ys[0].shape)
+    r2 = tl.broadcast_to(tl.math.div_rn(1.0, scale)[:, None], ys[0].shape)
+    su2 = s2 * 5.9604644775390625e-08
+    q_ptrs = Q + rows[:, None] * n_cols + cols[None, :]
+    bad = tl.zeros(ys[0].shape, dtype=tl.int32)
+    for c in tl.static_range(CHUNKS):
+        v, ok = _verified_quotient(ys[c], s2, r2, su2)
+        e4m3_cast_store(v, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+        bad = tl.maximum(bad, tl.where(ok, 0, 1))
+    if tl.max(tl.max(bad, axis=1), axis=0) > 0:
+        for c in tl.static_range(CHUNKS):
+            e4m3_store(ys[c], s2, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN))
 
 
 @jit
@@ -261,6 +306,10 @@ def main(argv=None) -> int:
                 sweep.append(dict(tiles=repr(t), error=f"{type(err).__name__}: {str(err)[:120]}"))
         row["sweep"] = sweep
         if pkernel is _persistent_kernel and not default.looped:
+            us = _ms(lambda: quant_rows(_verified_kernel, plain, default), iters, warmup, cuda) * 1e3
+            same = _same(quant_rows(_verified_kernel, plain, default), ref)["identical"]
+            sweep.append(dict(tiles=f"section 20's verified quotient, {default}", us=us, x_floor=us / floor_us,
+                              identical=same))
             row["probes"] = {pname: _ms(call, iters, warmup, cuda) * 1e3 for pname, call in probes(plain, default)}
         for waves in (args.waves if pkernel is not None and not default.looped else []):
             try:

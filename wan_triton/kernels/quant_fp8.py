@@ -19,17 +19,20 @@ CHUNKS tiles of [ROWS, CHUNK] columns, CHUNK a power of two that divides K where
 x, the amax over the tiles, then the codes tile by tile. Rows wider than `max_block` (16384 by
 default; wider than anything in A14B) loop over x twice instead (amax, then codes).
 
-The quotient x32 / scale, exactly and without a division per element (`e4m3_quotient`): with
-r = 1 / scale rounded (one IEEE division per row),
-
-    q0 = x * r,   q1 = q0 + r * (x - scale * q0)          (the remainder by an FMA: exact)
-
-and q1 is checked against its exact remainder: q1 is the IEEE quotient iff |x - scale * q1| <
-scale * ulp(q1) / 2 (ties cannot occur in a division of 24-bit significands). Quotients below
-2^-11 are not checked: e4m3 rounds every value below 2^-10 to 0, and the sign comes from x
-(so -0.0 gives the code -0). A program in which any element fails the check (NaN rows, rows with
-an infinite scale, a rare hard case of the correction) divides every element with the IEEE
-division instead, so the codes are those of the formula above, bit for bit, always.
+The codes of x32 / scale, exactly and without a division per element (`e4m3_codes_checked`):
+with r = 1 / scale rounded (one IEEE division per row), q0 = x * r is within 1.5 fp32 ulps of the
+IEEE quotient q (|x r - q| < |q| 2^-24 <= ulp(q), plus q0's own rounding). e4m3 rounding can tell
+q0 from q only where an e4m3 rounding boundary lies between them, and every boundary of the normal
+range is a midpoint 2^e (1 + (2m + 1) / 16): an fp32 number whose 20 low mantissa bits are 0x80000.
+So where q0's 20 low bits are at least 2 ulps away from 0x80000, e4m3(q0) = e4m3(q) (powers of two
+and 448's neighbourhood are grid points or saturate, not boundaries). Below 2^-6 (e4m3 subnormals,
+boundaries at odd multiples of 2^-10, 2^-10 itself the tie between 0 and 2^-9), |q0| + 2^-6 puts the
+same boundaries on the same bit pattern, 2^-29 apart, with less than 1.25 of those units of error:
+the same test applies. A program in which any element is that near a boundary (about 5 in 2^20
+elements), or is NaN (NaN rows, rows with an infinite scale), divides every element with the IEEE
+division instead, so the codes are those of the formula above, bit for bit, always. About ten
+instructions per element where the previous verified quotient (q1 = q0 + r (x - scale q0) checked
+against its exact remainder, bench/bench_fp8_kernels.py keeps it for comparison) took about thirty.
 
 The row skeleton is shared, as jit helpers, with gelu_quant_fp8.py and modulate_quant_fp8.py,
 which quantize y = f(x) for their own f: `load_tiles` (the rows' tiles as fp32), `tiles_amax`,
@@ -113,31 +116,17 @@ def row_scale(amax, amax_floor):
     return tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
 
 
-# ------------------------------------------------------------------ the quotient without a division
+# ------------------------------------------------------------------ the codes without a division
 
 @jit
-def _fma(a, b, c):
-    """a * b + c rounded once (the interpreter: in float64, where a * b is exact, then to fp32)."""
-    if _SOFT_FP8:
-        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
-    else:
-        return tl.fma(a, b, c)
-
-
-@jit
-def e4m3_quotient(x, scale, r, scale_ulp):
-    """(v, ok): v = x / scale for scale > 0, r = 1 / scale (rounded) and scale_ulp = scale * 2^-24,
-    with x's sign; ok where v is verified to be the IEEE quotient, or |v| < 2^-11 (the module
-    docstring): |x - scale * v| < scale * ulp(v) / 2 = scale_ulp * 2^exponent(v)."""
-    q0 = x * r
-    q1 = _fma(_fma(-scale, q0, x), r, q0)  # q0 + r * (the remainder of q0, exact)
-    rem = _fma(-scale, q1, x)  # exact when q1 is the quotient
-    qb = q1.to(tl.uint32, bitcast=True)
-    pow2 = (qb & 0x7F800000).to(tl.float32, bitcast=True)  # 2^exponent(q1) (0 for 0 and subnormals)
-    ok = (tl.abs(q1) < 0.00048828125) | (tl.abs(rem) < scale_ulp * pow2)
-    sign = (x.to(tl.uint32, bitcast=True) >> 31) << 31
-    v = ((qb & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
-    return v, ok
+def e4m3_near_boundary(q0):
+    """True where e4m3(q0) may differ from e4m3 of the quotient q0 approximates (within 1.5 ulps),
+    or q0 is NaN (the module docstring): q0's 20 low mantissa bits (of |q0| + 2^-6 below 2^-6) within
+    one ulp of 0x80000, the pattern of every e4m3 rounding boundary."""
+    a = tl.abs(q0)
+    w = tl.where(a < 0.015625, a + 0.015625, a)
+    low = (w.to(tl.uint32, bitcast=True) + 0x80001) & 0xFFFFF  # 0 / 1 / 2 for 0x7FFFF / 0x80000 / 0x80001
+    return (low <= 2) | (q0 != q0)
 
 
 # ------------------------------------------------------------------ tiles of rows
@@ -175,19 +164,19 @@ def tiles_amax(ys, CHUNKS: tl.constexpr):
 def e4m3_quant_tiles(ys, amax, amax_floor, s_ptrs, q_ptrs, rmask, cols, n_cols, CHUNK: tl.constexpr,
                      CHUNKS: tl.constexpr, EVEN: tl.constexpr):
     """Tiles ys (fp32, 0 outside the masks) with their row amax [ROWS]: scales stored at s_ptrs
-    [ROWS], codes at q_ptrs (tile 0; [ROWS, CHUNK]). Where the fast quotient cannot be verified,
-    the program stores the IEEE-division codes over its own (the same threads: ordered)."""
+    [ROWS], codes at q_ptrs (tile 0; [ROWS, CHUNK]) from x * (1 / scale); where one of them may
+    differ from the IEEE quotient's (`e4m3_near_boundary`), the program stores the IEEE-division
+    codes over its own (the same threads: ordered)."""
     scale = row_scale(amax, amax_floor)
     tl.store(s_ptrs, scale, mask=rmask)
     s2 = tl.broadcast_to(scale[:, None], ys[0].shape)
     r2 = tl.broadcast_to(tl.math.div_rn(1.0, scale)[:, None], ys[0].shape)
-    su2 = s2 * 5.9604644775390625e-08  # scale * 2^-24 (exact: a power of two, no underflow for scale >= 2.2e-15)
     bad = tl.zeros(ys[0].shape, dtype=tl.int32)
     for c in tl.static_range(CHUNKS):
-        v, ok = e4m3_quotient(ys[c], s2, r2, su2)
-        # no clamp: a NaN here fails the check and is rewritten below; the cast saturates the rest
-        e4m3_cast_store(v, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
-        bad = tl.maximum(bad, tl.where(ok, 0, 1))
+        q0 = ys[c] * r2
+        # no clamp: a NaN is rewritten below; the cast saturates the rest
+        e4m3_cast_store(q0, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
+        bad = bad | e4m3_near_boundary(q0).to(tl.int32)
     if tl.max(tl.max(bad, axis=1), axis=0) > 0:
         for c in tl.static_range(CHUNKS):
             e4m3_store(ys[c], s2, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN))
