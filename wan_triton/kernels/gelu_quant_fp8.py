@@ -12,7 +12,7 @@ g is quantized straight from fp32 (not rounded to x's dtype first). Returns (q f
 x's shape; scale fp32 [..., 1]). Rows up to 16384 wide (13824 in A14B: 27 tiles of 512) are
 held in registers (one read of x); wider rows make two passes over x inside the kernel (amax,
 then GELU again and the quantized write): quant_fp8.py's row skeleton, launcher and division-free
-exact quotient.
+exact codes.
 
 Floor at the 720p shape (75,600 x 13824 bf16): read 2.090 GB + write 1.045 GB = 3.135 GB -> 750 us
 at 4.18 TB/s.

@@ -16,7 +16,7 @@ wan_triton/kernels/modulate.py. Rows up to 16384 wide are held in registers as t
 `row_tiles`: 5120 = 5 tiles of 1024, several narrow rows per program; one read of x), wider rows
 loop one row per program (mean, variance, amax, write: four reads). The row addressing and the
 looped LayerNorm statistics are modulate.py's jit helpers, the tiles and the division-free exact
-quotient quant_fp8.py's. The statistics of a row held in tiles are summed tile-wise, then across
+codes quant_fp8.py's. The statistics of a row held in tiles are summed tile-wise, then across
 the tile: another fp32 summation order than modulate.py's one-block kernel (both are fp32 sums;
 the tests bound both against float64).
 
