@@ -8,7 +8,10 @@ For one row x of width K (x32 = x.float()):
 
 so that x ~= q * scale, the largest |x| of the row landing on 448 (the e4m3fn maximum). A zero
 row gets scale AMAX_FLOOR / 448 (finite, > 0) and q = 0. AMAX_FLOOR = 1e-12 keeps the scale a
-normal fp32 number. Returns q (float8_e4m3fn, the input's shape) and scale (fp32, [..., 1]).
+normal fp32 number. NaN propagates as in torch's formula: a row with a NaN has a NaN amax and
+scale and every code NaN; a row with an infinity has an infinite scale, its finite elements the
+code (-)0 and its infinities NaN (inf / inf). (Which NaN code, 0x7F or 0xFF, is not specified:
+torch's cast keeps the NaN's sign, a GPU's gives 0x7F.) Returns q (float8_e4m3fn, the input's shape) and scale (fp32, [..., 1]).
 
 Floor at the 720p shape (75,600 x 5120 bf16, bench/KERNEL_FLOORS.md): read 774.1 MB + write
 387.1 MB of codes + 0.3 MB of scales = 1.161 GB -> 277.9 us at 4.18 TB/s.
@@ -28,11 +31,15 @@ So where q0's 20 low bits are at least 2 ulps away from 0x80000, e4m3(q0) = e4m3
 and 448's neighbourhood are grid points or saturate, not boundaries). Below 2^-6 (e4m3 subnormals,
 boundaries at odd multiples of 2^-10, 2^-10 itself the tie between 0 and 2^-9), |q0| + 2^-6 puts the
 same boundaries on the same bit pattern, 2^-29 apart, with less than 1.25 of those units of error:
-the same test applies. A program in which any element is that near a boundary (about 5 in 2^20
-elements), or is NaN (NaN rows, rows with an infinite scale), divides every element with the IEEE
-division instead, so the codes are those of the formula above, bit for bit, always. About ten
-instructions per element where the previous verified quotient (q1 = q0 + r (x - scale q0) checked
-against its exact remainder, bench/bench_fp8_kernels.py keeps it for comparison) took about thirty.
+the same test applies (`e4m3_boundary_gap`: 0, 1 or 2 that near a boundary; a program keeps the
+minimum over its elements). A program with any element that near a boundary (about 3 in 2^20
+random elements) divides every element with the IEEE division instead, so the codes are those of
+the formula above, bit for bit. NaN and infinities need no such care: with a NaN scale r is NaN,
+with an infinite one r = 0, and x * r is then what x / scale is (NaN, (-)0, inf * 0 = NaN). SASS
+for sm_90 (`python -m bench.kernel_sass`, Triton 3.6, 5120-wide bf16 rows, 8 warps): 16.8
+instructions per element on the fast path, loads, amax and stores included, where the previous
+verified quotient (q1 = q0 + r (x - scale q0) checked against its exact remainder;
+bench/bench_fp8_kernels.py keeps it for comparison) took 24.7.
 
 The row skeleton is shared, as jit helpers, with gelu_quant_fp8.py and modulate_quant_fp8.py,
 which quantize y = f(x) for their own f: `load_tiles` (the rows' tiles as fp32), `tiles_amax`,
@@ -91,17 +98,26 @@ def e4m3_round(v):
 
 
 @jit
+def clamp448(v):
+    """clamp(v, -448, 448) with NaN kept NaN (as torch.clamp)."""
+    return tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@jit
 def e4m3_cast_store(v, q_ptrs, mask, CLAMP: tl.constexpr = True):
-    """Store e4m3(clamp(v, -448, 448)), rounded to nearest even. The compiled cast saturates at
-    +-448 by itself (satfinite): CLAMP=False leaves out the clamp where v is not NaN (a NaN would
-    stay NaN, where the clamp makes it -448)."""
+    """Store e4m3(clamp(v, -448, 448)), rounded to nearest even, NaN kept NaN (`clamp448`). The
+    compiled cast saturates at +-448 by itself (satfinite) and keeps NaN: CLAMP=False leaves the
+    clamp out."""
     if _SOFT_FP8:
-        q = e4m3_round(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(q_ptrs.dtype.element_ty)
+        tl.store(q_ptrs, e4m3_round(clamp448(v)).to(q_ptrs.dtype.element_ty), mask=mask)
+        # the interpreter's cast does not make NaN the NaN code: 0x7F, as the compiled cast does
+        tl.store(q_ptrs.to(tl.pointer_type(tl.uint8), bitcast=True), tl.full(v.shape, 0x7F, tl.uint8),
+                 mask=mask & (v != v))
     else:
         if CLAMP:
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-        q = v.to(q_ptrs.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(q_ptrs, q, mask=mask)
+            v = clamp448(v)
+        tl.store(q_ptrs, v.to(q_ptrs.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @jit
@@ -112,21 +128,33 @@ def e4m3_store(x, scale, q_ptrs, mask):
 
 @jit
 def row_scale(amax, amax_floor):
-    """scale = max(amax, floor) / 448 (IEEE division)."""
-    return tl.math.div_rn(tl.maximum(amax, amax_floor), 448.0)
+    """scale = max(amax, floor) / 448 (IEEE division; a NaN amax gives a NaN scale)."""
+    return tl.math.div_rn(tl.maximum(amax, amax_floor, propagate_nan=tl.PropagateNan.ALL), 448.0)
+
+
+@jit
+def max_nan(a, b):
+    """max(a, b), NaN if either is (the combine of the NaN-propagating amax)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 # ------------------------------------------------------------------ the codes without a division
 
 @jit
-def e4m3_near_boundary(q0):
-    """True where e4m3(q0) may differ from e4m3 of the quotient q0 approximates (within 1.5 ulps),
-    or q0 is NaN (the module docstring): q0's 20 low mantissa bits (of |q0| + 2^-6 below 2^-6) within
-    one ulp of 0x80000, the pattern of every e4m3 rounding boundary."""
+def e4m3_boundary_gap(q0):
+    """(q0's 20 low mantissa bits - 0x7FFFF) mod 2^20, of |q0| + 2^-6 below 2^-6 (the module
+    docstring), as uint32: 0, 1 or 2 where q0 is within one ulp of 0x80000, the pattern of every e4m3
+    rounding boundary, so that e4m3(q0) may differ from e4m3 of the quotient q0 approximates (within
+    1.5 ulps); larger elsewhere, NaN and infinities included (their codes need no check)."""
     a = tl.abs(q0)
     w = tl.where(a < 0.015625, a + 0.015625, a)
-    low = (w.to(tl.uint32, bitcast=True) + 0x80001) & 0xFFFFF  # 0 / 1 / 2 for 0x7FFFF / 0x80000 / 0x80001
-    return (low <= 2) | (q0 != q0)
+    return (w.to(tl.uint32, bitcast=True) + 0x80001) & 0xFFFFF
+
+
+@jit
+def e4m3_near_boundary(q0):
+    """True where e4m3(q0) may differ from e4m3 of the quotient (`e4m3_boundary_gap` <= 2)."""
+    return e4m3_boundary_gap(q0) <= 2
 
 
 # ------------------------------------------------------------------ tiles of rows
@@ -153,11 +181,11 @@ def load_tiles(ptrs, rmask, cols, n_cols, CHUNK: tl.constexpr, CHUNKS: tl.conste
 
 @jit
 def tiles_amax(ys, CHUNKS: tl.constexpr):
-    """max |y| over the tiles, per row ([ROWS])."""
+    """max |y| over the tiles, per row ([ROWS]); NaN where the row has a NaN (as torch's amax)."""
     acc = tl.abs(ys[0])
     for c in tl.static_range(1, CHUNKS):
-        acc = tl.maximum(acc, tl.abs(ys[c]))
-    return tl.max(acc, axis=1)
+        acc = max_nan(acc, tl.abs(ys[c]))
+    return tl.reduce(acc, 1, max_nan)
 
 
 @jit
@@ -171,13 +199,13 @@ def e4m3_quant_tiles(ys, amax, amax_floor, s_ptrs, q_ptrs, rmask, cols, n_cols, 
     tl.store(s_ptrs, scale, mask=rmask)
     s2 = tl.broadcast_to(scale[:, None], ys[0].shape)
     r2 = tl.broadcast_to(tl.math.div_rn(1.0, scale)[:, None], ys[0].shape)
-    bad = tl.zeros(ys[0].shape, dtype=tl.int32)
+    gap = tl.full(ys[0].shape, 0xFFFFF, dtype=tl.uint32)
     for c in tl.static_range(CHUNKS):
         q0 = ys[c] * r2
-        # no clamp: a NaN is rewritten below; the cast saturates the rest
+        # no clamp: the cast saturates and keeps NaN
         e4m3_cast_store(q0, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN), CLAMP=False)
-        bad = bad | e4m3_near_boundary(q0).to(tl.int32)
-    if tl.max(tl.max(bad, axis=1), axis=0) > 0:
+        gap = tl.minimum(gap, e4m3_boundary_gap(q0))
+    if tl.min(tl.min(gap, axis=1), axis=0) <= 2:
         for c in tl.static_range(CHUNKS):
             e4m3_store(ys[c], s2, q_ptrs + c * CHUNK, tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN))
 
@@ -192,8 +220,8 @@ def e4m3_quant_looped(F: tl.constexpr, ARGS, x_row, s_ptr, q_row, n_cols, amax_f
     for start in range(0, n_cols, BLOCK):
         c = start + cols
         mask = c < n_cols
-        acc = tl.maximum(acc, tl.abs(F(tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32), c, mask, ARGS)))
-    scale = row_scale(tl.max(acc, axis=0), amax_floor)
+        acc = max_nan(acc, tl.abs(F(tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32), c, mask, ARGS)))
+    scale = row_scale(tl.reduce(acc, 0, max_nan), amax_floor)
     tl.store(s_ptr, scale)
     for start in range(0, n_cols, BLOCK):
         c = start + cols
