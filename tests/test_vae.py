@@ -1,9 +1,10 @@
 """Wan2.1 VAE: official key layout, shapes, causality, chunked == whole-sequence, checkpoints."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wan.configs import VAEConfig
-from wan.vae import CausalConv3d, FeatureCache, ResidualBlock, WanVAE, _cached_conv
+from wan.vae import CausalConv3d, FeatureCache, NearestUpsample2x, ResidualBlock, WanVAE, _cached_conv
 
 TINY = VAEConfig(dim=8)
 
@@ -297,3 +298,30 @@ def test_cuda_matches_cpu(tiny32, dtype):
         assert torch.corrcoef(torch.stack([out.cpu().flatten(), ref.flatten()]))[0, 1] > 0.99
     lat = gpu.encode(_rand_video(1, 5, 32, 32).cuda())
     assert lat.is_cuda and lat.shape == (1, 16, 2, 4, 4)
+
+
+def _upsample_same_bits(dtype, channels_last, device):
+    x = torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    work = torch.promote_types(dtype, torch.float32)
+    official = F.interpolate(x.to(work), scale_factor=(2.0, 2.0), mode="nearest-exact").to(dtype)
+    ours = NearestUpsample2x()(x)
+    assert ours.dtype == dtype and torch.equal(ours, official)
+    assert torch.equal(ours, x.repeat_interleave(2, -1).repeat_interleave(2, -2))  # each pixel a 2 x 2 block
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nearest_upsample_same_bits_as_the_official_fp32_round_trip(dtype, channels_last):
+    """The official Upsample interpolates a bf16 input in fp32 and casts back; nearest copies values,
+    so interpolating in the input's own dtype gives the same bits (and keeps channels-last)."""
+    _upsample_same_bits(dtype, channels_last, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_nearest_upsample_same_bits_as_the_official_fp32_round_trip(dtype, channels_last):
+    _upsample_same_bits(dtype, channels_last, "cuda")

@@ -203,14 +203,17 @@ class AttentionBlock(nn.Module):
 
 
 class NearestUpsample2x(nn.Module):
-    """Nearest-exact x2 in H and W, computed in (at least) fp32 as the official `Upsample`.
+    """Nearest-exact x2 in H and W: every pixel copied into a 2 x 2 block, in x's own dtype and
+    memory format.
 
-    (float64 stays float64, so a float64 model is an exact reference.)
+    The official `Upsample` casts a bf16 input to fp32 and back around the interpolation (older
+    torch had no bf16 nearest kernel). Nearest copies values, so both give the same bits
+    (tests/test_vae.py checks it); in x's dtype a bf16 decode moves 5 bytes per input byte here
+    instead of 25 (cast, interpolate in fp32, cast back).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        work = torch.promote_types(x.dtype, torch.float32)
-        return F.interpolate(x.to(work), scale_factor=(2.0, 2.0), mode="nearest-exact").to(x.dtype)
+        return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 
 
 class Resample(nn.Module):
