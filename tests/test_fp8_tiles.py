@@ -243,7 +243,7 @@ def test_bench_fp8_kernels_smoke(tmp_path):
     assert "copy_bytes_per_s" in report and all("now_x_card" in r for r in rows)  # nan on a CPU: no timing
     assert rows[0]["identical"] and rows[1]["identical"]
     # the memory probes beside each plain quantize (their codes are not compared: they are not exact)
-    assert [sorted(r.get("probes", {})) for r in rows] == [["probe: x*r cast", "torch cast"]] * 2 + [[], []]
+    assert [sorted(r.get("probes", {})) for r in rows] == [["probe: tile copy", "probe: x*r cast", "torch cast"]] * 2 + [[], []]
     # the persistent candidate (2 programs walk the 6 rows: 3 blocks each, the next one loaded ahead) writes
     # today's codes, for the plain and the GELU quantize
     for r in rows[:3]:
