@@ -9,7 +9,10 @@ lent to time it.
     python -m bench.kernel_sass --warps 4 --dtype fp32
 
 Kernels: `quant_fp8` (wan_triton/kernels/quant_fp8.py), `verified` (section 20's verified quotient,
-bench/bench_fp8_kernels.py's `_verified_kernel`), `gelu` (wan_triton/kernels/gelu_quant_fp8.py).
+bench/bench_fp8_kernels.py's `_verified_kernel`), `gelu` (wan_triton/kernels/gelu_quant_fp8.py),
+`tile_copy` (bench/bench_fp8_kernels.py's probe: the tiles loaded and stored, nothing between). `barriers` counts BAR instructions on the fast path (a row reduced across warps
+goes through shared memory and a barrier; within one warp, through shuffles alone); `local` is
+the bytes of local memory per thread (spilled registers: 0 is what a streaming kernel wants).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from pathlib import Path
 from wan_triton.kernels.gelu_quant_fp8 import _gelu_quant_fp8_kernel
 from wan_triton.kernels.quant_fp8 import _quant_fp8_kernel, row_tiles
 
-from bench.bench_fp8_kernels import _verified_kernel
+from bench.bench_fp8_kernels import _tile_copy_kernel, _verified_kernel
 
-KERNELS = {"quant_fp8": _quant_fp8_kernel, "verified": _verified_kernel, "gelu": _gelu_quant_fp8_kernel}
+KERNELS = {"quant_fp8": _quant_fp8_kernel, "verified": _verified_kernel, "gelu": _gelu_quant_fp8_kernel,
+           "tile_copy": _tile_copy_kernel}
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
@@ -41,11 +45,14 @@ class Sass:
     registers: int
     loads: str
     stores: str
+    barriers: int
+    local: int
 
     def line(self) -> str:
         return (f"{self.kernel}: {self.fast_path} instructions per thread on the fast path, "
                 f"{self.fast_path / self.elements:.1f} per element ({self.elements} per thread), {self.registers} "
-                f"registers, loads {self.loads}, stores {self.stores} | {self.tiles}")
+                f"registers, {self.local} bytes local, {self.barriers} barriers, loads {self.loads}, stores "
+                f"{self.stores} | {self.tiles}")
 
 
 def compile_sm90(name: str, width: int, dtype: str, rows: int | None, warps: int | None, chunk: int | None) -> Sass:
@@ -72,8 +79,8 @@ def compile_sm90(name: str, width: int, dtype: str, rows: int | None, warps: int
     threads = tiles.warps * 32
     return Sass(kernel=name, tiles=f"{tiles}, {dtype}", fast_path=len(fast),
                 elements=tiles.rows * tiles.chunk * tiles.chunks // threads,
-                registers=int(compiled.n_regs) if getattr(compiled, "n_regs", None) else _registers(compiled),
-                loads=_count(fast, "LDG"), stores=_count(fast, "STG"))
+                registers=_usage(compiled, "REG"), loads=_count(fast, "LDG"), stores=_count(fast, "STG"),
+                barriers=sum(1 for line in fast if re.search(r"\bBAR\.", line)), local=_usage(compiled, "LOCAL"))
 
 
 def _bin(tool: str) -> str:
@@ -90,13 +97,14 @@ def _disassemble(cubin: bytes) -> list[str]:
     return [line for line in text.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
 
 
-def _registers(compiled) -> int:
+def _usage(compiled, what: str) -> int:
+    """cuobjdump's resource usage: REG (registers per thread), LOCAL (local-memory bytes per thread)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         Path(path).write_bytes(compiled.asm["cubin"])
         text = subprocess.run([_bin("cuobjdump"), "-res-usage", path], check=True, capture_output=True,
                               text=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1))
+    return int(re.search(rf"\b{what}:(\d+)", text).group(1))
 
 
 def _count(lines: list[str], op: str) -> str:

@@ -33,14 +33,14 @@ def test_quant_kernel_spends_fewer_instructions_than_the_verified_quotient():
     assert r.returncode == 0 and len(lines) == 2, r.stderr[-2000:]
     now, verified = lines
     assert now.startswith("quant_fp8: ") and verified.startswith("verified: ")
-    assert "LDG.E.64" in now and "LDG.E.U16" not in now, now
+    assert "LDG.E.64" in now and "LDG.E.U16" not in now and "0 bytes local" in now, now
     assert _fast_path(now) < 0.9 * _fast_path(verified), (now, verified)
 
 
 def test_unknown_kernel_is_one_line():
     r = _sass("--kernels", "foo")
     assert r.returncode == 2
-    assert r.stderr.strip() == "kernel_sass: error: unknown kernel(s) foo; choose from quant_fp8, verified, gelu"
+    assert r.stderr.strip() == "kernel_sass: error: unknown kernel(s) foo; choose from quant_fp8, verified, gelu, tile_copy"
 
 
 def test_refuses_the_interpreter():
