@@ -72,14 +72,19 @@ SWEEP = [(1, 1, None, False), (1, 2, None, False), (2, 4, None, False), (1, 4, N
 
 
 @jit
+def _program_rows(n_rows, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """(rows [ROWS] int64, their mask, the tile's columns [CHUNK]) of this program (the probes' and
+    candidates' skeleton, as e4m3_quant_rows')."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < n_rows, tl.arange(0, CHUNK)
+
+
+@jit
 def _probe_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.constexpr, CHUNK: tl.constexpr,
                   CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
     """The tiled quantize's memory traffic and amax, its codes from x * (1 / scale) alone (a probe:
     not the exact codes). Arguments as _quant_fp8_kernel's; LOOPED is not supported (never asked)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < n_rows
-    cols = tl.arange(0, CHUNK)
+    rows, rmask, cols = _program_rows(n_rows, ROWS, CHUNK)
     xs = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
     scale = row_scale(tiles_amax(xs, CHUNKS), amax_floor)
     tl.store(S + rows, scale, mask=rmask)
@@ -109,10 +114,7 @@ def _verified_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.con
                      CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
     """quant_fp8's codes the way section 20's kernel computed them (arguments as _quant_fp8_kernel's;
     LOOPED never asked): the same tiles, amax and stores, the verified quotient per element."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < n_rows
-    cols = tl.arange(0, CHUNK)
+    rows, rmask, cols = _program_rows(n_rows, ROWS, CHUNK)
     ys = load_tiles(X + rows[:, None] * stride_x + cols[None, :], rmask, cols, n_cols, CHUNK, CHUNKS, EVEN)
     scale = row_scale(tiles_amax(ys, CHUNKS), amax_floor)
     tl.store(S + rows, scale, mask=rmask)
@@ -135,10 +137,7 @@ def _tile_copy_kernel(X, Q, S, n_rows, stride_x, n_cols, amax_floor, ROWS: tl.co
                       CHUNKS: tl.constexpr, EVEN: tl.constexpr, LOOPED: tl.constexpr):
     """A probe: the tiled quantize's loads and stores with nothing between them (x cast straight to
     e4m3; no amax, no reduction, S not written). Arguments as _quant_fp8_kernel's."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < n_rows
-    cols = tl.arange(0, CHUNK)
+    rows, rmask, cols = _program_rows(n_rows, ROWS, CHUNK)
     for c in tl.static_range(CHUNKS):
         m = tile_mask(rmask, cols, c, n_cols, CHUNK, EVEN)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :] + c * CHUNK, mask=m, other=0.0).to(tl.float32)

@@ -24,28 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from bench.bench_fp8 import _cuda_ms
+
 DIM, FFN = 5120, 13824
-
-
-def _ms(fn, iters: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +57,7 @@ def compare(tokens: int, dev) -> dict:
     b = (torch.randn(FFN, device=dev, generator=g) * 0.1).bfloat16()
     two = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
     fused = lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)  # noqa: E731
-    out = {"linear + gelu ms": _ms(two), "addmm_activation ms": _ms(fused)}
+    out = {"linear + gelu ms": _cuda_ms(two, 10, 3), "addmm_activation ms": _cuda_ms(fused, 10, 3)}
     y2, yf = two(), fused()
     exact = F.gelu(torch.addmm(b.double(), x.double(), w.double().t()), approximate="tanh")
     d = _ulps(yf, y2)
