@@ -11,7 +11,8 @@ row gets scale AMAX_FLOOR / 448 (finite, > 0) and q = 0. AMAX_FLOOR = 1e-12 keep
 normal fp32 number. NaN propagates as in torch's formula: a row with a NaN has a NaN amax and
 scale and every code NaN; a row with an infinity has an infinite scale, its finite elements the
 code (-)0 and its infinities NaN (inf / inf). (Which NaN code, 0x7F or 0xFF, is not specified:
-torch's cast keeps the NaN's sign, a GPU's gives 0x7F.) Returns q (float8_e4m3fn, the input's shape) and scale (fp32, [..., 1]).
+torch's cast keeps the NaN's sign, the kernels write 0x7F.) Returns q (float8_e4m3fn, the input's
+shape) and scale (fp32, [..., 1]).
 
 Floor at the 720p shape (75,600 x 5120 bf16, bench/KERNEL_FLOORS.md): read 774.1 MB + write
 387.1 MB of codes + 0.3 MB of scales = 1.161 GB -> 277.9 us at 4.18 TB/s.
@@ -22,7 +23,7 @@ CHUNKS tiles of [ROWS, CHUNK] columns, CHUNK a power of two that divides K where
 x, the amax over the tiles, then the codes tile by tile. Rows wider than `max_block` (16384 by
 default; wider than anything in A14B) loop over x twice instead (amax, then codes).
 
-The codes of x32 / scale, exactly and without a division per element (`e4m3_codes_checked`):
+The codes of x32 / scale, exactly and without a division per element (`e4m3_quant_tiles`):
 with r = 1 / scale rounded (one IEEE division per row), q0 = x * r is within 1.5 fp32 ulps of the
 IEEE quotient q (|x r - q| < |q| 2^-24 <= ulp(q), plus q0's own rounding). e4m3 rounding can tell
 q0 from q only where an e4m3 rounding boundary lies between them, and every boundary of the normal
@@ -48,8 +49,8 @@ which quantize y = f(x) for their own f: `load_tiles` (the rows' tiles as fp32),
 
 The Triton interpreter does not round fp32 -> e4m3 correctly (it truncates and flushes
 subnormals), though it stores exactly representable values right: under TRITON_INTERPRET=1 the
-kernels round to the e4m3 grid by hand (`e4m3_round`) and compute the FMAs in float64 (the
-product of two fp32 numbers is exact there), so interpreted and compiled kernels give the same bits.
+kernels round to the e4m3 grid by hand (`e4m3_round`) and write NaN's code (0x7F) themselves, so
+interpreted and compiled kernels give the same bits.
 
 `quant_fp8` launches the kernel; call it only where `quant_fp8_supports` says yes.
 """
