@@ -11,7 +11,7 @@ row gets scale AMAX_FLOOR / 448 (finite, > 0) and q = 0. AMAX_FLOOR = 1e-12 keep
 normal fp32 number. NaN propagates as in torch's formula: a row with a NaN has a NaN amax and
 scale and every code NaN; a row with an infinity has an infinite scale, its finite elements the
 code (-)0 and its infinities NaN (inf / inf). (Which NaN code, 0x7F or 0xFF, is not specified:
-torch's cast keeps the NaN's sign, the kernels write 0x7F.) Returns q (float8_e4m3fn, the input's
+torch's cast keeps the NaN's sign; tests compare NaN-ness.) Returns q (float8_e4m3fn, the input's
 shape) and scale (fp32, [..., 1]).
 
 Floor at the 720p shape (75,600 x 5120 bf16, bench/KERNEL_FLOORS.md): read 774.1 MB + write
