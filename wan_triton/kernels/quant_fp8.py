@@ -112,7 +112,7 @@ def e4m3_cast_store(v, q_ptrs, mask, CLAMP: tl.constexpr = True):
     clamp out."""
     if _SOFT_FP8:
         tl.store(q_ptrs, e4m3_round(clamp448(v)).to(q_ptrs.dtype.element_ty), mask=mask)
-        # the interpreter's cast does not make NaN the NaN code: 0x7F, as the compiled cast does
+        # NaN's code written by hand (0x7F): the interpreter's cast of NaN writes another code
         tl.store(q_ptrs.to(tl.pointer_type(tl.uint8), bitcast=True), tl.full(v.shape, 0x7F, tl.uint8),
                  mask=mask & (v != v))
     else:
