@@ -117,14 +117,33 @@ def _count(lines: list[str], op: str) -> str:
     return ", ".join(f"{n} x {name}" for name, n in sorted(found.items())) or "none"
 
 
+def _positive(text: str) -> int:
+    """A positive integer (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _pow2(text: str) -> int:
+    """A power of two (argparse type: Triton's block shapes and warp counts)."""
+    n = _positive(text)
+    if n & (n - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two, got {text!r}")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="kernel_sass", description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default="quant_fp8,verified", help=f"comma-separated, of {', '.join(KERNELS)}")
-    ap.add_argument("--width", type=int, default=5120, help="row width (5120: attention outputs; 13824: ffn.0)")
+    ap.add_argument("--width", type=_positive, default=5120, help="row width (5120: attention outputs; 13824: ffn.0)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--rows", type=int, default=None, help="rows per program (default: row_tiles' choice)")
-    ap.add_argument("--warps", type=int, default=None, help="warps per program (default: row_tiles' choice)")
-    ap.add_argument("--chunk", type=int, default=None, help="tile width (default: row_tiles' choice)")
+    ap.add_argument("--rows", type=_pow2, default=None, help="rows per program (default: row_tiles' choice)")
+    ap.add_argument("--warps", type=_pow2, default=None, help="warps per program (default: row_tiles' choice)")
+    ap.add_argument("--chunk", type=_pow2, default=None, help="tile width (default: row_tiles' choice)")
     args = ap.parse_args(argv)
     names = [k for k in args.kernels.split(",") if k]
     unknown = [k for k in names if k not in KERNELS]
@@ -136,7 +155,13 @@ def main(argv=None) -> int:
         print("kernel_sass: error: compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     for name in names:
-        print(compile_sm90(name, args.width, args.dtype, args.rows, args.warps, args.chunk).line(), flush=True)
+        try:
+            sass = compile_sm90(name, args.width, args.dtype, args.rows, args.warps, args.chunk)
+        except Exception as err:  # a tiling Triton refuses (too many registers, shapes): one line, no traceback
+            first = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+            print(f"kernel_sass: error: {name} did not compile ({type(err).__name__}: {first})", file=sys.stderr)
+            return 1
+        print(sass.line(), flush=True)
     return 0
 
 

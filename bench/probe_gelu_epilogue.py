@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_fp8 import _cuda_ms
+from bench.kernel_sass import _positive
 
 DIM, FFN = 5120, 13824
 
@@ -69,7 +70,7 @@ def compare(tokens: int, dev) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="probe_gelu_epilogue", description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=75600, help="rows of the product (75600: 1280x720x81)")
+    ap.add_argument("--tokens", type=_positive, default=75600, help="rows of the product (75600: 1280x720x81)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

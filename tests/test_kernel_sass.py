@@ -48,3 +48,13 @@ def test_refuses_the_interpreter():
     r = subprocess.run([sys.executable, "-m", "bench.kernel_sass"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "kernel_sass: error: compiles real kernels: unset TRITON_INTERPRET"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--width", "0"], "argument --width: expected a positive integer, got '0'"),
+    (["--warps", "3"], "argument --warps: expected a power of two, got '3'"),
+    (["--chunk", "100"], "argument --chunk: expected a power of two, got '100'"),
+])
+def test_bad_values_are_one_line(args, message):
+    r = _sass(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"kernel_sass: error: {message}"
